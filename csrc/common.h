@@ -1,0 +1,71 @@
+// Argument checks and small helpers shared by the CPU and CUDA kernels. Every check names the argument, so a
+// direct torch.ops.mixprec.* call fails as clearly as the Python wrappers (which run the same checks first).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace mixprec {
+
+inline bool is_float_source(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline bool is_cast_target(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
+
+// Largest finite value of a cast target, as fp32.
+inline float finite_max(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return 65504.0f;
+    case at::kBFloat16: return 3.38953139e38f;
+    case at::kFloat8_e4m3fn: return 448.0f;
+    case at::kFloat8_e5m2: return 57344.0f;
+    default: TORCH_CHECK(false, "mixprec: no finite max for ", t);
+  }
+}
+
+inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// A 1-element fp32 tensor on `device` (a device scalar such as scale, inv_scale, amax, found_inf).
+inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be a float32 tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, name, " must have exactly 1 element, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (the data's device), got ", t.device());
+}
+
+inline void check_cast_and_scale_args(const at::Tensor& x, at::ScalarType dtype,
+                                      const std::optional<at::Tensor>& scale,
+                                      const std::optional<at::Tensor>& amax) {
+  TORCH_CHECK(is_float_source(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(is_cast_target(dtype), "dtype must be float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", dtype);
+  if (scale.has_value()) check_scalar_tensor(*scale, "scale", x.device());
+  if (amax.has_value()) {
+    check_scalar_tensor(*amax, "amax", x.device());
+    TORCH_CHECK(amax->is_contiguous(), "amax must be contiguous");
+  }
+}
+
+inline void check_unscale_args(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf) {
+  check_scalar_tensor(inv_scale, "inv_scale", inv_scale.device());
+  check_scalar_tensor(found_inf, "found_inf", inv_scale.device());
+  TORCH_CHECK(found_inf.is_contiguous(), "found_inf must be contiguous");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(is_float_source(t.scalar_type()), "tensors[", i, "] must be float32, float16 or bfloat16, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == inv_scale.device(), "tensors[", i, "] is on ", t.device(),
+                " but inv_scale is on ", inv_scale.device(), "; all must share one device");
+    TORCH_CHECK(!t.is_sparse() && t.layout() == at::kStrided, "tensors[", i, "] must be a dense strided tensor");
+  }
+}
+
+// Elements of a non-overlapping, dense tensor occupy one contiguous run of memory (in some permuted order), so a
+// kernel can walk [data_ptr, data_ptr + numel) linearly and an output made by empty_like has the same layout.
+inline bool walkable(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
+
+}  // namespace mixprec

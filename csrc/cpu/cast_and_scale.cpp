@@ -1,0 +1,119 @@
+// C++ CPU kernel of mixprec::cast_and_scale: one pass over x computing y = cast(x * scale) and max|x|.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+constexpr int64_t kTile = 1024;      // elements converted per inner tile (fits L1 as fp32)
+
+// Scales one tile into fp32 `buf`, applies saturation, and folds max|x| into `amax_acc` (NaN propagates).
+template <typename Src>
+inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep_inf, float fmax, float* buf,
+                       fVec& amax_acc) {
+  const fVec s(scale), hi(fmax), lo(-fmax), inf(std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    fVec v = load_f32(x + i);
+    amax_acc = at::vec::maximum(amax_acc, v.abs());
+    fVec y = v * s;
+    if (sat) {
+      fVec c = at::vec::minimum(at::vec::maximum(y, lo), hi);  // NaN stays NaN
+      y = keep_inf ? fVec::blendv(c, y, y.abs() == inf) : c;
+    }
+    y.store(buf + i);
+  }
+  for (; i < n; ++i) {
+    float v = static_cast<float>(x[i]);
+    float a = std::fabs(v);
+    float cur = amax_acc[0];
+    if (std::isnan(a) || a > cur) amax_acc = at::vec::maximum(amax_acc, fVec(a));
+    float y = v * scale;
+    if (sat && std::fabs(y) > fmax && !(keep_inf && std::isinf(y))) y = std::copysign(fmax, y);
+    buf[i] = y;
+  }
+}
+
+// Rounds fp32 `buf` into the destination type (round-to-nearest-even, exactly torch's conversion).
+template <typename Dst>
+inline void store_tile(const float* buf, int64_t n, Dst* y) {
+  if constexpr (std::is_same_v<Dst, at::Half> || std::is_same_v<Dst, at::BFloat16>) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) store_from_f32(y + i, fVec::loadu(buf + i));
+    for (; i < n; ++i) y[i] = static_cast<Dst>(buf[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<Dst>(buf[i]);  // c10's fp8 conversion: torch's own
+  }
+}
+
+template <typename Src, typename Dst>
+float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_inf, float fmax) {
+  const int64_t ntasks = at::divup(numel, kGrain);
+  std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      fVec acc(0.0f);
+      const int64_t lo = t * kGrain, hi = std::min(numel, lo + kGrain);
+      for (int64_t i = lo; i < hi; i += kTile) {
+        const int64_t n = std::min(kTile, hi - i);
+        scale_tile(x + i, n, scale, sat, keep_inf, fmax, buf, acc);
+        store_tile(buf, n, y + i);
+      }
+      float m = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(acc[l]) || acc[l] > m) ? acc[l] : m;
+      partial[t] = m;
+    }
+  });
+  float m = 0.0f;
+  for (float p : partial) m = (std::isnan(p) || p > m) ? p : m;
+  return m;
+}
+
+template <typename Src>
+float dispatch_dst(const Src* x, at::Tensor& y, int64_t numel, float scale, bool sat, at::ScalarType dtype) {
+  const float fmax = finite_max(dtype);
+  switch (dtype) {
+    case at::kHalf: return run(x, y.data_ptr<at::Half>(), numel, scale, sat, true, fmax);
+    case at::kBFloat16: return run(x, y.data_ptr<at::BFloat16>(), numel, scale, sat, true, fmax);
+    case at::kFloat8_e4m3fn: return run(x, y.data_ptr<at::Float8_e4m3fn>(), numel, scale, sat, false, fmax);
+    case at::kFloat8_e5m2: return run(x, y.data_ptr<at::Float8_e5m2>(), numel, scale, sat, false, fmax);
+    default: TORCH_CHECK(false, "unreachable");
+  }
+}
+
+at::Tensor cast_and_scale_cpu(const at::Tensor& x_in, at::ScalarType dtype, const std::optional<at::Tensor>& scale,
+                              double scale_value, const std::optional<at::Tensor>& amax, bool saturate) {
+  check_cast_and_scale_args(x_in, dtype, scale, amax);
+  const at::Tensor x = walkable(x_in) ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x, x.options().dtype(dtype));  // same strides as x: walk both linearly
+  const float s = scale.has_value() ? scale->item<float>() : static_cast<float>(scale_value);
+  const int64_t n = x.numel();
+  float m = 0.0f;
+  switch (x.scalar_type()) {
+    case at::kFloat: m = dispatch_dst(x.const_data_ptr<float>(), y, n, s, saturate, dtype); break;
+    case at::kHalf: m = dispatch_dst(x.const_data_ptr<at::Half>(), y, n, s, saturate, dtype); break;
+    case at::kBFloat16: m = dispatch_dst(x.const_data_ptr<at::BFloat16>(), y, n, s, saturate, dtype); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  if (amax.has_value()) {
+    float* a = amax->data_ptr<float>();
+    if (std::isnan(m) || m > *a) *a = m;
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("cast_and_scale", &cast_and_scale_cpu); }
+
+}  // namespace mixprec::cpu

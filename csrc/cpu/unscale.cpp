@@ -1,0 +1,111 @@
+// C++ CPU kernel of mixprec::unscale_: one pass over every tensor multiplying by inv_scale in place, flagging
+// non-finite values and (optionally) accumulating the squared L2 norm of the unscaled values.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;  // elements per work unit
+
+struct Unit {
+  void* data;
+  at::ScalarType dtype;
+  int64_t begin, end;
+};
+
+struct Acc {
+  double sumsq = 0.0;
+  bool nonfinite = false;
+};
+
+template <typename T>
+void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
+  const fVec s(inv);
+  fVec probe(0.0f), sq(0.0f);  // probe becomes NaN iff some value is inf/NaN (x*0 is NaN exactly then)
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    fVec v = load_f32(p + i) * s;
+    probe = probe + v * fVec(0.0f);
+    if (want_norm) sq = at::vec::fmadd(v, v, sq);
+    store_from_f32(p + i, v);
+  }
+  float tail_sq = 0.0f;
+  bool tail_bad = false;
+  for (; i < n; ++i) {
+    float v = static_cast<float>(p[i]) * inv;
+    tail_bad |= !std::isfinite(v);
+    tail_sq += v * v;
+    p[i] = static_cast<T>(v);
+  }
+  float lanes[kLanes];
+  probe.store(lanes);
+  for (int64_t l = 0; l < kLanes; ++l) tail_bad |= std::isnan(lanes[l]);
+  acc.nonfinite |= tail_bad;
+  if (want_norm) {
+    sq.store(lanes);
+    double s2 = tail_sq;
+    for (int64_t l = 0; l < kLanes; ++l) s2 += lanes[l];
+    acc.sumsq += s2;
+  }
+}
+
+at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                       bool return_norm) {
+  check_unscale_args(tensors, inv_scale, found_inf);
+  const float inv = inv_scale.item<float>();
+  std::vector<Unit> units;
+  std::vector<at::Tensor> slow;  // overlapping or gapped layouts: handled with ATen ops
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    if (!walkable(t)) {
+      slow.push_back(t);
+      continue;
+    }
+    for (int64_t b = 0; b < t.numel(); b += kChunk)
+      units.push_back({t.data_ptr(), t.scalar_type(), b, std::min(t.numel(), b + kChunk)});
+  }
+  const int nthreads = at::get_num_threads();
+  std::vector<Acc> accs(nthreads);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    Acc& acc = accs[at::get_thread_num()];
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& w = units[u];
+      const int64_t n = w.end - w.begin;
+      switch (w.dtype) {
+        case at::kFloat: unscale_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, acc); break;
+        case at::kHalf: unscale_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc); break;
+        case at::kBFloat16:
+          unscale_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc);
+          break;
+        default: TORCH_CHECK(false, "unreachable");
+      }
+    }
+  });
+  Acc total;
+  for (const Acc& a : accs) {
+    total.sumsq += a.sumsq;
+    total.nonfinite |= a.nonfinite;
+  }
+  for (auto& t : slow) {
+    at::Tensor v = t.to(at::kFloat).mul_(inv);
+    total.nonfinite |= !v.isfinite().all().item<bool>();
+    if (return_norm) total.sumsq += v.to(at::kDouble).square().sum().item<double>();
+    t.copy_(v);
+  }
+  if (total.nonfinite) found_inf.fill_(1.0);
+  if (!return_norm) return at::empty({0}, inv_scale.options());
+  return at::full({}, static_cast<float>(std::sqrt(total.sumsq)), inv_scale.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("unscale_", &unscale_cpu); }
+
+}  // namespace mixprec::cpu

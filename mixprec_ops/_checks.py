@@ -1,0 +1,48 @@
+"""Argument validation shared by the public ops. Every error names the argument. Checks run before any tensor is
+touched, so a rejected call leaves all tensors unchanged. The C++ kernels repeat the essential checks (a direct
+torch.ops.mixprec.* call gets the same messages)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_SOURCES = (torch.float32, torch.float16, torch.bfloat16)
+CAST_TARGETS = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def float_tensor(x, name: str) -> None:
+    tensor(x, name)
+    if x.dtype not in FLOAT_SOURCES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense strided tensor, got layout {x.layout}")
+
+
+def device_scalar(t, name: str, device: torch.device, *, allow_none: bool = False, contiguous: bool = False) -> None:
+    """A 1-element float32 tensor on `device` (scale, inv_scale, amax, found_inf)."""
+    if t is None and allow_none:
+        return
+    tensor(t, name)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor, got {t.dtype}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have exactly 1 element, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the data's device), got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def cast_target(dtype, name: str = "dtype") -> None:
+    if dtype not in CAST_TARGETS:
+        raise TypeError(f"{name} must be one of float16, bfloat16, float8_e4m3fn, float8_e5m2, got {dtype}")
+
+
+def boolean(v, name: str) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")

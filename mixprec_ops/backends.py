@@ -1,0 +1,151 @@
+"""Which backend serves a call: the one module that decides.
+
+Backends:
+  "cuda"   - the CUDA kernels of the compiled extension (CUDA tensors)
+  "triton" - the Triton kernels (CUDA tensors; CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1)
+  "cpu"    - the C++ CPU kernels of the compiled extension (CPU tensors)
+  "torch"  - the pure-torch reference (any device; the test oracle and the universal fallback)
+  "auto"   - the fastest available for the tensors' device; falls back with one warning per (op, device type)
+
+The per-call `backend=` argument wins over the environment variable MIXPREC_BACKEND, which wins over "auto".
+An explicit request for a backend that cannot serve the call raises ValueError with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# "auto" preference per device type; the Triton interpreter is never chosen automatically (it is slow).
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+# Per op: the backends that implement it (besides "torch"), and its "auto" order per device type.
+_OPS: dict[str, dict] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register_op(name: str, backends: tuple[str, ...], prefer: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Declare that op `name` is implemented by `backends` (a subset of "cuda", "triton", "cpu"; "torch" always
+    serves). `prefer` overrides the "auto" order per device type, e.g. {"cuda": ("triton", "cuda")}."""
+    order = {d: tuple(b for b in o if b in backends) for d, o in {**_AUTO_ORDER, **(prefer or {})}.items()}
+    _OPS[name] = {"backends": tuple(backends), "auto": order}
+
+
+@lru_cache(maxsize=1)
+def _triton_status() -> tuple[bool, bool, str | None]:
+    """(importable, interpreted, reason-if-not-importable)."""
+    try:
+        from . import triton_kernels
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return False, False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, triton_kernels.INTERPRETED, None
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """None if `backend` can serve `op` on `device`, else why not."""
+    dev = device.type
+    if backend == "torch":
+        return None
+    if op not in _OPS:
+        raise KeyError(f"unknown op {op!r}")
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    if backend not in _OPS[op]["backends"]:
+        return f"{op} has no {backend!r} implementation"
+    if backend in ("cuda", "cpu") and backend != dev:
+        return f"backend {backend!r} serves {backend} tensors only, got tensors on {device}"
+    if dev not in ("cpu", "cuda"):
+        return f"no {backend!r} kernels for {dev} tensors"
+    if backend in ("cuda", "cpu"):
+        if _ext.LOAD_ERROR is not None:
+            return f"the compiled extension is unavailable: {_ext.LOAD_ERROR}"
+        if not _ext.has_kernel(op, backend.upper()):
+            why = "built without CUDA" if backend == "cuda" else "no CPU kernel registered"
+            return f"the compiled extension has no {backend} kernel for {op} ({why}; {_ext.BUILD_INFO})"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if backend == "triton":
+        ok, interpreted, why = _triton_status()
+        if not ok:
+            return why
+        if dev == "cpu" and not interpreted:
+            return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing)"
+        return None
+    raise AssertionError("unreachable")
+
+
+def requested(backend: str | None) -> str:
+    b = backend if backend is not None else os.environ.get("MIXPREC_BACKEND", "auto")
+    if not isinstance(b, str) or b not in BACKENDS:
+        src = "backend" if backend is not None else "MIXPREC_BACKEND"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {b!r}")
+    return b
+
+
+def select(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that serves `op` for tensors on `device`."""
+    b = requested(backend)
+    if b != "auto":
+        why = unavailable_reason(op, b, device)
+        if why is not None:
+            raise ValueError(f"mixprec_ops.{op}: backend {b!r} is unavailable: {why}")
+        return b
+    order = _OPS[op]["auto"].get(device.type, ()) + ("torch",)
+    reasons = []
+    for cand in order:
+        why = unavailable_reason(op, cand, device)
+        if why is None:
+            if reasons and (op, device.type) not in _warned:
+                _warned.add((op, device.type))
+                warnings.warn(
+                    f"mixprec_ops.{op} on {device.type}: using backend {cand!r} because " + "; ".join(reasons),
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return cand
+        reasons.append(f"{cand!r}: {why}")
+    raise AssertionError("unreachable: 'torch' always serves")
+
+
+def report() -> dict:
+    """For each op and device type: which backends serve it ("ok") and why the others don't; plus build facts."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    ops = {}
+    for op in sorted(_OPS):
+        ops[op] = {}
+        for d in devices:
+            ops[op][d.type] = {
+                b: (unavailable_reason(op, b, d) or "ok") for b in ("cuda", "triton", "cpu", "torch")
+            }
+            ops[op][d.type]["auto"] = _auto_choice(op, d)
+        if not torch.cuda.is_available():
+            ops[op]["cuda"] = "no CUDA device visible"
+    return {
+        "extension": "loaded" if _ext.LOADED else f"unavailable: {_ext.LOAD_ERROR}",
+        "build": dict(_ext.BUILD_INFO),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "ops": ops,
+    }
+
+
+def _auto_choice(op: str, device: torch.device) -> str:
+    for cand in _OPS[op]["auto"].get(device.type, ()) + ("torch",):
+        if unavailable_reason(op, cand, device) is None:
+            return cand
+    return "torch"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__

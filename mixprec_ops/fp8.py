@@ -1,0 +1,114 @@
+"""FP8 scaling recipes on top of cast_and_scale.
+
+scale = (fp8_max / 2**margin) / amax; the previous scale is kept when amax is 0 or non-finite (or the new scale
+would overflow). All state lives in device tensors, so no step reads anything back to the host, and each class's
+state_dict round-trips through load_state_dict. Quantized values are x * scale; dequantize with 1 / scale
+(`scale_inv`), which is what torch._scaled_mm expects.
+
+  CurrentScaling: the scale comes from the tensor being cast (an amax pass, then the cast pass).
+  DelayedScaling: the scale comes from a history of earlier amaxes; the cast records the new amax in the same
+                  pass (TransformerEngine's recipe: E4M3 forward, E5M2 backward, history up to 1024).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.cast_and_scale import cast_and_scale
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def compute_scale(amax: torch.Tensor, scale: torch.Tensor, fp8_max: float, margin: int = 0) -> torch.Tensor:
+    """(fp8_max / 2**margin) / amax where that is finite and amax > 0, else the old `scale`. No host sync."""
+    new = (fp8_max / 2.0**margin) / amax
+    ok = (amax > 0) & torch.isfinite(amax) & torch.isfinite(new)
+    return torch.where(ok, new, scale)
+
+
+def _check_dtype(dtype):
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+
+
+class _Recipe:
+    _state_keys: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).clone() for k in self._state_keys} | {"config": self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in self._state_keys if k not in state]
+        if missing:
+            raise KeyError(f"state_dict is missing {missing}")
+        for k in self._state_keys:
+            cur = getattr(self, k)
+            if state[k].shape != cur.shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {tuple(state[k].shape)}, expected {tuple(cur.shape)}")
+            cur.copy_(state[k])
+
+    @property
+    def scale_inv(self) -> torch.Tensor:
+        """1 / scale: the dequantization scale of the last cast."""
+        return self.scale.reciprocal()
+
+
+class CurrentScaling(_Recipe):
+    """Cast with a scale computed from the tensor itself: scale = (fp8_max / 2**margin) / max|x|."""
+
+    _state_keys = ("scale", "amax")
+
+    def __init__(self, dtype=torch.float8_e4m3fn, margin: int = 0, device=None):
+        _check_dtype(dtype)
+        self.dtype, self.margin = dtype, int(margin)
+        self.fp8_max = torch.finfo(dtype).max
+        self.scale = torch.ones(1, dtype=torch.float32, device=device)
+        self.amax = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def _config(self):
+        return {"dtype": str(self.dtype), "margin": self.margin}
+
+    def quantize(self, x: torch.Tensor, *, backend=None) -> torch.Tensor:
+        """Return fp8 x * scale with scale from max|x| (kept from before when x is all zeros or non-finite)."""
+        self.amax.copy_(x.detach().abs().amax().float().reshape(1) if x.numel() else self.amax.new_zeros(1))
+        self.scale.copy_(compute_scale(self.amax, self.scale, self.fp8_max, self.margin))
+        return cast_and_scale(x, self.dtype, self.scale, saturate=True, backend=backend)
+
+
+class DelayedScaling(_Recipe):
+    """Cast with a scale from the amax history; each cast records max|x| in the same pass; update() rolls the
+    history and recomputes the scale (call it once per step, like TransformerEngine's recipe).
+
+    amax_compute_algo: "max" (the history's maximum) or "most_recent".
+    """
+
+    _state_keys = ("scale", "amax", "amax_history")
+
+    def __init__(self, dtype=torch.float8_e4m3fn, margin: int = 0, amax_history_len: int = 1024,
+                 amax_compute_algo: str = "max", device=None):
+        _check_dtype(dtype)
+        if amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"amax_compute_algo must be 'max' or 'most_recent', got {amax_compute_algo!r}")
+        if not 1 <= int(amax_history_len) <= 1024:
+            raise ValueError(f"amax_history_len must be in [1, 1024], got {amax_history_len}")
+        self.dtype, self.margin, self.algo = dtype, int(margin), amax_compute_algo
+        self.fp8_max = torch.finfo(dtype).max
+        self.scale = torch.ones(1, dtype=torch.float32, device=device)
+        self.amax = torch.zeros(1, dtype=torch.float32, device=device)  # this step's running amax
+        self.amax_history = torch.zeros(int(amax_history_len), dtype=torch.float32, device=device)
+
+    def _config(self):
+        return {"dtype": str(self.dtype), "margin": self.margin, "amax_history_len": self.amax_history.numel(),
+                "amax_compute_algo": self.algo}
+
+    def quantize(self, x: torch.Tensor, *, backend=None) -> torch.Tensor:
+        """Return fp8 x * scale with the current (delayed) scale; max|x| is folded into self.amax."""
+        return cast_and_scale(x, self.dtype, self.scale, amax=self.amax, saturate=True, backend=backend)
+
+    def update(self) -> None:
+        """Push this step's amax into the history, recompute the scale from it, and reset the running amax."""
+        self.amax_history.copy_(torch.roll(self.amax_history, 1))
+        self.amax_history[:1].copy_(self.amax)
+        ref = self.amax_history.amax().reshape(1) if self.algo == "max" else self.amax_history[:1]
+        self.scale.copy_(compute_scale(ref, self.scale, self.fp8_max, self.margin))
+        self.amax.zero_()

@@ -1,0 +1,111 @@
+"""cast_and_scale: y = cast(x * scale) to fp16/bf16/fp8 in one pass, with an optional running amax of |x|.
+
+Side by side: the reference (pure torch, the oracle and the fallback), the fake (meta) implementation of the C++
+op mixprec::cast_and_scale (schema in csrc/schemas.cpp; CPU kernel csrc/cpu/cast_and_scale.cpp; CUDA kernel
+csrc/cuda/cast_and_scale.cu), the Triton op mixprec::cast_and_scale_triton (kernel in
+triton_kernels/cast_and_scale.py), and the public function.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _checks, _ext, backends
+
+OP = "cast_and_scale"
+backends.register_op(OP, ("cuda", "triton", "cpu"))
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, saturate=True):
+    """Pure-torch reference. `scale` is a 1-element fp32 tensor or None (then `scale_value`, a Python float)."""
+    xf = x.float()
+    if amax is not None and x.numel() > 0:
+        amax.copy_(torch.maximum(amax, xf.abs().amax().reshape(amax.shape)))  # NaN propagates
+    s = scale.reshape(()) if scale is not None else torch.tensor(scale_value, dtype=torch.float32, device=x.device)
+    y = xf * s  # fp32 product: one rounding, then one more in the cast
+    if saturate:
+        fmax = torch.finfo(dtype).max
+        clamped = y.clamp(-fmax, fmax)  # NaN stays NaN
+        y = clamped if dtype in _FP8 else torch.where(y.isinf(), y, clamped)  # 16-bit targets keep inf
+    return y.to(dtype)
+
+
+def _walkable(x):
+    """x itself if its elements fill one run of memory (then empty_like keeps its strides), else a copy."""
+    return x if torch.ops.aten.is_non_overlapping_and_dense(x) else x.contiguous()
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("mixprec::cast_and_scale")
+    def _cast_and_scale_fake(x, dtype, scale, scale_value, amax, saturate):
+        _checks.float_tensor(x, "x")
+        _checks.cast_target(dtype)
+        return torch.empty_like(_walkable(x), dtype=dtype)
+
+
+_triton_op = None
+
+
+def _get_triton_op():
+    """mixprec::cast_and_scale_triton, registered on first use (importing triton is slow)."""
+    global _triton_op
+    if _triton_op is None:
+        from ..triton_kernels.cast_and_scale import launch_cast_and_scale
+
+        @torch.library.triton_op("mixprec::cast_and_scale_triton", mutates_args={"amax"})
+        def cast_and_scale_triton(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
+                                  scale_value: float, amax: torch.Tensor | None, saturate: bool) -> torch.Tensor:
+            x = _walkable(x)
+            y = torch.empty_like(x, dtype=dtype)
+            launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=torch.library.wrap_triton)
+            return y
+
+        _triton_op = cast_and_scale_triton
+    return _triton_op
+
+
+def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=None):
+    """Return cast(x * scale) in `dtype`, computed in one pass.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape; contiguous or not (a dense permuted layout such as a
+            transpose is read in place and the output keeps its strides; other layouts are copied first).
+        dtype: torch.float16, torch.bfloat16, torch.float8_e4m3fn or torch.float8_e5m2.
+        scale: None (1.0), a Python float, or a 1-element float32 tensor on x's device (read on the device: no
+            host sync). The product x * scale is computed in fp32 and rounded once, to nearest even, into dtype.
+        amax: optional 1-element float32 tensor on x's device holding a non-negative value; updated in place to
+            max(amax, max|x|) over the unscaled x, so it accumulates across calls. NaN in x makes it NaN.
+        saturate: if True, finite values beyond dtype's range become +-(largest finite value of dtype); for fp8
+            targets +-inf saturates too, for 16-bit targets inf stays inf. NaN stays NaN. If False, the cast is
+            torch's own `.to(dtype)` (whose fp8 e4m3fn overflow rule changed in torch 2.12: NaN before, saturation
+            after; every backend follows the installed torch).
+        backend: "auto" (default, or the MIXPREC_BACKEND environment variable), "cuda", "triton", "cpu" or
+            "torch"; see mixprec_ops.backends.
+
+    Returns:
+        A new tensor of `dtype` with x's shape.
+    """
+    _checks.float_tensor(x, "x")
+    _checks.cast_target(dtype)
+    if scale is None:
+        scale_t, scale_value = None, 1.0
+    elif isinstance(scale, torch.Tensor):
+        _checks.device_scalar(scale, "scale", x.device)
+        scale_t, scale_value = scale, 1.0
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale_t, scale_value = None, float(scale)
+    else:
+        raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
+    _checks.device_scalar(amax, "amax", x.device, allow_none=True, contiguous=True)
+    _checks.boolean(saturate, "saturate")
+    b = backends.select(OP, x.device, backend)
+    if b == "torch":
+        return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
+    if b == "triton":
+        return _get_triton_op()(x, dtype, scale_t, scale_value, amax, saturate)
+    return torch.ops.mixprec.cast_and_scale(x, dtype, scale_t, scale_value, amax, saturate)

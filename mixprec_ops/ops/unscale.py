@@ -1,0 +1,110 @@
+"""unscale_: in place t *= inv_scale over many tensors, found_inf flag, optional global L2 norm, in one pass.
+
+Side by side: the reference (pure torch), the fake of the C++ op mixprec::unscale_ (schema csrc/schemas.cpp; CPU
+kernel csrc/cpu/unscale.cpp; CUDA kernel csrc/cuda/unscale.cu), the Triton op mixprec::unscale_triton_ (kernel in
+triton_kernels/unscale.py) and the public function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, _ext, backends
+
+OP = "unscale_"
+backends.register_op(OP, ("cuda", "triton", "cpu"))
+
+
+def unscale_reference(tensors, inv_scale, found_inf, return_norm=False):
+    """Pure-torch reference: fp32 products rounded once into each tensor's dtype; norm accumulated in fp64."""
+    inv = inv_scale.reshape(())
+    bad = torch.zeros((), dtype=torch.bool, device=inv_scale.device)
+    sumsq = torch.zeros((), dtype=torch.float64, device=inv_scale.device)
+    for t in tensors:
+        v = t.float() * inv
+        bad |= ~v.isfinite().all()
+        if return_norm:
+            sumsq += v.double().square().sum()
+        t.copy_(v)
+    found_inf.copy_(torch.where(bad, torch.ones_like(found_inf), found_inf))  # no host sync
+    return sumsq.sqrt().float() if return_norm else None
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("mixprec::unscale_")
+    def _unscale_fake(tensors, inv_scale, found_inf, return_norm):
+        return inv_scale.new_empty(() if return_norm else (0,))
+
+
+_triton_op = None
+
+
+def _get_triton_op():
+    """mixprec::unscale_triton_, registered on first use. A custom_op rather than a triton_op: the kernel reads
+    tensor addresses from a table built on the host, which torch.compile cannot trace; the op stays opaque."""
+    global _triton_op
+    if _triton_op is None:
+        from ..triton_kernels.unscale import launch_unscale
+
+        @torch.library.custom_op("mixprec::unscale_triton_", mutates_args={"tensors", "found_inf"})
+        def unscale_triton_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                            return_norm: bool) -> torch.Tensor:
+            groups, copy_back = {}, []
+            for t in tensors:
+                w = t if torch.ops.aten.is_non_overlapping_and_dense(t) else t.contiguous()
+                if w is not t:
+                    copy_back.append((t, w))
+                groups.setdefault(w.dtype, []).append(w)
+            norm = launch_unscale(groups, inv_scale, found_inf, return_norm)
+            for t, w in copy_back:
+                t.copy_(w)
+            return norm if norm is not None else inv_scale.new_empty((0,))
+
+        @unscale_triton_.register_fake
+        def _(tensors, inv_scale, found_inf, return_norm):
+            return inv_scale.new_empty(() if return_norm else (0,))
+
+        _triton_op = unscale_triton_
+    return _triton_op
+
+
+def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
+    """Multiply every tensor by inv_scale in place; set found_inf to 1 if any element is inf or NaN.
+
+    A fused, multi-tensor replacement for torch._amp_foreach_non_finite_check_and_unscale_ that also accepts
+    bfloat16 (torch's rejects it), mixes float32/float16/bfloat16 tensors in one call, and can return the global
+    L2 norm of the unscaled values from the same pass (for fused gradient clipping).
+
+    Args:
+        tensors: a tensor or a sequence of float32/float16/bfloat16 tensors, all on inv_scale's device.
+        inv_scale: 1-element float32 tensor (read on the device: no host sync).
+        found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value is inf/NaN, otherwise left as is.
+        return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor.
+        backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
+
+    Returns:
+        The norm if return_norm, else None.
+    """
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    try:
+        tensors = list(tensors)
+    except TypeError:
+        raise TypeError(f"tensors must be a tensor or a sequence of tensors, got {type(tensors).__name__}") from None
+    _checks.device_scalar(inv_scale, "inv_scale", getattr(inv_scale, "device", None))
+    _checks.device_scalar(found_inf, "found_inf", inv_scale.device, contiguous=True)
+    for i, t in enumerate(tensors):
+        _checks.float_tensor(t, f"tensors[{i}]")
+        if t.device != inv_scale.device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but inv_scale is on {inv_scale.device}; all must share "
+                             "one device")
+    _checks.boolean(return_norm, "return_norm")
+    b = backends.select(OP, inv_scale.device, backend)
+    if b == "torch":
+        return unscale_reference(tensors, inv_scale, found_inf, return_norm)
+    if b == "triton":
+        norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
+    else:
+        norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
+    return norm if return_norm else None

@@ -1,0 +1,77 @@
+"""Triton kernel of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp_convert import f32_to_bf16_bits, f32_to_e4m3fn_bits, f32_to_e5m2_bits
+
+# Output kinds (constexpr): how the fp32 result is rounded and stored.
+_OUT_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+# Bit container the result is stored through (bf16 and fp8 are rounded in integer arithmetic).
+_STORE_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
+               torch.float8_e5m2: torch.uint8}
+
+
+def _torch_e4m3_overflow_is_nan() -> bool:
+    """torch < 2.12 casts fp32 overflow (and inf) to e4m3fn NaN; later releases saturate. Follow the installed one."""
+    return bool(torch.tensor([1e6]).to(torch.float8_e4m3fn).float().isnan().item())
+
+
+E4M3_OVERFLOW_NAN = _torch_e4m3_overflow_is_nan()
+
+
+@triton.jit
+def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fmax,
+                           HAS_SCALE: tl.constexpr, HAS_AMAX: tl.constexpr, SAT: tl.constexpr,
+                           KEEP_INF: tl.constexpr, OUT_KIND: tl.constexpr, OVERFLOW_NAN: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_AMAX:
+        # |x| as int32 bits: order-preserving for non-negative floats, NaN above inf (propagates like torch.amax).
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        tl.atomic_max(amax_ptr, tl.max(tl.where(mask, bits, 0), axis=0))
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+    else:
+        s = scale_value
+    y = x * s
+    if SAT:
+        over = tl.abs(y) > fmax
+        if KEEP_INF:
+            over = over & (tl.abs(y) != float("inf"))
+        y = tl.where(over, tl.where(y > 0, fmax, -fmax), y)
+    if OUT_KIND == 0:
+        out = y.to(tl.float16)
+    elif OUT_KIND == 1:
+        out = f32_to_bf16_bits(y).to(tl.uint16).to(tl.int16, bitcast=True)
+    elif OUT_KIND == 2:
+        out = f32_to_e4m3fn_bits(y, OVERFLOW_NAN).to(tl.uint8)
+    else:
+        out = f32_to_e5m2_bits(y).to(tl.uint8)
+    tl.store(y_ptr + offs, out, mask=mask)
+
+
+FINITE_MAX = {d: torch.finfo(d).max for d in _OUT_KIND}
+
+
+def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k):
+    """x: dense (walkable) tensor; y: empty_like(x, dtype) (same strides). `wrap` is torch.library.wrap_triton
+    when called from a triton_op."""
+    n = x.numel()
+    if n == 0:
+        return
+    dtype = y.dtype
+    block = 4096
+    grid = (triton.cdiv(n, block),)
+    wrap(_cast_and_scale_kernel)[grid](
+        x, y.view(_STORE_VIEW[dtype]), n,
+        scale if scale is not None else x, float(scale_value),
+        amax.view(torch.int32) if amax is not None else x, FINITE_MAX[dtype],
+        HAS_SCALE=scale is not None, HAS_AMAX=amax is not None, SAT=bool(saturate),
+        KEEP_INF=dtype in (torch.float16, torch.bfloat16), OUT_KIND=_OUT_KIND[dtype],
+        OVERFLOW_NAN=E4M3_OVERFLOW_NAN, BLOCK=block, num_warps=8,
+    )

@@ -1,0 +1,59 @@
+"""Bit-exact fp32 -> bf16 / fp8 rounding in integer arithmetic, identical to torch's (c10's) own conversions.
+
+Native casts would do on a GPU, but Triton's interpreter truncates fp32 -> bf16 and rounds fp8 differently
+(shared/notes/environment.md); integer emulation gives the same bits on the interpreter and on every GPU, and
+lets saturate=False follow the installed torch's fp8 overflow rule (NaN before torch 2.12, saturation after).
+Each function returns the target's bit pattern in a uint32 tensor (the caller narrows and stores it).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def f32_to_bf16_bits(y):
+    b = y.to(tl.uint32, bitcast=True)
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    is_nan = (b & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, 0x7FC0, rounded)
+
+
+@triton.jit
+def f32_to_e4m3fn_bits(y, OVERFLOW_NAN: tl.constexpr):
+    """c10::detail::fp8e4m3fn_from_fp32_value. OVERFLOW_NAN: the rule of torch < 2.12 (overflow and inf -> NaN)."""
+    b = y.to(tl.uint32, bitcast=True)
+    sign = b & 0x80000000
+    b = b ^ sign
+    # Subnormal range (< 2^-6): let the fp32 adder round, as c10 does.
+    denorm_mask: tl.constexpr = 141 << 23
+    dn = (b.to(tl.float32, bitcast=True) + tl.full(b.shape, denorm_mask, tl.uint32).to(tl.float32, bitcast=True))
+    dn = dn.to(tl.uint32, bitcast=True) - denorm_mask
+    # Normal range: rebias the exponent ((7 - 127) << 23, mod 2^32) and round to nearest even.
+    mant_odd = (b >> 20) & 1
+    nr = ((b + 0xC407FFFF + mant_odd) >> 20) & 0xFF
+    if not OVERFLOW_NAN:
+        nr = tl.where(nr == 0x7F, 0x7E, nr)
+    r = tl.where(b < (121 << 23), dn & 0xFF, nr)
+    if OVERFLOW_NAN:
+        over = tl.full(b.shape, 0x7F, tl.uint32)
+    else:
+        over = tl.where(b > 0x7F800000, 0x7F, 0x7E)
+    r = tl.where(b >= (1087 << 20), over, r)
+    return r | (sign >> 24)
+
+
+@triton.jit
+def f32_to_e5m2_bits(y):
+    """c10::detail::fp8e5m2_from_fp32_value (overflow -> inf, NaN -> NaN)."""
+    b = y.to(tl.uint32, bitcast=True)
+    sign = b & 0x80000000
+    b = b ^ sign
+    denorm_mask: tl.constexpr = 134 << 23
+    dn = (b.to(tl.float32, bitcast=True) + tl.full(b.shape, denorm_mask, tl.uint32).to(tl.float32, bitcast=True))
+    dn = dn.to(tl.uint32, bitcast=True) - denorm_mask
+    # (15 - 127) << 23 mod 2^32 = 0xC8000000, plus the rounding bias 0xFFFFF.
+    mant_odd = (b >> 21) & 1
+    nr = ((b + 0xC80FFFFF + mant_odd) >> 21) & 0xFF
+    r = tl.where(b < (113 << 23), dn & 0xFF, nr)
+    r = tl.where(b >= (143 << 23), tl.where(b > 0x7F800000, 0x7F, 0x7C), r)
+    return r | (sign >> 24)

@@ -1,0 +1,68 @@
+"""Triton kernel of unscale_: multi-tensor in-place t *= inv_scale, found_inf flag, optional L2-norm partials.
+
+One launch per dtype group covers every tensor of that dtype: the program id indexes a (tensor, chunk) table
+and the tensor's address comes from a device table of int64 pointers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 65536  # elements per program
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_ptr, found_ptr, partial_ptr,
+                    DTYPE: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_chunk_ptr + pid).to(tl.int64) * CHUNK
+    p = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    numel = tl.load(numel_ptr + t)
+    inv = tl.load(inv_ptr)
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        m = offs < numel
+        v = tl.load(p + offs, mask=m, other=0.0).to(tl.float32) * inv
+        bad = bad | (((v - v) != 0) & m).to(tl.int32)  # v - v is NaN exactly when v is inf or NaN
+        if NORM:
+            sq += v * v
+        tl.store(p + offs, v.to(DTYPE), mask=m)
+    tl.store(found_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)
+    if NORM:
+        tl.store(partial_ptr + pid, tl.sum(sq, axis=0))
+
+
+def launch_unscale(groups, inv_scale, found_inf, return_norm, wrap=lambda k: k):
+    """groups: {dtype: [dense tensors]} (all on inv_scale's device). Returns the norm (0-dim fp32) or None."""
+    device = inv_scale.device
+    partials = []
+    for dtype, ts in groups.items():
+        ts = [t for t in ts if t.numel() > 0]
+        if not ts:
+            continue
+        addrs, numels, btensor, bchunk = [], [], [], []
+        for i, t in enumerate(ts):
+            addrs.append(t.data_ptr())
+            numels.append(t.numel())
+            nchunks = triton.cdiv(t.numel(), CHUNK)
+            btensor += [i] * nchunks
+            bchunk += range(nchunks)
+        meta = [torch.tensor(v, dtype=torch.int64 if k < 2 else torch.int32)
+                for k, v in enumerate((addrs, numels, btensor, bchunk))]
+        if device.type != "cpu":
+            meta = [m.pin_memory().to(device, non_blocking=True) for m in meta]
+        part = torch.empty(len(btensor) if return_norm else 1, dtype=torch.float32, device=device)
+        wrap(_unscale_kernel)[(len(btensor),)](
+            *meta, inv_scale, found_inf, part, DTYPE=_TL_DTYPE[dtype], NORM=bool(return_norm), CHUNK=CHUNK,
+            BLOCK=2048, num_warps=8,
+        )
+        partials.append(part)
+    if not return_norm:
+        return None
+    if not partials:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.cat(partials).double().sum().sqrt().float()
