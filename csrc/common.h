@@ -2,7 +2,9 @@
 // direct torch.ops.mixprec.* call fails as clearly as the Python wrappers (which run the same checks first).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <limits>
@@ -28,6 +30,23 @@ inline float finite_max(at::ScalarType t) {
     default: TORCH_CHECK(false, "mixprec: no finite max for ", t);
   }
 }
+
+// |v| at or above OverflowAt<T>::value rounds to inf when stored as T (largest finite + half an ulp; the tie rounds
+// to the even neighbour, which is inf). `!(fabs(v) < value)` is therefore "non-finite once stored", NaN included.
+template <typename T>
+struct OverflowAt;
+template <>
+struct OverflowAt<float> {
+  static constexpr float value = std::numeric_limits<float>::infinity();
+};
+template <>
+struct OverflowAt<c10::Half> {
+  static constexpr float value = 65520.0f;
+};
+template <>
+struct OverflowAt<c10::BFloat16> {
+  static constexpr float value = 3.3961775292304957e38f;  // bits 0x7F7F8000
+};
 
 inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
 

@@ -106,9 +106,12 @@ class DelayedScaling(_Recipe):
         return cast_and_scale(x, self.dtype, self.scale, amax=self.amax, saturate=True, backend=backend)
 
     def update(self) -> None:
-        """Push this step's amax into the history, recompute the scale from it, and reset the running amax."""
+        """Push this step's amax into the history, recompute the scale from it, and reset the running amax.
+
+        A non-finite amax (x held inf/NaN) is recorded as 0, i.e. ignored: recorded as is, it would pin the
+        history's max, and so the scale, for the history's whole length."""
         self.amax_history.copy_(torch.roll(self.amax_history, 1))
-        self.amax_history[:1].copy_(self.amax)
+        self.amax_history[:1].copy_(torch.where(torch.isfinite(self.amax), self.amax, 0.0))
         ref = self.amax_history.amax().reshape(1) if self.algo == "max" else self.amax_history[:1]
         self.scale.copy_(compute_scale(ref, self.scale, self.fp8_max, self.margin))
         self.amax.zero_()

@@ -25,11 +25,16 @@ E4M3_OVERFLOW_NAN = _torch_e4m3_overflow_is_nan()
 def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fmax,
                            HAS_SCALE: tl.constexpr, HAS_AMAX: tl.constexpr, SAT: tl.constexpr,
                            KEEP_INF: tl.constexpr, OUT_KIND: tl.constexpr, OVERFLOW_NAN: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           SRC_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SRC_BF16:
+        # bf16 arrives as int16 bits; widen by shifting (exact; the interpreter's bf16 load flushes subnormals).
+        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = (xb << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_AMAX:
         # |x| as int32 bits: order-preserving for non-negative floats, NaN above inf (propagates like torch.amax).
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -68,10 +73,10 @@ def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda 
     block = 4096
     grid = (triton.cdiv(n, block),)
     wrap(_cast_and_scale_kernel)[grid](
-        x, y.view(_STORE_VIEW[dtype]), n,
+        x.view(torch.int16) if x.dtype == torch.bfloat16 else x, y.view(_STORE_VIEW[dtype]), n,
         scale if scale is not None else x, float(scale_value),
         amax.view(torch.int32) if amax is not None else x, FINITE_MAX[dtype],
         HAS_SCALE=scale is not None, HAS_AMAX=amax is not None, SAT=bool(saturate),
         KEEP_INF=dtype in (torch.float16, torch.bfloat16), OUT_KIND=_OUT_KIND[dtype],
-        OVERFLOW_NAN=E4M3_OVERFLOW_NAN, BLOCK=block, num_warps=8,
+        OVERFLOW_NAN=E4M3_OVERFLOW_NAN, SRC_BF16=x.dtype == torch.bfloat16, BLOCK=block, num_warps=8,
     )

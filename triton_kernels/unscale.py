@@ -8,13 +8,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp_convert import f32_to_bf16_bits
+
 CHUNK = 65536  # elements per program
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# bf16 travels as int16 bits: widened by a shift and rounded in integer arithmetic (exact on the interpreter too).
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.int16}
+# |v| at or above this rounds to inf in the tensor's dtype (max finite + half an ulp; ties go up, to inf).
+OVERFLOW_AT = {torch.float32: float("inf"), torch.float16: 65520.0, torch.bfloat16: 3.3961775292304957e38}
 
 
 @triton.jit
 def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_ptr, found_ptr, partial_ptr,
-                    DTYPE: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                    overflow_at, DTYPE: tl.constexpr, IS_BF16: tl.constexpr, NORM: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)
     start = tl.load(block_chunk_ptr + pid).to(tl.int64) * CHUNK
@@ -23,14 +29,22 @@ def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_
     inv = tl.load(inv_ptr)
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in range(0, CHUNK, BLOCK):
+    for i in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         m = offs < numel
-        v = tl.load(p + offs, mask=m, other=0.0).to(tl.float32) * inv
-        bad = bad | (((v - v) != 0) & m).to(tl.int32)  # v - v is NaN exactly when v is inf or NaN
+        if IS_BF16:
+            raw = tl.load(p + offs, mask=m, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            v = (raw << 16).to(tl.float32, bitcast=True) * inv
+        else:
+            v = tl.load(p + offs, mask=m, other=0.0).to(tl.float32) * inv
+        # Non-finite once stored: inf/NaN, or beyond the dtype's range (the comparison is False for NaN).
+        bad = bad | ((~(tl.abs(v) < overflow_at)) & m).to(tl.int32)
         if NORM:
             sq += v * v
-        tl.store(p + offs, v.to(DTYPE), mask=m)
+        if IS_BF16:
+            tl.store(p + offs, f32_to_bf16_bits(v).to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+        else:
+            tl.store(p + offs, v.to(DTYPE), mask=m)
     tl.store(found_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)
     if NORM:
         tl.store(partial_ptr + pid, tl.sum(sq, axis=0))
@@ -57,7 +71,8 @@ def launch_unscale(groups, inv_scale, found_inf, return_norm, wrap=lambda k: k):
             meta = [m.pin_memory().to(device, non_blocking=True) for m in meta]
         part = torch.empty(len(btensor) if return_norm else 1, dtype=torch.float32, device=device)
         wrap(_unscale_kernel)[(len(btensor),)](
-            *meta, inv_scale, found_inf, part, DTYPE=_TL_DTYPE[dtype], NORM=bool(return_norm), CHUNK=CHUNK,
+            *meta, inv_scale, found_inf, part, OVERFLOW_AT[dtype], DTYPE=_TL_DTYPE[dtype],
+            IS_BF16=dtype == torch.bfloat16, NORM=bool(return_norm), CHUNK=CHUNK,
             BLOCK=2048, num_warps=8,
         )
         partials.append(part)

@@ -25,35 +25,39 @@ struct Acc {
   bool nonfinite = false;
 };
 
+constexpr int64_t kFlush = 1024;  // fp32 lane sums are flushed into fp64 this often (keeps the norm accurate)
+
 template <typename T>
 void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
   const fVec s(inv);
-  fVec probe(0.0f), sq(0.0f);  // probe becomes NaN iff some value is inf/NaN (x*0 is NaN exactly then)
+  fVec vmax(0.0f);  // max |v|; at::vec::maximum propagates NaN
+  float lanes[kLanes];
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    fVec v = load_f32(p + i) * s;
-    probe = probe + v * fVec(0.0f);
-    if (want_norm) sq = at::vec::fmadd(v, v, sq);
-    store_from_f32(p + i, v);
+  while (i + kLanes <= n) {
+    fVec sq(0.0f);
+    const int64_t stop = std::min(n, i + kFlush);
+    for (; i + kLanes <= stop; i += kLanes) {
+      fVec v = load_f32(p + i) * s;
+      vmax = at::vec::maximum(vmax, v.abs());
+      if (want_norm) sq = at::vec::fmadd(v, v, sq);
+      store_from_f32(p + i, v);
+    }
+    if (want_norm) {
+      sq.store(lanes);
+      for (int64_t l = 0; l < kLanes; ++l) acc.sumsq += lanes[l];
+    }
   }
-  float tail_sq = 0.0f;
-  bool tail_bad = false;
+  float tail_max = 0.0f;
   for (; i < n; ++i) {
     float v = static_cast<float>(p[i]) * inv;
-    tail_bad |= !std::isfinite(v);
-    tail_sq += v * v;
+    tail_max = (std::isnan(v) || std::fabs(v) > tail_max) ? std::fabs(v) : tail_max;
+    acc.sumsq += static_cast<double>(v) * v;
     p[i] = static_cast<T>(v);
   }
-  float lanes[kLanes];
-  probe.store(lanes);
-  for (int64_t l = 0; l < kLanes; ++l) tail_bad |= std::isnan(lanes[l]);
-  acc.nonfinite |= tail_bad;
-  if (want_norm) {
-    sq.store(lanes);
-    double s2 = tail_sq;
-    for (int64_t l = 0; l < kLanes; ++l) s2 += lanes[l];
-    acc.sumsq += s2;
-  }
+  vmax.store(lanes);
+  bool bad = !(tail_max < OverflowAt<T>::value);
+  for (int64_t l = 0; l < kLanes; ++l) bad |= !(lanes[l] < OverflowAt<T>::value);
+  acc.nonfinite |= bad;
 }
 
 at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
@@ -95,9 +99,10 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
   }
   for (auto& t : slow) {
     at::Tensor v = t.to(at::kFloat).mul_(inv);
-    total.nonfinite |= !v.isfinite().all().item<bool>();
+    at::Tensor r = v.to(t.scalar_type());
+    total.nonfinite |= !r.isfinite().all().item<bool>();
     if (return_norm) total.sumsq += v.to(at::kDouble).square().sum().item<double>();
-    t.copy_(v);
+    t.copy_(r);
   }
   if (total.nonfinite) found_inf.fill_(1.0);
   if (!return_norm) return at::empty({0}, inv_scale.options());

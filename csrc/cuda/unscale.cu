@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const float v = static_cast<float>(r[u].v[k]) * inv;
-            bad |= !isfinite(v);
+            bad |= !(fabsf(v) < OverflowAt<T>::value);  // non-finite once stored as T
             if constexpr (NORM) sq = fmaf(v, v, sq);
             r[u].v[k] = static_cast<T>(v);
           }
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
     const float v = static_cast<float>(p[i]) * inv;
-    bad |= !isfinite(v);
+    bad |= !(fabsf(v) < OverflowAt<T>::value);
     if constexpr (NORM) sq = fmaf(v, v, sq);
     p[i] = static_cast<T>(v);
   }

@@ -22,10 +22,11 @@ def unscale_reference(tensors, inv_scale, found_inf, return_norm=False):
     sumsq = torch.zeros((), dtype=torch.float64, device=inv_scale.device)
     for t in tensors:
         v = t.float() * inv
-        bad |= ~v.isfinite().all()
+        r = v.to(t.dtype)  # non-finite once stored counts: a finite fp32 product can overflow fp16
+        bad |= ~r.isfinite().all()
         if return_norm:
             sumsq += v.double().square().sum()
-        t.copy_(v)
+        t.copy_(r)
     found_inf.copy_(torch.where(bad, torch.ones_like(found_inf), found_inf))  # no host sync
     return sumsq.sqrt().float() if return_norm else None
 
@@ -79,7 +80,8 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     Args:
         tensors: a tensor or a sequence of float32/float16/bfloat16 tensors, all on inv_scale's device.
         inv_scale: 1-element float32 tensor (read on the device: no host sync).
-        found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value is inf/NaN, otherwise left as is.
+        found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value, as stored in its tensor's dtype, is
+            inf or NaN (so an fp16 value that overflows when inv_scale > 1 counts too); otherwise left as is.
         return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor.
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 

@@ -1,0 +1,82 @@
+"""Shared test helpers. Tests run the installed package (`make test` installs it; pytest does not put the repo root
+on sys.path), on CPU with the Triton interpreter (TRITON_INTERPRET=1, set by `make test`), and on a GPU through
+bench/gpu_check, where the CUDA-device parameters stop skipping."""
+
+import os
+
+import pytest
+import torch
+
+import mixprec_ops
+from mixprec_ops import backends
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")),
+]
+
+
+def kernel_backends(op: str, device: str) -> list[str]:
+    """The non-reference backends that can serve `op` on `device` here (the reference is the oracle)."""
+    dev = torch.device(device)
+    return [b for b in ("cuda", "triton", "cpu") if backends.unavailable_reason(op, b, dev) is None]
+
+
+def backend_params(op: str):
+    """(device, backend) pairs: every kernel backend on every device, skipped with the reason when unavailable."""
+    out = []
+    for dev, bk in (("cpu", "cpu"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton")):
+        if dev == "cuda" and not HAS_CUDA:
+            why = "needs a CUDA device (runs in bench/gpu_check)"
+        else:
+            why = backends.unavailable_reason(op, bk, torch.device(dev))
+        out.append(pytest.param(dev, bk, id=f"{dev}-{bk}", marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a float tensor, as a signed integer tensor of the same width."""
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality, except that any NaN matches any NaN (payloads differ between CPU and GPU casts)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape,
+                                                                               expected.dtype, expected.shape)
+    a, e = actual.float().cpu(), expected.float().cpu()
+    nan_a, nan_e = a.isnan(), e.isnan()
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ ({(nan_a != nan_e).sum()} elements)"
+    ba, be = bits(actual.cpu()), bits(expected.cpu())
+    diff = (ba != be) & ~nan_e
+    if diff.any():
+        i = diff.flatten().nonzero()[:5].flatten()
+        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} elements differ; first at {i.tolist()}: "
+                             f"got {a.flatten()[i].tolist()}, expected {e.flatten()[i].tolist()}")
+
+
+def poison_allocator(nbytes: int, device: str) -> None:
+    """Fill a block of `nbytes` with 0xFF bytes and free it, so that the next allocation of that size (which the
+    CUDA caching allocator, and glibc for small CPU blocks, hand back) starts as NaN garbage, not zeros: an element
+    a kernel forgets to write then fails the comparison instead of passing by luck."""
+    if nbytes > 0:
+        torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=device)
+
+
+def wide_random(shape, dtype=torch.float32, device="cpu", lo=-12.0, hi=6.0, generator=None) -> torch.Tensor:
+    """Random non-zero values with random signs whose magnitudes span 10**lo .. 10**hi (log-uniform), so casts
+    see subnormals, normal values and overflow alike. Never zeros (they hide unwritten outputs)."""
+    mag = torch.pow(10.0, torch.empty(shape).uniform_(lo, hi, generator=generator))
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+    return (mag * sign).to(dtype).to(device)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+__all__ = ["mixprec_ops"]

@@ -1,0 +1,119 @@
+"""Backend selection: explicit requests, MIXPREC_BACKEND, "auto" fallback with one warning, report(), and an
+import that survives a missing extension or Triton."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import mixprec_ops
+from mixprec_ops import backends
+
+CPU = torch.device("cpu")
+
+
+def test_report_lists_every_op_and_backend():
+    r = backends.report()
+    assert set(r["ops"]) >= {"cast_and_scale", "unscale_"}
+    for op in r["ops"].values():
+        assert set(op["cpu"]) == {"cuda", "triton", "cpu", "torch", "auto"}
+        assert op["cpu"]["torch"] == "ok"
+        assert "cuda tensors only" in op["cpu"]["cuda"]
+        assert op["cpu"]["auto"] in ("cpu", "torch")
+    assert r["torch"] == torch.__version__
+    assert "extension" in r
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    with pytest.raises(ValueError, match="backend 'cuda' is unavailable: backend 'cuda' serves cuda tensors only"):
+        backends.select("cast_and_scale", CPU, "cuda")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+    assert backends.select("cast_and_scale", CPU) == "torch"
+    assert backends.select("cast_and_scale", CPU, "auto") in ("cpu", "torch")  # the argument wins
+    monkeypatch.setenv("MIXPREC_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="unavailable"):
+        mixprec_ops.cast_and_scale(torch.randn(3), torch.float16)
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    real = backends.unavailable_reason
+
+    def fake(op, b, device):
+        return "pretend the C++ kernels are missing" if b == "cpu" else real(op, b, device)
+
+    monkeypatch.setattr(backends, "unavailable_reason", fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="using backend 'torch' because 'cpu': pretend"):
+        assert backends.select("cast_and_scale", CPU) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second fallback for the same op and device type is silent
+        assert backends.select("cast_and_scale", CPU) == "torch"
+        y = mixprec_ops.cast_and_scale(torch.randn(4), torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+
+
+def test_auto_prefers_cpp_on_cpu():
+    if backends.unavailable_reason("cast_and_scale", "cpu", CPU) is None:
+        assert backends.select("cast_and_scale", CPU, "auto") == "cpu"
+
+
+def run_python(code: str, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(__file__), timeout=300)
+
+
+def test_import_survives_missing_extension():
+    """With mixprec_ops._C unloadable, import works, warns once with the reason, and every op still runs
+    (through the reference); an explicit request for the C++ backend says why it cannot."""
+    code = """
+        import sys, warnings
+        sys.modules["mixprec_ops._C"] = None   # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import mixprec_ops, torch
+        msgs = [str(x.message) for x in w if "mixprec_ops" in str(x.message)]
+        assert len(msgs) == 1 and "C++/CUDA kernels unavailable" in msgs[0], msgs
+        r = mixprec_ops.backends.report()
+        assert r["extension"].startswith("unavailable"), r["extension"]
+        assert r["ops"]["cast_and_scale"]["cpu"]["auto"] == "torch"
+        assert "compiled extension is unavailable" in r["ops"]["cast_and_scale"]["cpu"]["cpu"]
+        x = torch.randn(100)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            y = mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, 2.0)
+            f = torch.zeros(1)
+            mixprec_ops.unscale_([x.clone()], torch.ones(1), f)
+        assert torch.equal(y.float(), (x * 2).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+        try:
+            mixprec_ops.cast_and_scale(x, torch.float16, backend="cpu")
+        except ValueError as e:
+            assert "compiled extension is unavailable" in str(e)
+        else:
+            raise AssertionError("no error")
+        print("OK")
+    """
+    p = run_python(code)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+def test_import_survives_missing_triton():
+    code = """
+        import sys
+        sys.modules["triton"] = None
+        import mixprec_ops, torch
+        r = mixprec_ops.backends.report()
+        assert "triton is not importable" in r["ops"]["unscale_"]["cpu"]["triton"], r
+        assert r["triton"] is None
+        mixprec_ops.cast_and_scale(torch.randn(10), torch.float16)
+        print("OK")
+    """
+    p = run_python(code)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]

@@ -1,0 +1,105 @@
+"""Bad input: a clear error naming the argument, raised before anything is touched (every tensor unchanged)."""
+
+import pytest
+import torch
+
+import mixprec_ops
+
+X = torch.randn(10, 3)
+META = torch.device("meta")  # a second device that exists on every machine
+
+
+CAST_CASES = [
+    # (kwargs overriding the good call, exception type, text that must appear)
+    ({"x": torch.arange(6, dtype=torch.int32)}, TypeError, "x must be float32"),
+    ({"x": X.double()}, TypeError, "x must be float32"),
+    ({"x": [1.0, 2.0]}, TypeError, "x must be a torch.Tensor"),
+    ({"x": X.to_sparse()}, TypeError, "x must be a dense strided tensor"),
+    ({"dtype": torch.int8}, TypeError, "dtype must be one of"),
+    ({"dtype": torch.float32}, TypeError, "dtype must be one of"),
+    ({"scale": torch.tensor([1.0], dtype=torch.float64)}, TypeError, "scale must be a float32"),
+    ({"scale": torch.tensor([1.0, 2.0])}, ValueError, "scale must have exactly 1 element"),
+    ({"scale": torch.ones(1, device=META)}, ValueError, "scale must be on cpu"),
+    ({"scale": "2.0"}, TypeError, "scale must be None, a Python float"),
+    ({"scale": True}, TypeError, "scale must be None, a Python float"),
+    ({"amax": torch.zeros(1, dtype=torch.float16)}, TypeError, "amax must be a float32"),
+    ({"amax": torch.zeros(2)}, ValueError, "amax must have exactly 1 element"),
+    ({"amax": torch.zeros(1, device=META)}, ValueError, "amax must be on cpu"),
+    ({"amax": 0.0}, TypeError, "amax must be a torch.Tensor"),
+    ({"saturate": "yes"}, TypeError, "saturate must be a bool"),
+    ({"backend": "fast"}, ValueError, "backend must be one of"),
+    ({"backend": "cuda"}, ValueError, "backend 'cuda' is unavailable"),
+]
+
+
+@pytest.mark.parametrize("override,exc,text", CAST_CASES, ids=[c[2] + f"-{i}" for i, c in enumerate(CAST_CASES)])
+def test_cast_and_scale_rejects(override, exc, text):
+    good_amax = torch.full((1,), 0.5)
+    args = {"x": X.clone(), "dtype": torch.float8_e4m3fn, "scale": torch.ones(1), "amax": good_amax,
+            "saturate": True, "backend": None}
+    args.update(override)
+    with pytest.raises(exc, match=text):
+        mixprec_ops.cast_and_scale(args.pop("x"), args.pop("dtype"), args.pop("scale"), **args)
+    assert good_amax.item() == 0.5  # the tensor the op mutates is untouched by a rejected call
+
+
+def test_env_backend_is_validated(monkeypatch):
+    monkeypatch.setenv("MIXPREC_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="MIXPREC_BACKEND must be one of"):
+        mixprec_ops.cast_and_scale(X, torch.float16)
+
+
+def good_unscale_args():
+    return [torch.randn(5), torch.randn(7).bfloat16()], torch.tensor([0.5]), torch.zeros(1)
+
+
+UNSCALE_CASES = [
+    (lambda ts, inv, f: (ts, inv, torch.zeros(1, dtype=torch.float16)), TypeError, "found_inf must be a float32"),
+    (lambda ts, inv, f: (ts, inv, torch.zeros(2)), ValueError, "found_inf must have exactly 1 element"),
+    (lambda ts, inv, f: (ts, inv, torch.zeros(1, device=META)), ValueError, "found_inf must be on cpu"),
+    (lambda ts, inv, f: (ts, torch.tensor([0.5, 0.5]), f), ValueError, "inv_scale must have exactly 1 element"),
+    (lambda ts, inv, f: (ts, torch.tensor([0.5]).double(), f), TypeError, "inv_scale must be a float32"),
+    (lambda ts, inv, f: (ts, 0.5, f), TypeError, "inv_scale must be a torch.Tensor"),
+    (lambda ts, inv, f: (ts + [torch.arange(3)], inv, f), TypeError, r"tensors\[2\] must be float32"),
+    (lambda ts, inv, f: (ts + [torch.randn(3, device=META)], inv, f), ValueError, r"tensors\[2\] is on meta"),
+    (lambda ts, inv, f: (ts + [torch.randn(4, 4).to_sparse()], inv, f), TypeError, r"tensors\[2\] must be a dense"),
+    (lambda ts, inv, f: (ts + [torch.randn(3).double()], inv, f), TypeError, r"tensors\[2\] must be float32"),
+    (lambda ts, inv, f: (3, inv, f), TypeError, "tensors must be a tensor or a sequence"),
+]
+
+
+@pytest.mark.parametrize("make,exc,text", UNSCALE_CASES, ids=[c[2] + f"-{i}" for i, c in enumerate(UNSCALE_CASES)])
+def test_unscale_rejects_and_touches_nothing(make, exc, text):
+    ts, inv, found = good_unscale_args()
+    before = [t.clone() for t in ts]
+    args = make(ts, inv, found)
+    with pytest.raises(exc, match=text):
+        mixprec_ops.unscale_(*args)
+    for a, b in zip(ts, before):
+        assert torch.equal(a, b), "a rejected call modified a tensor"
+    assert found.item() == 0.0
+
+
+def test_unscale_rejects_bad_keywords():
+    ts, inv, found = good_unscale_args()
+    with pytest.raises(TypeError, match="return_norm must be a bool"):
+        mixprec_ops.unscale_(ts, inv, found, return_norm=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mixprec_ops.unscale_(ts, inv, found, backend="gpu")
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    """torch.ops.mixprec.* bypasses the Python checks; the C++ kernels repeat them (no crash, a clear error)."""
+    if mixprec_ops.backends.unavailable_reason("cast_and_scale", "cpu", torch.device("cpu")):
+        pytest.skip("C++ extension unavailable")
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.mixprec.cast_and_scale(torch.arange(4), torch.float16, None, 1.0, None, True)
+    with pytest.raises(RuntimeError, match="amax must have exactly 1 element"):
+        torch.ops.mixprec.cast_and_scale(X, torch.float16, None, 1.0, torch.zeros(3), True)
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        torch.ops.mixprec.cast_and_scale(X, torch.float32, None, 1.0, None, True)
+    ts = [torch.randn(3)]
+    with pytest.raises(RuntimeError, match="found_inf must be a float32"):
+        torch.ops.mixprec.unscale_(ts, torch.ones(1), torch.zeros(1, dtype=torch.int32), False)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] must be float32"):
+        torch.ops.mixprec.unscale_([torch.arange(3)], torch.ones(1), torch.zeros(1), False)

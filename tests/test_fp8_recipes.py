@@ -1,0 +1,95 @@
+"""FP8 scaling recipes: scale = (fp8_max / 2**margin) / amax, old scale kept for amax 0 or non-finite, device
+state, state_dict round trips."""
+
+import pytest
+import torch
+
+from mixprec_ops.fp8 import CurrentScaling, DelayedScaling, compute_scale
+from mixprec_ops.ops import cast_and_scale_reference
+
+
+def test_compute_scale_rules():
+    old = torch.tensor([3.0])
+    assert compute_scale(torch.tensor([2.0]), old, 448.0).item() == 224.0
+    assert compute_scale(torch.tensor([2.0]), old, 448.0, margin=1).item() == 112.0
+    for bad in (0.0, float("inf"), float("nan"), 1e-45):  # 1e-45: 448/amax overflows fp32
+        assert compute_scale(torch.tensor([bad]), old, 448.0).item() == 3.0, bad
+
+
+def test_current_scaling_uses_the_tensors_own_amax():
+    x = torch.randn(1000) * 7
+    r = CurrentScaling(torch.float8_e4m3fn)
+    y = r.quantize(x)
+    amax = x.abs().max()
+    scale = 448.0 / amax
+    assert r.scale.item() == pytest.approx(scale.item(), rel=1e-7)
+    assert torch.equal(y.float(), cast_and_scale_reference(x, torch.float8_e4m3fn, r.scale, 1.0, None, True).float())
+    assert y.float().abs().max().item() == 448.0  # the largest |x| lands on fp8's max
+    assert r.scale_inv.item() == pytest.approx(1 / r.scale.item())
+    before = r.scale.clone()
+    r.quantize(torch.zeros(10))  # all zeros: scale kept
+    assert torch.equal(r.scale, before)
+
+
+def test_delayed_scaling_history_and_update():
+    r = DelayedScaling(torch.float8_e5m2, amax_history_len=4, margin=0)
+    assert r.scale.item() == 1.0
+    a = torch.randn(500) * 3
+    b = torch.randn(300) * 5
+    y = r.quantize(a)  # cast with the old scale (1.0) while recording amax in the same pass
+    assert torch.equal(y.float(), cast_and_scale_reference(a, torch.float8_e5m2, None, 1.0, None, True).float())
+    r.quantize(b)
+    amax = max(a.abs().max().item(), b.abs().max().item())
+    assert r.amax.item() == amax
+    r.update()
+    assert r.amax.item() == 0.0 and r.amax_history[0].item() == amax
+    assert r.scale.item() == pytest.approx(57344.0 / amax, rel=1e-7)
+    # A quieter step: the history's max still rules ("max" algorithm).
+    r.quantize(torch.full((8,), 0.5))
+    r.update()
+    assert r.scale.item() == pytest.approx(57344.0 / amax, rel=1e-7)
+    # A step with NaN: the scale is kept, and NaN does not enter the history.
+    r.quantize(torch.tensor([1.0, float("nan")]))
+    r.update()
+    assert torch.isfinite(r.amax_history).all() and r.scale.item() == pytest.approx(57344.0 / amax, rel=1e-7)
+    # After the history forgets the big amax, the scale follows the newer ones.
+    for _ in range(4):
+        r.quantize(torch.full((8,), 0.5))
+        r.update()
+    assert r.scale.item() == 57344.0 / 0.5
+
+
+def test_most_recent_algorithm():
+    r = DelayedScaling(amax_history_len=8, amax_compute_algo="most_recent")
+    for v in (10.0, 2.0):
+        r.quantize(torch.full((3,), v))
+        r.update()
+    assert r.scale.item() == 448.0 / 2.0
+
+
+@pytest.mark.parametrize("cls", [CurrentScaling, DelayedScaling])
+def test_state_dict_round_trip(cls):
+    r = cls(torch.float8_e4m3fn)
+    for _ in range(3):
+        r.quantize(torch.randn(100) * 9)
+        if cls is DelayedScaling:
+            r.update()
+    sd = r.state_dict()
+    r2 = cls(torch.float8_e4m3fn)
+    r2.load_state_dict(sd)
+    for k, v in r.state_dict().items():
+        if k != "config":
+            assert torch.equal(v, r2.state_dict()[k]), k
+    x = torch.randn(64)
+    assert torch.equal(r.quantize(x).float(), r2.quantize(x).float())
+    with pytest.raises(KeyError, match="missing"):
+        r2.load_state_dict({})
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="dtype must be torch.float8"):
+        DelayedScaling(torch.float16)
+    with pytest.raises(ValueError, match="amax_history_len"):
+        DelayedScaling(amax_history_len=0)
+    with pytest.raises(ValueError, match="amax_compute_algo"):
+        DelayedScaling(amax_compute_algo="mean")

@@ -1,0 +1,96 @@
+"""mixprec_ops.amp.GradScaler: a drop-in for torch.amp.GradScaler that also unscales bf16 grads."""
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from mixprec_ops.amp import GradScaler
+
+
+def make_model(device, dtype=torch.float32, seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.GELU(), torch.nn.Linear(31, 5)).to(device, dtype)
+
+
+def batches(n, device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 13, generator=g).to(device, dtype), torch.randn(16, 5, generator=g).to(device, dtype))
+            for _ in range(n)]
+
+
+def train(scaler, device, inject_at, steps=12, autocast_dtype=torch.float16, param_dtype=torch.float32):
+    model = make_model(device, param_dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = []
+    for i, (x, y) in enumerate(batches(steps, device, param_dtype)):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=param_dtype == torch.float32):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        scaler.scale(loss).backward()
+        if i in inject_at:
+            model[0].weight.grad[3, 4] = float("inf") if i % 2 else float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        skipped = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        history.append((scaler.get_scale(), skipped, [p.detach().clone() for p in model.parameters()]))
+    return history
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_loop_matches_torch_grad_scaler(device):
+    """Injected inf/NaN grads skip exactly those steps and back off; everything else, including growth after
+    growth_interval good steps, matches torch.amp.GradScaler bit for bit."""
+    kw = dict(init_scale=2.0**10, growth_interval=3)
+    ours = train(GradScaler(device, **kw), device, inject_at={2, 7})
+    theirs = train(torch.amp.GradScaler(device, **kw), device, inject_at={2, 7})
+    for i, ((s1, k1, p1), (s2, k2, p2)) in enumerate(zip(ours, theirs)):
+        assert s1 == s2, f"step {i}: scale {s1} vs torch {s2}"
+        assert k1 == k2 == (i in {2, 7}), f"step {i}: skipped {k1} vs torch {k2}"
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2)), f"step {i}: params differ from torch's"
+    scales = [s for s, _, _ in ours]
+    assert scales[2] == 2.0**9 and scales[5] == 2.0**10  # backoff at the bad step, growth 3 good steps later
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_grads_work(device):
+    """bf16 params and grads (torch's own unscale kernel rejects bf16 on some devices): same skip/backoff."""
+    hist = train(GradScaler(device, init_scale=2.0**8, growth_interval=100), device, inject_at={4}, steps=8,
+                 param_dtype=torch.bfloat16)
+    assert [k for _, k, _ in hist] == [i == 4 for i in range(8)]
+    assert hist[4][0] == 2.0**7
+    assert all(p.dtype == torch.bfloat16 for p in hist[-1][2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_interchangeable_with_torch(device):
+    ours = GradScaler(device, init_scale=1024.0, growth_interval=7)
+    theirs = torch.amp.GradScaler(device)
+    train(ours, device, inject_at={1}, steps=3)
+    sd = ours.state_dict()
+    assert set(sd) == set(torch.amp.GradScaler(device).state_dict())
+    theirs.load_state_dict(sd)
+    assert theirs.get_scale() == ours.get_scale() == 512.0
+    back = GradScaler(device)
+    back.load_state_dict(theirs.state_dict())
+    assert back.state_dict() == theirs.state_dict()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs in bench/gpu_check)")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unscale_adds_no_host_sync(backend):
+    model = make_model("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cuda", backend=backend)
+    loss = model(torch.randn(8, 13, device="cuda")).square().mean()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # warm-up: lazy inits and kernel compilation may sync
+    opt.zero_grad()
+    loss = model(torch.randn(8, 13, device="cuda")).square().mean()
+    scaler.scale(loss).backward()
+    scaler._per_optimizer_states.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scaler.unscale_(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

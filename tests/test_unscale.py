@@ -1,0 +1,141 @@
+"""unscale_: every kernel backend against the pure-torch reference.
+
+The unscaled tensors must match bit for bit (one fp32 product, one rounding into the tensor's dtype, as torch's
+own `t.mul_(inv_scale)`). The norm is compared with an fp64 reference at rtol 1e-5: the kernels sum squares in fp32
+within a block (<= 65536 terms, relative error bound ~ sqrt(n) * 2**-24 ~ 1.5e-5 worst case, ~1e-6 typical) and add
+the block partials in fp64.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params
+
+import mixprec_ops
+from mixprec_ops.ops import unscale_reference
+
+OP = "unscale_"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_list(device, sizes=(0, 1, 7, 1023, 65537, 70001), gen_scale=1000.0):
+    ts = []
+    for i, n in enumerate(sizes):
+        dt = DTYPES[i % 3]
+        ts.append((torch.randn(n) * gen_scale + 0.5).to(dt).to(device))
+    base = (torch.randn(130, 77) * gen_scale).to(device)
+    ts += [base.t(), base.to(torch.bfloat16)[:, 1::3], base.to(torch.float16).flatten()[5:4000]]  # permuted, gaps,
+    return ts                                                                                     # unaligned offset
+
+
+def fp64_norm(ts, inv):
+    return math.sqrt(sum(float((t.double() * inv).square().sum()) for t in ts))
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("return_norm", [False, True])
+def test_matches_reference(device, backend, return_norm):
+    ts = make_list(device)
+    ref = [t.cpu().clone() for t in ts]
+    inv = torch.tensor([1 / 1024.0 * 0.999], device=device)
+    found = torch.zeros(1, device=device)
+    found_ref = torch.zeros(1)
+    expected_norm = fp64_norm(ts, inv.item())
+    norm = mixprec_ops.unscale_(ts, inv, found, return_norm=return_norm, backend=backend)
+    ref_norm = unscale_reference(ref, inv.cpu(), found_ref, return_norm)
+    for i, (a, e) in enumerate(zip(ts, ref)):
+        assert_bit_exact(a, e, f"tensor {i}")
+    assert found.item() == 0.0 and found_ref.item() == 0.0
+    if return_norm:
+        assert norm.shape == () and norm.dtype == torch.float32 and norm.device == inv.device
+        assert norm.item() == pytest.approx(expected_norm, rel=1e-5)
+        assert ref_norm.item() == pytest.approx(expected_norm, rel=1e-6)
+    else:
+        assert norm is None
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_sets_found_inf(device, backend, bad, dtype):
+    ts = make_list(device)
+    victim = torch.randn(5000, device=device).to(dtype)
+    victim[torch.randint(0, 5000, (1,)).item()] = bad
+    ts.insert(3, victim)
+    ref = [t.cpu().clone() for t in ts]
+    found = torch.zeros(1, device=device)
+    norm = mixprec_ops.unscale_(ts, torch.tensor([0.5], device=device), found, return_norm=True, backend=backend)
+    assert found.item() == 1.0
+    assert not math.isfinite(norm.item())
+    unscale_reference(ref, torch.tensor([0.5]), torch.zeros(1))
+    for i, (a, e) in enumerate(zip(ts, ref)):  # like torch: everything is still unscaled
+        assert_bit_exact(a, e, f"tensor {i}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_found_inf_is_only_ever_set(device, backend):
+    found = torch.ones(1, device=device)
+    mixprec_ops.unscale_([torch.randn(100, device=device)], torch.ones(1, device=device), found, backend=backend)
+    assert found.item() == 1.0  # never cleared: one flag collects several calls
+    # A value that is finite before unscaling but overflows after it counts as non-finite.
+    found = torch.zeros(1, device=device)
+    t = torch.tensor([60000.0], dtype=torch.float16, device=device)
+    mixprec_ops.unscale_([t], torch.tensor([4.0], device=device), found, backend=backend)
+    assert found.item() == 1.0 and t.isinf().all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_many_tensors_bounded_launches(device, backend):
+    """3000 tensors: more than one launch's worth of metadata on CUDA (1228 tensors per launch), exercising the
+    split across launches; every tensor must be processed exactly once."""
+    sizes = [(i * 37) % 4099 + 1 for i in range(3000)]
+    ts = [torch.randn(n, device=device).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
+    ref = [t.cpu().clone() for t in ts]
+    inv = torch.tensor([0.37], device=device)
+    found = torch.zeros(1, device=device)
+    norm = mixprec_ops.unscale_(ts, inv, found, return_norm=True, backend=backend)
+    unscale_reference(ref, inv.cpu(), torch.zeros(1))
+    for i, (a, e) in enumerate(zip(ts, ref)):
+        assert_bit_exact(a, e, f"tensor {i}")
+    assert norm.item() == pytest.approx(math.sqrt(sum(float(r.double().square().sum()) for r in ref)), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_torch_amp_kernel(device):
+    """Bit-identical to torch._amp_foreach_non_finite_check_and_unscale_ where torch's kernel accepts the dtype."""
+    for dtype in (torch.float32, torch.float16):
+        ts = [torch.randn(n, device=device).to(dtype) * 300 for n in (1, 513, 70001)]
+        theirs = [t.clone() for t in ts]
+        inv = torch.tensor([1 / 300.0], device=device)
+        f1, f2 = torch.zeros(1, device=device), torch.zeros(1, device=device)
+        mixprec_ops.unscale_(ts, inv, f1)
+        torch._amp_foreach_non_finite_check_and_unscale_(theirs, f2, inv)
+        for a, b in zip(ts, theirs):
+            assert_bit_exact(a, b)
+        assert f1.item() == f2.item()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tensor_spanning_launches_cuda(backend):
+    """One tensor of more chunks than one launch holds (2048 blocks x 65536): it continues in the next launch."""
+    t = torch.randn(2049 * 65536 + 5, device="cuda", dtype=torch.float16)
+    ref = t.float() * 0.5
+    found = torch.zeros(1, device="cuda")
+    norm = mixprec_ops.unscale_([t], torch.tensor([0.5], device="cuda"), found, return_norm=True, backend=backend)
+    assert torch.equal(t, ref.half())
+    assert norm.item() == pytest.approx(ref.double().norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_extension_op(device):
+    backend = "cpu" if device == "cpu" else "cuda"
+    why = mixprec_ops.backends.unavailable_reason(OP, backend, torch.device(device))
+    if why:
+        pytest.skip(why)
+    ts = [torch.randn(n, device=device).to(d) for n, d in ((33, torch.float32), (70, torch.bfloat16))]
+    for rn in (False, True):
+        torch.library.opcheck(torch.ops.mixprec.unscale_.default,
+                              ([t.clone() for t in ts], torch.tensor([0.5], device=device),
+                               torch.zeros(1, device=device), rn))
