@@ -131,7 +131,7 @@ def extensions():
         cpu_flags = "-mavx2 -mfma -mf16c" if platform.machine() in ("x86_64", "AMD64") else ""
     cxx = ["-O3"] + cpu_flags.split()
     if "-mavx2" in cpu_flags:
-        cxx += ["-DMIXPREC_AVX2"]
+        cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec uses AVX2 intrinsics, not its generic path
     kw = dict(extra_compile_args={"cxx": cxx}, py_limited_api=True)
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

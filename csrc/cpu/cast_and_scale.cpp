@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "../common.h"
+#include "fp8_convert.h"
 #include "vec_util.h"
 
 namespace mixprec::cpu {
@@ -16,10 +17,11 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 constexpr int64_t kTile = 1024;      // elements converted per inner tile (fits L1 as fp32)
 
-// Scales one tile into fp32 `buf`, applies saturation, and folds max|x| into `amax_acc` (NaN propagates).
+// Scales one tile into fp32 `buf`, applies saturation, and folds max|x| into `amax_acc`/`tail_max` (NaN
+// propagates: at::vec::maximum does, and the scalar update takes a NaN).
 template <typename Src>
 inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep_inf, float fmax, float* buf,
-                       fVec& amax_acc) {
+                       fVec& amax_acc, float& tail_max) {
   const fVec s(scale), hi(fmax), lo(-fmax), inf(std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -35,8 +37,7 @@ inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]);
     float a = std::fabs(v);
-    float cur = amax_acc[0];
-    if (std::isnan(a) || a > cur) amax_acc = at::vec::maximum(amax_acc, fVec(a));
+    if (std::isnan(a) || a > tail_max) tail_max = a;
     float y = v * scale;
     if (sat && std::fabs(y) > fmax && !(keep_inf && std::isinf(y))) y = std::copysign(fmax, y);
     buf[i] = y;
@@ -50,8 +51,16 @@ inline void store_tile(const float* buf, int64_t n, Dst* y) {
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) store_from_f32(y + i, fVec::loadu(buf + i));
     for (; i < n; ++i) y[i] = static_cast<Dst>(buf[i]);
+  } else if constexpr (std::is_same_v<Dst, at::Float8_e4m3fn>) {
+    uint8_t* out = reinterpret_cast<uint8_t*>(y);
+    if (e4m3fn_overflow_is_nan()) {
+      for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3fn_bits<true>(buf[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3fn_bits<false>(buf[i]);
+    }
   } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<Dst>(buf[i]);  // c10's fp8 conversion: torch's own
+    uint8_t* out = reinterpret_cast<uint8_t*>(y);
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e5m2_bits(buf[i]);
   }
 }
 
@@ -61,16 +70,18 @@ float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_
   std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kTile];
+    float lanes[kLanes];
     for (int64_t t = begin; t < end; ++t) {
       fVec acc(0.0f);
+      float m = 0.0f;
       const int64_t lo = t * kGrain, hi = std::min(numel, lo + kGrain);
       for (int64_t i = lo; i < hi; i += kTile) {
         const int64_t n = std::min(kTile, hi - i);
-        scale_tile(x + i, n, scale, sat, keep_inf, fmax, buf, acc);
+        scale_tile(x + i, n, scale, sat, keep_inf, fmax, buf, acc, m);
         store_tile(buf, n, y + i);
       }
-      float m = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(acc[l]) || acc[l] > m) ? acc[l] : m;
+      acc.store(lanes);
+      for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
       partial[t] = m;
     }
   });
