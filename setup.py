@@ -129,7 +129,7 @@ def extensions():
     cpu_flags = os.environ.get("MIXPREC_CPU_FLAGS")
     if cpu_flags is None:
         cpu_flags = "-mavx2 -mfma -mf16c" if platform.machine() in ("x86_64", "AMD64") else ""
-    cxx = ["-O3"] + cpu_flags.split()
+    cxx = ["-O3", "-ffp-contract=off"] + cpu_flags.split()  # no implicit FMA: kernels match the references bit for bit
     if "-mavx2" in cpu_flags:
         cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec uses AVX2 intrinsics, not its generic path
     kw = dict(extra_compile_args={"cxx": cxx}, py_limited_api=True)

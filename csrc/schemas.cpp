@@ -21,4 +21,13 @@ TORCH_LIBRARY(mixprec, m) {
   // In place: t *= inv_scale for every t; found_inf = 1 if any element is inf/NaN. Returns the global L2 norm of
   // the unscaled values (0-dim fp32) when return_norm, else an empty tensor.
   m.def("unscale_(Tensor(a!)[] tensors, Tensor inv_scale, Tensor(b!) found_inf, bool return_norm) -> Tensor");
+  // One Adam/AdamW step over many tensors, math in fp32 (see mixprec_ops/ops/adam.py, adam_step_reference, for
+  // the exact element-wise definition). masters / max_exp_avg_sqs are empty lists when unused. scalars is a
+  // (len(params), 3) fp32 tensor of per-tensor [step_size, bias_correction2_sqrt, decay_factor]. Nothing is
+  // written when found_inf holds a non-zero value.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor scalars, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? clip_coef) -> ()");
 }

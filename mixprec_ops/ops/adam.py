@@ -1,0 +1,153 @@
+"""adam_step_: one fused Adam/AdamW step over many tensors, fp32 math, optional fp32 master weights.
+
+Side by side: the reference (pure torch; THE definition every backend reproduces bit for bit), the per-tensor
+scalar preparation shared by all backends, the fake of the C++ op mixprec::adam_step_ (schema csrc/schemas.cpp; CPU
+kernel csrc/cpu/adam.cpp; CUDA kernel csrc/cuda/adam.cu), the Triton op mixprec::adam_step_triton_ (kernel in
+triton_kernels/adam.py) and the dispatching function. The optimizer classes live in mixprec_ops/optim.
+
+Element-wise definition (every operation is one IEEE fp32 operation, rounded to nearest even; no fused
+multiply-add, so that the C++, CUDA and Triton kernels match the reference bit for bit):
+
+    g = float(grad)
+    if grad_scale:  g = g / grad_scale          # AMP: grads arrive multiplied by the loss scale
+    if clip_coef:   g = g * clip_coef           # fused global-norm clipping
+    if maximize:    g = -g
+    w = master if masters else float(param)
+    if weight_decay != 0:
+        if decoupled: w = w * decay             # AdamW: decay = fp32(1 - lr * weight_decay)
+        else:         g = g + w * wd            # Adam (L2): wd = fp32(weight_decay)
+    m = float(exp_avg) * beta1 + g * omb1       # beta1 = fp32(beta1), omb1 = fp32(1 - beta1) (1 - beta1 in fp64)
+    v = float(exp_avg_sq) * beta2 + (g * g) * omb2
+    if amsgrad: vmax = maximum(float(max_exp_avg_sq), v) (NaN propagates); vv = vmax  else: vv = v
+    denom = sqrt(vv) / bc2_sqrt + eps
+    w = w - step_size * (m / denom)
+    store: master = w; param = round(w) (to param dtype); exp_avg = round(m), exp_avg_sq = round(v),
+           max_exp_avg_sq = round(vmax) (to the state dtype: fp32, or bf16 with round-to-nearest-even)
+
+Per tensor, [step_size, bc2_sqrt, decay] = fp32 of fp64 [lr / (1 - beta1**t), sqrt(1 - beta2**t), 1 - lr*wd] with
+t = step + 1, computed once per call on the device by `adam_scalars` (so all backends see the same scalars).
+If found_inf holds a non-zero value nothing is written (params, masters, states are left bit-unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, backends
+
+OP = "adam_step_"
+backends.register_op(OP, ("cuda", "triton", "cpu"))
+
+
+def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
+    """(len(steps), 3) fp32 [step_size, bc2_sqrt, decay] for the step about to be taken (t = step + 1), computed in
+    fp64 on the steps' device (no host sync; lr may be a device tensor)."""
+    t = torch.stack([s.reshape(()) for s in steps]).double() + 1
+    lr_t = lr.double().reshape(()) if isinstance(lr, torch.Tensor) else lr
+    step_size = lr_t / (1 - torch.pow(beta1, t))
+    bc2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+    decay = (1 - lr_t * weight_decay) * torch.ones_like(t)
+    return torch.stack([step_size, bc2_sqrt, decay], dim=1).float()
+
+
+def _f32(v, device):
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
+                        weight_decay, decoupled, maximize, grad_scale=None, found_inf=None, clip_coef=None):
+    """Pure-torch reference of one step (see the module docstring). Works on any device without host syncs."""
+    if not params:
+        return
+    dev = params[0].device
+    b1, b2, omb1, omb2 = _f32(beta1, dev), _f32(beta2, dev), _f32(1.0 - beta1, dev), _f32(1.0 - beta2, dev)
+    e, wd = _f32(eps, dev), _f32(weight_decay, dev)
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+
+    def put(dst, val):
+        val = val.to(dst.dtype)
+        dst.copy_(val if skip is None else torch.where(skip, dst, val))
+
+    for i, p in enumerate(params):
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g / grad_scale.reshape(())
+        if clip_coef is not None:
+            g = g * clip_coef.reshape(())
+        if maximize:
+            g = -g
+        w = masters[i].clone() if masters else p.float()
+        step_size, bc2_sqrt, decay = scalars[i, 0], scalars[i, 1], scalars[i, 2]
+        if weight_decay != 0:
+            if decoupled:
+                w = w * decay
+            else:
+                g = g + w * wd
+        m = exp_avgs[i].float() * b1 + g * omb1
+        v = exp_avg_sqs[i].float() * b2 + (g * g) * omb2
+        if max_exp_avg_sqs:
+            vv = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            put(max_exp_avg_sqs[i], vv)
+        else:
+            vv = v
+        denom = vv.sqrt() / bc2_sqrt + e
+        w = w - step_size * (m / denom)
+        put(exp_avgs[i], m)
+        put(exp_avg_sqs[i], v)
+        if masters:
+            put(masters[i], w)
+        put(p, w)
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("mixprec::adam_step_")
+    def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
+                        weight_decay, decoupled, maximize, grad_scale, found_inf, clip_coef):
+        return None
+
+
+_triton_op = None
+
+
+def _get_triton_op():
+    """mixprec::adam_step_triton_, registered on first use. A custom_op (opaque to torch.compile): the kernel reads
+    tensor addresses from a device table, which tracing cannot follow."""
+    global _triton_op
+    if _triton_op is None:
+        from ..triton_kernels.adam import launch_adam_step
+
+        @torch.library.custom_op("mixprec::adam_step_triton_",
+                                 mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"})
+        def adam_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                              exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
+                              masters: list[torch.Tensor], scalars: torch.Tensor, beta1: float, beta2: float,
+                              eps: float, weight_decay: float, decoupled: bool, maximize: bool,
+                              grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                              clip_coef: torch.Tensor | None) -> None:
+            launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2,
+                             eps, weight_decay, decoupled, maximize, grad_scale, found_inf, clip_coef)
+
+        @adam_step_triton_.register_fake
+        def _(*args):
+            return None
+
+        _triton_op = adam_step_triton_
+    return _triton_op
+
+
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
+               weight_decay, decoupled, maximize, grad_scale=None, found_inf=None, clip_coef=None, *, backend=None):
+    """Dispatch one fused step over a bucket of tensors that share (param dtype, grad dtype, state dtype, masters
+    or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend."""
+    if not params:
+        return
+    b = backends.select(OP, params[0].device, backend)
+    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)
+    if b == "torch":
+        adam_step_reference(*args)
+    elif b == "triton":
+        _get_triton_op()(*args)
+    else:
+        torch.ops.mixprec.adam_step_(*args)
