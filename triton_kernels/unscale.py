@@ -41,10 +41,12 @@ def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_
         bad = bad | ((~(tl.abs(v) < overflow_at)) & m).to(tl.int32)
         if NORM:
             sq += v * v
+        # inv_scale == 1 cannot change a value: then the pass only reads (inf/NaN probe, clipping norm).
+        wm = m & (inv != 1.0)
         if IS_BF16:
-            tl.store(p + offs, f32_to_bf16_bits(v).to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+            tl.store(p + offs, f32_to_bf16_bits(v).to(tl.uint16).to(tl.int16, bitcast=True), mask=wm)
         else:
-            tl.store(p + offs, v.to(DTYPE), mask=m)
+            tl.store(p + offs, v.to(DTYPE), mask=wm)
     tl.store(found_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)
     if NORM:
         tl.store(partial_ptr + pid, tl.sum(sq, axis=0))

@@ -27,7 +27,9 @@ struct Acc {
 
 constexpr int64_t kFlush = 1024;  // fp32 lane sums are flushed into fp64 this often (keeps the norm accurate)
 
-template <typename T>
+// WRITE=false when inv_scale == 1: the values cannot change, so the pass only reads (a pure inf/NaN + norm check,
+// as GradScaler's found-inf probe and the optimizer's clipping pass use it).
+template <typename T, bool WRITE>
 void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
   const fVec s(inv);
   fVec vmax(0.0f);  // max |v|; at::vec::maximum propagates NaN
@@ -39,8 +41,8 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
     for (; i + kLanes <= stop; i += kLanes) {
       fVec v = load_f32(p + i) * s;
       vmax = at::vec::maximum(vmax, v.abs());
-      if (want_norm) sq = at::vec::fmadd(v, v, sq);
-      store_from_f32(p + i, v);
+      if (want_norm) sq = sq + v * v;
+      if constexpr (WRITE) store_from_f32(p + i, v);
     }
     if (want_norm) {
       sq.store(lanes);
@@ -52,12 +54,18 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
     float v = static_cast<float>(p[i]) * inv;
     tail_max = (std::isnan(v) || std::fabs(v) > tail_max) ? std::fabs(v) : tail_max;
     acc.sumsq += static_cast<double>(v) * v;
-    p[i] = static_cast<T>(v);
+    if constexpr (WRITE) p[i] = static_cast<T>(v);
   }
   vmax.store(lanes);
   bool bad = !(tail_max < OverflowAt<T>::value);
   for (int64_t l = 0; l < kLanes; ++l) bad |= !(lanes[l] < OverflowAt<T>::value);
   acc.nonfinite |= bad;
+}
+
+template <typename T>
+void run_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
+  if (inv == 1.0f) unscale_range<T, false>(p, n, inv, want_norm, acc);
+  else unscale_range<T, true>(p, n, inv, want_norm, acc);
 }
 
 at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
@@ -83,11 +91,9 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
       const Unit& w = units[u];
       const int64_t n = w.end - w.begin;
       switch (w.dtype) {
-        case at::kFloat: unscale_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, acc); break;
-        case at::kHalf: unscale_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc); break;
-        case at::kBFloat16:
-          unscale_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc);
-          break;
+        case at::kFloat: run_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, acc); break;
+        case at::kHalf: run_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc); break;
+        case at::kBFloat16: run_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc); break;
         default: TORCH_CHECK(false, "unreachable");
       }
     }
