@@ -148,7 +148,7 @@ def main():
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        packages=["mixprec_ops", "mixprec_ops.ops", "mixprec_ops.amp", "mixprec_ops.triton_kernels"],
+        packages=["mixprec_ops", "mixprec_ops.ops", "mixprec_ops.amp", "mixprec_ops.optim", "mixprec_ops.triton_kernels"],
         package_dir={"mixprec_ops.triton_kernels": "triton_kernels"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

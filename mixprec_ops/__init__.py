@@ -1,18 +1,18 @@
 """mixprec_ops: fused Triton and CUDA kernels for mixed-precision training.
 
 Ops (see each docstring): cast_and_scale, unscale_. FP8 scaling recipes: mixprec_ops.fp8. A GradScaler that
-handles bf16 grads: mixprec_ops.amp.GradScaler. Which backend serves what: mixprec_ops.backends.report().
+handles bf16 grads: mixprec_ops.amp.GradScaler. Adam/AdamW with fp32 master weights: mixprec_ops.optim. Which backend serves what: mixprec_ops.backends.report().
 """
 
 from . import _ext, backends  # noqa: F401  (_ext loads the compiled kernels, or records why it could not)
 from .ops import cast_and_scale, unscale_
 
 __version__ = "0.1.0"
-__all__ = ["cast_and_scale", "unscale_", "backends", "amp", "fp8"]
+__all__ = ["cast_and_scale", "unscale_", "backends", "amp", "fp8", "optim"]
 
 
 def __getattr__(name):  # lazy submodules: keep `import mixprec_ops` light
-    if name in ("amp", "fp8"):
+    if name in ("amp", "fp8", "optim"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

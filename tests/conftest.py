@@ -10,6 +10,13 @@ import torch
 import mixprec_ops
 from mixprec_ops import backends
 
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mixprec_ops")
+if os.path.dirname(os.path.abspath(mixprec_ops.__file__)) == _SRC:
+    # `python -m pytest` puts the repo root first on sys.path: the source tree (no compiled _C, no
+    # mixprec_ops.triton_kernels) would shadow the installed package and the kernel tests would all skip.
+    pytest.exit("tests imported mixprec_ops from the source tree; run `make test` (or the venv's `pytest`, or "
+                "`python -P -m pytest`) so that the installed package is tested", returncode=3)
+
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [

@@ -1,0 +1,130 @@
+"""unscale_ cases: in place t *= inv_scale over a list of grads + found_inf (+ the global L2 norm), against torch's
+torch._amp_foreach_non_finite_check_and_unscale_ (what GradScaler.unscale_ calls).
+Honest bytes per call: every grad read once and written once (2 x the bytes of all tensors).
+
+Timing repeats the call on the same tensors with inv_scale = 1.0 (x * 1.0 == x, so values neither drift to 0/inf nor
+change between repetitions); the correctness check first runs each implementation once on fresh data with
+inv_scale = 1/3 (every product rounds) and once more with an inf planted, which must set found_inf."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mixprec_ops import unscale_
+from mixprec_ops.ops import unscale_reference
+
+from .registry import BASELINE, Case, Ctx, Impl, bit_mismatch, close_mismatch, register
+
+N_LARGE = 50
+
+
+def large_sizes(total: int, count: int = N_LARGE) -> list[int]:
+    """`count` tensor sizes summing to about `total`, spread log-normally like a model's parameters (a few big
+    matrices, many small vectors); some sizes are odd so vector tails get exercised."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(count, generator=g, dtype=torch.float64).mul_(1.5).exp_()
+    return [max(1, int(total * float(wi) / float(w.sum()))) + (i % 3) for i, wi in enumerate(w)]
+
+
+def _amp_accepts(dtype: torch.dtype, device: torch.device) -> str | None:
+    """None if torch's fused unscale accepts `dtype` on `device`, else its error."""
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [torch.ones(8, dtype=dtype, device=device)], torch.zeros(1, device=device), torch.ones(1, device=device)
+        )
+        return None
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return str(e).splitlines()[0][:160]
+
+
+def _make(sizes, dtype, device, seed, inv):
+    g = torch.Generator(device=device).manual_seed(seed)
+    flat = torch.randn(sum(sizes), generator=g, device=device, dtype=torch.float32).to(dtype)
+    ts = [c.clone() for c in flat.split(sizes)]  # separate allocations, aligned as real grads are
+    return {"ts": ts, "inv": torch.full((1,), inv, device=device), "found": torch.zeros(1, device=device)}
+
+
+def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool) -> Case:
+    dev = ctx.device
+    notes = []
+    amp_err = _amp_accepts(dtype, dev)
+    if amp_err is None:
+
+        def unscale_base(d):
+            torch._amp_foreach_non_finite_check_and_unscale_(d["ts"], d["found"], d["inv"])
+
+        desc = "torch._amp_foreach_non_finite_check_and_unscale_"
+    else:
+
+        def unscale_base(d):
+            torch._foreach_mul_(d["ts"], d["inv"].reshape(()))
+            m = torch.stack(torch._foreach_norm(d["ts"], math.inf))  # max|t|: inf/NaN propagate, finite stays finite
+            d["found"].copy_(torch.where(m.isfinite().all(), d["found"], torch.ones_like(d["found"])))
+
+        desc = "torch._foreach_mul_ + _foreach_norm(inf) finite check"
+        notes.append(f"torch's fused unscale rejects {dtype} on {dev.type} ({amp_err}); baseline is {desc}")
+    if norm:
+
+        def base(d):
+            unscale_base(d)
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d["ts"])))
+
+        desc += " + linalg.vector_norm(stack(_foreach_norm))"
+    else:
+        base = unscale_base
+
+    def ours(backend):
+        return lambda d: unscale_(d["ts"], d["inv"], d["found"], return_norm=norm, backend=backend)
+
+    def check(impl: Impl):
+        d = _make(sizes, dtype, dev, seed=777, inv=1.0 / 3.0)
+        ref_ts, ref_found = [t.clone() for t in d["ts"]], torch.zeros(1, device=dev)
+        ref_norm = unscale_reference(ref_ts, d["inv"], ref_found, return_norm=norm)
+        out = impl.fn(d)
+        for i, (t, r) in enumerate(zip(d["ts"], ref_ts, strict=True)):
+            bad = bit_mismatch(t, r, f"tensors[{i}]")
+            if bad:
+                return bad
+        if float(d["found"]) != float(ref_found):
+            return f"found_inf is {float(d['found'])} on finite data"
+        if norm and (bad := close_mismatch(out, ref_norm, "norm", rtol=1e-4)):
+            return bad
+        del d, ref_ts
+        d = _make(sizes, dtype, dev, seed=778, inv=1.0 / 3.0)
+        t = d["ts"][len(sizes) // 2]
+        t.view(-1)[t.numel() // 2] = math.inf
+        impl.fn(d)
+        return None if float(d["found"]) == 1.0 else "found_inf not set by an inf"
+
+    nbytes = 2 * sum(sizes) * (torch.finfo(dtype).bits // 8)
+    impls = [Impl(BASELINE, base, desc)] + [Impl(b, ours(b)) for b in ctx.backends]
+    return Case(
+        "unscale_",
+        name,
+        sum(sizes),
+        nbytes,
+        lambda seed: _make(sizes, dtype, dev, seed, 1.0),
+        impls,
+        check,
+        set_bytes=nbytes // 2,
+        tensor_bytes=nbytes // 2,
+        notes=notes,
+    )
+
+
+@register("unscale_")
+def cases(ctx: Ctx) -> list[Case]:
+    if ctx.device.type == "cuda":
+        total = 25_000_000 if ctx.quick else 100_000_000
+    else:
+        total = 4_000_000 if ctx.quick else 10_000_000
+    big = large_sizes(total)
+    small = [4096] * 2000
+    return [
+        _case(ctx, f"{N_LARGE} tensors f32", big, torch.float32, False),
+        _case(ctx, f"{N_LARGE} tensors bf16", big, torch.bfloat16, False),
+        _case(ctx, f"{N_LARGE} tensors f32 +norm", big, torch.float32, True),
+        _case(ctx, "2000x4096 f32", small, torch.float32, False),
+    ]

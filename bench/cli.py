@@ -1,0 +1,282 @@
+"""`python -m bench`: detect the device, measure its ceilings, check then time every case, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+
+import torch
+
+from . import REPO_ROOT, ceilings, machine, report
+from .registry import BASELINE, Ctx, discover
+from .timing import measure, n_sets
+
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# (reps, warm-up, min reps, wall budget per timing in s, max input sets), per device and quick/full.
+SETTINGS = {
+    ("cpu", True): (40, 2, 5, 0.75, 16),
+    ("cpu", False): (100, 2, 5, 2.0, 16),
+    ("cuda", True): (50, 5, 10, 0.25, 64),
+    ("cuda", False): (100, 5, 10, 0.5, 64),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer sizes and reps (CPU: under 2 minutes)")
+    p.add_argument("--ops", default="", help="ops or prefixes, comma-separated (default: all), e.g. cast,unscale")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the best available")
+    p.add_argument("--out", default=None, help="output dir (default bench/out/<date>-<device>)")
+    p.add_argument("--reps", type=int, default=None, help="max timed reps per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    return p.parse_args(argv)
+
+
+def _progress(total):
+    """A tqdm bar on stderr (redrawn at most every 10 s when stderr is a log file, not a terminal)."""
+    tty = sys.stderr.isatty()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, mininterval=0.5 if tty else 10)
+    except ImportError:
+        bar = None
+
+    class Bar:
+        def update(self):
+            if bar is not None:
+                bar.update()
+
+        def note(self, s):
+            if bar is not None:
+                bar.set_postfix_str(s, refresh=tty)
+
+        def close(self):
+            if bar is not None:
+                bar.close()
+
+    return Bar()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    wanted = {o.strip().rstrip("_") for o in args.ops.split(",") if o.strip()}  # op names or their prefixes
+
+    def picks(w: str, op: str) -> bool:
+        return op.rstrip("_").startswith(w)
+
+    providers = {op: f for op, f in discover().items() if not wanted or any(picks(w, op) for w in wanted)}
+    unknown = {w for w in wanted if not any(picks(w, op) for op in discover())}
+    if unknown:
+        print(f"bench: unknown ops {sorted(unknown)}; known: {sorted(discover())}", file=sys.stderr)
+        return 2
+    dev_type = args.device or machine.best_device()
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda requested but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device()) if dev_type == "cuda" else torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import mixprec_ops
+
+    now = dt.datetime.now(dt.timezone.utc)
+    out = args.out or os.path.join(REPO_ROOT, "bench", "out", f"{now:%Y-%m-%d}-{dev_type}")
+    os.makedirs(out, exist_ok=True)
+    reps, warmup, min_reps, budget, max_sets = SETTINGS[(dev_type, args.quick)]
+    reps = args.reps or reps
+    mach, vers, bk = machine.describe(device), machine.versions(), mixprec_ops.backends.report()
+
+    print(f"mixprec_ops bench  {now:%Y-%m-%d %H:%M} UTC  device={dev_type}{' (quick)' if args.quick else ''}")
+    if dev_type == "cuda":
+        print(
+            f"  GPU: {mach['gpu']} (sm_{mach['compute_capability'].replace('.', '')}, {mach['sm_count']} SMs, "
+            f"{mach['gpu_memory_gib']} GiB, L2 {mach['cache_bytes'] >> 20} MiB); host CPU {mach['cpu']}"
+        )
+    else:
+        print(
+            f"  CPU: {mach['cpu']}, {mach['cpu_cores']} cores, torch threads {mach['torch_threads']}, "
+            f"last-level cache {mach['cache_bytes'] >> 20} MiB; load average {mach['loadavg_start']}; "
+            f"parallel-region latency {mach['parallel_latency_us_start']} us"
+        )
+        if mach["parallel_latency_us_start"] > 300:
+            print(
+                "  WARNING: waking torch's threads takes milliseconds (~20 us when idle): the machine is busy, timings "
+                "of multi-threaded torch ops will be inflated (see the note at the end)"
+            )
+    print(f"  torch {vers['torch']} (CUDA {vers['torch_cuda']}), triton {vers['triton']}, python {vers['python']}")
+    print(
+        f"  mixprec_ops {vers['mixprec_ops']} from {os.path.dirname(vers['mixprec_ops_file'])}; "
+        f"extension {bk['extension']}; build {bk['build']}"
+    )
+    if not vers["mixprec_ops_installed"]:
+        print("  WARNING: imported the SOURCE tree (no compiled kernels): run `make install` first")
+    print(f"  backends on {dev_type}:")
+    print("\n".join(machine.backend_summary(bk, device)))
+    skipped = []
+    if dev_type == "cpu":
+        skipped.append("triton on CPU: only its interpreter runs there, whose timings are meaningless")
+    print(
+        f"  timing: median of <= {reps} reps after {warmup} warm-up calls "
+        f"({'CUDA events' if dev_type == 'cuda' else 'time.perf_counter'}), inputs rotated over sets covering "
+        f">= 4x the {mach['cache_bytes'] >> 20} MiB cache"
+    )
+    for s in skipped:
+        print(f"  skipped: {s}")
+
+    ceil = ceilings.measure_all(device, args.quick)
+    copy_gbps = ceil["copy_gbps"]
+    print(
+        f"ceilings: copy {copy_gbps:.1f} GB/s ({ceil['copy_bytes'] >> 20} MiB read + written per copy; in place "
+        f"x.mul_(1.0) {ceil['inplace_gbps']:.1f} GB/s)"
+        + (
+            f"; torch bf16 matmul {ceil['matmul_n']}^3: {ceil['matmul_bf16_tflops']:.0f} TFLOP/s"
+            if "matmul_bf16_tflops" in ceil
+            else ""
+        )
+    )
+
+    ctx = Ctx(device, args.quick, KERNEL_BACKENDS[dev_type])
+    cases = [c for f in providers.values() for c in f(ctx)]
+    for c in cases:  # drop backends that cannot serve this op here, saying why (once per op and backend)
+        keep = []
+        for impl in c.impls:
+            why = (
+                None
+                if impl.backend == BASELINE
+                else mixprec_ops.backends.unavailable_reason(c.op, impl.backend, device)
+            )
+            if why is None:
+                keep.append(impl)
+            elif not any(s.startswith(f"{c.op} {impl.backend}:") for s in skipped):
+                skipped.append(f"{c.op} {impl.backend}: {why}")
+                print(f"  skipped: {skipped[-1]}")
+        c.impls = keep
+
+    rows, notes = [], []
+    bar = _progress(sum(len(c.impls) for c in cases))
+    t_start = time.perf_counter()
+    with torch.no_grad():
+        for c in cases:
+            for n in c.notes:
+                if n not in notes:
+                    notes.append(n)
+            k = n_sets(c.set_bytes or c.bytes, mach["cache_bytes"], max_sets)
+            inputs = [c.make(seed) for seed in range(k)]
+            checks, timed = {}, []
+            for impl in c.impls:
+                bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M check {impl.backend}")
+                try:
+                    bad = c.check(impl)
+                    checks[impl.backend] = "ok" if bad is None else f"FAIL: {bad}"
+                    timed.append(impl)
+                except Exception as e:  # noqa: BLE001  (a crashing backend must not hide the others)
+                    checks[impl.backend] = (
+                        f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    )
+            bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M timing")
+            try:
+                got = measure(
+                    [i.fn for i in timed], inputs, device, reps=reps, warmup=warmup, min_reps=min_reps, budget_s=budget
+                )
+                ts = {i.backend: t for i, t in zip(timed, got, strict=True)}
+            except Exception as e:  # noqa: BLE001
+                ts = {}
+                for i in timed:
+                    checks[i.backend] += f"; timing ERROR: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            base = ts.get(BASELINE)
+            for impl in c.impls:
+                t = ts.get(impl.backend)
+                gbps = c.bytes / t.median_s / 1e9 if t else None
+                rows.append(
+                    {
+                        "op": c.op,
+                        "case": c.name,
+                        "backend": impl.backend,
+                        "numel": c.numel,
+                        "bytes": c.bytes,
+                        "tensor_bytes": c.tensor_bytes,
+                        "median_us": t.median_s * 1e6 if t else None,
+                        "p20_us": t.p20_s * 1e6 if t else None,
+                        "p80_us": t.p80_s * 1e6 if t else None,
+                        "reps": t.reps if t else 0,
+                        "sets": k,
+                        "gbps": gbps,
+                        "pct_copy": None,
+                        "vs_torch": base.median_s / t.median_s if (t and base) else None,
+                        "check": checks[impl.backend],
+                        "desc": impl.desc,
+                    }
+                )
+                bar.update()
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    end = ceilings.copy_bandwidth(device, args.quick)
+    ceil["copy_gbps_end"] = end["copy_gbps"]
+    copy_gbps = max(copy_gbps, end["copy_gbps"])  # the denominator of %copy: the best the machine showed
+    ceil["copy_gbps_best"] = copy_gbps
+    for r in rows:
+        r["pct_copy"] = 100 * r["gbps"] / copy_gbps if r["gbps"] else None
+    failures = [r for r in rows if r["check"] != "ok"]
+    mach["loadavg_end"] = machine.load()
+    mach["parallel_latency_us_end"] = machine.parallel_latency_us()
+    lat = max(mach["parallel_latency_us_start"], mach["parallel_latency_us_end"])
+    noisy = abs(ceil["copy_gbps"] - ceil["copy_gbps_end"]) > 0.2 * copy_gbps or (dev_type == "cpu" and lat > 300)
+    doc = {
+        "schema": 1,
+        "date": now.isoformat(timespec="seconds"),
+        "device": dev_type,
+        "quick": args.quick,
+        "machine": mach,
+        "versions": vers,
+        "backends": bk,
+        "ceilings": ceil,
+        "settings": {"reps": reps, "warmup": warmup, "min_reps": min_reps, "budget_s": budget, "max_sets": max_sets},
+        "skipped": skipped,
+        "notes": notes,
+        "noisy": noisy,
+        "cases_seconds": round(elapsed, 1),
+        "failures": len(failures),
+        "results": rows,
+    }
+    report.write_json(os.path.join(out, "results.json"), doc)
+    report.write_csv(os.path.join(out, "results.csv"), rows)
+    name = mach.get("gpu") or f"{mach['cpu']} x{mach['cpu_cores']}"
+    title = f"mixprec_ops {dev_type} {name} {now:%Y-%m-%d}; copy ceiling {copy_gbps:.0f} GB/s"
+    if noisy:
+        title += "\nmachine NOT STEADY during this run: ratios inflated"
+    written = report.plots(out, rows, title)
+
+    print()
+    for n in notes:
+        print(f"note: {n}")
+    print(
+        f"copy ceiling {ceil['copy_gbps']:.1f} GB/s at start, {ceil['copy_gbps_end']:.1f} at end: %copy is of the "
+        f"best, {copy_gbps:.1f} GB/s; 'vs torch' = torch baseline time / this time (>1: faster than torch); "
+        f"cases took {elapsed:.0f} s; load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
+    )
+    if noisy:
+        print(
+            f"WARNING: this machine was not steady (copy ceiling {ceil['copy_gbps']:.1f} -> {ceil['copy_gbps_end']:.1f}"
+            f" GB/s; a {torch.get_num_threads()}-thread torch region took {mach['parallel_latency_us_start']} -> "
+            f"{mach['parallel_latency_us_end']} us, ~20 us when idle). Slow thread wake-ups punish torch eager and "
+            "per-tensor loops far more than fused kernels: 'vs torch' is inflated. Rerun when idle, or with "
+            "--threads 1 for a like-for-like single-thread comparison."
+        )
+    print(report.table(rows))
+    print(
+        f"wrote {out}/results.json, results.csv"
+        + "".join(f", {os.path.basename(p)}" if p.endswith(".png") else f" ({p})" for p in written)
+    )
+    if failures:
+        print(f"{len(failures)} correctness check(s) FAILED:")
+        for r in failures:
+            print(f"  {r['op']} {r['case']} {r['backend']} {r['numel']}: {r['check']}")
+        return 1
+    return 0

@@ -1,0 +1,246 @@
+"""Step 6 of bench/gpu_check: gather OUTDIR's artifacts into OUTDIR/report.json and OUTDIR/summary.md, print the
+summary. Needs only the standard library, so it also runs on the machine the results come back to:
+
+    python3 bench/gpu_report.py OUTDIR [--commit-results]
+
+--commit-results also copies them to bench/results/<YYYY-MM-DD>-<gpu-slug>.json / .md (on the GPU machine the repo
+is a throwaway copy, so there leave the flag off and copy from the returned OUTDIR instead, e.g. by running this
+script with the flag on the returned OUTDIR). The summary compares with the newest earlier bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+# Targets from the issue (GPU): cast_and_scale >= 90% of copy bandwidth for tensors >= 256 MB; unscale_ >= 1.0x torch.
+CAST_PCT, CAST_MIN_BYTES, UNSCALE_RATIO = 90.0, 256e6, 1.0
+
+
+def read_steps(out: str) -> list[dict]:
+    steps = []
+    path = os.path.join(out, "steps.tsv")
+    if os.path.exists(path):
+        for line in open(path):
+            name, status, rc, secs, limit = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
+            steps.append(
+                {
+                    "step": name,
+                    "status": status,
+                    "rc": int(rc) if rc.lstrip("-").isdigit() else None,
+                    "seconds": float(secs or 0),
+                    "limit_s": int(limit) if limit.isdigit() else None,
+                }
+            )
+    return steps
+
+
+def read_junit(out: str) -> dict | None:
+    path = os.path.join(out, "junit.xml")
+    if not os.path.exists(path):
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        return {"error": f"unreadable junit.xml: {e}"}
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    c = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    c["failed_tests"] = [
+        f"{tc.get('classname')}::{tc.get('name')}"
+        for s in suites
+        for tc in s.iter("testcase")
+        if tc.find("failure") is not None or tc.find("error") is not None
+    ][:20]
+    return c
+
+
+def read_sanitizer(out: str) -> dict | None:
+    path = os.path.join(out, "logs", "sanitize.log")
+    if not os.path.exists(path):
+        return None
+    text = open(path, errors="replace").read()
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    mism = re.findall(r"^MISMATCH .*$", text, re.M)
+    return {
+        "errors": int(m[-1]) if m else None,
+        "subset_ok": "sanitize_subset: OK" in text,
+        "mismatches": mism[:20],
+        "first_errors": re.findall(r"^========= (?:Invalid|Program hit|Error).*$", text, re.M)[:10],
+    }
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def previous(exclude: str, gpu_slug: str) -> tuple[str | None, dict]:
+    """The newest bench/results/*.json other than `exclude`, preferring the same GPU: (its name, {(op, case,
+    backend, numel): row})."""
+    files = sorted(f for f in glob.glob(os.path.join(RESULTS_DIR, "*.json")) if f != exclude)
+    files = [f for f in files if f.endswith(f"-{gpu_slug}.json")] or files
+    if not files:
+        return None, {}
+    try:
+        doc = json.load(open(files[-1]))
+    except (OSError, ValueError):
+        return None, {}
+    rows = ((doc.get("bench") or {}).get("results")) or doc.get("results") or []
+    return os.path.basename(files[-1]), {(r["op"], r["case"], r["backend"], r["numel"]): r for r in rows}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["backend"] == "torch" or r.get("gbps") is None:
+            continue
+        if r["op"] == "cast_and_scale" and (r.get("tensor_bytes") or 0) >= CAST_MIN_BYTES:
+            out.append(
+                {
+                    "what": f"cast_and_scale {r['case']} {r['backend']} >= {CAST_PCT:.0f}% of copy",
+                    "value": f"{r['pct_copy']:.1f}%",
+                    "met": r["pct_copy"] >= CAST_PCT,
+                }
+            )
+        if r["op"] == "unscale_" and r.get("vs_torch") is not None:
+            out.append(
+                {
+                    "what": f"unscale_ {r['case']} {r['backend']} >= {UNSCALE_RATIO:.1f}x torch",
+                    "value": f"{r['vs_torch']:.2f}x",
+                    "met": r["vs_torch"] >= UNSCALE_RATIO,
+                }
+            )
+    return out
+
+
+def fmt(v, spec, suffix=""):
+    return "-" if v is None else format(v, spec) + suffix
+
+
+def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
+    L = [
+        f"# mixprec_ops GPU check: {rep['gpu']} ({rep['date']})",
+        "",
+        "| step | status | seconds |",
+        "| --- | --- | ---: |",
+    ]
+    L += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} |" for s in rep["steps"]]
+    t = rep.get("tests")
+    L.append("")
+    if t and "error" not in t:
+        L.append(
+            f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
+            + (f"; failing: {', '.join(t['failed_tests'][:5])}" if t["failed_tests"] else "")
+        )
+    else:
+        L.append(f"tests: {t['error'] if t else 'no junit.xml'}")
+    s = rep.get("sanitizer")
+    L.append(
+        "sanitizer (memcheck): "
+        + (
+            "not run"
+            if not s
+            else f"{s['errors'] if s['errors'] is not None else '?'} errors, subset results "
+            f"{'match the reference' if s['subset_ok'] else 'NOT OK: ' + '; '.join(s['mismatches'][:3])}"
+        )
+    )
+    b = rep.get("bench")
+    if not b:
+        L.append("bench: no results")
+        return "\n".join(L) + "\n"
+    c = b["ceilings"]
+    L.append(
+        f"ceilings: copy {c['copy_gbps']:.0f} GB/s (end of run {c.get('copy_gbps_end', 0):.0f}), torch bf16 "
+        f"matmul {fmt(c.get('matmul_bf16_tflops'), '.0f')} TFLOP/s; bench took {b.get('cases_seconds')} s, "
+        f"{b.get('failures')} correctness failures"
+    )
+    for n in b.get("notes", []):
+        L.append(f"note: {n}")
+    L += [
+        "",
+        f"| op | case | backend | size | median | GB/s | %copy | vs torch | check | prev GB/s"
+        f"{' (' + prev_name + ')' if prev_name else ''} |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in b["results"]:
+        p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
+        us = r.get("median_us")
+        med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
+        L.append(
+            f"| {r['op']} | {r['case']} | {r['backend']} | {r['numel'] / 1e6:.3g}M | {med} | "
+            f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | {fmt(r.get('vs_torch'), '.2f', 'x')} | "
+            f"{r['check'][:30]} | {fmt((p or {}).get('gbps'), '.0f')} |"
+        )
+    if rep["targets"]:
+        L += ["", "| target | value | met |", "| --- | ---: | --- |"]
+        L += [f"| {x['what']} | {x['value']} | {'yes' if x['met'] else 'NO'} |" for x in rep["targets"]]
+    return "\n".join(L) + "\n"
+
+
+def build(out: str) -> dict:
+    bench = None
+    bpath = os.path.join(out, "bench", "results.json")
+    if os.path.exists(bpath):
+        try:
+            bench = json.load(open(bpath))
+        except ValueError as e:
+            print(f"gpu_report: unreadable {bpath}: {e}")
+    gpu = (bench or {}).get("machine", {}).get("gpu")
+    if not gpu and os.path.exists(os.path.join(out, "gpu.txt")):
+        gpu = open(os.path.join(out, "gpu.txt")).read().split(",")[0].strip() or None
+    date = (bench or {}).get("date") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "schema": 1,
+        "gpu": gpu or "unknown GPU",
+        "date": date,
+        "steps": read_steps(out),
+        "tests": read_junit(out),
+        "sanitizer": read_sanitizer(out),
+        "bench": bench,
+        "targets": targets((bench or {}).get("results", [])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--commit-results", action="store_true")
+    a = ap.parse_args(argv)
+    out = os.path.abspath(a.outdir)
+    made = os.path.join(out, "report.json")
+    if a.commit_results and os.path.exists(made):  # a returned OUTDIR (maybe read-only): file its report as is
+        rep = json.load(open(made))
+    else:
+        rep = build(out)
+    name = f"{rep['date'][:10]}-{slug(rep['gpu'])}"
+    dest = os.path.join(RESULTS_DIR, name + ".json")
+    prev_name, prev_rows = previous(dest, slug(rep["gpu"]))
+    md = summary_md(rep, prev_name, prev_rows)
+    if not (a.commit_results and os.path.exists(made)):
+        try:
+            with open(made, "w") as f:
+                json.dump(rep, f, indent=1)
+            with open(os.path.join(out, "summary.md"), "w") as f:
+                f.write(md)
+        except OSError as e:
+            print(f"gpu_report: could not write into {out}: {e}")
+    if a.commit_results:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(dest, "w") as f:
+            json.dump(rep, f, indent=1)
+        with open(os.path.join(RESULTS_DIR, name + ".md"), "w") as f:
+            f.write(md)
+        print(f"gpu_report: wrote bench/results/{name}.json and .md")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

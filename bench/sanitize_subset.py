@@ -1,0 +1,170 @@
+"""Run every CUDA kernel of mixprec_ops on awkward inputs, for `compute-sanitizer --tool memcheck` (bench/gpu_check).
+
+  cast_and_scale: every source (f32, f16, bf16) x target (f16, bf16, e4m3fn, e5m2) pair, on odd sizes, an unaligned
+                  storage offset, a non-dense slice and a transpose; with scale tensor + amax + saturate, and with a
+                  Python scale, no amax, saturate=False.
+  unscale_:       mixed-dtype lists (odd sizes, an unaligned view, a transpose, a non-dense slice, an empty tensor), a
+                  list longer than one launch holds (1300 tensors), each with and without return_norm, and once more
+                  with an inf planted (found_inf must be set). --big adds a bf16 tensor longer than one launch's
+                  2048 blocks (needs ~0.6 GB, slow under the sanitizer).
+
+Every result is also compared with the reference (bit for bit; the norm to rtol 1e-4), so a wrong answer fails too.
+The reference runs on CPU copies, so that under the sanitizer few GPU kernels besides ours are launched.
+Usage: python3 bench/sanitize_subset.py [--device cuda|cpu] [--big]
+  --device cpu runs the same calls through the C++ CPU kernels: a check of this script on a machine without a GPU.
+Exit status: 0 all good, 1 some result differs from the reference, 2 no CUDA device (with --device cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+SRC = (torch.float32, torch.float16, torch.bfloat16)
+DST = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+SIZES = (1, 3, 17, 4095, 65537, 1_000_003)
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    na, nb = a.float().isnan(), b.float().isnan()
+    iv = _INT[a.element_size()]
+    return bool(torch.equal(na, nb)) and not bool(((a.view(iv) != b.view(iv)) & ~nb).any())
+
+
+def wide(n: int, device, dtype=torch.float32, g=None) -> torch.Tensor:
+    """Values over a wide magnitude range (subnormal to overflow for fp8/fp16), a few inf/NaN."""
+    mag = torch.pow(10.0, torch.empty(n).uniform_(-9, 6, generator=g))
+    x = torch.where(torch.rand(n, generator=g) < 0.5, -mag, mag)
+    if n >= 8:
+        x[n // 3], x[n // 2], x[-1] = math.inf, -math.inf, math.nan
+    return x.to(dtype).to(device)
+
+
+def cast_inputs(src, device, g):
+    for n in SIZES:
+        yield f"n={n}", wide(n, device, src, g)
+    yield "offset+1", wide(4097, device, src, g)[1:]
+    yield "slice[:, :65]", wide(64 * 66, device, src, g).view(64, 66)[:, :65]
+    yield "transpose", wide(33 * 65, device, src, g).view(33, 65).t()
+
+
+def check_cast(backend, device, g) -> list[str]:
+    from mixprec_ops import cast_and_scale
+    from mixprec_ops.ops import cast_and_scale_reference
+
+    bad = []
+    cpu = torch.device("cpu")
+    for src in SRC:
+        for dst in DST:
+            for what, x in cast_inputs(src, device, g):
+                xc = x.cpu()  # the reference runs on CPU: no extra GPU kernels under the sanitizer
+                scale = torch.full((1,), 0.37, device=device)
+                amax, ref_amax = torch.zeros(1, device=device), torch.zeros(1, device=cpu)
+                y = cast_and_scale(x, dst, scale, amax=amax, backend=backend)
+                ref = cast_and_scale_reference(xc, dst, scale.cpu(), amax=ref_amax)
+                if not same_bits(y.cpu(), ref) or not same_bits(amax.cpu(), ref_amax):
+                    bad.append(f"cast {src}->{dst} {what} scale+amax")
+                y = cast_and_scale(x, dst, 0.75, saturate=False, backend=backend)
+                if not same_bits(y.cpu(), cast_and_scale_reference(xc, dst, None, 0.75, None, False)):
+                    bad.append(f"cast {src}->{dst} {what} float scale, saturate=False")
+    return bad
+
+
+def unscale_lists(device, big):
+    """name -> builder of a fresh list (same values on every call)."""
+
+    def builder(make):
+        def build():
+            g = torch.Generator().manual_seed(1)
+            return make(lambda n, dt: torch.randn(n, generator=g).to(dt).to(device))
+
+        return build
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    out = {
+        "mixed": builder(
+            lambda r: [
+                r(1, f32),
+                r(4097, f32),
+                r(65537, f16),
+                r(3, bf16),
+                r(1001, f32)[1:],  # [4]: unaligned view
+                r(33 * 65, bf16).view(33, 65).t(),
+                r(40 * 64, f16).view(40, 64)[:, ::2],  # transpose; non-dense
+                r(0, f32),
+                r(131072 + 5, bf16),
+            ]
+        ),
+        "1300 tensors": builder(lambda r: [r(17 + i % 5, (f32, bf16)[i % 2]) for i in range(1300)]),
+    }
+    if big:
+        out["bf16 over 2048 blocks"] = builder(lambda r: [r(1000, bf16), r(2048 * 65536 + 12345, bf16)])
+    return out
+
+
+def check_unscale(backend, device, big) -> list[str]:
+    from mixprec_ops import unscale_
+    from mixprec_ops.ops import unscale_reference
+
+    bad = []
+    for what, build in unscale_lists(device, big).items():
+        for norm in (False, True):
+            for plant_inf in (False, True):
+                work = build()
+                if plant_inf:
+                    work[1].view(-1)[7] = math.inf
+                ref = [t.cpu().clone() for t in work]  # the reference runs on CPU
+                inv = torch.full((1,), 1 / 3, device=device)
+                found, ref_found = torch.zeros(1, device=device), torch.zeros(1)
+                out = unscale_(work, inv, found, return_norm=norm, backend=backend)
+                ref_out = unscale_reference(ref, inv.cpu(), ref_found, return_norm=norm)
+                tag = f"unscale {what} norm={norm} inf={plant_inf}"
+                if not all(same_bits(a.cpu(), b) for a, b in zip(work, ref, strict=True)):
+                    bad.append(f"{tag}: tensors differ")
+                if float(found) != float(ref_found):
+                    bad.append(f"{tag}: found_inf {float(found)} != {float(ref_found)}")
+                if norm and not plant_inf and not torch.allclose(out.double().cpu(), ref_out.double().cpu(), rtol=1e-4):
+                    bad.append(f"{tag}: norm {float(out)} != {float(ref_out)}")
+    return bad
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--big", action="store_true")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "sanitize_subset: no CUDA device visible; this script exercises the CUDA kernels "
+            "(use --device cpu to run the same calls on the CPU kernels)",
+            file=sys.stderr,
+        )
+        return 2
+    import mixprec_ops
+
+    device = torch.device(a.device)
+    backend = a.device
+    why = mixprec_ops.backends.unavailable_reason("cast_and_scale", backend, device)
+    if why:
+        print(f"sanitize_subset: backend {backend!r} unavailable: {why}", file=sys.stderr)
+        return 1
+    print(f"sanitize_subset: mixprec_ops from {mixprec_ops.__file__}, backend {backend}")
+    g = torch.Generator().manual_seed(0)
+    bad = check_cast(backend, device, g) + check_unscale(backend, device, a.big)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for b in bad:
+        print(f"MISMATCH {b}")
+    print(f"sanitize_subset: {'OK' if not bad else f'{len(bad)} mismatches'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

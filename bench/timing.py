@@ -1,0 +1,92 @@
+"""Timing shared by every benchmark case: warm-up first, then many timed calls, and the MEDIAN is what we report.
+The implementations of one case (torch baseline, our backends) are timed interleaved, call by call.
+
+GPU: one pair of CUDA events around each call (device time of that call, including any launch gap the host leaves
+the device idle for, which is real cost for small ops). CPU: time.perf_counter around each call (torch CPU ops
+return when done). Calls rotate over several input sets whose total size is >= 4x the last-level cache, so a small
+case cannot be served from a cache warmed by the previous repetition (see `n_sets`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    min_s: float
+    reps: int
+    sets: int
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def n_sets(bytes_per_set: int, cache_bytes: int, max_sets: int) -> int:
+    """Input sets to rotate over: 1 when one set is >= 4x the cache, else enough to cover 4x the cache."""
+    if bytes_per_set <= 0 or bytes_per_set >= 4 * cache_bytes:
+        return 1
+    return max(1, min(max_sets, math.ceil(4 * cache_bytes / bytes_per_set)))
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def measure(
+    fns: Sequence[Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    device: torch.device,
+    *,
+    reps: int = 50,
+    warmup: int = 3,
+    min_reps: int = 5,
+    budget_s: float = 1.0,
+) -> list[Timing]:
+    """Time each fn(input set), interleaved: rep r calls every fn once, in turn, so that a machine whose speed
+    drifts during the run (other load, a host scheduler) slows all of them alike and their ratios stay fair. Call
+    j (counting every call of every fn) uses inputs[j % len(inputs)], so no call finds its data in the cache that
+    the previous call warmed. Stops after `reps` rounds, or once `budget_s` x len(fns) of wall time is spent and
+    at least `min_reps` rounds were timed."""
+    k, nf = len(inputs), len(fns)
+    for i in range(warmup):
+        for f in fns:
+            f(inputs[i % k])
+    times: list[list[float]] = [[] for _ in fns]
+    j = 0
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events: list[list[tuple]] = [[] for _ in fns]
+        for r in range(reps):
+            for n, f in enumerate(fns):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                f(inputs[j % k])
+                b.record()
+                events[n].append((a, b))
+                j += 1
+            if r + 1 >= min_reps and time.perf_counter() - t0 > budget_s * nf:
+                break
+        torch.cuda.synchronize(device)
+        times = [[a.elapsed_time(b) * 1e-3 for a, b in ev] for ev in events]
+    else:
+        for r in range(reps):
+            for n, f in enumerate(fns):
+                s = time.perf_counter()
+                f(inputs[j % k])
+                times[n].append(time.perf_counter() - s)
+                j += 1
+            if r + 1 >= min_reps and time.perf_counter() - t0 > budget_s * nf:
+                break
+    return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), min(t), len(t), k) for t in times]

@@ -1,0 +1,290 @@
+"""Adam and AdamW with fp32 master weights, fused AMP unscaling, fused global-norm clipping: drop-ins for
+torch.optim.Adam / torch.optim.AdamW. The step is mixprec_ops.ops.adam.adam_step_ (one fused pass per bucket of
+tensors sharing dtypes and device); see that module for the exact element-wise math."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .._checks import FLOAT_SOURCES
+from ..ops.adam import adam_scalars, adam_step_
+from ..ops.unscale import unscale_
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
+
+
+def _local(t):
+    """The local shard of a DTensor (FSDP2 params, grads and states), else t itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _dense_like(t, ref) -> bool:
+    return t.stride() == ref.stride() and torch.ops.aten.is_non_overlapping_and_dense(ref)
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam with fp32 master weights for fp16/bf16 params, computed by fused kernels (CUDA, Triton, C++ CPU).
+
+    Same constructor arguments and defaults as torch.optim.Adam, plus:
+
+    Args:
+        master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 params;
+            True / False force it on / off for low-precision params. The update is computed in fp32 on the master
+            and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
+            ``master_param``.
+        state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
+            (halves the moments' memory; stored with round-to-nearest-even).
+        max_grad_norm: None (default) or a positive float: clip the global L2 norm of all grads (after AMP
+            unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
+            (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
+            non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
+        backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
+
+    Arguments kept for compatibility with torch.optim.Adam: ``foreach`` and ``fused`` are accepted and ignored
+    (every step is fused here); ``capturable`` is accepted: steps, lr (when a tensor), grad scale and found_inf
+    are always read on the device, so a step never syncs with the host and can be captured in a CUDA graph
+    after a warm-up step; ``differentiable=True`` is not supported (raises).
+
+    With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
+    by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
+    moments and step counters stay bit-unchanged. Params may be float32, float16 and bfloat16, mixed in one
+    group; grads may be any of those dtypes.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, master_weights="auto", state_dtype=torch.float32, max_grad_norm=None,
+                 backend=None):
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        elif not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, b in enumerate(betas):
+            b = float(b)
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if master_weights not in ("auto", True, False):
+            raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if max_grad_norm is not None and not float(max_grad_norm) > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm}")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported: the step runs in fused kernels without autograd")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+                        state_dtype=state_dtype)
+        super().__init__(params, defaults)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend = backend
+        self.grad_norm = None
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.dtype not in FLOAT_SOURCES:
+                self.param_groups.pop()
+                raise TypeError(f"param {i} of the new group is {p.dtype}: mixprec_ops.optim supports float32, "
+                                "float16 and bfloat16 params")
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _wants_master(self, group, p) -> bool:
+        mw = group["master_weights"]
+        return p.dtype != torch.float32 and (mw is True or mw == "auto")
+
+    def _init_state(self, group, p):
+        """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
+        state = self.state[p]
+        sd = group["state_dtype"]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for k in _STATE_KEYS[:2] + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if k not in state:
+                state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+        if self._wants_master(group, p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class or of torch.optim.Adam/AdamW. Unlike torch's policy (which casts
+        floating state to the param's dtype), moments keep the group's state_dtype and masters stay fp32; a state
+        without masters (torch's) gets them from the params at the next step."""
+        state_dict = dict(state_dict)
+        saved_state = state_dict.get("state", {})
+        groups = state_dict["param_groups"]
+        for g in groups:  # torch's groups lack our keys
+            for k in ("master_weights", "state_dtype"):
+                g.setdefault(k, self.defaults[k])
+        super().load_state_dict({**state_dict, "state": {}, "param_groups": groups})
+        saved_ids = [i for g in groups for i in g["params"]]
+        params = [(g, p) for g in self.param_groups for p in g["params"]]
+        for pid, (group, p) in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            new = {}
+            for k, v in saved_state[pid].items():
+                if not isinstance(v, torch.Tensor):
+                    new[k] = v
+                elif k == "step":
+                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+                elif k == "master_param":
+                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+                elif k in _STATE_KEYS:
+                    new[k] = v.to(device=p.device, dtype=group["state_dtype"], copy=True)
+                else:
+                    new[k] = v.to(device=p.device, copy=True)
+            self.state[p] = new
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _collect(self):
+        """Validate every param with a grad before anything is touched; return [(group, [params])]."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            ps = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"param {i} of param group {gi}"
+                if g.is_sparse:
+                    raise RuntimeError(f"{where}: Adam does not support sparse gradients")
+                if g.dtype not in FLOAT_SOURCES:
+                    raise TypeError(f"{where}: grad dtype must be float32, float16 or bfloat16, got {g.dtype}")
+                if g.device != p.device:
+                    raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
+                if g.shape != p.shape:
+                    raise ValueError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+                ps.append(p)
+            if ps:
+                out.append((group, ps))
+        return out
+
+    def _grad_stats(self, collected, grad_scale, found_inf):
+        """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
+        Returns (clip_coef, found) as device tensors, on the first grad's device."""
+        per_device = defaultdict(list)
+        dtensor_grads = []
+        for _, ps in collected:
+            for p in ps:
+                (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
+        dev = next(iter(per_device)) if per_device else dtensor_grads[0].device
+        found = torch.zeros(1, dtype=torch.float32, device=dev)
+        sumsq = torch.zeros((), dtype=torch.float32, device=dev)
+        for d, grads in per_device.items():
+            f = torch.zeros(1, dtype=torch.float32, device=d)
+            # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
+            n = unscale_(grads, torch.ones(1, device=d), f, return_norm=True, backend=self.backend)
+            sumsq = sumsq + n.to(dev).square()
+            found = found + f.to(dev)
+        if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
+            n = torch.nn.utils.get_total_norm(dtensor_grads)
+            n = n.full_tensor() if isinstance(n, DTensor) else n
+            sumsq = sumsq + n.to(dev, torch.float32).square()
+        norm = sumsq.sqrt()
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(dev).reshape(())
+        found = found + (~torch.isfinite(norm)).float()
+        if found_inf is not None:
+            found = found + found_inf.to(dev).reshape(1)
+        self.grad_norm = norm
+        clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
+        return clip, (found > 0).float()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (see the class docstring). Returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step()
+        found_inf = getattr(self, "found_inf", None)
+        collected = self._collect()
+        if not collected:
+            return loss
+        for group, ps in collected:
+            for p in ps:
+                self._init_state(group, p)
+        clip = None
+        if self.max_grad_norm is not None:
+            clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
+        for group, ps in collected:
+            self._step_group(group, ps, grad_scale, found_inf, clip)
+        return loss
+
+    def _step_group(self, group, ps, grad_scale, found_inf, clip):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        amsgrad = group["amsgrad"]
+        decoupled = group["decoupled_weight_decay"]
+        buckets = defaultdict(list)
+        fallback = []  # params whose layout the kernels cannot walk (rare): the reference serves them
+        for p in ps:
+            st = self.state[p]
+            lp, g = _local(p), _local(p.grad)
+            if g.dtype not in (lp.dtype, torch.float32):
+                g = g.float()
+            if not _dense_like(g, lp):
+                g = g.contiguous() if lp.is_contiguous() else g
+            states = [_local(st[k]) for k in _STATE_KEYS[: 3 if amsgrad else 2]]
+            master = _local(st["master_param"]) if "master_param" in st else None
+            entry = (lp, g, states, master, st["step"])
+            walkable = _dense_like(g, lp) and all(_dense_like(s, lp) for s in states) and (
+                master is None or _dense_like(master, lp))
+            if not walkable:
+                fallback.append(entry)
+                continue
+            key = (lp.device, lp.dtype, g.dtype, states[0].dtype, master is not None)
+            buckets[key].append(entry)
+        steps_by_device = defaultdict(list)
+        for key, entries in list(buckets.items()) + [(None, [e]) for e in fallback]:
+            self._launch(group, entries, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
+                         backend=self.backend if key is not None else "torch")
+            for e in entries:
+                steps_by_device[e[4].device].append(e[4])
+        for dev, steps in steps_by_device.items():
+            torch._foreach_add_(steps, 1.0)
+            if found_inf is not None:  # a skipped step does not count
+                torch._foreach_add_(steps, (found_inf.to(dev).reshape(()) != 0).float(), alpha=-1)
+
+    def _launch(self, group, entries, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip, backend):
+        params = [e[0] for e in entries]
+        dev = params[0].device
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(dev)
+        scalars = adam_scalars([e[4] for e in entries], lr, beta1, beta2, group["weight_decay"])
+        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        adam_step_(
+            params, [e[1] for e in entries], [e[2][0] for e in entries], [e[2][1] for e in entries],
+            [e[2][2] for e in entries] if amsgrad else [], [e[3] for e in entries] if entries[0][3] is not None else [],
+            scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled, group["maximize"],
+            on(grad_scale), on(found_inf), on(clip), backend=backend,
+        )
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay) with fp32 master weights: torch.optim.AdamW's arguments and defaults
+    (weight_decay=1e-2) plus master_weights, state_dtype, max_grad_norm and backend; see Adam."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 master_weights="auto", state_dtype=torch.float32, max_grad_norm=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, master_weights=master_weights, state_dtype=state_dtype,
+                         max_grad_norm=max_grad_norm, backend=backend)

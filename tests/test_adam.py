@@ -1,0 +1,445 @@
+"""mixprec_ops.optim.Adam / AdamW against torch.optim and against the reference backend.
+
+Tolerances: in fp32 mode our step and torch's differ only in rounding order (torch uses lerp/addcmul/addcdiv, we
+use one IEEE op per step of the documented formula), so after 100 steps params agree to 1e-6 relative to their
+magnitude. Across our own backends the math is the same sequence of IEEE fp32 operations without FMA, so on CPU
+(C++ kernel, Triton interpreter) every tensor must match the reference bit for bit; on a GPU too (same scalars,
+IEEE div/sqrt, no contraction).
+"""
+
+import io
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params
+
+import mixprec_ops
+from mixprec_ops.amp import GradScaler
+from mixprec_ops.optim import Adam, AdamW
+
+OP = "adam_step_"
+
+
+def mlp(dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.Tanh(), torch.nn.Linear(33, 9)).to(device, dtype)
+
+
+def data(n, device="cpu", dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(17, 9, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(32, 17, generator=g)
+        out.append((x.to(device, dtype), (x @ w).tanh().to(device, dtype)))
+    return out
+
+
+def loss_fn(model, x, y):
+    return torch.nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y.float())
+
+
+def rel_diff(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def run_steps(model, opt, batches, sched=None, scaler=None):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, x, y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if sched is not None:
+            sched.step()
+
+
+def two_groups(model, **hp):
+    return [{"params": model[0].parameters(), **hp}, {"params": model[2].parameters(), "lr": 3e-3, "betas": (0.8, 0.99)}]
+
+
+GRID = [
+    dict(amsgrad=False, maximize=False, weight_decay=0.0),
+    dict(amsgrad=True, maximize=False, weight_decay=0.1),
+    dict(amsgrad=False, maximize=True, weight_decay=0.05),
+    dict(amsgrad=True, maximize=True, weight_decay=0.0),
+]
+
+
+def backend_ids():
+    return [pytest.param("cpu", "torch", id="cpu-torch")] + backend_params(OP)
+
+
+@pytest.mark.parametrize("device,backend", backend_ids())
+@pytest.mark.parametrize("cls,torch_cls", [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)], ids=["Adam", "AdamW"])
+@pytest.mark.parametrize("opts", GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fp32_matches_torch_100_steps(device, backend, cls, torch_cls, opts):
+    steps = 100 if backend != "triton" or device != "cuda" else 100
+    if backend == "triton" and device == "cpu":
+        steps = 30  # the interpreter is slow; 30 steps still cross lr changes and bias-correction decay
+    batches = data(steps, device)
+    ours_m, ref_m = mlp(device=device), mlp(device=device)
+    ours = cls(two_groups(ours_m, lr=1e-2), **opts, backend=backend)
+    ref = torch_cls(two_groups(ref_m, lr=1e-2), **opts)
+    s1 = torch.optim.lr_scheduler.LambdaLR(ours, lambda k: 1.0 / (1 + 0.05 * k))
+    s2 = torch.optim.lr_scheduler.LambdaLR(ref, lambda k: 1.0 / (1 + 0.05 * k))
+    run_steps(ours_m, ours, batches, s1)
+    run_steps(ref_m, ref, batches, s2)
+    for (n, a), b in zip(ours_m.named_parameters(), ref_m.parameters()):
+        assert rel_diff(a, b) <= 1e-6, f"{n}: {rel_diff(a, b)}"
+        sa, sb = ours.state[a], ref.state[b]
+        assert sa["step"].item() == sb["step"].item() == steps
+        for k in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if opts["amsgrad"] else ()):
+            assert rel_diff(sa[k], sb[k]) <= 1e-5, f"{n} {k}: {rel_diff(sa[k], sb[k])}"
+        assert "master_param" not in sa  # fp32 params need no master
+
+
+def clone_setup(dtype, device, seed=0, mixed=False):
+    model = mlp(dtype, device, seed)
+    if mixed:  # one group holding fp32, fp16 and bf16 params
+        model[2].bias.data = model[2].bias.data.float()
+        model[0].bias.data = model[0].bias.data.half()
+    return model
+
+
+def grads_for(model, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(device, p.dtype)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "mixed"], ids=str)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opts", [dict(amsgrad=True, weight_decay=0.1), dict(maximize=True, weight_decay=0.0)],
+                         ids=["amsgrad-wd", "maximize"])
+def test_backends_bit_identical_to_reference(device, backend, dtype, state_dtype, opts):
+    """Masters on, several steps with fresh grads (fp32 grads for some params), grad_scale and clipping: every
+    tensor of the state equals the reference backend's bit for bit."""
+    mixed = dtype == "mixed"
+    dt = torch.bfloat16 if mixed else dtype
+    models = [clone_setup(dt, device, mixed=mixed) for _ in range(2)]
+    opts_all = dict(lr=3e-3, state_dtype=state_dtype, max_grad_norm=0.5, **opts)
+    opts_ = [AdamW(models[0].parameters(), backend=backend, **opts_all),
+             AdamW(models[1].parameters(), backend="torch", **opts_all)]
+    for step in range(4):
+        for m, o in zip(models, opts_):
+            grads_for(m, device, seed=step)
+            if step == 2:  # fp32 grads for low-precision params
+                for p in m.parameters():
+                    p.grad = p.grad.float()
+            o.grad_scale = torch.tensor([4.0], device=device)
+            for p in m.parameters():
+                p.grad = (p.grad.float() * 4.0).to(p.grad.dtype)
+            o.step()
+            del o.grad_scale
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert_bit_exact(a, b, n)
+        sa, sb = opts_[0].state[a], opts_[1].state[b]
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert_bit_exact(sa[k], sb[k], f"{n} {k}")
+    assert_bit_exact(opts_[0].grad_norm, opts_[1].grad_norm, "grad_norm") if backend == "cpu" else None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masters_track_fp32_training(device):
+    """A bf16 model with fp32 masters stays close to fp32 training; without masters, small updates round away.
+    200 steps at lr 1e-4: an update of ~1e-4 is below half a bf16 ulp for weights above ~0.03."""
+    batches = data(200, device, seed=5)
+    ref_m = mlp(device=device)
+    ref_o = torch.optim.AdamW(ref_m.parameters(), lr=1e-4)
+    run_steps(ref_m, ref_o, batches)
+    dists = {}
+    for masters in (True, False):
+        m = mlp(torch.bfloat16, device)
+        o = AdamW(m.parameters(), lr=1e-4, master_weights=masters)
+        run_steps(m, o, batches)
+        dists[masters] = math.sqrt(sum(((a.double() - b.double()) ** 2).sum().item()
+                                       for a, b in zip(m.parameters(), ref_m.parameters())))
+    init_move = math.sqrt(sum(((a.double() - b.double()) ** 2).sum().item()
+                              for a, b in zip(mlp(device=device).parameters(), ref_m.parameters())))
+    assert dists[True] < 0.15 * init_move, dists  # masters: tracks the fp32 trajectory
+    assert dists[False] > 3 * dists[True], dists  # no masters: measurably off
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
+def test_amp_inf_skips_step_bit_unchanged(device, scaler_cls):
+    model = mlp(torch.float16, device)
+    opt = AdamW(model.parameters(), lr=1e-3, max_grad_norm=None)
+    scaler = scaler_cls(device, init_scale=2.0**8, growth_interval=1000)
+    batches = data(6, device, torch.float16)
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, x, y)).backward()
+        if i == 3:
+            model[0].weight.grad[1, 2] = float("inf")
+        before = {k: v.clone() for p in model.parameters() for k, v in [(id(p), p)]}
+        state_before = {(id(p), k): v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+        scaler.step(opt)
+        scaler.update()
+        changed = any(not torch.equal(before[id(p)], p) for p in model.parameters())
+        if i == 3:
+            assert not changed
+            for p in model.parameters():
+                for k, v in opt.state[p].items():
+                    assert torch.equal(v, state_before[(id(p), k)]), f"{k} changed on a skipped step"
+            assert scaler.get_scale() == 2.0**7
+        else:
+            assert changed
+    assert all(opt.state[p]["step"].item() == 5 for p in model.parameters())
+
+
+def test_params_without_grad_are_skipped():
+    model = mlp()
+    opt = Adam(model.parameters(), lr=1e-2)
+    x, y = data(1)[0]
+    loss_fn(model, x, y).backward()
+    model[2].bias.grad = None
+    frozen = model[2].bias.detach().clone()
+    opt.step()
+    assert torch.equal(model[2].bias, frozen) and model[2].bias not in opt.state
+    assert opt.state[model[0].weight]["step"].item() == 1
+
+
+def test_clipping_matches_clip_grad_norm_then_step():
+    batches = data(20)
+    a, b = mlp(), mlp()
+    oa = AdamW(a.parameters(), lr=1e-2, max_grad_norm=0.05)
+    ob = AdamW(b.parameters(), lr=1e-2)
+    for x, y in batches:
+        oa.zero_grad()
+        ob.zero_grad()
+        loss_fn(a, x, y).backward()
+        loss_fn(b, x, y).backward()
+        total = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+        oa.step()
+        ob.step()
+        assert oa.grad_norm.item() == pytest.approx(total.item(), rel=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert rel_diff(p, q) <= 1e-5
+
+
+def test_clipping_skips_non_finite_step():
+    model = mlp()
+    opt = AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    x, y = data(1)[0]
+    loss_fn(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(opt.state[p]["step"].item() == 0 for p in model.parameters())
+    assert math.isnan(opt.grad_norm.item())
+
+
+@pytest.mark.parametrize("sched", ["onecycle", "cosine"])
+def test_schedulers_match_torch(sched):
+    batches = data(40)
+    a, b = mlp(), mlp()
+    oa, ob = AdamW(a.parameters(), lr=1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2)
+
+    def make(o):
+        if sched == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=2e-2, total_steps=40, cycle_momentum=True)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40)
+
+    run_steps(a, oa, batches, make(oa))
+    run_steps(b, ob, batches, make(ob))
+    assert oa.param_groups[0]["betas"] == ob.param_groups[0]["betas"]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert rel_diff(p, q) <= 1e-6
+
+
+def test_hooks_zero_grad_and_add_param_group():
+    model = mlp()
+    opt = Adam(model[0].parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.add_param_group({"params": model[2].parameters(), "lr": 1e-3})
+    assert opt.param_groups[1]["master_weights"] == "auto" and opt.param_groups[1]["betas"] == (0.9, 0.999)
+    x, y = data(1)[0]
+    loss_fn(model, x, y).backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert len(opt.state) == 4
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_resume_is_bit_identical(state_dtype):
+    batches = data(20)
+    full_m = mlp(torch.bfloat16)
+    full_o = AdamW(full_m.parameters(), lr=3e-3, amsgrad=True, state_dtype=state_dtype)
+    run_steps(full_m, full_o, batches)
+
+    m = mlp(torch.bfloat16)
+    o = AdamW(m.parameters(), lr=3e-3, amsgrad=True, state_dtype=state_dtype)
+    run_steps(m, o, batches[:8])
+    ckpt = save_load({"model": m.state_dict(), "opt": o.state_dict()})
+    m2 = mlp(torch.bfloat16, seed=9)
+    m2.load_state_dict(ckpt["model"])
+    o2 = AdamW(m2.parameters(), lr=3e-3, amsgrad=True, state_dtype=state_dtype)
+    o2.load_state_dict(ckpt["opt"])
+    st = o2.state[m2[0].weight]
+    assert st["master_param"].dtype == torch.float32 and st["exp_avg"].dtype == state_dtype
+    run_steps(m2, o2, batches[8:])
+    for p, q in zip(m2.parameters(), full_m.parameters()):
+        assert torch.equal(p, q)
+        for k in o2.state[p]:
+            assert torch.equal(o2.state[p][k], full_o.state[q][k]), k
+
+
+def test_torch_state_dict_loads_into_ours_and_back():
+    batches = data(10)
+    # torch -> ours (bf16 model: torch keeps bf16 moments; ours upcasts them and takes masters from the params)
+    tm = mlp(torch.bfloat16)
+    to = torch.optim.AdamW(tm.parameters(), lr=1e-3)
+    run_steps(tm, to, batches[:5])
+    om = mlp(torch.bfloat16)
+    om.load_state_dict(tm.state_dict())
+    oo = AdamW(om.parameters(), lr=1e-3)
+    oo.load_state_dict(save_load(to.state_dict()))
+    st = oo.state[om[0].weight]
+    assert st["exp_avg"].dtype == torch.float32 and "master_param" not in st
+    assert torch.equal(st["exp_avg"], to.state[tm[0].weight]["exp_avg"].float())
+    run_steps(om, oo, batches[5:])
+    assert torch.equal(oo.state[om[0].weight]["step"], torch.tensor(10.0))
+    assert oo.state[om[0].weight]["master_param"].dtype == torch.float32
+    # ours -> torch (fp32 model): continues like ours would
+    a, b = mlp(), mlp()
+    oa = AdamW(a.parameters(), lr=1e-3)
+    run_steps(a, oa, batches[:5])
+    b.load_state_dict(a.state_dict())
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-3)
+    ob.load_state_dict(save_load(oa.state_dict()))
+    run_steps(a, oa, batches[5:])
+    run_steps(b, ob, batches[5:])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert rel_diff(p, q) <= 1e-6
+
+
+def test_fp32_state_never_downcast_on_load():
+    m = mlp(torch.bfloat16)
+    o = AdamW(m.parameters(), lr=1e-3)
+    run_steps(m, o, data(3))
+    sd = o.state_dict()
+    o2 = AdamW(m.parameters(), lr=1e-3)
+    o2.load_state_dict(sd)
+    for p in m.parameters():
+        for k in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert o2.state[p][k].dtype == torch.float32
+            assert torch.equal(o2.state[p][k], o.state[p][k])
+            assert o2.state[p][k].data_ptr() != o.state[p][k].data_ptr()  # a copy, not an alias
+
+
+BAD_CTOR = [
+    (dict(lr=-1.0), ValueError, "Invalid learning rate"),
+    (dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1"),
+    (dict(eps=-1e-8), ValueError, "Invalid epsilon"),
+    (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay"),
+    (dict(master_weights="yes"), ValueError, "master_weights must be"),
+    (dict(state_dtype=torch.float16), ValueError, "state_dtype must be"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be"),
+    (dict(differentiable=True), ValueError, "differentiable=True is not supported"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,text", BAD_CTOR, ids=[c[2] for c in BAD_CTOR])
+def test_bad_constructor_arguments(kw, exc, text):
+    with pytest.raises(exc, match=text):
+        AdamW(mlp().parameters(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.float64], ids=str)
+def test_unsupported_param_dtypes(dtype):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=dtype != torch.int32)
+    with pytest.raises(TypeError, match="supports float32, float16 and bfloat16 params"):
+        Adam([p])
+
+
+def _set_bad_grad(kind, p):
+    """torch's .grad setter refuses wrong dtypes/devices/shapes; what can still reach an optimizer: sparse grads,
+    and other float dtypes once the param's grad_dtype check is lifted (torch >= 2.10: p.grad_dtype = None)."""
+    if kind == "sparse":
+        p.grad = torch.zeros_like(p).to_sparse()
+    elif kind == "float64":
+        if not hasattr(p, "grad_dtype"):
+            pytest.skip("this torch has no Tensor.grad_dtype")
+        p.grad_dtype = None
+        p.grad = torch.zeros(p.shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind,exc,text", [("sparse", RuntimeError, "does not support sparse"),
+                                           ("float64", TypeError, "grad dtype must be")])
+def test_bad_grads_leave_everything_unchanged(kind, exc, text):
+    model = mlp(torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, data(2, dtype=torch.bfloat16))
+    x, y = data(1, dtype=torch.bfloat16, seed=3)[0]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    _set_bad_grad(kind, model[2].weight)  # the last param: the others were validated first and must stay put
+    with pytest.raises(exc, match=text):
+        opt.step()
+    for a, b in zip(params_before, model.parameters()):
+        assert torch.equal(a, b)
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[(i, k)]), k
+
+
+def test_bad_tensor_lr():
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        AdamW(mlp().parameters(), lr=torch.tensor([1e-3, 1e-3]))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_and_replay(backend):
+    """capturable=True: the whole step (with GradScaler-style grad_scale/found_inf) is captured and replayed;
+    replays match eager steps bit for bit."""
+    dev = "cuda"
+    models = [mlp(torch.bfloat16, dev) for _ in range(2)]
+    opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3, device=dev), capturable=True, backend=backend,
+                  max_grad_norm=1.0) for m in models]
+    static_grads = [[torch.randn_like(p) for p in m.parameters()] for m in models]
+    for m, gs in zip(models, static_grads):
+        for p, g in zip(m.parameters(), gs):
+            p.grad = g
+    for o in opts:  # warm-up (state init, compilation, table caches)
+        o.step()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opts[0].step()  # one more warm step on the side stream before capture
+        opts[1].step()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        opts[0].step()
+    for _ in range(3):
+        graph.replay()
+        opts[1].step()
+    torch.cuda.synchronize()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+        assert opts[0].state[p]["step"].item() == opts[1].state[q]["step"].item() == 5
