@@ -111,6 +111,11 @@ def test_amax_accumulates_across_calls(device, backend):
     mixprec_ops.cast_and_scale(torch.tensor([1.0, float("nan")], device=device), torch.float16, amax=amax,
                                backend=backend)
     assert amax.isnan().item()
+    # An amax that starts negative (or at -inf) is simply replaced by max|x|.
+    for start in (-1.0, float("-inf")):
+        amax = torch.full((1,), start, device=device)
+        mixprec_ops.cast_and_scale(xs[0], torch.bfloat16, amax=amax, backend=backend)
+        assert amax.item() == xs[0].abs().max().item()
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))

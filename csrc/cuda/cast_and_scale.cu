@@ -74,7 +74,9 @@ __global__ void __launch_bounds__(kThreads) cast_and_scale_kernel(const Src* __r
   }
   if constexpr (AMAX) {
     m = block_max(m, smem);
-    if (threadIdx.x == 0 && m) atomicMax(amax_bits, m);
+    // Signed max on the bits: |x| bits are non-negative ints, in float order (NaN above inf); an amax that starts
+    // at -0.0 or a negative value reads as a negative int, so any |x| replaces it (float max semantics).
+    if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(amax_bits), static_cast<int>(m));
   }
 }
 

@@ -5,6 +5,10 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -16,12 +20,16 @@ constexpr int kParamBytes = 32000;  // below the 32764-byte kernel-parameter lim
 // DEPTH parallel lists (e.g. DEPTH=1: just the tensors; Adam: param, grad, m, v, ...).
 template <int DEPTH>
 struct TensorListMeta {
-  // Capacity from the byte budget: each tensor costs DEPTH addresses + a size, each block 2 + 4 bytes.
+  // Capacity from the byte budget: each tensor costs DEPTH addresses + a size + an index (8 * DEPTH + 12 bytes),
+  // each block 2 + 4 bytes; 64 bytes of slack cover block_offset and alignment padding.
+  // kMaxTensors: DEPTH 1: 982, 4: 446, 5: 377, 6: 327.
   static constexpr int kMaxBlocks = 2048;
-  static constexpr int kMaxTensors = (kParamBytes - kMaxBlocks * 6 - 64) / (8 * DEPTH + 8);
+  static constexpr int kMaxTensors = (kParamBytes - kMaxBlocks * 6 - 64) / (8 * DEPTH + 12);
+  static_assert(kMaxTensors >= 1, "DEPTH too large for the parameter budget");
   static_assert(kMaxTensors <= 65535, "block_to_tensor is 16-bit");
   void* addr[DEPTH][kMaxTensors];
   int64_t numel[kMaxTensors];
+  int32_t index[kMaxTensors];  // the tensor's position in the caller's lists (e.g. its row of a per-tensor table)
   uint16_t block_to_tensor[kMaxBlocks];
   int32_t block_to_chunk[kMaxBlocks];
   int64_t block_offset;  // index of this launch's first block among all launches of the call
@@ -30,10 +38,15 @@ struct TensorListMeta {
 // Calls launch(meta, nblocks) once per full (or final) meta; block offsets start at block_base. Returns the blocks
 // launched. `lists[d][t]` is the d-th tensor of the t-th group;
 // all lists have the same length and tensors of one group have the same numel. Zero-size tensors are skipped.
+// meta.index[slot] is t (the group's position in `lists`), kept when a tensor continues into the next launch.
 template <int DEPTH, typename Launch>
 int64_t multi_tensor_apply(int64_t chunk, const std::vector<std::vector<at::Tensor>>& lists, Launch&& launch,
                            int64_t block_base = 0) {
   using Meta = TensorListMeta<DEPTH>;
+  static_assert(sizeof(Meta) <= kParamBytes, "TensorListMeta exceeds the parameter budget");
+  static_assert(sizeof(Meta) <= 32764, "TensorListMeta exceeds the CUDA kernel-parameter limit");
+  TORCH_CHECK(lists[0].size() <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+              "multi_tensor_apply: too many tensors");
   Meta meta;
   meta.block_offset = block_base;
   int nt = 0, nb = 0;
@@ -44,6 +57,7 @@ int64_t multi_tensor_apply(int64_t chunk, const std::vector<std::vector<at::Tens
     if (numel == 0) continue;
     for (int d = 0; d < DEPTH; ++d) meta.addr[d][nt] = lists[d][t].data_ptr();
     meta.numel[nt] = numel;
+    meta.index[nt] = static_cast<int32_t>(t);
     const int64_t nchunks = (numel + chunk - 1) / chunk;
     for (int64_t c = 0; c < nchunks; ++c) {
       meta.block_to_tensor[nb] = static_cast<uint16_t>(nt);
@@ -60,6 +74,7 @@ int64_t multi_tensor_apply(int64_t chunk, const std::vector<std::vector<at::Tens
         if (c + 1 < nchunks) {  // this tensor continues in the next launch, as tensor 0
           for (int d = 0; d < DEPTH; ++d) meta.addr[d][0] = meta.addr[d][nt];
           meta.numel[0] = meta.numel[nt];
+          meta.index[0] = meta.index[nt];
           nt = 0;
         } else {
           nt = -1;  // incremented below

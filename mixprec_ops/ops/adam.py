@@ -19,7 +19,7 @@ multiply-add, so that the C++, CUDA and Triton kernels match the reference bit f
     m = float(exp_avg) * beta1 + g * omb1       # beta1 = fp32(beta1), omb1 = fp32(1 - beta1) (1 - beta1 in fp64)
     v = float(exp_avg_sq) * beta2 + (g * g) * omb2
     if amsgrad: vmax = maximum(float(max_exp_avg_sq), v) (NaN propagates); vv = vmax  else: vv = v
-    denom = sqrt(vv) / bc2_sqrt + eps
+    denom = sqrt(vv) / bc2_sqrt + eps           # sqrt correctly rounded (IEEE sqrtf)
     w = w - step_size * (m / denom)
     store: master = w; param = round(w) (to param dtype); exp_avg = round(m), exp_avg_sq = round(v),
            max_exp_avg_sq = round(vmax) (to the state dtype: fp32, or bf16 with round-to-nearest-even)
@@ -90,7 +90,9 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, m
             put(max_exp_avg_sqs[i], vv)
         else:
             vv = v
-        denom = vv.sqrt() / bc2_sqrt + e
+        # IEEE sqrt: torch's CPU fp32 sqrt (Sleef, 0.5001 ulp) is 1 ulp off for ~1 in 6 inputs; the square root
+        # of a float computed in double and rounded once to float is the correctly rounded fp32 square root.
+        denom = vv.double().sqrt().float() / bc2_sqrt + e
         w = w - step_size * (m / denom)
         put(exp_avgs[i], m)
         put(exp_avg_sqs[i], v)

@@ -35,6 +35,7 @@ if _ext.LOADED:
 
     @torch.library.register_fake("mixprec::unscale_")
     def _unscale_fake(tensors, inv_scale, found_inf, return_norm):
+        _check_tensors(tensors, inv_scale.device)  # mixed devices can route a call here (e.g. meta + cpu)
         return inv_scale.new_empty(() if return_norm else (0,))
 
 
@@ -70,6 +71,23 @@ def _get_triton_op():
     return _triton_op
 
 
+_OK_DTYPES = frozenset(_checks.FLOAT_SOURCES)
+
+
+def _check_tensors(tensors, device):
+    """Validate the list in one cheap sweep (thousands of grads per step); find the culprit only on failure."""
+    try:
+        kinds = {(t.dtype, t.device, t.layout) for t in tensors}
+    except AttributeError:
+        kinds = None
+    if kinds is not None and all(d in _OK_DTYPES and dev == device and lay == torch.strided for d, dev, lay in kinds):
+        return
+    for i, t in enumerate(tensors):
+        _checks.float_tensor(t, f"tensors[{i}]")
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but inv_scale is on {device}; all must share one device")
+
+
 def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     """Multiply every tensor by inv_scale in place; set found_inf to 1 if any element is inf or NaN.
 
@@ -82,6 +100,7 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
         inv_scale: 1-element float32 tensor (read on the device: no host sync).
         found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value, as stored in its tensor's dtype, is
             inf or NaN (so an fp16 value that overflows when inv_scale > 1 counts too); otherwise left as is.
+            With inv_scale == 1 the kernels only read (nothing can change): a pure inf/NaN (and norm) probe.
         return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor.
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
@@ -96,17 +115,19 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
         raise TypeError(f"tensors must be a tensor or a sequence of tensors, got {type(tensors).__name__}") from None
     _checks.device_scalar(inv_scale, "inv_scale", getattr(inv_scale, "device", None))
     _checks.device_scalar(found_inf, "found_inf", inv_scale.device, contiguous=True)
-    for i, t in enumerate(tensors):
-        _checks.float_tensor(t, f"tensors[{i}]")
-        if t.device != inv_scale.device:
-            raise ValueError(f"tensors[{i}] is on {t.device} but inv_scale is on {inv_scale.device}; all must share "
-                             "one device")
     _checks.boolean(return_norm, "return_norm")
     b = backends.select(OP, inv_scale.device, backend)
+    if b in ("cpu", "cuda"):
+        # The C++ op checks every tensor before touching any (same messages), at a fraction of the cost of a
+        # Python loop over thousands of grads; on failure, the Python checks raise the typed error.
+        try:
+            norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
+        except RuntimeError:
+            _check_tensors(tensors, inv_scale.device)
+            raise
+        return norm if return_norm else None
+    _check_tensors(tensors, inv_scale.device)
     if b == "torch":
         return unscale_reference(tensors, inv_scale, found_inf, return_norm)
-    if b == "triton":
-        norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
-    else:
-        norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
+    norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
     return norm if return_norm else None
