@@ -42,11 +42,11 @@ def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_
         if NORM:
             sq += v * v
         # inv_scale == 1 cannot change a value: then the pass only reads (inf/NaN probe, clipping norm).
-        wm = m & (inv != 1.0)
-        if IS_BF16:
-            tl.store(p + offs, f32_to_bf16_bits(v).to(tl.uint16).to(tl.int16, bitcast=True), mask=wm)
-        else:
-            tl.store(p + offs, v.to(DTYPE), mask=wm)
+        if inv != 1.0:
+            if IS_BF16:
+                tl.store(p + offs, f32_to_bf16_bits(v).to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+            else:
+                tl.store(p + offs, v.to(DTYPE), mask=m)
     tl.store(found_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)
     if NORM:
         tl.store(partial_ptr + pid, tl.sum(sq, axis=0))
