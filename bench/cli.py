@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         for impl in c.impls:
             why = (
                 None
-                if impl.backend == BASELINE
+                if impl.backend.startswith(BASELINE)
                 else mixprec_ops.backends.unavailable_reason(c.op, impl.backend, device)
             )
             if why is None:

@@ -1,0 +1,114 @@
+"""Adam/AdamW step cases: mixprec_ops.optim.AdamW with bf16 params, bf16 grads, fp32 masters and fp32 moments,
+against the same work done the torch way: torch.optim.AdamW(fused=True) on fp32 params (fp32 grads) followed by
+torch._foreach_copy_ into the bf16 model params ("torch", the ratio's baseline), and the same with foreach=True
+("torch-foreach").
+
+Honest bytes per param of our step: bf16 grad read 2 + fp32 master read/write 8 + m r/w 8 + v r/w 8 + bf16 param
+write 2 = 28 B (the param is not read: the master holds it). ns/param = median time / params.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixprec_ops.optim import AdamW
+
+from .registry import BASELINE, Case, Ctx, Impl, bit_mismatch, register
+
+BYTES_PER_PARAM = 28
+HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def split_sizes(total: int, count: int) -> list[int]:
+    """`count` tensor sizes summing to about `total`, a few large matrices and smaller vectors, some odd."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(count, generator=g, dtype=torch.float64).mul_(1.2).exp_()
+    return [max(1, int(total * float(wi) / float(w.sum()))) + (i % 3) for i, wi in enumerate(w)]
+
+
+def _params(sizes, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ps = []
+    for n in sizes:
+        p = torch.nn.Parameter((torch.randn(n, generator=g, device=device) * 0.02).to(dtype))
+        p.grad = (torch.randn(n, generator=g, device=device) * 1e-3).to(dtype)
+        ps.append(p)
+    return ps
+
+
+def _make(sizes, device, seed):
+    """One input set: bf16 params+grads for ours; fp32 params+grads and bf16 copies for the torch baselines.
+    Optimizers are created lazily per implementation (their state is initialised by the warm-up step)."""
+    return {"bf16": _params(sizes, torch.bfloat16, device, seed), "fp32": _params(sizes, torch.float32, device, seed),
+            "model": [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes], "opts": {}}
+
+
+def _ours(backend):
+    def fn(d):
+        o = d["opts"].get(backend)
+        if o is None:
+            o = d["opts"][backend] = AdamW(d["bf16"], **HP, backend=backend)
+        o.step()
+
+    return fn
+
+
+def _torch(kind):
+    def fn(d):
+        o = d["opts"].get(kind)
+        if o is None:
+            o = d["opts"][kind] = torch.optim.AdamW(d["fp32"], **HP, fused=kind == "fused",
+                                                    foreach=kind == "foreach")
+        o.step()
+        torch._foreach_copy_(d["model"], d["fp32"])
+
+    return fn
+
+
+def _check(sizes, device):
+    def check(impl: Impl):
+        if impl.backend.startswith(BASELINE):
+            return None  # torch itself
+        small = [min(n, 70001) for n in sizes[:6]]
+        runs = {}
+        for b in (impl.backend, "torch"):
+            ps = _params(small, torch.bfloat16, device, seed=99)
+            o = AdamW(ps, **HP, backend=b)
+            for k in range(3):
+                o.step()
+                for p in ps:  # fresh grads each step
+                    p.grad.mul_(-1.01)
+            runs[b] = (ps, o)
+        (pa, oa), (pb, ob) = runs[impl.backend], runs["torch"]
+        for i, (a, b) in enumerate(zip(pa, pb)):
+            bad = bit_mismatch(a.detach(), b.detach(), f"param {i}")
+            for k in oa.state[a]:
+                bad = bad or bit_mismatch(oa.state[a][k], ob.state[b][k], f"param {i} {k}")
+            if bad:
+                return bad
+        return None
+
+    return check
+
+
+def _case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
+    dev = ctx.device
+    n = sum(sizes)
+    impls = ([Impl(BASELINE, _torch("fused"), "torch.optim.AdamW(fused=True) fp32 + _foreach_copy_ to bf16"),
+              Impl(BASELINE + "-foreach", _torch("foreach"), "torch.optim.AdamW(foreach=True) fp32 + _foreach_copy_")]
+             + [Impl(b, _ours(b)) for b in ctx.backends])
+    return Case("adam_step_", name, n, BYTES_PER_PARAM * n, lambda seed: _make(sizes, dev, seed), impls, _check(sizes, dev),
+                set_bytes=BYTES_PER_PARAM * n, tensor_bytes=BYTES_PER_PARAM * n,
+                notes=["adam: 28 B/param (bf16 grad r, fp32 master r/w, m r/w, v r/w, bf16 param w); the torch "
+                       "baselines move more (fp32 grads, fp32 params, and the bf16 copy)"])
+
+
+@register("adam_step_")
+def cases(ctx: Ctx) -> list[Case]:
+    if ctx.device.type == "cuda":
+        totals = [1_000_000, 100_000_000] if ctx.quick else [1_000_000, 100_000_000, 1_000_000_000]
+    else:
+        totals = [1_000_000, 4_000_000] if ctx.quick else [1_000_000, 10_000_000, 100_000_000]
+    out = [_case(ctx, f"AdamW bf16+masters {t / 1e6:g}M params", split_sizes(t, 40)) for t in totals]
+    out.append(_case(ctx, "AdamW 2000x4096 tensors", [4096] * 2000))
+    return out
