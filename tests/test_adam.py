@@ -119,23 +119,28 @@ def grads_for(model, device, seed):
 @pytest.mark.parametrize("opts", [dict(amsgrad=True, weight_decay=0.1), dict(maximize=True, weight_decay=0.0)],
                          ids=["amsgrad-wd", "maximize"])
 def test_backends_bit_identical_to_reference(device, backend, dtype, state_dtype, opts):
-    """Masters on, several steps with fresh grads (fp32 grads for some params), grad_scale and clipping: every
-    tensor of the state equals the reference backend's bit for bit."""
+    """Masters on, several steps with fresh grads (fp32 grads for some params), grad_scale and the clipping pass:
+    every tensor of the state equals the reference backend's bit for bit. max_grad_norm is set high so that the
+    clip coefficient is exactly 1: each backend sums the norm in its own order (a different last bit), which would
+    otherwise change the update (clipping with a coefficient < 1 is bit-checked in test_adam_kernels.py)."""
     mixed = dtype == "mixed"
     dt = torch.bfloat16 if mixed else dtype
     models = [clone_setup(dt, device, mixed=mixed) for _ in range(2)]
-    opts_all = dict(lr=3e-3, state_dtype=state_dtype, max_grad_norm=0.5, **opts)
+    opts_all = dict(lr=3e-3, state_dtype=state_dtype, max_grad_norm=1e6, **opts)
     opts_ = [AdamW(models[0].parameters(), backend=backend, **opts_all),
              AdamW(models[1].parameters(), backend="torch", **opts_all)]
     for step in range(4):
         for m, o in zip(models, opts_):
             grads_for(m, device, seed=step)
-            if step == 2:  # fp32 grads for low-precision params
-                for p in m.parameters():
-                    p.grad = p.grad.float()
+            if step == 2 and hasattr(torch.Tensor, "grad_dtype"):  # fp32 grads for low-precision params
+                for p in m.parameters():  # (torch >= 2.10 allows them once grad_dtype is lifted)
+                    g = p.grad.float()
+                    p.grad = None
+                    p.grad_dtype = None
+                    p.grad = g
             o.grad_scale = torch.tensor([4.0], device=device)
             for p in m.parameters():
-                p.grad = (p.grad.float() * 4.0).to(p.grad.dtype)
+                p.grad.copy_(p.grad.float() * 4.0)
             o.step()
             del o.grad_scale
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
@@ -144,7 +149,7 @@ def test_backends_bit_identical_to_reference(device, backend, dtype, state_dtype
         assert set(sa) == set(sb)
         for k in sa:
             assert_bit_exact(sa[k], sb[k], f"{n} {k}")
-    assert_bit_exact(opts_[0].grad_norm, opts_[1].grad_norm, "grad_norm") if backend == "cpu" else None
+    assert opts_[0].grad_norm.item() == pytest.approx(opts_[1].grad_norm.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,6 +8,7 @@ and found_inf set (nothing may be written).
 
 import itertools
 import random
+import zlib
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ def rand(n, dtype, device, gen, positive=False):
     if n:
         idx = torch.randint(0, n, (max(1, n // 50),), generator=gen)
         x[idx] = torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), idx.shape, generator=gen)]
+    if positive:  # second moments are never negative, nor -0.0 (whose max with +0.0 is unspecified)
+        x = x.abs()
     return x.to(dtype).to(device)
 
 
@@ -66,8 +69,9 @@ def run(fn, d, sc, hp, gs, fi, cl, **kw):
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_bit_identical_to_reference(device, backend, combo):
     P, G, S, master = combo
-    gen = torch.Generator().manual_seed(hash(combo) % 2**31)
-    rnd = random.Random(hash(combo))
+    seed = zlib.crc32(repr(combo).encode())  # stable across processes (hash() of dtypes is not)
+    gen = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
     small = backend == "triton" and device == "cpu"  # the interpreter is slow
     sizes = [0, 1, 5, 4097, 65543] if not small else [0, 1, 5, 1031]
     for ams, kind in itertools.product((False, True), ("contig", "offset", "perm")):

@@ -16,7 +16,6 @@ holds [row, chunk] per program. Tables are cached per (device, addresses, numels
 step does no host-to-device copy (and can be captured in a CUDA graph once a warm-up step has built its table).
 """
 
-import collections
 import functools
 import warnings
 
@@ -25,11 +24,11 @@ import triton
 import triton.language as tl
 
 from .fp_convert import f32_to_bf16_bits
+from .tables import get_tables
 
 CHUNK = 65536  # elements per program
 BLOCK = 1024  # elements per loop iteration of a program (4 per thread)
 NUM_WARPS = 8
-TABLE_CACHE_SIZE = 32  # recent buckets whose device tables are kept
 
 # Storage kinds (constexpr): how a tensor is loaded and stored. bf16 travels as int16 bits.
 _F32, _F16, _BF16 = 0, 1, 2
@@ -192,60 +191,6 @@ def _adam_kernel(tab_ptr, map_ptr, scalars_ptr, grad_scale_ptr, found_inf_ptr, c
         _store_f32(p_addr, offs, w, mask, P_KIND)
 
 
-# ------------------------------------------------------------------------------------------------- table cache
-_tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
-_captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
-
-
-def _capturing(device):
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _get_tables(lists, n_params, device):
-    """Device tables of the bucket (see the module docstring), built on a miss and cached by what they hold."""
-    key = (device, n_params, tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-           tuple(t.numel() for t in lists[0]))
-    capturing = _capturing(device)
-    hit = _tables.get(key)
-    if hit is not None:
-        _tables.move_to_end(key)
-        if capturing:
-            _captured.add(key)
-        return hit
-    if capturing:
-        raise RuntimeError("mixprec_ops adam_step_ (triton): a new set of tensors while a CUDA graph is being "
-                           "captured; run one step with the same tensors before capturing (it builds the device "
-                           "table that the captured kernel reads)")
-    rows, prog = [], []
-    for i in range(n_params):
-        numel = lists[0][i].numel()
-        if numel == 0:
-            continue
-        r = len(rows)
-        rows.append([lst[i].data_ptr() for lst in lists] + [numel, i])
-        for c in range(triton.cdiv(numel, CHUNK)):
-            prog += (r, c)
-    flat = [x for r in rows for x in r]
-    flat += [0] * (len(flat) % 2)  # the program map starts 16-byte aligned
-    off = len(flat)
-    host = torch.tensor(flat + prog, dtype=torch.int64)
-    if device.type != "cpu":
-        buf = host.pin_memory().to(device, non_blocking=True)
-    else:
-        buf = host
-    entry = (buf[:off], buf[off:], len(prog) // 2)
-    _tables[key] = entry
-    if len(_tables) > TABLE_CACHE_SIZE + len(_captured):
-        del _tables[next(k for k in _tables if k not in _captured)]
-    return entry
-
-
-def clear_table_cache():
-    """Drop the cached tables (also those of captured graphs: only when no such graph will be replayed)."""
-    _tables.clear()
-    _captured.clear()
-
-
 # ------------------------------------------------------------------------------------------------------ launcher
 @functools.lru_cache(maxsize=256)
 def _fp32(x):
@@ -269,7 +214,7 @@ def launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
     if master:
         master_col = len(lists)
         lists.append(masters)
-    rows, prog_map, n_programs = _get_tables(lists, len(params), device)
+    rows, prog_map, n_programs = get_tables(lists, device, CHUNK, "adam_step_")
     if n_programs == 0:
         return
     beta1, beta2 = float(beta1), float(beta2)

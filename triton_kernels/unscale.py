@@ -1,7 +1,7 @@
 """Triton kernel of unscale_: multi-tensor in-place t *= inv_scale, found_inf flag, optional L2-norm partials.
 
-One launch per dtype group covers every tensor of that dtype: the program id indexes a (tensor, chunk) table
-and the tensor's address comes from a device table of int64 pointers.
+One launch per dtype group covers every tensor of that dtype: each program reads its tensor's address from a
+cached device table (tables.py: rows [address, numel, index], then [row, chunk] per program).
 """
 
 import torch
@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .fp_convert import f32_to_bf16_bits
+from .tables import get_tables
 
 CHUNK = 65536  # elements per program
 # bf16 travels as int16 bits: widened by a shift and rounded in integer arithmetic (exact on the interpreter too).
@@ -18,14 +19,13 @@ OVERFLOW_AT = {torch.float32: float("inf"), torch.float16: 65520.0, torch.bfloat
 
 
 @triton.jit
-def _unscale_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, inv_ptr, found_ptr, partial_ptr,
-                    overflow_at, DTYPE: tl.constexpr, IS_BF16: tl.constexpr, NORM: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _unscale_kernel(tab_ptr, map_ptr, inv_ptr, found_ptr, partial_ptr, overflow_at, DTYPE: tl.constexpr,
+                    IS_BF16: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    start = tl.load(block_chunk_ptr + pid).to(tl.int64) * CHUNK
-    p = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
-    numel = tl.load(numel_ptr + t)
+    row = tab_ptr + tl.load(map_ptr + 2 * pid) * 3
+    start = tl.load(map_ptr + 2 * pid + 1) * CHUNK
+    p = tl.load(row).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + 1)
     inv = tl.load(inv_ptr)
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
@@ -57,27 +57,16 @@ def launch_unscale(groups, inv_scale, found_inf, return_norm, wrap=lambda k: k):
     device = inv_scale.device
     partials = []
     for dtype, ts in groups.items():
-        ts = [t for t in ts if t.numel() > 0]
-        if not ts:
+        rows, prog_map, n_programs = get_tables([ts], device, CHUNK, "unscale_")
+        if n_programs == 0:
             continue
-        addrs, numels, btensor, bchunk = [], [], [], []
-        for i, t in enumerate(ts):
-            addrs.append(t.data_ptr())
-            numels.append(t.numel())
-            nchunks = triton.cdiv(t.numel(), CHUNK)
-            btensor += [i] * nchunks
-            bchunk += range(nchunks)
-        meta = [torch.tensor(v, dtype=torch.int64 if k < 2 else torch.int32)
-                for k, v in enumerate((addrs, numels, btensor, bchunk))]
-        if device.type != "cpu":
-            meta = [m.pin_memory().to(device, non_blocking=True) for m in meta]
-        part = torch.empty(len(btensor) if return_norm else 1, dtype=torch.float32, device=device)
-        wrap(_unscale_kernel)[(len(btensor),)](
-            *meta, inv_scale, found_inf, part, OVERFLOW_AT[dtype], DTYPE=_TL_DTYPE[dtype],
-            IS_BF16=dtype == torch.bfloat16, NORM=bool(return_norm), CHUNK=CHUNK,
-            BLOCK=2048, num_warps=8,
+        part = torch.empty(n_programs if return_norm else 1, dtype=torch.float32, device=device)
+        wrap(_unscale_kernel)[(n_programs,)](
+            rows, prog_map, inv_scale, found_inf, part, OVERFLOW_AT[dtype], DTYPE=_TL_DTYPE[dtype],
+            IS_BF16=dtype == torch.bfloat16, NORM=bool(return_norm), CHUNK=CHUNK, BLOCK=2048, num_warps=8,
         )
-        partials.append(part)
+        if return_norm:
+            partials.append(part)
     if not return_norm:
         return None
     if not partials:

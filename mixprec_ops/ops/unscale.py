@@ -116,18 +116,12 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     _checks.device_scalar(inv_scale, "inv_scale", getattr(inv_scale, "device", None))
     _checks.device_scalar(found_inf, "found_inf", inv_scale.device, contiguous=True)
     _checks.boolean(return_norm, "return_norm")
-    b = backends.select(OP, inv_scale.device, backend)
-    if b in ("cpu", "cuda"):
-        # The C++ op checks every tensor before touching any (same messages), at a fraction of the cost of a
-        # Python loop over thousands of grads; on failure, the Python checks raise the typed error.
-        try:
-            norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
-        except RuntimeError:
-            _check_tensors(tensors, inv_scale.device)
-            raise
-        return norm if return_norm else None
     _check_tensors(tensors, inv_scale.device)
+    b = backends.select(OP, inv_scale.device, backend)
     if b == "torch":
         return unscale_reference(tensors, inv_scale, found_inf, return_norm)
-    norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
+    if b == "triton":
+        norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
+    else:
+        norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
     return norm if return_norm else None

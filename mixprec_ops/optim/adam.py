@@ -18,6 +18,16 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _state_dtype_name(v) -> str:
+    """'float32' / 'bfloat16' from a torch.dtype or its name; ValueError otherwise."""
+    name = str(v).replace("torch.", "") if isinstance(v, (torch.dtype, str)) else None
+    if name not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {v}")
+    return name
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
 
 
@@ -41,11 +51,15 @@ class Adam(torch.optim.Optimizer):
             and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
             ``master_param``.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
-            (halves the moments' memory; stored with round-to-nearest-even).
+            (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
+            ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize.
         max_grad_norm: None (default) or a positive float: clip the global L2 norm of all grads (after AMP
             unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
             (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
             non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
+            The norm covers this optimizer's params: under FSDP2 (DTensor grads) it is the global norm, but under
+            torch.distributed.optim.ZeroRedundancyOptimizer each rank's optimizer holds only its share of the
+            params, so clip there with torch.nn.utils.clip_grad_norm_ before step() instead.
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
     Arguments kept for compatibility with torch.optim.Adam: ``foreach`` and ``fused`` are accepted and ignored
@@ -80,8 +94,7 @@ class Adam(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if master_weights not in ("auto", True, False):
             raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        state_dtype = _state_dtype_name(state_dtype)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm}")
         if differentiable:
@@ -111,7 +124,7 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
-        sd = group["state_dtype"]
+        sd = _STATE_DTYPES[_state_dtype_name(group["state_dtype"])]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for k in _STATE_KEYS[:2] + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
@@ -126,10 +139,10 @@ class Adam(torch.optim.Optimizer):
         without masters (torch's) gets them from the params at the next step."""
         state_dict = dict(state_dict)
         saved_state = state_dict.get("state", {})
-        groups = state_dict["param_groups"]
-        for g in groups:  # torch's groups lack our keys
-            for k in ("master_weights", "state_dtype"):
-                g.setdefault(k, self.defaults[k])
+        groups = [dict(g) for g in state_dict["param_groups"]]  # never modify the caller's dicts
+        for g in groups:  # torch's groups lack our keys; older saves may hold a torch.dtype
+            g.setdefault("master_weights", self.defaults["master_weights"])
+            g["state_dtype"] = _state_dtype_name(g.get("state_dtype", self.defaults["state_dtype"]))
         super().load_state_dict({**state_dict, "state": {}, "param_groups": groups})
         saved_ids = [i for g in groups for i in g["params"]]
         params = [(g, p) for g in self.param_groups for p in g["params"]]
@@ -145,7 +158,7 @@ class Adam(torch.optim.Optimizer):
                 elif k == "master_param":
                     new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
                 elif k in _STATE_KEYS:
-                    new[k] = v.to(device=p.device, dtype=group["state_dtype"], copy=True)
+                    new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
                 else:
                     new[k] = v.to(device=p.device, copy=True)
             self.state[p] = new

@@ -1,0 +1,609 @@
+"""mixprec_ops.optim.AdamW under DDP, FSDP2 (fully_shard) and ZeroRedundancyOptimizer, against torch.optim.AdamW.
+
+Every scenario runs in 2 ranks spawned with torch.multiprocessing (gloo, CPU, tcp://127.0.0.1:<free port>). Each rank
+trains a small MLP on its own half of every global batch, once with our AdamW and once with torch.optim.AdamW under
+the same wrapper (fresh model, same seeds, same data), and saves what the test checks (full params, optimizer state
+facts, losses) to a file under pytest's tmp dir; the test process compares. Spawning costs a few seconds per
+scenario, so each scenario is spawned once per module (cached) and several tests read its results.
+
+The workers use backend="cpu" (the C++ kernels) when they can serve adam_step_ and unscale_ (the clipping norm), else
+"torch" (the reference); never the Triton interpreter (too slow here).
+
+Tolerances: in fp32 mode our step differs from torch's only in rounding order (see tests/test_adam.py), and the
+wrappers feed both optimizers bit-identical grads at step 1 (same params, same data, same collectives), so the final
+full params must agree to 1e-6 relative, as in the single-process tests. The bf16 tolerance is justified where used.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import mixprec_ops.optim  # noqa: F401  (registers adam_step_ with mixprec_ops.backends)
+from mixprec_ops import backends
+from mixprec_ops.optim import AdamW
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch is built without torch.distributed / gloo", allow_module_level=True)
+
+pytestmark = pytest.mark.slow  # about 40 s on 2 cores: 5 spawned 2-rank scenarios
+
+WORLD = 2
+STEPS = 6
+LOCAL_BATCH = 16
+HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+MAX_NORM = 0.05  # below the grad norms of this model and data (asserted), so clipping really happens
+SPAWN_TIMEOUT_S = 120  # per scenario; a scenario takes about 10 s on 2 cores
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def _pick_backend() -> str:
+    cpu = torch.device("cpu")
+    ok = all(backends.unavailable_reason(op, "cpu", cpu) is None for op in ("adam_step_", "unscale_"))
+    return "cpu" if ok else "torch"
+
+
+BACKEND = _pick_backend()
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+def make_mlp(dtype=torch.float32) -> nn.Sequential:
+    """The same init on every rank (FSDP2 shards what each rank built; it does not broadcast). The last layer has
+    one output: under FSDP2 rank 1 holds empty (0-row) shards of its weight and bias."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(17, 33), nn.Tanh(), nn.Linear(33, 9), nn.Tanh(), nn.Linear(9, 1)).to(dtype)
+
+
+def global_batches(dtype=torch.float32):
+    """STEPS global batches of WORLD * LOCAL_BATCH rows; rank r trains on the r-th LOCAL_BATCH rows of each."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(17, 1, generator=g)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(WORLD * LOCAL_BATCH, 17, generator=g)
+        out.append((x.to(dtype), (x @ w).sin().to(dtype)))
+    return out
+
+
+def local_batches(rank, dtype=torch.float32):
+    sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return [(x[sl], y[sl]) for x, y in global_batches(dtype)]
+
+
+def loss_fn(model, x, y):
+    return nn.functional.mse_loss(model(x).float(), y.float())
+
+
+def train(model, opt, batches, clip_params=None, grad_norms=None):
+    """STEPS steps; clip_params: clip with torch.nn.utils.clip_grad_norm_ (the reference for our max_grad_norm)."""
+    losses = []
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        if clip_params is not None:
+            norm = torch.nn.utils.clip_grad_norm_(clip_params, MAX_NORM)
+            if grad_norms is not None:
+                grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+        opt.step()
+        if grad_norms is not None and clip_params is None:
+            inner = getattr(opt, "optim", opt)  # ZeRO wraps the local optimizer
+            grad_norms.append(float(inner.grad_norm))
+        losses.append(loss.item())
+    return losses
+
+
+def full_params(model):
+    """name -> full (unsharded) param on every rank; DTensors are gathered."""
+    out = {}
+    for n, p in model.named_parameters():
+        p = p.detach()
+        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).clone()
+    return out
+
+
+def ours(params, backend, **kw):
+    return AdamW(params, **{**HP, **kw}, backend=backend)
+
+
+def theirs(params, **kw):
+    return torch.optim.AdamW(params, **{**HP, **kw})
+
+
+# --------------------------------------------------------------------------------------------------- scenarios
+# Each returns a picklable dict (tensors allowed); every rank saves its own. out_dir: for checkpoints.
+def scenario_ddp(rank, backend, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    configs = {
+        "plain": (dict(), dict(), {}),
+        "amsgrad_clip": (dict(amsgrad=True, max_grad_norm=MAX_NORM), dict(amsgrad=True), {}),
+        "bucket_view": (dict(), dict(), dict(gradient_as_bucket_view=True)),  # grads are views into DDP's buckets
+    }
+    for name, (kw_ours, kw_torch, ddp_kw) in configs.items():
+        clip = "max_grad_norm" in kw_ours
+        res = {}
+        for impl in ("ours", "torch"):
+            model = make_mlp()
+            ddp = DDP(model, **ddp_kw)
+            opt = ours(ddp.parameters(), backend, **kw_ours) if impl == "ours" else theirs(ddp.parameters(), **kw_torch)
+            norms = [] if clip else None
+            losses = train(ddp, opt, local_batches(rank), clip_params=list(ddp.parameters()) if clip and impl == "torch"
+                           else None, grad_norms=norms)
+            res[impl] = dict(params=full_params(model), losses=losses, grad_norms=norms,
+                             steps=[float(opt.state[p]["step"]) for p in model.parameters()])
+        out[name] = res
+    return out
+
+
+def _state_facts(opt, model):
+    """For each param: how its optimizer state is stored (the test asserts DTensor states shaped like the shard)."""
+    from torch.distributed.tensor import DTensor
+
+    facts = {}
+    for n, p in model.named_parameters():
+        st = opt.state[p]
+        f = {"param_local_shape": tuple(p.to_local().shape), "param_placements": str(p.placements)}
+        for k, v in st.items():
+            if isinstance(v, DTensor):
+                f[k] = dict(kind="DTensor", shape=tuple(v.shape), local_shape=tuple(v.to_local().shape),
+                            placements=str(v.placements), same_mesh=v.device_mesh == p.device_mesh, dtype=v.dtype,
+                            full=v.full_tensor().clone())
+            else:
+                f[k] = dict(kind=type(v).__name__, shape=tuple(v.shape), dtype=v.dtype, value=v.clone())
+        facts[n] = f
+    return facts
+
+
+def _fsdp_model(mesh, dtype=torch.float32, mp_policy=None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    model = make_mlp(dtype)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def scenario_fsdp2(rank, backend, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    # mixed_precision: FSDP2's own mixed precision (fp32 sharded params, bf16 compute, fp32 grad reduction): the
+    # optimizer sees fp32 DTensor params and grads, so it runs in fp32 mode, without masters
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = {}
+    for name, clip, policy in (("plain", False, None), ("clip", True, None), ("mixed_precision", False, mixed)):
+        res = {}
+        for impl in ("ours", "torch"):
+            model = _fsdp_model(mesh, mp_policy=policy)
+            kw = dict(max_grad_norm=MAX_NORM) if clip and impl == "ours" else {}
+            opt = ours(model.parameters(), backend, **kw) if impl == "ours" else theirs(model.parameters())
+            norms = [] if clip else None
+            losses = train(model, opt, local_batches(rank), clip_params=list(model.parameters())
+                           if clip and impl == "torch" else None, grad_norms=norms)
+            res[impl] = dict(params=full_params(model), losses=losses, grad_norms=norms,
+                             state=_state_facts(opt, model))
+        out[name] = res
+    return out
+
+
+def scenario_zero(rank, backend, out_dir):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for name, clip in (("plain", False), ("clip", True)):
+        res = {}
+        for impl in ("ours", "torch"):
+            model = make_mlp()
+            ddp = DDP(model)
+            names = {p: n for n, p in model.named_parameters()}
+            if impl == "ours":
+                kw = dict(max_grad_norm=MAX_NORM) if clip else {}
+                opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=AdamW, **HP, **kw, backend=backend)
+            else:
+                opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.AdamW, **HP)
+            norms = [] if clip else None
+            losses = train(ddp, opt, local_batches(rank), clip_params=list(ddp.parameters()) if clip and impl == "torch"
+                           else None, grad_norms=norms)
+            local = opt.optim  # the rank's optimizer over its partition of the params
+            r = dict(params=full_params(model), losses=losses, grad_norms=norms, local_class=type(local).__name__,
+                     local_params=sorted(names[p] for g in local.param_groups for p in g["params"]),
+                     local_states=sorted(names[p] for p in local.state))
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                sd = opt.state_dict()
+                r["consolidated"] = dict(
+                    n_states=len(sd["state"]),
+                    steps=sorted(float(s["step"]) for s in sd["state"].values()),
+                    group_keys=sorted(sd["param_groups"][0]),
+                )
+            res[impl] = r
+        out[name] = res
+    return out
+
+
+def _full_masters(opt, model):
+    out = {}
+    for n, p in model.named_parameters():
+        m = opt.state[p]["master_param"]
+        out[n] = (m.full_tensor() if hasattr(m, "full_tensor") else m).clone()
+    return out
+
+
+def scenario_bf16(rank, backend, out_dir, wrapper):
+    """bf16 params with fp32 masters (master_weights="auto"), our AdamW, under DDP or FSDP2."""
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = make_mlp(torch.bfloat16)
+        trained = DDP(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model = trained = _fsdp_model(mesh, torch.bfloat16)
+    opt = ours(trained.parameters(), backend, master_weights="auto")
+    batches = local_batches(rank, torch.bfloat16)
+    losses = train(trained, opt, batches)
+    master_kinds, rne = {}, {}
+    for n, p in model.named_parameters():
+        m = opt.state[p]["master_param"]
+        master_kinds[n] = (type(m).__name__, m.dtype, str(getattr(m, "placements", None)))
+        loc_p = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+        loc_m = m.to_local() if hasattr(m, "to_local") else m
+        rne[n] = torch.equal(loc_p.view(torch.int16), loc_m.to(torch.bfloat16).view(torch.int16))
+    out = dict(params=full_params(model), masters=_full_masters(opt, model), master_kinds=master_kinds,
+               param_is_rne_of_master=rne, losses=losses)
+    if wrapper == "fsdp2":
+        out["resume"] = {how: _fsdp2_resume(mesh, backend, batches, os.path.join(out_dir, f"ckpt_{how}"), how)
+                         for how in ("dcp_sharded", "full_state_dict")}
+    return out
+
+
+def _fsdp2_resume(mesh, backend, batches, ckpt_dir, how):
+    """Train half the steps, checkpoint model and optimizer with torch.distributed.checkpoint's state_dict API, load
+    into a fresh model and optimizer, train the other half. how: "dcp_sharded" (the default options: DTensor
+    shards, saved with dcp.save and read back with dcp.load) or "full_state_dict" (gathered full tensors, loaded with
+    full_state_dict=True). Returns the final full params and masters, or the error (raised alike on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    half = len(batches) // 2
+    try:
+        model = _fsdp_model(mesh, torch.bfloat16)
+        opt = ours(model.parameters(), backend, master_weights="auto")
+        train(model, opt, batches[:half])
+        fresh = _fsdp_model(mesh, torch.bfloat16)
+        fresh_opt = ours(fresh.parameters(), backend, master_weights="auto")
+        if how == "dcp_sharded":
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+            msd, osd = get_state_dict(fresh, fresh_opt)  # the fresh objects' layout, filled in place by dcp.load
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=ckpt_dir)
+            set_state_dict(fresh, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            opts = StateDictOptions(full_state_dict=True)
+            msd, osd = get_state_dict(model, opt, options=opts)
+            set_state_dict(fresh, fresh_opt, model_state_dict=msd, optim_state_dict=osd, options=opts)
+        del model, opt
+        train(fresh, fresh_opt, batches[half:])
+        return dict(params=full_params(fresh), masters=_full_masters(fresh_opt, fresh))
+    except Exception as e:  # noqa: BLE001  (the test reports it)
+        return dict(error=f"{type(e).__name__}: {e}")
+
+
+SCENARIOS = {
+    "ddp": scenario_ddp,
+    "fsdp2": scenario_fsdp2,
+    "zero": scenario_zero,
+    "bf16_ddp": lambda rank, backend, out_dir: scenario_bf16(rank, backend, out_dir, "ddp"),
+    "bf16_fsdp2": lambda rank, backend, out_dir: scenario_bf16(rank, backend, out_dir, "fsdp2"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ spawning
+def _worker(rank, scenario, init_method, out_dir, backend):
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's device on the loopback, whatever the hostname resolves to
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        result = SCENARIOS[scenario](rank, backend, out_dir)
+        torch.save(result, os.path.join(out_dir, f"{scenario}.rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(scenario: str, out_dir: str) -> list[dict]:
+    """Run SCENARIOS[scenario] on WORLD ranks; return each rank's result. Fails (after killing the workers) if they do
+    not finish within SPAWN_TIMEOUT_S; retries with a new port if another process took the free port meanwhile."""
+    for attempt in range(3):
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.start_processes(_worker, args=(scenario, init_method, out_dir, BACKEND), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    pytest.fail(f"scenario {scenario!r}: workers still running after {SPAWN_TIMEOUT_S} s (hang?)")
+        except mp.ProcessRaisedException as e:
+            if "address already in use" in str(e).lower() and attempt < 2:
+                continue
+            raise
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        break
+    return [torch.load(os.path.join(out_dir, f"{scenario}.rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """results(scenario) -> per-rank results; each scenario is spawned once per module. A scenario that failed
+    (raised or hung) fails its other tests at once, with the first error, instead of being spawned again."""
+    cache, errors = {}, {}
+
+    def get(scenario):
+        if scenario in errors:
+            pytest.fail(f"scenario {scenario!r} failed in an earlier test: {errors[scenario]}")
+        if scenario not in cache:
+            try:
+                cache[scenario] = spawn(scenario, str(tmp_path_factory.mktemp(scenario)))
+            except BaseException as e:
+                errors[scenario] = f"{type(e).__name__}: {str(e)[-2000:]}"
+                raise
+        return cache[scenario]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+def rel_diff(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(a: dict, b: dict, tol: float, what: str):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].shape == b[n].shape, (what, n, a[n].shape, b[n].shape)
+        d = rel_diff(a[n], b[n])
+        assert d <= tol, f"{what} {n}: relative difference {d:.3g} > {tol}"
+
+
+def assert_identical_across_ranks(per_rank: list[dict], what: str):
+    for n, t in per_rank[0].items():
+        for r in range(1, WORLD):
+            assert torch.equal(t.view(torch.int32 if t.dtype == torch.float32 else torch.int16),
+                               per_rank[r][n].view(torch.int32 if t.dtype == torch.float32 else torch.int16)), (
+                f"{what} {n}: rank {r} differs from rank 0")
+
+
+def assert_moved(final: dict, what: str):
+    init = dict(make_mlp().named_parameters())
+    for n, t in final.items():
+        assert not torch.equal(t, init[n].detach().to(t.dtype)), f"{what} {n}: never updated"
+
+
+# ----------------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.parametrize("config", ["plain", "amsgrad_clip", "bucket_view"])
+def test_ddp_fp32_matches_torch(results, config):
+    per_rank = [r[config] for r in results("ddp")]
+    for rank, res in enumerate(per_rank):
+        assert_close_rel(res["ours"]["params"], res["torch"]["params"], 1e-6, f"rank {rank} {config}")
+        assert res["ours"]["steps"] == [float(STEPS)] * 6
+        assert res["ours"]["losses"] == pytest.approx(res["torch"]["losses"], rel=1e-5)
+    assert_identical_across_ranks([r["ours"]["params"] for r in per_rank], f"DDP {config}")
+    assert_moved(per_rank[0]["ours"]["params"], f"DDP {config}")
+    if config == "amsgrad_clip":
+        ours_n, torch_n = per_rank[0]["ours"]["grad_norms"], per_rank[0]["torch"]["grad_norms"]
+        assert ours_n == pytest.approx(torch_n, rel=1e-5)
+        assert max(ours_n) > MAX_NORM, "clipping never engaged: lower MAX_NORM"
+        # every rank computed the same (global) norm: DDP gave all ranks the same averaged grads
+        assert per_rank[1]["ours"]["grad_norms"] == ours_n
+
+
+# --------------------------------------------------------------------------------------------------------- FSDP2
+@pytest.mark.parametrize("config", ["plain", "clip", "mixed_precision"])
+def test_fsdp2_fp32_matches_torch(results, config):
+    per_rank = [r[config] for r in results("fsdp2")]
+    for rank, res in enumerate(per_rank):
+        assert_close_rel(res["ours"]["params"], res["torch"]["params"], 1e-6, f"rank {rank} {config}")
+        assert res["ours"]["losses"] == pytest.approx(res["torch"]["losses"], rel=1e-5)
+    # full_tensor() gathered the same full params on both ranks
+    assert_identical_across_ranks([r["ours"]["params"] for r in per_rank], f"FSDP2 {config}")
+    assert_moved(per_rank[0]["ours"]["params"], f"FSDP2 {config}")
+    if config == "clip":
+        ours_n, torch_n = per_rank[0]["ours"]["grad_norms"], per_rank[0]["torch"]["grad_norms"]
+        assert ours_n == pytest.approx(torch_n, rel=1e-5)  # the global norm across shards, not the local one
+        assert max(ours_n) > MAX_NORM, "clipping never engaged: lower MAX_NORM"
+        assert per_rank[1]["ours"]["grad_norms"] == ours_n
+
+
+def test_fsdp2_state_is_sharded_like_params(results):
+    """Moments are DTensors with the param's placements and mesh, holding local shards of the param's local shape
+    (rank 1's shards of the 1-output layer are empty); step counters are plain scalars; no masters for fp32; the
+    gathered moments match torch's."""
+    for rank, r in enumerate(results("fsdp2")):
+        facts, ref = r["plain"]["ours"]["state"], r["plain"]["torch"]["state"]
+        assert len(facts) == 6
+        for n, f in facts.items():
+            assert set(f) == {"param_local_shape", "param_placements", "step", "exp_avg", "exp_avg_sq"}, (n, set(f))
+            for k in ("exp_avg", "exp_avg_sq"):
+                s = f[k]
+                assert s["kind"] == "DTensor", (rank, n, k, s["kind"])
+                assert s["placements"] == f["param_placements"] and s["same_mesh"], (rank, n, k)
+                assert s["local_shape"] == f["param_local_shape"], (rank, n, k)
+                assert s["dtype"] == torch.float32
+                assert ref[n][k]["kind"] == "DTensor"
+                d = rel_diff(s["full"], ref[n][k]["full"])
+                assert d <= 1e-5, f"rank {rank} {n} {k}: relative difference {d:.3g} vs torch"
+            assert f["step"]["kind"] == "Tensor" and f["step"]["shape"] == () and float(f["step"]["value"]) == STEPS
+        assert facts["4.weight"]["param_local_shape"] == ((1, 9) if rank == 0 else (0, 9))  # the empty shard is covered
+
+
+# ---------------------------------------------------------------------------------------------------------- ZeRO
+def test_zero_fp32_matches_torch(results):
+    per_rank = [r["plain"] for r in results("zero")]
+    for rank, res in enumerate(per_rank):
+        assert_close_rel(res["ours"]["params"], res["torch"]["params"], 1e-6, f"rank {rank}")
+        assert res["ours"]["losses"] == pytest.approx(res["torch"]["losses"], rel=1e-5)
+        assert res["ours"]["local_class"] == "AdamW"
+        # ZeRO partitions the params: each rank's AdamW holds state only for its own partition, the same as torch's
+        assert res["ours"]["local_states"] == res["ours"]["local_params"] == res["torch"]["local_params"]
+    parts = [set(r["ours"]["local_params"]) for r in per_rank]
+    assert parts[0].isdisjoint(parts[1]) and len(parts[0] | parts[1]) == 6 and all(parts)
+    # ZeRO broadcasts each partition's updated params: all ranks hold the same params
+    assert_identical_across_ranks([r["ours"]["params"] for r in per_rank], "ZeRO")
+    assert_moved(per_rank[0]["ours"]["params"], "ZeRO")
+    # consolidate_state_dict gathers our local state_dicts (with our extra group keys) into one
+    c, c_ref = per_rank[0]["ours"]["consolidated"], per_rank[0]["torch"]["consolidated"]
+    assert c["n_states"] == c_ref["n_states"] == 6
+    assert c["steps"] == [float(STEPS)] * 6
+    assert {"master_weights", "state_dtype"} <= set(c["group_keys"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "max_grad_norm under ZeroRedundancyOptimizer clips by the norm of the rank's own partition of the grads: "
+    "ZeRO hands each rank's AdamW only that partition, and Adam._grad_stats sums over the grads it holds (no "
+    "collective for plain tensors), so ranks clip with different, too large coefficients"))
+def test_zero_max_grad_norm_matches_torch_clip(results):
+    per_rank = [r["clip"] for r in results("zero")]
+    # what goes wrong, asserted so that this xfail cannot pass by accident: at step 1 (same params and grads in both
+    # runs) the ranks' norms are the norms of their partitions, whose root-sum-square is torch's global norm
+    glob = per_rank[0]["torch"]["grad_norms"]
+    parts = [r["ours"]["grad_norms"][0] for r in per_rank]
+    assert sum(x * x for x in parts) ** 0.5 == pytest.approx(glob[0], rel=1e-5) and max(parts) < glob[0]
+    assert max(glob) > MAX_NORM
+    for rank, res in enumerate(per_rank):
+        assert res["ours"]["grad_norms"] == pytest.approx(glob, rel=1e-5), f"rank {rank}: norm of the partition only"
+        assert_close_rel(res["ours"]["params"], res["torch"]["params"], 1e-6, f"rank {rank}")
+
+
+# ---------------------------------------------------------------------------------------------------------- bf16
+def single_process_bf16(emulate_reduction: bool):
+    """The same training on one process, our AdamW, same backend. emulate_reduction=False: plain full-batch training
+    (back-propagate the mean loss over all WORLD * LOCAL_BATCH rows). True: the wrapper's arithmetic replayed on one
+    process: back-propagate each rank's half separately, then average the bf16 half-grads as the all-reduce /
+    reduce-scatter does (each half divided by WORLD, an exact operation, then summed in fp32 and rounded to bf16)."""
+    model = make_mlp(torch.bfloat16)
+    params = list(model.parameters())
+    opt = ours(params, BACKEND, master_weights="auto")
+    losses = []
+    for x, y in global_batches(torch.bfloat16):
+        opt.zero_grad(set_to_none=True)
+        if not emulate_reduction:
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+            continue
+        halves, half_losses = [], []
+        for r in range(WORLD):
+            sl = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x[sl], y[sl])
+            loss.backward()
+            halves.append([p.grad for p in params])
+            half_losses.append(loss.item())
+        for i, p in enumerate(params):
+            p.grad = sum(h[i].float() / WORLD for h in halves).to(torch.bfloat16)
+        losses.append(half_losses)
+        opt.step()
+    masters = {n: opt.state[p]["master_param"].clone() for n, p in model.named_parameters()}
+    return dict(params=full_params(model), masters=masters, losses=losses)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_bf16_masters_match_single_process(results, wrapper):
+    per_rank = results(f"bf16_{wrapper}")
+    for rank, r in enumerate(per_rank):
+        for n, (kind, dtype, placements) in r["master_kinds"].items():
+            assert dtype == torch.float32, (rank, n, dtype)
+            if wrapper == "fsdp2":
+                assert kind == "DTensor" and placements == "(Shard(dim=0),)", (rank, n, kind, placements)
+            else:
+                assert kind == "Tensor", (rank, n, kind)
+        # the bf16 param is the round-to-nearest-even of its fp32 master, on the rank's own shard
+        assert all(r["param_is_rne_of_master"].values()), (rank, r["param_is_rne_of_master"])
+        assert all(t.dtype == torch.bfloat16 for t in r["params"].values())
+    # every rank applied the same update to the same (reduced) grads: bit for bit the same params and masters
+    assert_identical_across_ranks([r["params"] for r in per_rank], f"bf16 {wrapper} params")
+    assert_identical_across_ranks([r["masters"] for r in per_rank], f"bf16 {wrapper} masters")
+    assert_moved(per_rank[0]["params"], f"bf16 {wrapper}")
+
+    # Against the wrapper's arithmetic replayed on one process: the same bf16 grads, so bit for bit the same
+    # masters, params and per-rank losses. (Should a torch version reduce bf16 grads in another way, e.g. in bf16
+    # pairwise with a different rounding, this is the check that will say so: compare with the next one.)
+    emu = single_process_bf16(emulate_reduction=True)
+    for n, want in emu["masters"].items():
+        got = per_rank[0]["masters"][n]
+        assert torch.equal(got, want), f"bf16 {wrapper} {n}: master off the replay by {(got - want).abs().max()}"
+        assert torch.equal(per_rank[0]["params"][n].view(torch.int16), emu["params"][n].view(torch.int16)), n
+    assert [list(t) for t in zip(*(r["losses"] for r in per_rank), strict=True)] == emu["losses"]
+
+    # Against one process on the full batch. The two runs see different bf16 grads: one process back-propagates the
+    # mean over all rows in bf16, the wrapper back-propagates each rank's half and averages the halves' bf16 grads
+    # (rounded once more to bf16). So grads differ by about one bf16 ulp (2**-8 relative), and an element whose
+    # halves nearly cancel can change sign; a param that then rounds to another bf16 value changes the next
+    # forward pass. Adam normalises by sqrt(v), so such differences move an update by a fraction of lr (up to 2 lr
+    # at a sign flip), not by a fraction of the update. We therefore bound the masters' difference relative to the
+    # total movement of the weights: over 15 data seeds this ratio was 0.2 % to 2.3 % (2.2 % for this data) and
+    # the largest element difference 1.1 lr; the bounds below are 5 % and 2 lr. A real error (a missed or doubled
+    # step, a wrong lr or bias correction) moves the weights by O(lr) per step: a deviation comparable to the
+    # movement itself. (Unsynchronised ranks and stale masters are caught above, exactly.)
+    sp = single_process_bf16(emulate_reduction=False)
+    init = {n: p.detach().float() for n, p in make_mlp(torch.bfloat16).named_parameters()}
+    mine = per_rank[0]["masters"]
+    total_dev = sum((mine[n] - sp["masters"][n]).square().sum() for n in init).sqrt()
+    total_move = sum((sp["masters"][n] - init[n]).square().sum() for n in init).sqrt()
+    assert total_move > HP["lr"]  # the run did move the weights
+    assert total_dev <= 0.05 * total_move, f"bf16 {wrapper}: |dW| = {total_dev:.3g}, |W - W0| = {total_move:.3g}"
+    for n in init:
+        dmax = (mine[n] - sp["masters"][n]).abs().max().item()
+        assert dmax <= 2 * HP["lr"], f"bf16 {wrapper} {n}: max |dW| = {dmax:.3g} > 2 lr"
+    # the loss of the global batch is the mean of the ranks' losses (equal halves); bf16 forward: 2 % relative
+    glob = [sum(ls) / WORLD for ls in zip(*(r["losses"] for r in per_rank), strict=True)]
+    assert glob == pytest.approx(sp["losses"], rel=2e-2)
+
+
+# --------------------------------------------------------------------------------------- FSDP2 checkpoint / resume
+@pytest.mark.parametrize("how", [
+    "dcp_sharded",
+    "full_state_dict",  # gathers the optimizer state: param groups must hold only serializable values
+])
+def test_fsdp2_bf16_checkpoint_resume(results, how):
+    """Checkpoint after half the steps with torch.distributed.checkpoint.state_dict (DTensor masters and moments),
+    resume in a fresh model and optimizer: bit for bit the uninterrupted run (same kernels, same grads)."""
+    for rank, r in enumerate(results("bf16_fsdp2")):
+        res = r["resume"][how]
+        if "error" in res:
+            pytest.fail(f"rank {rank}: {how} checkpoint/resume failed: {res['error']}")
+        for k in ("params", "masters"):
+            for n, want in r[k].items():
+                got = res[k][n]
+                assert torch.equal(got, want), f"rank {rank} {k} {n}: resumed run off by {(got - want).abs().max()}"

@@ -1,0 +1,64 @@
+"""Device tables for the multi-tensor Triton kernels (unscale_, adam_step_), cached between calls.
+
+A bucket's table is one int64 buffer: per non-empty tensor a row [address of each list's tensor..., numel,
+original index], then per program a pair [row, chunk]. The kernel reads its tensors' addresses from its row, so one
+launch covers every tensor of the bucket. Tables are cached by what they hold (device, every address, every numel),
+so a steady-state training step does no host-to-device copy at all: it stays free of host syncs and can be captured
+in a CUDA graph once one warm-up call has built the table.
+"""
+
+import collections
+
+import torch
+import triton
+
+TABLE_CACHE_SIZE = 32  # recent buckets whose device tables are kept
+_tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
+_captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def get_tables(lists, device, chunk, op):
+    """(rows, prog_map, n_programs) for parallel `lists` of tensors (lists[0][i], lists[1][i], ... share numel),
+    each program covering `chunk` elements of one tensor. Rows are len(lists) + 2 int64 wide."""
+    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+           tuple(t.numel() for t in lists[0]))
+    capturing = _capturing(device)
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        if capturing:
+            _captured.add(key)
+        return hit
+    if capturing:
+        raise RuntimeError(f"mixprec_ops {op} (triton): a new set of tensors while a CUDA graph is being captured; "
+                           "run one call with the same tensors before capturing (it builds the device table that "
+                           "the captured kernel reads)")
+    rows, prog = [], []
+    for i in range(len(lists[0])):
+        numel = lists[0][i].numel()
+        if numel == 0:
+            continue
+        r = len(rows)
+        rows.append([lst[i].data_ptr() for lst in lists] + [numel, i])
+        for c in range(triton.cdiv(numel, chunk)):
+            prog += (r, c)
+    flat = [x for r in rows for x in r]
+    flat += [0] * (len(flat) % 2)  # the program map starts 16-byte aligned
+    off = len(flat)
+    host = torch.tensor(flat + prog, dtype=torch.int64)
+    buf = host.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else host
+    entry = (buf[:off], buf[off:], len(prog) // 2)
+    _tables[key] = entry
+    if len(_tables) > TABLE_CACHE_SIZE + len(_captured):
+        del _tables[next(k for k in _tables if k not in _captured)]
+    return entry
+
+
+def clear_table_cache():
+    """Drop the cached tables (also those of captured graphs: only when no such graph will be replayed)."""
+    _tables.clear()
+    _captured.clear()
