@@ -37,6 +37,10 @@ def _local(t):
 
 
 def _dense_like(t, ref) -> bool:
+    """t can be walked in step with ref (same strides, no gaps or overlaps). Contiguous pairs, the common case,
+    answer from cached flags; the op call (~ microseconds each, thousands per step) only runs for the others."""
+    if t.is_contiguous() and ref.is_contiguous():
+        return True
     return t.stride() == ref.stride() and torch.ops.aten.is_non_overlapping_and_dense(ref)
 
 
