@@ -7,6 +7,9 @@ Environment variables (all optional):
   MIXPREC_CPU_FLAGS           extra C++ flags for the CPU kernels (default on x86-64: -mavx2 -mfma -mf16c).
   MAX_JOBS                    parallel compile jobs (default: sized from cores and RAM).
   CUDA_HOME                   the toolkit root (default: derived from the real nvcc, see below).
+  MIXPREC_DIST_WHEEL=1        a wheel for distribution (`make wheel`): pins torch==<the torch built against>, tags
+                              the platform manylinux_X_Y and states torch/CUDA/archs in the summary; see DistWheel.
+                              Without it (`pip install .`, a plain `pip wheel .`) the requirement is torch>=2.11.
 """
 import glob
 import os
@@ -20,6 +23,12 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0a;10.0+PTX"
+DESCRIPTION = ("Fused Triton and CUDA kernels for mixed-precision training: cast-and-scale with amax, grad unscaling, "
+               "fused Adam/AdamW with fp32 masters.")
+SOURCE_TORCH_REQUIREMENT = "torch>=2.11"  # a source build compiles against whatever torch is installed
+DIST_WHEEL = os.environ.get("MIXPREC_DIST_WHEEL", "0") == "1"
+# torch's own wheels are manylinux_2_28 (since torch 2.6): a lower tag on ours would buy nothing.
+MANYLINUX_FLOOR = (2, 28)
 
 
 def log(msg):
@@ -129,10 +138,12 @@ def extensions():
     cpu_flags = os.environ.get("MIXPREC_CPU_FLAGS")
     if cpu_flags is None:
         cpu_flags = "-mavx2 -mfma -mf16c" if platform.machine() in ("x86_64", "AMD64") else ""
-    cxx = ["-O3", "-ffp-contract=off"] + cpu_flags.split()  # no implicit FMA: kernels match the references bit for bit
+    # -fopenmp: at::parallel_for is a header template around `#pragma omp parallel`; without the flag every CPU kernel
+    # runs on one thread (torch's own libgomp is the runtime that gets linked, no second one).
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"] + cpu_flags.split()  # no implicit FMA: kernels match the references bit for bit
     if "-mavx2" in cpu_flags:
         cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec uses AVX2 intrinsics, not its generic path
-    kw = dict(extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True)
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kw["extra_compile_args"]["cxx"].append("-DMIXPREC_WITH_CUDA")
@@ -143,15 +154,126 @@ def extensions():
     return [CppExtension("mixprec_ops._C", sources, **kw)]
 
 
+# ---- wheels for distribution (`make wheel`, MIXPREC_DIST_WHEEL=1) --------------------------------------------------
+#
+# Platform tag. A torch extension links libtorch_cpu.so, libc10.so (and libc10_cuda.so, libcudart.so.13 with CUDA),
+# which the torch wheel (and its nvidia-* dependencies) provide at run time. `auditwheel repair` is not applicable:
+# those libraries are outside every manylinux policy, so it would either refuse or graft private copies of libtorch
+# into our wheel (hundreds of MB, and a second libtorch in the process next to torch's own, which breaks the
+# dispatcher). So the wheel is tagged here, doing for glibc what auditwheel's check would: the tag is
+# manylinux_X_Y with X.Y the newest GLIBC_* symbol version the built .so needs (read from its .dynstr), and at least
+# 2.28, torch's own tag. Built on glibc 2.36 with GCC 12 that is 2.32 (libstdc++'s headers reference
+# __libc_single_threaded, GLIBC_2.32), so the honest tag is manylinux_2_32, not 2_28: on a glibc-2.28 system
+# (RHEL 8) pip then refuses the wheel instead of installing one whose extension fails to load. A build inside a
+# manylinux_2_28 image (older glibc) gets manylinux_2_28. libstdc++: the .so needs what GCC's own runtime provides
+# (GLIBCXX_3.4.21 here); torch needs a libstdc++ at least as new itself, so it is not checked separately.
+#
+# Metadata. The compiled extension is tied to the exact torch release it was built against (C++ ABI), so the wheel
+# requires torch==<that release> (without the +cuXXX local part: pip matches torch==2.14.1 against 2.14.1+cu130),
+# and its summary names torch, the CUDA version and the GPU archs. A source install keeps torch>=2.11: it is
+# compiled against the torch already installed, and a later torch upgrade is caught at import (mixprec_ops/_ext.py
+# warns and leaves the extension unloaded) rather than blocked by pip.
+
+
+def _elf_section(data, name):
+    """The bytes of ELF64 little-endian section `name`, or None."""
+    import struct
+
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab_off = secs[shstrndx][4]
+    for sh_name, _t, _f, _a, off, size, *_ in secs:
+        o = strtab_off + sh_name
+        if data[o:data.index(b"\0", o)].decode() == name:
+            return data[off:off + size]
+    return None
+
+
+def glibc_needed(path):
+    """The newest GLIBC_X.Y symbol version the shared object `path` references, as (X, Y), or None."""
+    with open(path, "rb") as f:
+        dynstr = _elf_section(f.read(), ".dynstr") or b""
+    found = [(int(a), int(b)) for a, b in re.findall(rb"(?<![A-Za-z0-9_])GLIBC_(\d+)\.(\d+)", dynstr)]
+    return max(found) if found else None
+
+
+def build_summary():
+    """The one-line summary: the description, plus what a distribution wheel was built for."""
+    if not DIST_WHEEL:
+        return DESCRIPTION
+    import runpy
+
+    bi = runpy.run_path(os.path.join(HERE, "mixprec_ops", "_build_info.py"))  # written by extensions()
+    torch_v = bi["TORCH_VERSION"].split("+")[0]
+    if bi["WITH_CUDA"]:
+        sass, ptx = [], []
+        for a in [a.strip() for a in bi["CUDA_ARCHS"].replace(",", ";").split(";") if a.strip()]:
+            num = a.removesuffix("+PTX").replace(".", "")
+            sass.append(f"sm_{num}")
+            if a.endswith("+PTX"):
+                ptx.append(f"compute_{num}")
+        gpu = f"CUDA {bi['TORCH_CUDA']}, GPU code {', '.join(sass)}" + (f" + PTX {', '.join(ptx)}" if ptx else "")
+    else:
+        gpu = "CPU kernels only (built without CUDA)"
+    return f"{DESCRIPTION} This wheel: torch {torch_v} only ({gpu}); see README 'Building and support matrix'."
+
+
+def torch_requirement():
+    if not DIST_WHEEL:
+        return SOURCE_TORCH_REQUIREMENT
+    import torch
+
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel  # setuptools >= 70.1
+except ImportError:  # older setuptools: the `wheel` package's
+    from wheel.bdist_wheel import bdist_wheel as _bdist_wheel
+
+
+class DistWheel(_bdist_wheel):
+    """bdist_wheel that, for a distribution wheel, replaces the linux_<arch> platform tag by manylinux_X_Y_<arch>
+    (see above). get_tag() runs after the build, so the built extension can be inspected."""
+
+    def get_tag(self):
+        impl, abi, plat = super().get_tag()
+        if not (DIST_WHEEL and plat.startswith("linux_")):
+            return impl, abi, plat
+        needed = [v for v in (glibc_needed(p) for p in self._built_extensions()) if v]
+        major, minor = max([MANYLINUX_FLOOR] + needed)
+        tag = f"manylinux_{major}_{minor}_{plat[len('linux_'):]}"
+        if tag != getattr(self, "_mixprec_logged_tag", None):
+            self._mixprec_logged_tag = tag
+            log(f"platform tag {tag} (newest GLIBC symbol version the extension needs: "
+                f"{'.'.join(map(str, max(needed))) if needed else 'none'}; floor {MANYLINUX_FLOOR[0]}.{MANYLINUX_FLOOR[1]})")
+        return impl, abi, tag
+
+    def _built_extensions(self):
+        build_ext = self.get_finalized_command("build_ext")
+        paths = [build_ext.get_ext_fullpath(e.name) for e in build_ext.extensions]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise RuntimeError(f"cannot tag the wheel: built extension(s) not found: {missing}")
+        return paths
+
+
 def main():
     ext_modules = extensions()  # first: it sets CUDA_HOME, which torch.utils.cpp_extension reads on import
     from torch.utils.cpp_extension import BuildExtension
 
+    if DIST_WHEEL:
+        log(f"distribution wheel: requires {torch_requirement()}")
     setup(
+        description=build_summary(),
+        install_requires=[torch_requirement()],
         packages=["mixprec_ops", "mixprec_ops.ops", "mixprec_ops.amp", "mixprec_ops.optim", "mixprec_ops.triton_kernels"],
         package_dir={"mixprec_ops.triton_kernels": "triton_kernels"},
         ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "bdist_wheel": DistWheel},
         options={"bdist_wheel": {"py_limited_api": "cp39"}},
     )
 

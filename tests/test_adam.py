@@ -448,3 +448,21 @@ def test_cuda_graph_capture_and_replay(backend):
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
         assert opts[0].state[p]["step"].item() == opts[1].state[q]["step"].item() == 5
+
+
+def test_pickle_and_state_replacement_keep_working():
+    """The optimizer survives copy.deepcopy/pickle (our extra attributes included), and a state replaced by
+    load_state_dict is picked up by the next step (the per-param step plans are rebuilt)."""
+    import copy
+
+    m = mlp(torch.bfloat16)
+    o = AdamW(m.parameters(), lr=1e-3, max_grad_norm=2.0, backend="torch")
+    run_steps(m, o, data(2))
+    o2 = copy.deepcopy(o)
+    assert o2.max_grad_norm == 2.0 and o2.backend == "torch"
+    sd = copy.deepcopy(o.state_dict())  # state_dict() holds references to the live state tensors
+    run_steps(m, o, data(1, seed=4))
+    o.load_state_dict(sd)  # back to step 2: new state dicts, new tensors
+    assert all(o.state[p]["step"].item() == 2 for p in m.parameters())
+    run_steps(m, o, data(1, seed=4))
+    assert all(o.state[p]["step"].item() == 3 for p in m.parameters())

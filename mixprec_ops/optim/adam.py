@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import FLOAT_SOURCES
 from ..ops.adam import adam_scalars, adam_step_
@@ -111,6 +112,19 @@ class Adam(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self.grad_norm = None
+        self._plans = WeakIdKeyDictionary()  # param -> per-param step plan (see _step_group)
+
+    _EXTRA_ATTRS = ("max_grad_norm", "backend")
+
+    def __getstate__(self):  # torch's keeps defaults, state and param_groups only
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._EXTRA_ATTRS}}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for k in self._EXTRA_ATTRS:
+            self.__dict__.setdefault(k, None)
+        self.grad_norm = None
+        self._plans = WeakIdKeyDictionary()
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -250,23 +264,34 @@ class Adam(torch.optim.Optimizer):
         decoupled = group["decoupled_weight_decay"]
         buckets = defaultdict(list)
         fallback = []  # params whose layout the kernels cannot walk (rare): the reference serves them
+        n_states = 3 if amsgrad else 2
+        plans = self._plans
         for p in ps:
             st = self.state[p]
-            lp, g = _local(p), _local(p.grad)
-            if g.dtype not in (lp.dtype, torch.float32):
+            # What does not change between steps (local param, states, master, step, whether their layouts walk
+            # together) is planned once per param and reused while its state dict stays the same object with the
+            # same keys (load_state_dict replaces it; a late master adds a key). Grads are new tensors every step.
+            plan = plans.get(p)
+            if plan is None or plan[0] is not st or plan[1] != len(st):
+                lp = _local(p)
+                states = [_local(st[k]) for k in _STATE_KEYS[:n_states]]
+                master = _local(st["master_param"]) if "master_param" in st else None
+                walk = all(_dense_like(x, lp) for x in states) and (master is None or _dense_like(master, lp))
+                plan = (st, len(st), lp, states, master, st["step"], walk,
+                        (lp.device, lp.dtype, states[0].dtype, master is not None))
+                plans[p] = plan
+            _, _, lp, states, master, step, walk, pkey = plan
+            g = _local(p.grad)
+            if g.dtype is not lp.dtype and g.dtype is not torch.float32:
                 g = g.float()
             if not _dense_like(g, lp):
                 g = g.contiguous() if lp.is_contiguous() else g
-            states = [_local(st[k]) for k in _STATE_KEYS[: 3 if amsgrad else 2]]
-            master = _local(st["master_param"]) if "master_param" in st else None
-            entry = (lp, g, states, master, st["step"])
-            walkable = _dense_like(g, lp) and all(_dense_like(s, lp) for s in states) and (
-                master is None or _dense_like(master, lp))
-            if not walkable:
+                walk = walk and _dense_like(g, lp)
+            entry = (lp, g, states, master, step)
+            if not walk:
                 fallback.append(entry)
                 continue
-            key = (lp.device, lp.dtype, g.dtype, states[0].dtype, master is not None)
-            buckets[key].append(entry)
+            buckets[pkey + (g.dtype,)].append(entry)
         steps_by_device = defaultdict(list)
         for key, entries in list(buckets.items()) + [(None, [e]) for e in fallback]:
             self._launch(group, entries, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
