@@ -5,6 +5,9 @@ VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 BENCH_ARGS ?=
 PIP := $(VPY) -m pip install -q --disable-pip-version-check
+# The venv's tools first (ninja above all): /usr/bin/ninja and the venv's ninja discard each other's build log,
+# so switching between them recompiles everything.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv install test bench wheel clean
 
@@ -25,8 +28,12 @@ test: install
 bench: install
 	$(VPY) -m bench $(BENCH_ARGS)
 
+# Distribution wheel in dist/: the extension for MIXPREC_CUDA_ARCHS (default 8.0;9.0a;10.0+PTX), tagged
+# cp39-abi3-manylinux_X_Y, requiring exactly the torch it was built against (setup.py, MIXPREC_DIST_WHEEL). Builds
+# in-tree (build/), so after `make install` ninja's objects are reused; nothing is downloaded.
 wheel: venv
-	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	MIXPREC_DIST_WHEEL=1 $(VPY) -m pip wheel --no-build-isolation --no-deps --disable-pip-version-check -w dist .
+	@ls -l dist/mixprec_ops-*.whl
 
 clean:
 	rm -rf build dist *.egg-info mixprec_ops/_C*.so mixprec_ops/_build_info.py

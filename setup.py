@@ -143,7 +143,9 @@ def extensions():
     cxx = ["-O3", "-ffp-contract=off", "-fopenmp"] + cpu_flags.split()  # no implicit FMA: kernels match the references bit for bit
     if "-mavx2" in cpu_flags:
         cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec uses AVX2 intrinsics, not its generic path
-    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True)
+    # Headers as dependencies: setuptools only compares sources with the .so, so a header-only edit would ship stale.
+    headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], depends=headers, py_limited_api=True)
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kw["extra_compile_args"]["cxx"].append("-DMIXPREC_WITH_CUDA")
@@ -156,8 +158,9 @@ def extensions():
 
 # ---- wheels for distribution (`make wheel`, MIXPREC_DIST_WHEEL=1) --------------------------------------------------
 #
-# Platform tag. A torch extension links libtorch_cpu.so, libc10.so (and libc10_cuda.so, libcudart.so.13 with CUDA),
-# which the torch wheel (and its nvidia-* dependencies) provide at run time. `auditwheel repair` is not applicable:
+# Platform tag. A torch extension links libtorch_cpu.so, libc10.so (and libc10_cuda.so, libcudart.so.13 with CUDA;
+# libgomp.so.1 for -fopenmp), which the torch wheel (torch/lib, and its nvidia-* dependencies) provides at run
+# time. `auditwheel repair` is not applicable:
 # those libraries are outside every manylinux policy, so it would either refuse or graft private copies of libtorch
 # into our wheel (hundreds of MB, and a second libtorch in the process next to torch's own, which breaks the
 # dispatcher). So the wheel is tagged here, doing for glibc what auditwheel's check would: the tag is
@@ -248,8 +251,9 @@ class DistWheel(_bdist_wheel):
         tag = f"manylinux_{major}_{minor}_{plat[len('linux_'):]}"
         if tag != getattr(self, "_mixprec_logged_tag", None):
             self._mixprec_logged_tag = tag
-            log(f"platform tag {tag} (newest GLIBC symbol version the extension needs: "
-                f"{'.'.join(map(str, max(needed))) if needed else 'none'}; floor {MANYLINUX_FLOOR[0]}.{MANYLINUX_FLOOR[1]})")
+            newest = ".".join(map(str, max(needed))) if needed else "none"
+            log(f"platform tag {tag} (newest GLIBC symbol version the extension needs: {newest}; "
+                f"floor {'.'.join(map(str, MANYLINUX_FLOOR))})")
         return impl, abi, tag
 
     def _built_extensions(self):
@@ -270,7 +274,7 @@ def main():
     setup(
         description=build_summary(),
         install_requires=[torch_requirement()],
-        packages=["mixprec_ops", "mixprec_ops.ops", "mixprec_ops.amp", "mixprec_ops.optim", "mixprec_ops.triton_kernels"],
+        packages=["mixprec_ops", "mixprec_ops.ops", "mixprec_ops.amp", "mixprec_ops.optim", "mixprec_ops.triton_kernels", "mixprec_ops.nn"],
         package_dir={"mixprec_ops.triton_kernels": "triton_kernels"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "bdist_wheel": DistWheel},
