@@ -1,0 +1,176 @@
+"""matmul: out = cast(act(a @ b + bias)) with fp16/bf16 operands, fp32 accumulation and a fused epilogue.
+
+Side by side: the reference (pure torch, fp32 arithmetic; the oracle and the CPU path), the Triton op
+mixprec::matmul_triton (kernel in triton_kernels/matmul.py) and the public function. A private variant that also
+returns the pre-activation (acc + bias, cast) serves the autograd of mixprec_ops.nn.functional.linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks, backends
+
+OP = "matmul"
+backends.register_op(OP, ("triton",))
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+OPERAND_DTYPES = (torch.float16, torch.bfloat16)
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The activation in y's dtype (fp32 in the reference)."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """d act(p) / dp at p = pre (fp32 in, fp32 out)."""
+    p = pre.float()
+    if activation is None:
+        return torch.ones_like(p)
+    if activation == "relu":
+        return (p > 0).to(p.dtype)
+    if activation == "gelu":
+        return 0.5 * (1.0 + torch.erf(p * (1.0 / math.sqrt(2.0)))) + p * torch.exp(-0.5 * p * p) / math.sqrt(
+            2.0 * math.pi)
+    if activation == "gelu_tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (p + 0.044715 * p * p * p))
+        return 0.5 * (1.0 + t) + 0.5 * p * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * p * p)
+    if activation == "silu":
+        s = torch.sigmoid(p)
+        return s * (1.0 + p * (1.0 - s))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def matmul_reference(a, b, bias=None, activation=None, out_dtype=None, return_pre=False):
+    """Pure-torch reference: fp32 product (a.float() @ b.float()), + bias.float(), activation in fp32, one cast."""
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    acc = a.float() @ b.float()
+    if bias is not None:
+        acc = acc + bias.float()
+    y = apply_activation(acc, activation).to(out_dtype)
+    return (y, acc.to(out_dtype)) if return_pre else y
+
+
+def _as_2d(a):
+    """a (..., M, K) as (rows, K): a view when the strides allow it (no copy), else a copy."""
+    if a.dim() == 2:
+        return a
+    try:
+        return a.view(-1, a.shape[-1])
+    except RuntimeError:
+        return a.reshape(-1, a.shape[-1])
+
+
+_triton_ops = None
+
+
+def _get_triton_ops():
+    """(mixprec::matmul_triton, mixprec::matmul_pre_triton), registered on first use (importing triton is slow)."""
+    global _triton_ops
+    if _triton_ops is None:
+        from ..triton_kernels.matmul import launch_matmul
+
+        def _run(a, b, bias, activation, out_dtype, with_pre):
+            act = None if activation == "none" else activation
+            a2 = _as_2d(a)
+            out_shape = (*a.shape[:-1], b.shape[1])
+            c = torch.empty((a2.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+            pre = torch.empty_like(c) if with_pre else None
+            launch_matmul(a2, b, c, bias, act, pre=pre, wrap=torch.library.wrap_triton)
+            return c.view(out_shape), (pre.view(out_shape) if with_pre else None)
+
+        @torch.library.triton_op("mixprec::matmul_triton", mutates_args=())
+        def matmul_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+            return _run(a, b, bias, activation, out_dtype, False)[0]
+
+        @torch.library.triton_op("mixprec::matmul_pre_triton", mutates_args=())
+        def matmul_pre_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return _run(a, b, bias, activation, out_dtype, True)
+
+        _triton_ops = (matmul_triton, matmul_pre_triton)
+    return _triton_ops
+
+
+def _check(a, b, bias, activation, out_dtype):
+    _checks.tensor(a, "a")
+    _checks.tensor(b, "b")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype not in OPERAND_DTYPES:
+            raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense strided tensor, got layout {t.layout}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
+    if a.dim() < 2:
+        raise ValueError(f"a must have shape (M, K) or (..., M, K), got {tuple(a.shape)}")
+    if b.dim() != 2:
+        raise ValueError(f"b must have shape (K, N), got {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[0]:
+        raise ValueError(f"a and b shapes do not match: a {tuple(a.shape)} has K={a.shape[-1]}, "
+                         f"b {tuple(b.shape)} has K={b.shape[0]}")
+    if b.device != a.device:
+        raise ValueError(f"b must be on a's device {a.device}, got {b.device}")
+    if bias is not None:
+        _checks.tensor(bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != b.shape[1]:
+            raise ValueError(f"bias must have shape (N,) = ({b.shape[1]},), got {tuple(bias.shape)}")
+        if bias.dtype not in (a.dtype, torch.float32):
+            raise TypeError(f"bias must be {a.dtype} (a's dtype) or float32, got {bias.dtype}")
+        if bias.device != a.device:
+            raise ValueError(f"bias must be on a's device {a.device}, got {bias.device}")
+    if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be None (a's dtype), float16, bfloat16 or float32, got {out_dtype}")
+
+
+def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
+    _check(a, b, bias, activation, out_dtype)
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    bk = backends.select(OP, a.device, backend)
+    if bk == "triton":
+        mm, mm_pre = _get_triton_ops()
+        act = "none" if activation is None else activation
+        return (mm_pre if return_pre else mm)(a, b, bias, act, out_dtype)
+    return matmul_reference(a, b, bias, activation, out_dtype, return_pre=return_pre)
+
+
+def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
+    """Return cast(act(a @ b + bias)), accumulated in fp32, with the epilogue applied to the fp32 accumulator.
+
+    Args:
+        a: (M, K) or (..., M, K), float16 or bfloat16; any strides (a transposed a is read in place; a batched a
+            whose leading dims cannot be flattened without a copy is copied).
+        b: (K, N), same dtype as a, any strides (e.g. weight.t()).
+        bias: optional (N,) tensor, a's dtype or float32, added in fp32.
+        activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu", applied in fp32 after the bias.
+        out_dtype: None (a's dtype), torch.float16, torch.bfloat16 or torch.float32.
+        backend: "auto" (default, or MIXPREC_BACKEND): Triton for CUDA tensors, the pure-torch reference ("torch")
+            for CPU tensors; "triton" on CPU tensors only under the Triton interpreter.
+
+    Returns:
+        A new (..., M, N) tensor of out_dtype.
+    """
+    return _dispatch(a, b, bias, activation, out_dtype, backend, False)
+
+
+def matmul_with_preactivation(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
+    """(matmul(...), cast(a @ b + bias)): the output and the pre-activation, from one kernel launch."""
+    return _dispatch(a, b, bias, activation, out_dtype, backend, True)

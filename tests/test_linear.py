@@ -1,0 +1,164 @@
+"""mixprec_ops.nn: functional.linear (forward and autograd), the Linear module, convert(), torch.compile.
+
+Gradient tolerance: the truth is torch autograd in float64 on the same (rounded) inputs; our gradients may be off
+by at most 2x the error of torch's own autograd in the operand dtype (F.linear + activation in fp16/bf16), plus a
+floor of 1e-6 x max|exact|. Like the forward, each of our gradients is one fp32-accumulated product rounded once,
+except that g = grad * act'(pre) is rounded to the operand dtype before the dgrad/wgrad products, as torch's own
+low-precision autograd does too; so torch's own low-precision error is the fair yardstick, 2x covers summation
+order and the pre-activation being stored in the operand dtype.
+"""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import mixprec_ops
+from mixprec_ops.nn import Linear, convert
+from mixprec_ops.nn.functional import linear
+from mixprec_ops.ops.matmul import apply_activation
+
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def backends_here():
+    out = [pytest.param("cpu", "torch", id="cpu-torch")]
+    why = mixprec_ops.backends.unavailable_reason("matmul", "triton", torch.device("cpu"))
+    out.append(pytest.param("cpu", "triton", id="cpu-triton", marks=pytest.mark.skipif(why is not None,
+                                                                                        reason=str(why))))
+    out.append(pytest.param("cuda", None, id="cuda-auto", marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")))
+    return out
+
+
+def grads(fn, x, w, b, gy):
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(gy.to(y.dtype))
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def torch_linear(act):
+    return lambda x, w, b: apply_activation(torch.nn.functional.linear(x, w, b), act)
+
+
+@pytest.mark.parametrize("device,backend", backends_here())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_forward_backward_vs_autograd(device, backend, dtype, act):
+    x = torch.randn(2, 9, 40).to(dtype).to(device)
+    w = (torch.randn(23, 40) / 6).to(dtype).to(device)
+    b = torch.randn(23).to(dtype).to(device)
+    gy = torch.randn(2, 9, 23).to(dtype).to(device)
+    ours = grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, gy)
+    exact = grads(torch_linear(act), x.double().cpu(), w.double().cpu(), b.double().cpu(), gy.double().cpu())
+    theirs = grads(torch_linear(act), x, w, b, gy)
+    for name, o, e, t in zip(("y", "dx", "dw", "db"), ours, exact, theirs):
+        assert o.dtype == dtype and o.shape == e.shape and o.device.type == device, (name, o.dtype, o.shape)
+        err = (o.double().cpu() - e).abs().max().item()
+        base = (t.double().cpu() - e).abs().max().item()
+        floor = 1e-6 * e.abs().max().item()
+        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+
+
+def test_backward_partial_and_no_bias():
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    w = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    y = linear(x, w, None, "relu")
+    y.float().sum().backward()
+    ref_w = w.detach().float().requires_grad_(True)
+    torch.relu(x.float() @ ref_w.t()).sum().backward()
+    torch.testing.assert_close(w.grad.float(), ref_w.grad, atol=0.05, rtol=0.02)
+    assert x.grad is None
+
+
+def test_float32_falls_back_to_torch():
+    x, w, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    torch.testing.assert_close(linear(x, w, b, "gelu"), torch.nn.functional.gelu(x @ w.t() + b))
+
+
+def test_module_is_a_torch_linear():
+    m = Linear(7, 5, bias=True, dtype=torch.bfloat16, activation="silu")
+    ref = torch.nn.Linear(7, 5, dtype=torch.bfloat16)
+    assert isinstance(m, torch.nn.Linear)
+    assert list(m.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    assert m.weight.dtype == torch.bfloat16 and m.weight.shape == (5, 7)
+    assert "activation='silu'" in repr(m)
+    assert list(Linear(3, 2, bias=False).state_dict()) == ["weight"]
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, dtype=torch.bfloat16)
+    torch.testing.assert_close(m(x).float(), torch.nn.functional.silu(ref(x).float()), atol=0.03, rtol=0.02)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        Linear(3, 2, activation="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear(x, m.weight, None, "softplus")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_convert_keeps_parameters_outputs_and_keys(dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Sequential(torch.nn.Linear(32, 8)),
+                                torch.nn.LayerNorm(8)).to(dtype)
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(4, 12, dtype=dtype)
+    before = model(x).detach()
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    assert convert(model) is model
+    assert type(model[0]) is Linear and type(model[2][0]) is Linear and isinstance(model[0], torch.nn.Linear)
+    assert {n: p for n, p in model.named_parameters()} == params  # the very same Parameter objects
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    after = model(x).detach()
+    if dtype == torch.float32:
+        assert torch.equal(after, before)
+    else:
+        torch.testing.assert_close(after.float(), before.float(), atol=0.05, rtol=0.02)
+    model(x).float().sum().backward()
+    assert model[0].weight.grad is not None and model[0].bias.grad is None
+    single = convert(torch.nn.Linear(3, 3, dtype=torch.float16))
+    assert type(single) is Linear
+    assert mixprec_ops.convert is convert and mixprec_ops.nn.Linear is Linear
+
+
+def test_compile_fullgraph():
+    """No graph break: dynamo traces through the custom op, and AOTAutograd through its registered backward
+    (aot_eager: the cheapest backend that also traces the backward)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(Linear(16, 24, dtype=torch.bfloat16, activation="gelu_tanh"),
+                                Linear(24, 8, dtype=torch.bfloat16))
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    eager = model(x)
+    eager.float().sum().backward()
+    g_eager = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.float().sum().backward()
+    assert torch.equal(out, eager)
+    for g, ge in zip([p.grad for p in model.parameters()] + [x.grad], g_eager):
+        assert torch.equal(g, ge)
+
+
+def test_opcheck_linear_op():
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    w = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(5, dtype=torch.bfloat16, requires_grad=True)
+    for act in ("none", "gelu"):
+        torch.library.opcheck(torch.ops.mixprec.linear.default, (x, w, b, act, ""))
+
+
+@pytest.mark.parametrize("device,backend", backends_here())
+def test_backward_with_broadcast_grad(device, backend):
+    """y.sum().backward() hands backward an expanded grad (all strides 0): the kernels read it in place."""
+    x = torch.randn(2, 9, 20, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = torch.randn(7, 20, dtype=torch.bfloat16, device=device, requires_grad=True)
+    b = torch.randn(7, dtype=torch.bfloat16, device=device, requires_grad=True)
+    linear(x, w, b, backend=backend).sum().backward()
+    xr, wr, br = (t.detach().double().cpu().requires_grad_(True) for t in (x, w, b))
+    torch.nn.functional.linear(xr, wr, br).sum().backward()
+    # each gradient is a sum of up to 18 exact bf16 values accumulated in fp32, rounded once to bf16
+    for g, r in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(g.double().cpu(), r, atol=1e-6, rtol=2 ** -8)
