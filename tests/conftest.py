@@ -43,6 +43,16 @@ def backend_params(op: str):
     return out
 
 
+def extension_backend(op: str, device: str) -> str:
+    """The compiled extension's backend for `device` ("cpu" or "cuda"); skips the test, with the reason, when the
+    extension cannot serve `op` there."""
+    backend = "cpu" if device == "cpu" else "cuda"
+    why = backends.unavailable_reason(op, backend, torch.device(device))
+    if why:
+        pytest.skip(why)
+    return backend
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns of a float tensor, as a signed integer tensor of the same width."""
     width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]

@@ -10,7 +10,8 @@ cast, which the interpreter does exactly; a 1-ulp allowance is therefore not nee
 
 import pytest
 import torch
-from conftest import DEVICES, assert_bit_exact, backend_params, poison_allocator, wide_random
+from conftest import (DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator,
+                      wide_random)
 
 import mixprec_ops
 from mixprec_ops.ops import cast_and_scale_reference
@@ -155,10 +156,7 @@ def test_reference_matches_float64_definition(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_extension_op(device):
-    backend = "cpu" if device == "cpu" else "cuda"
-    why = mixprec_ops.backends.unavailable_reason(OP, backend, torch.device(device))
-    if why:
-        pytest.skip(why)
+    extension_backend(OP, device)
     x = make_x(300, torch.float32, device, specials=False).reshape(20, 15)  # opcheck compares NaN != NaN
     for args in [
         (x, torch.float8_e4m3fn, torch.tensor([0.5], device=device), 1.0, torch.zeros(1, device=device), True),

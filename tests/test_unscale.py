@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params
+from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params, extension_backend
 
 import mixprec_ops
 from mixprec_ops.ops import unscale_reference
@@ -130,10 +130,7 @@ def test_tensor_spanning_launches_cuda(backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_extension_op(device):
-    backend = "cpu" if device == "cpu" else "cuda"
-    why = mixprec_ops.backends.unavailable_reason(OP, backend, torch.device(device))
-    if why:
-        pytest.skip(why)
+    extension_backend(OP, device)
     ts = [torch.randn(n, device=device).to(d) for n, d in ((33, torch.float32), (70, torch.bfloat16))]
     for rn in (False, True):
         torch.library.opcheck(torch.ops.mixprec.unscale_.default,
