@@ -47,6 +47,20 @@ def _triton_status() -> tuple[bool, bool, str | None]:
     return True, triton_kernels.INTERPRETED, None
 
 
+@lru_cache(maxsize=None)
+def _extension_reason(op: str, backend: str) -> str | None:
+    """Why the compiled extension cannot serve `op` with `backend` ("cuda"/"cpu"), or None. Fixed for the life of
+    the process (the extension registers its kernels when it loads), so it is looked up once, not on every call."""
+    if _ext.LOAD_ERROR is not None:
+        return f"the compiled extension is unavailable: {_ext.LOAD_ERROR}"
+    if not _ext.has_kernel(op, backend.upper()):
+        why = "built without CUDA" if backend == "cuda" else "no CPU kernel registered"
+        return f"the compiled extension has no {backend} kernel for {op} ({why}; {_ext.BUILD_INFO})"
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
     """None if `backend` can serve `op` on `device`, else why not."""
     dev = device.type
@@ -63,14 +77,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     if dev not in ("cpu", "cuda"):
         return f"no {backend!r} kernels for {dev} tensors"
     if backend in ("cuda", "cpu"):
-        if _ext.LOAD_ERROR is not None:
-            return f"the compiled extension is unavailable: {_ext.LOAD_ERROR}"
-        if not _ext.has_kernel(op, backend.upper()):
-            why = "built without CUDA" if backend == "cuda" else "no CPU kernel registered"
-            return f"the compiled extension has no {backend} kernel for {op} ({why}; {_ext.BUILD_INFO})"
-        if backend == "cuda" and not torch.cuda.is_available():
-            return "CUDA is not available"
-        return None
+        return _extension_reason(op, backend)
     if backend == "triton":
         ok, interpreted, why = _triton_status()
         if not ok:
