@@ -5,18 +5,22 @@ VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 BENCH_ARGS ?=
 PIP := $(VPY) -m pip install -q --disable-pip-version-check
+# Test and example dependencies besides torch; transformers + accelerate only for the Hugging Face Trainer test of
+# examples/. Bump DEPS_REV when this list changes so that existing venvs pick the change up.
+DEPS := numpy pytest ninja setuptools wheel tqdm matplotlib transformers accelerate
+DEPS_REV := 2
 # The venv's tools first (ninja above all): /usr/bin/ninja and the venv's ninja discard each other's build log,
 # so switching between them recompiles everything.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv install test bench wheel clean
 
-$(VENV)/.deps-$(TORCH_VERSION):
+$(VENV)/.deps-$(TORCH_VERSION)-$(DEPS_REV):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib
+	$(PIP) torch==$(TORCH_VERSION) $(DEPS)
 	touch $@
 
-venv: $(VENV)/.deps-$(TORCH_VERSION)
+venv: $(VENV)/.deps-$(TORCH_VERSION)-$(DEPS_REV)
 
 # Non-editable install: tests and benchmarks import the built package, as users do.
 install: venv

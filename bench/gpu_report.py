@@ -124,6 +124,41 @@ def fmt(v, spec, suffix=""):
     return "-" if v is None else format(v, spec) + suffix
 
 
+def read_train(out: str) -> dict | None:
+    """examples/train_gpt.py's log.json (gpu_check's train step): per mode final loss, tokens/s, peak memory."""
+    path = os.path.join(out, "train_gpt", "log.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        log = json.load(open(path))
+    except ValueError as e:
+        return {"error": f"unreadable {path}: {e}"}
+    modes = {m: {k: v.get(k) for k in ("final_val_loss", "tokens_per_s", "peak_memory_mb", "state_mb",
+                                       "skipped_steps", "steps_run")} for m, v in log.get("modes", {}).items()}
+    return {"config": log.get("config"), "modes": modes}
+
+
+def train_md(t: dict | None) -> list[str]:
+    """Lines for the end-to-end run: each mode vs torch AMP (mode 2), the issue's goal being mixprec_bf16 >= 1.1x
+    torch AMP tokens/s at equal final loss."""
+    if not t:
+        return ["train_gpt: not run"]
+    if "error" in t:
+        return [f"train_gpt: {t['error']}"]
+    c = t.get("config") or {}
+    amp = t["modes"].get("amp_bf16") or {}
+    L = ["", f"train_gpt ({c.get('layers')} layers, width {c.get('width')}, context {c.get('context')}, batch "
+         f"{c.get('batch')}, {c.get('steps')} steps):", "",
+         "| mode | val loss | tokens/s | vs amp_bf16 | peak MB | vs amp_bf16 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for m, r in t["modes"].items():
+        tps, mem = r.get("tokens_per_s"), r.get("peak_memory_mb")
+        rt = tps / amp["tokens_per_s"] if tps and amp.get("tokens_per_s") else None
+        rm = mem / amp["peak_memory_mb"] if mem and amp.get("peak_memory_mb") else None
+        L.append(f"| {m} | {fmt(r.get('final_val_loss'), '.4f')} | {fmt(tps, '.0f')} | {fmt(rt, '.2f', 'x')} | "
+                 f"{fmt(mem, '.0f')} | {fmt(rm, '.2f', 'x')} |")
+    return L + [""]
+
+
 def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
     L = [
         f"# mixprec_ops GPU check: {rep['gpu']} ({rep['date']})",
@@ -151,6 +186,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
             f"{'match the reference' if s['subset_ok'] else 'NOT OK: ' + '; '.join(s['mismatches'][:3])}"
         )
     )
+    L += train_md(rep.get("train_gpt"))
     b = rep.get("bench")
     if not b:
         L.append("bench: no results")
@@ -204,6 +240,7 @@ def build(out: str) -> dict:
         "tests": read_junit(out),
         "sanitizer": read_sanitizer(out),
         "bench": bench,
+        "train_gpt": read_train(out),
         "targets": targets((bench or {}).get("results", [])),
     }
 

@@ -121,6 +121,60 @@ def test_convert_keeps_parameters_outputs_and_keys(dtype):
     assert mixprec_ops.convert is convert and mixprec_ops.nn.Linear is Linear
 
 
+def _fake_hf_conv1d_class():
+    """A stand-in for transformers.pytorch_utils.Conv1D (same module prefix, attributes and forward)."""
+
+    class Conv1D(torch.nn.Module):
+        def __init__(self, nf, nx, dtype):
+            super().__init__()
+            self.nf, self.nx = nf, nx
+            self.weight = torch.nn.Parameter(torch.randn(nx, nf, dtype=dtype) * 0.2)
+            self.bias = torch.nn.Parameter(torch.randn(nf, dtype=dtype))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+    Conv1D.__module__ = "transformers.fake_pytorch_utils"
+    return Conv1D
+
+
+def test_convert_hf_conv1d_keeps_parameters_and_computes_x_at_w_plus_b():
+    cls = _fake_hf_conv1d_class()
+    model = torch.nn.Sequential(cls(24, 12, torch.bfloat16), torch.nn.ReLU(), cls(5, 24, torch.bfloat16))
+    x = torch.randn(3, 7, 12, dtype=torch.bfloat16, requires_grad=True)
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    convert(model, activation=None)
+    assert isinstance(model[0], cls) and type(model[0]) is not cls and type(model[0]) is type(model[2])
+    assert all(p is q for p, q in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    y = model(x)
+    # Oracle: the same product in fp32 with one rounding per layer (what the fused kernel computes).
+    h = (x.detach().float() @ params[0].detach().float() + params[1].detach().float()).to(torch.bfloat16)
+    ref = (torch.relu(h).float() @ params[2].detach().float() + params[3].detach().float()).to(torch.bfloat16)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params) and x.grad.shape == x.shape
+    # A module merely named Conv1D outside transformers is left alone.
+    other = _fake_hf_conv1d_class()
+    other.__module__ = "mymodels"
+    m = other(4, 3, torch.bfloat16)
+    convert(m)
+    assert type(m) is other
+
+
+def test_convert_real_hf_gpt2_conv1d():
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (make test)")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    m = Conv1D(16, 8).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    before = m(x)
+    convert(m)
+    assert isinstance(m, Conv1D) and type(m) is not Conv1D, transformers.__version__
+    torch.testing.assert_close(m(x).float(), before.float(), atol=0.02, rtol=0.02)  # torch's bf16 addmm rounds too
+
+
 def test_compile_fullgraph():
     """No graph break: dynamo traces through the custom op, and AOTAutograd through its registered backward
     (aot_eager: the cheapest backend that also traces the backward)."""

@@ -30,14 +30,47 @@ class Linear(torch.nn.Linear):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
+_CONV1D_CLASSES: dict[type, type] = {}
+
+
+def _is_hf_conv1d(m: torch.nn.Module) -> bool:
+    """Hugging Face's Conv1D (transformers.pytorch_utils, used by GPT-2): y = x @ weight + bias, weight (nx, nf)."""
+    cls = type(m)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+            and getattr(m, "nf", None) == m.weight.shape[1])
+
+
+def _conv1d_forward(self, x):
+    # weight is (in, out): weight.t() is the (out, in) view linear() takes; the kernel reads it in place (no copy).
+    return linear(x, self.weight.t(), self.bias, self.activation)
+
+
+def _conv1d_class(base: type) -> type:
+    """A subclass of Hugging Face's Conv1D whose forward is the fused linear (isinstance(m, base) still holds). It
+    is registered in this module under a stable name so that instances pickle within a process that converted."""
+    if base not in _CONV1D_CLASSES:
+        name = f"Conv1D_{base.__module__.replace('.', '_')}"
+        cls = type(name, (base,), {"forward": _conv1d_forward, "__module__": __name__, "__qualname__": name,
+                                   "__doc__": f"{base.__module__}.Conv1D on mixprec_ops.nn.functional.linear."})
+        globals()[name] = cls
+        _CONV1D_CLASSES[base] = cls
+    return _CONV1D_CLASSES[base]
+
+
 def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
     """Turn every torch.nn.Linear of `model` (the model itself included) into mixprec_ops.nn.Linear, in place, and
     return the model. The modules keep their Parameter objects (no copy: same weight, bias, device, dtype,
     requires_grad), hooks and state_dict keys. Only exact torch.nn.Linear instances are converted (subclasses may
-    override forward). `activation` is fused into every converted layer (default None: outputs unchanged)."""
+    override forward). Hugging Face's Conv1D (GPT-2's attention and MLP projections: y = x @ weight + bias) is
+    converted too, to a subclass of itself computing the same product with the fused kernel. `activation` is fused
+    into every converted layer (default None: outputs unchanged)."""
     _check_activation(activation)
     for m in model.modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = Linear
+            m.activation = activation
+        elif _is_hf_conv1d(m):
+            m.__class__ = _conv1d_class(type(m))
             m.activation = activation
     return model
