@@ -165,9 +165,10 @@ def main(argv=None) -> int:
                     notes.append(n)
             k = n_sets(c.set_bytes or c.bytes, mach["cache_bytes"], max_sets)
             inputs = [c.make(seed) for seed in range(k)]
-            checks, timed = {}, []
+            checks, timed, check_s = {}, [], {}
             for impl in c.impls:
                 bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M check {impl.backend}")
+                t_check = time.perf_counter()
                 try:
                     bad = c.check(impl)
                     checks[impl.backend] = "ok" if bad is None else f"FAIL: {bad}"
@@ -176,16 +177,31 @@ def main(argv=None) -> int:
                     checks[impl.backend] = (
                         f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     )
+                # The check is the first call of this shape: it includes any compilation and autotuning.
+                check_s[impl.backend] = time.perf_counter() - t_check
             bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M timing")
             try:
                 got = measure(
-                    [i.fn for i in timed], inputs, device, reps=reps, warmup=warmup, min_reps=min_reps, budget_s=budget
+                    [i.fn for i in timed],
+                    inputs,
+                    device,
+                    reps=min(reps, c.reps or reps),
+                    warmup=warmup,
+                    min_reps=min_reps,
+                    budget_s=min(budget, c.budget_s or budget),
                 )
                 ts = {i.backend: t for i, t in zip(timed, got, strict=True)}
             except Exception as e:  # noqa: BLE001
                 ts = {}
                 for i in timed:
                     checks[i.backend] += f"; timing ERROR: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            infos = {}
+            for impl in timed:
+                if impl.info is not None and impl.backend in ts:
+                    try:
+                        infos[impl.backend] = impl.info(inputs[0])
+                    except Exception as e:  # noqa: BLE001  (a note must not cost the measurement)
+                        infos[impl.backend] = f"info ERROR: {type(e).__name__}: {str(e)[:120]}"
             base = ts.get(BASELINE)
             for impl in c.impls:
                 t = ts.get(impl.backend)
@@ -208,6 +224,12 @@ def main(argv=None) -> int:
                         "vs_torch": base.median_s / t.median_s if (t and base) else None,
                         "check": checks[impl.backend],
                         "desc": impl.desc,
+                        "check_s": round(check_s[impl.backend], 3),
+                        "flops": c.flops,
+                        "tflops": c.flops / t.median_s / 1e12 if (t and c.flops) else None,
+                        "pct_peak": None,
+                        "variant": infos.get(impl.backend, ""),
+                        **c.tags,
                     }
                 )
                 bar.update()
@@ -221,8 +243,11 @@ def main(argv=None) -> int:
     ceil["copy_gbps_end"] = end["copy_gbps"]
     copy_gbps = max(copy_gbps, end["copy_gbps"])  # the denominator of %copy: the best the machine showed
     ceil["copy_gbps_best"] = copy_gbps
+    peak = ceil.get("matmul_bf16_tflops")  # torch's own bf16 matmul rate, measured at the start (GPU only)
     for r in rows:
         r["pct_copy"] = 100 * r["gbps"] / copy_gbps if r["gbps"] else None
+        r["pct_peak"] = 100 * r["tflops"] / peak if (r["tflops"] and peak) else None
+    geomeans = report.geomeans(rows)
     failures = [r for r in rows if r["check"] != "ok"]
     mach["loadavg_end"] = machine.load()
     mach["parallel_latency_us_end"] = machine.parallel_latency_us()
@@ -243,6 +268,7 @@ def main(argv=None) -> int:
         "noisy": noisy,
         "cases_seconds": round(elapsed, 1),
         "failures": len(failures),
+        "geomeans": geomeans,
         "results": rows,
     }
     report.write_json(os.path.join(out, "results.json"), doc)
@@ -269,7 +295,12 @@ def main(argv=None) -> int:
             "per-tensor loops far more than fused kernels: 'vs torch' is inflated. Rerun when idle, or with "
             "--threads 1 for a like-for-like single-thread comparison."
         )
-    print(report.table(rows))
+    if any(not r.get("flops") for r in rows):
+        print(report.table(rows))
+    if any(r.get("flops") for r in rows):
+        print(report.flops_table(rows, peak))
+    for line in report.geomean_lines(geomeans, dev_type):
+        print(line)
     print(
         f"wrote {out}/results.json, results.csv"
         + "".join(f", {os.path.basename(p)}" if p.endswith(".png") else f" ({p})" for p in written)

@@ -31,6 +31,9 @@ class Impl:
     backend: str  # "cpu", "cuda", "triton", or BASELINE
     fn: Callable[[Any], Any]  # runs one call on one input set, returns the op's output
     desc: str = ""  # what the baseline does (shown in notes)
+    # Optional: called once after timing with one input set; returns a short note for the row (e.g. which Triton
+    # kernel variant the autotuner picked for this shape). Its errors are caught and shown, never fatal.
+    info: Callable[[Any], str] | None = None
 
 
 @dataclass
@@ -45,6 +48,11 @@ class Case:
     set_bytes: int = 0  # device bytes one input set touches (for cache rotation); default `bytes`
     tensor_bytes: int = 0  # size of the op's input tensor(s), for size-based targets (e.g. >= 256 MB)
     notes: list[str] = field(default_factory=list)
+    flops: int = 0  # floating-point operations per call (compute-bound ops: rows get TFLOP/s and % of the peak)
+    tags: dict[str, Any] = field(default_factory=dict)  # copied into each row (e.g. family, m, n, k for geomeans)
+    # Per-case caps on the run's timing settings (None: the run's own), for cases whose calls take milliseconds.
+    reps: int | None = None
+    budget_s: float | None = None
 
 
 _PROVIDERS: dict[str, Callable[[Ctx], list[Case]]] = {}
