@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import REPO_ROOT, ceilings, machine, report
-from .registry import BASELINE, Ctx, discover
+from .registry import BASELINE, TIME_BUDGET_S, Ctx, discover
 from .timing import measure, n_sets
 
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
@@ -158,8 +158,17 @@ def main(argv=None) -> int:
     rows, notes = [], []
     bar = _progress(sum(len(c.impls) for c in cases))
     t_start = time.perf_counter()
+    op_seconds: dict[str, float] = {}  # wall time spent per op so far (for TIME_BUDGET_S)
+    over_budget: dict[str, list[str]] = {}
     with torch.no_grad():
         for c in cases:
+            limit = TIME_BUDGET_S.get(c.op)
+            if limit is not None and op_seconds.get(c.op, 0.0) > limit:
+                over_budget.setdefault(c.op, []).append(c.name)
+                for _ in c.impls:
+                    bar.update()
+                continue
+            t_case = time.perf_counter()
             for n in c.notes:
                 if n not in notes:
                     notes.append(n)
@@ -236,7 +245,12 @@ def main(argv=None) -> int:
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            op_seconds[c.op] = op_seconds.get(c.op, 0.0) + time.perf_counter() - t_case
     bar.close()
+    for op, names in over_budget.items():
+        skipped.append(f"{op}: {len(names)} case(s) not run, the op's {TIME_BUDGET_S[op]:.0f} s time budget was "
+                       f"spent ({op_seconds[op]:.0f} s): {', '.join(names)}")
+        print(f"  skipped: {skipped[-1]}")
     elapsed = time.perf_counter() - t_start
 
     end = ceilings.copy_bandwidth(device, args.quick)
@@ -267,6 +281,7 @@ def main(argv=None) -> int:
         "notes": notes,
         "noisy": noisy,
         "cases_seconds": round(elapsed, 1),
+        "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
         "failures": len(failures),
         "geomeans": geomeans,
         "results": rows,
@@ -285,7 +300,7 @@ def main(argv=None) -> int:
     print(
         f"copy ceiling {ceil['copy_gbps']:.1f} GB/s at start, {ceil['copy_gbps_end']:.1f} at end: %copy is of the "
         f"best, {copy_gbps:.1f} GB/s; 'vs torch' = torch baseline time / this time (>1: faster than torch); "
-        f"cases took {elapsed:.0f} s; load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
+        f"cases took {elapsed:.0f} s ({', '.join(f'{op} {t:.0f} s' for op, t in op_seconds.items())}); load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
     )
     if noisy:
         print(

@@ -174,8 +174,12 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         f"matmul {fmt(c.get('matmul_bf16_tflops'), '.0f')} TFLOP/s; bench took {b.get('cases_seconds')} s, "
         f"{b.get('failures')} correctness failures"
     )
+    if b.get("op_seconds"):
+        L.append("bench time per op: " + ", ".join(f"{op} {t:.0f} s" for op, t in b["op_seconds"].items()))
     for n in b.get("notes", []):
         L.append(f"note: {n}")
+    for sk in b.get("skipped", []):
+        L.append(f"skipped: {sk}")
     mem_rows = [r for r in b["results"] if not r.get("flops")]  # compute-bound rows: their own table below
     if mem_rows:
         L += [

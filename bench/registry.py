@@ -56,11 +56,17 @@ class Case:
 
 
 _PROVIDERS: dict[str, Callable[[Ctx], list[Case]]] = {}
+# op -> wall seconds its cases may take (checks, i.e. compilation and autotuning, plus timing); once spent,
+# the op's remaining cases are skipped and listed, so a slow op cannot push the whole run past bench/gpu_check's
+# limit (which would lose every result: results.json is written at the end).
+TIME_BUDGET_S: dict[str, float] = {}
 
 
-def register(op: str):
+def register(op: str, time_budget_s: float | None = None):
     def deco(fn):
         _PROVIDERS[op] = fn
+        if time_budget_s is not None:
+            TIME_BUDGET_S[op] = time_budget_s
         return fn
 
     return deco

@@ -129,3 +129,26 @@ def test_geomeans_against_targets_and_gpu_report():
     assert "| matmul | a | triton | 10.0 us | 1.0 | 50 |" in md and "tiled 128x128x64 w8 s3 (tuned)" in md
     assert "| geomean g2 triton >= 0.90x torch | 0.80x | NO |" in md
     assert "| op | case | backend | size |" not in md  # no memory-bound rows: no GB/s table
+
+
+def test_op_time_budget_skips_the_remaining_cases(tmp_path, monkeypatch):
+    """An op whose cases have spent its time budget: the rest are not run, and the run lists them as skipped."""
+    import time
+
+    from bench import cli, registry
+    from bench.registry import Case
+
+    def slow_case(i):
+        def check(impl):
+            time.sleep(0.3)
+            return None
+
+        return Case("zz_slow", f"case {i}", 1000, 8000, lambda seed: None, [Impl(BASELINE, lambda d: None)], check)
+
+    monkeypatch.setitem(registry._PROVIDERS, "zz_slow", lambda ctx: [slow_case(i) for i in range(4)])
+    monkeypatch.setitem(registry.TIME_BUDGET_S, "zz_slow", 0.5)
+    assert cli.main(["--quick", "--ops", "zz_slow", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    doc = json.load(open(tmp_path / "results.json"))
+    assert [r["case"] for r in doc["results"]] == ["case 0", "case 1"]  # 0.3 + 0.3 > 0.5: cases 2 and 3 skipped
+    assert any(s.startswith("zz_slow: 2 case(s) not run") and "case 2, case 3" in s for s in doc["skipped"])
+    assert doc["op_seconds"]["zz_slow"] >= 0.6
