@@ -300,7 +300,8 @@ def main(argv=None) -> int:
     print(
         f"copy ceiling {ceil['copy_gbps']:.1f} GB/s at start, {ceil['copy_gbps_end']:.1f} at end: %copy is of the "
         f"best, {copy_gbps:.1f} GB/s; 'vs torch' = torch baseline time / this time (>1: faster than torch); "
-        f"cases took {elapsed:.0f} s ({', '.join(f'{op} {t:.0f} s' for op, t in op_seconds.items())}); load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
+        f"cases took {elapsed:.0f} s ({', '.join(f'{op} {t:.0f} s' for op, t in op_seconds.items())}); "
+        f"load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
     )
     if noisy:
         print(

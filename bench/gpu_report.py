@@ -219,8 +219,8 @@ def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_r
         f"Compute-bound cases: %peak is of torch's bf16 matmul rate in this run ({fmt(peak, '.0f')} TFLOP/s); "
         "1st call = the correctness check, including Triton compilation and autotuning.",
         "",
-        f"| op | case | backend | median | TFLOP/s | %peak | %copy | vs torch | 1st call | check | variant | prev TFLOP/s"
-        f"{' (' + prev_name + ')' if prev_name else ''} |",
+        "| op | case | backend | median | TFLOP/s | %peak | %copy | vs torch | 1st call | check | variant "
+        f"| prev TFLOP/s{' (' + prev_name + ')' if prev_name else ''} |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in sel:
@@ -229,9 +229,9 @@ def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_r
         med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
         L.append(
             f"| {r['op']} | {r['case']} | {r['backend']} | {med} | {fmt(r.get('tflops'), '.1f')} | "
-            f"{fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | {fmt(r.get('vs_torch'), '.2f', 'x')} | "
-            f"{fmt(r.get('check_s'), '.1f', ' s')} | {r['check'][:30]} | {(r.get('variant') or '')[:90]} | "
-            f"{fmt((p or {}).get('tflops'), '.1f')} |"
+            f"{fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | "
+            f"{fmt(r.get('vs_torch'), '.2f', 'x')} | {fmt(r.get('check_s'), '.1f', ' s')} | {r['check'][:30]} | "
+            f"{(r.get('variant') or '')[:90]} | {fmt((p or {}).get('tflops'), '.1f')} |"
         )
     return L
 
