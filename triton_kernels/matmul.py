@@ -10,12 +10,13 @@ Two kernel variants, one epilogue (_epilogue, shared, so both give the same resu
   descriptors (triton.tools.tensor_descriptor.TensorDescriptor, present in Triton 3.6 and 3.8 alike; the device-side
   tl.make_tensor_descriptor is not used, so no global-scratch allocator, triton.set_allocator, is needed). A
   descriptor needs the operand's inner dimension contiguous and the other stride and the base 16-byte aligned: A is
-  described as (M, K) when row-major or as A.T (K, M) when column-major (the tile is transposed in registers), and
+  described as (M, K) when row-major or as A.T (K, M) when column-major (the loaded tile is then transposed), and
   B as (K, N) or B.T (N, K) (the nn.Linear weight case). Out-of-bounds parts of a tile read as zeros (the K tail
   needs no mask); C is written with masked pointer stores by the shared epilogue. Feature-detected (HAS_TMA: the
   descriptor class, tl.tensor_descriptor and tl.range(..., flatten=) all present) and a candidate only on sm_90+,
   for shapes with M, N, K >= TMA_MIN_DIM whose operands are TMA-compatible. Triton 3.8's interpreter runs it on
-  CPU tensors (tests/test_matmul.py forces it there); whether and where it beats the tiled kernel only a GPU shows.
+  CPU tensors (tests/test_matmul_autotune.py forces it there); whether and where it beats the tiled kernel only a
+  GPU shows.
 
 Epilogue, on the fp32 accumulator: + bias (fp32), then the activation (relu, gelu with erf, gelu with tanh, silu),
 then one cast to the output dtype. Optionally the pre-activation (acc + bias, cast) is stored too; the autograd
@@ -33,7 +34,8 @@ Config selection (launch_matmul), per call:
   and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
   the operand, output and bias dtypes, the activation and whether the pre-activation is stored, and the layout class
   (row-/column-major/strided A, B, C, and TMA eligibility). A cached config that the current code does not offer
-  for the key is ignored.
+  for the key is ignored. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
+  tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
   used, else the candidate set's default (its first entry); nothing is stored.
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
