@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import REPO_ROOT, ceilings, machine, report
-from .registry import BASELINE, Ctx, discover
+from .registry import BASELINE, TIME_BUDGET_S, Ctx, discover
 from .timing import measure, n_sets
 
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
@@ -158,16 +158,26 @@ def main(argv=None) -> int:
     rows, notes = [], []
     bar = _progress(sum(len(c.impls) for c in cases))
     t_start = time.perf_counter()
+    op_seconds: dict[str, float] = {}  # wall time spent per op so far (for TIME_BUDGET_S)
+    over_budget: dict[str, list[str]] = {}
     with torch.no_grad():
         for c in cases:
+            limit = TIME_BUDGET_S.get(c.op)
+            if limit is not None and op_seconds.get(c.op, 0.0) > limit:
+                over_budget.setdefault(c.op, []).append(c.name)
+                for _ in c.impls:
+                    bar.update()
+                continue
+            t_case = time.perf_counter()
             for n in c.notes:
                 if n not in notes:
                     notes.append(n)
             k = n_sets(c.set_bytes or c.bytes, mach["cache_bytes"], max_sets)
             inputs = [c.make(seed) for seed in range(k)]
-            checks, timed = {}, []
+            checks, timed, check_s = {}, [], {}
             for impl in c.impls:
                 bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M check {impl.backend}")
+                t_check = time.perf_counter()
                 try:
                     bad = c.check(impl)
                     checks[impl.backend] = "ok" if bad is None else f"FAIL: {bad}"
@@ -176,16 +186,31 @@ def main(argv=None) -> int:
                     checks[impl.backend] = (
                         f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     )
+                # The check is the first call of this shape: it includes any compilation and autotuning.
+                check_s[impl.backend] = time.perf_counter() - t_check
             bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M timing")
             try:
                 got = measure(
-                    [i.fn for i in timed], inputs, device, reps=reps, warmup=warmup, min_reps=min_reps, budget_s=budget
+                    [i.fn for i in timed],
+                    inputs,
+                    device,
+                    reps=min(reps, c.reps or reps),
+                    warmup=warmup,
+                    min_reps=min_reps,
+                    budget_s=min(budget, c.budget_s or budget),
                 )
                 ts = {i.backend: t for i, t in zip(timed, got, strict=True)}
             except Exception as e:  # noqa: BLE001
                 ts = {}
                 for i in timed:
                     checks[i.backend] += f"; timing ERROR: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            infos = {}
+            for impl in timed:
+                if impl.info is not None and impl.backend in ts:
+                    try:
+                        infos[impl.backend] = impl.info(inputs[0])
+                    except Exception as e:  # noqa: BLE001  (a note must not cost the measurement)
+                        infos[impl.backend] = f"info ERROR: {type(e).__name__}: {str(e)[:120]}"
             base = ts.get(BASELINE)
             for impl in c.impls:
                 t = ts.get(impl.backend)
@@ -208,21 +233,35 @@ def main(argv=None) -> int:
                         "vs_torch": base.median_s / t.median_s if (t and base) else None,
                         "check": checks[impl.backend],
                         "desc": impl.desc,
+                        "check_s": round(check_s[impl.backend], 3),
+                        "flops": c.flops,
+                        "tflops": c.flops / t.median_s / 1e12 if (t and c.flops) else None,
+                        "pct_peak": None,
+                        "variant": infos.get(impl.backend, ""),
+                        **c.tags,
                     }
                 )
                 bar.update()
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            op_seconds[c.op] = op_seconds.get(c.op, 0.0) + time.perf_counter() - t_case
     bar.close()
+    for op, names in over_budget.items():
+        skipped.append(f"{op}: {len(names)} case(s) not run, the op's {TIME_BUDGET_S[op]:.0f} s time budget was "
+                       f"spent ({op_seconds[op]:.0f} s): {', '.join(names)}")
+        print(f"  skipped: {skipped[-1]}")
     elapsed = time.perf_counter() - t_start
 
     end = ceilings.copy_bandwidth(device, args.quick)
     ceil["copy_gbps_end"] = end["copy_gbps"]
     copy_gbps = max(copy_gbps, end["copy_gbps"])  # the denominator of %copy: the best the machine showed
     ceil["copy_gbps_best"] = copy_gbps
+    peak = ceil.get("matmul_bf16_tflops")  # torch's own bf16 matmul rate, measured at the start (GPU only)
     for r in rows:
         r["pct_copy"] = 100 * r["gbps"] / copy_gbps if r["gbps"] else None
+        r["pct_peak"] = 100 * r["tflops"] / peak if (r["tflops"] and peak) else None
+    geomeans = report.geomeans(rows)
     failures = [r for r in rows if r["check"] != "ok"]
     mach["loadavg_end"] = machine.load()
     mach["parallel_latency_us_end"] = machine.parallel_latency_us()
@@ -242,7 +281,9 @@ def main(argv=None) -> int:
         "notes": notes,
         "noisy": noisy,
         "cases_seconds": round(elapsed, 1),
+        "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
         "failures": len(failures),
+        "geomeans": geomeans,
         "results": rows,
     }
     report.write_json(os.path.join(out, "results.json"), doc)
@@ -259,7 +300,8 @@ def main(argv=None) -> int:
     print(
         f"copy ceiling {ceil['copy_gbps']:.1f} GB/s at start, {ceil['copy_gbps_end']:.1f} at end: %copy is of the "
         f"best, {copy_gbps:.1f} GB/s; 'vs torch' = torch baseline time / this time (>1: faster than torch); "
-        f"cases took {elapsed:.0f} s; load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
+        f"cases took {elapsed:.0f} s ({', '.join(f'{op} {t:.0f} s' for op, t in op_seconds.items())}); "
+        f"load average {mach['loadavg_start']} -> {mach['loadavg_end']}"
     )
     if noisy:
         print(
@@ -269,7 +311,12 @@ def main(argv=None) -> int:
             "per-tensor loops far more than fused kernels: 'vs torch' is inflated. Rerun when idle, or with "
             "--threads 1 for a like-for-like single-thread comparison."
         )
-    print(report.table(rows))
+    if any(not r.get("flops") for r in rows):
+        print(report.table(rows))
+    if any(r.get("flops") for r in rows):
+        print(report.flops_table(rows, peak))
+    for line in report.geomean_lines(geomeans, dev_type):
+        print(line)
     print(
         f"wrote {out}/results.json, results.csv"
         + "".join(f", {os.path.basename(p)}" if p.endswith(".png") else f" ({p})" for p in written)

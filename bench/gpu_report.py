@@ -21,6 +21,8 @@ import xml.etree.ElementTree as ET
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 # Targets from the issue (GPU): cast_and_scale >= 90% of copy bandwidth for tensors >= 256 MB; unscale_ >= 1.0x torch.
+# The matmul targets (geometric means of "vs torch" per group) are computed by the bench itself (results.json
+# "geomeans", from bench/report.py and the groups in bench/cases_matmul.py) and only copied here.
 CAST_PCT, CAST_MIN_BYTES, UNSCALE_RATIO = 90.0, 256e6, 1.0
 
 
@@ -96,8 +98,19 @@ def previous(exclude: str, gpu_slug: str) -> tuple[str | None, dict]:
     return os.path.basename(files[-1]), {(r["op"], r["case"], r["backend"], r["numel"]): r for r in rows}
 
 
-def targets(rows: list[dict]) -> list[dict]:
+def targets(rows: list[dict], geomeans: list[dict] | None = None) -> list[dict]:
     out = []
+    for g in geomeans or []:
+        if g.get("backend") is None:
+            continue
+        miss = "" if g["n"] == g["n_cases"] else f" ({g['n']} of {g['n_cases']} cases)"
+        out.append(
+            {
+                "what": f"geomean {g['group']} {g['backend']} >= {g['target']:.2f}x torch",
+                "value": fmt(g.get("geomean"), ".2f", "x") + miss,
+                "met": bool(g.get("met")),
+            }
+        )
     for r in rows:
         if r["backend"] == "torch" or r.get("gbps") is None:
             continue
@@ -197,15 +210,21 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         f"matmul {fmt(c.get('matmul_bf16_tflops'), '.0f')} TFLOP/s; bench took {b.get('cases_seconds')} s, "
         f"{b.get('failures')} correctness failures"
     )
+    if b.get("op_seconds"):
+        L.append("bench time per op: " + ", ".join(f"{op} {t:.0f} s" for op, t in b["op_seconds"].items()))
     for n in b.get("notes", []):
         L.append(f"note: {n}")
-    L += [
-        "",
-        f"| op | case | backend | size | median | GB/s | %copy | vs torch | check | prev GB/s"
-        f"{' (' + prev_name + ')' if prev_name else ''} |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
-    ]
-    for r in b["results"]:
+    for sk in b.get("skipped", []):
+        L.append(f"skipped: {sk}")
+    mem_rows = [r for r in b["results"] if not r.get("flops")]  # compute-bound rows: their own table below
+    if mem_rows:
+        L += [
+            "",
+            f"| op | case | backend | size | median | GB/s | %copy | vs torch | check | prev GB/s"
+            f"{' (' + prev_name + ')' if prev_name else ''} |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+    for r in mem_rows:
         p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
         us = r.get("median_us")
         med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
@@ -214,10 +233,43 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
             f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | {fmt(r.get('vs_torch'), '.2f', 'x')} | "
             f"{r['check'][:30]} | {fmt((p or {}).get('gbps'), '.0f')} |"
         )
+    L += flops_md(b["results"], c.get("matmul_bf16_tflops"), prev_name, prev_rows)
+    untimed = [g for g in b.get("geomeans") or [] if g.get("backend") is None]
+    if untimed:
+        L.append("")
+        L += [f"geomean {g['group']}: no kernel backend timed ({g['n_cases']} cases)" for g in untimed]
     if rep["targets"]:
         L += ["", "| target | value | met |", "| --- | ---: | --- |"]
         L += [f"| {x['what']} | {x['value']} | {'yes' if x['met'] else 'NO'} |" for x in rep["targets"]]
     return "\n".join(L) + "\n"
+
+
+def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_rows: dict) -> list[str]:
+    """The compute-bound rows (matmul, Linear): TFLOP/s, % of torch's bf16 matmul rate measured in the same run,
+    "vs torch", the first call's seconds (the correctness check: compilation + autotuning) and the Triton variant."""
+    sel = [r for r in rows if r.get("flops")]
+    if not sel:
+        return []
+    L = [
+        "",
+        f"Compute-bound cases: %peak is of torch's bf16 matmul rate in this run ({fmt(peak, '.0f')} TFLOP/s); "
+        "1st call = the correctness check, including Triton compilation and autotuning.",
+        "",
+        "| op | case | backend | median | TFLOP/s | %peak | %copy | vs torch | 1st call | check | variant "
+        f"| prev TFLOP/s{' (' + prev_name + ')' if prev_name else ''} |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
+    for r in sel:
+        p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
+        us = r.get("median_us")
+        med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
+        L.append(
+            f"| {r['op']} | {r['case']} | {r['backend']} | {med} | {fmt(r.get('tflops'), '.1f')} | "
+            f"{fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | "
+            f"{fmt(r.get('vs_torch'), '.2f', 'x')} | {fmt(r.get('check_s'), '.1f', ' s')} | {r['check'][:30]} | "
+            f"{(r.get('variant') or '')[:90]} | {fmt((p or {}).get('tflops'), '.1f')} |"
+        )
+    return L
 
 
 def build(out: str) -> dict:
@@ -241,7 +293,7 @@ def build(out: str) -> dict:
         "sanitizer": read_sanitizer(out),
         "bench": bench,
         "train_gpt": read_train(out),
-        "targets": targets((bench or {}).get("results", [])),
+        "targets": targets((bench or {}).get("results", []), (bench or {}).get("geomeans")),
     }
 
 

@@ -31,6 +31,9 @@ class Impl:
     backend: str  # "cpu", "cuda", "triton", or BASELINE
     fn: Callable[[Any], Any]  # runs one call on one input set, returns the op's output
     desc: str = ""  # what the baseline does (shown in notes)
+    # Optional: called once after timing with one input set; returns a short note for the row (e.g. which Triton
+    # kernel variant the autotuner picked for this shape). Its errors are caught and shown, never fatal.
+    info: Callable[[Any], str] | None = None
 
 
 @dataclass
@@ -45,14 +48,25 @@ class Case:
     set_bytes: int = 0  # device bytes one input set touches (for cache rotation); default `bytes`
     tensor_bytes: int = 0  # size of the op's input tensor(s), for size-based targets (e.g. >= 256 MB)
     notes: list[str] = field(default_factory=list)
+    flops: int = 0  # floating-point operations per call (compute-bound ops: rows get TFLOP/s and % of the peak)
+    tags: dict[str, Any] = field(default_factory=dict)  # copied into each row (e.g. family, m, n, k for geomeans)
+    # Per-case caps on the run's timing settings (None: the run's own), for cases whose calls take milliseconds.
+    reps: int | None = None
+    budget_s: float | None = None
 
 
 _PROVIDERS: dict[str, Callable[[Ctx], list[Case]]] = {}
+# op -> wall seconds its cases may take (checks, i.e. compilation and autotuning, plus timing); once spent,
+# the op's remaining cases are skipped and listed, so a slow op cannot push the whole run past bench/gpu_check's
+# limit (which would lose every result: results.json is written at the end).
+TIME_BUDGET_S: dict[str, float] = {}
 
 
-def register(op: str):
+def register(op: str, time_budget_s: float | None = None):
     def deco(fn):
         _PROVIDERS[op] = fn
+        if time_budget_s is not None:
+            TIME_BUDGET_S[op] = time_budget_s
         return fn
 
     return deco

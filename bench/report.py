@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 CSV_FIELDS = [
@@ -23,6 +24,16 @@ CSV_FIELDS = [
     "vs_torch",
     "check",
     "desc",
+    "check_s",
+    "flops",
+    "tflops",
+    "pct_peak",
+    "variant",
+    "family",
+    "m",
+    "n",
+    "k",
+    "geomean",
 ]
 
 
@@ -41,6 +52,8 @@ def _f(v, spec):
 
 
 def table(rows: list[dict]) -> str:
+    """The memory-bound rows (compute-bound rows, those with a flop count, go to flops_table)."""
+    rows = [r for r in rows if not r.get("flops")]
     head = ["op", "case", "backend", "size", "median", "GB/s", "%copy", "vs torch", "check"]
     body = [
         [
@@ -56,12 +69,98 @@ def table(rows: list[dict]) -> str:
         ]
         for r in rows
     ]
+    return _grid(head, body, {4, 5, 6, 7})
+
+
+def _grid(head: list[str], body: list[list], right: set[int]) -> str:
     w = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
-    right = {4, 5, 6, 7}
     line = lambda cells: "  ".join(
         str(c).rjust(w[i]) if i in right else str(c).ljust(w[i]) for i, c in enumerate(cells)
     )
     return "\n".join([line(head), "  ".join("-" * x for x in w)] + [line(b) for b in body])
+
+
+def flops_table(rows: list[dict], peak_tflops: float | None) -> str:
+    """The compute-bound rows (those with a flop count): TFLOP/s, % of torch's measured bf16 matmul rate, the ratio
+    vs torch, the first call's wall time (the correctness check: includes compilation and autotuning) and, for
+    Triton, the kernel variant the autotuner picked."""
+    sel = [r for r in rows if r.get("flops")]
+    head = ["op", "case", "backend", "median", "TFLOP/s", "%peak", "%copy", "vs torch", "1st call", "check", "variant"]
+    body = [
+        [
+            r["op"],
+            r["case"],
+            r["backend"],
+            fmt_time(r["median_us"]),
+            _f(r.get("tflops"), ".1f"),
+            _f(r.get("pct_peak"), ".0f"),
+            _f(r.get("pct_copy"), ".0f"),
+            _f(r["vs_torch"], ".2f") + ("x" if r["vs_torch"] else ""),
+            _f(r.get("check_s"), ".1f") + " s",
+            r["check"] if len(r["check"]) < 30 else r["check"][:27] + "...",
+            r.get("variant") or "",
+        ]
+        for r in sel
+    ]
+    peak = f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "not measured on this device"
+    return (
+        f"compute-bound cases (%peak: of torch's bf16 matmul rate measured in this run, {peak}; %copy: the bytes "
+        "floor, which bounds small-M GEMMs):\n" + _grid(head, body, {3, 4, 5, 6, 7, 8})
+    )
+
+
+def geomeans(rows: list[dict]) -> list[dict]:
+    """Geometric means of "vs torch" per (group, backend), for rows tagged with a `geomean` group and its `target`
+    (set by the cases, e.g. "matmul M=8192" >= 1.0). A backend meets the target only if it has a ratio for every
+    case of the group (a failed check or a crash leaves no ratio) and their geometric mean reaches the target."""
+    groups: dict[str, dict] = {}
+    for r in rows:
+        g = r.get("geomean")
+        if not g:
+            continue
+        d = groups.setdefault(g, {"target": r.get("target"), "cases": [], "ratios": {}})
+        key = (r["case"], r["numel"])
+        if key not in d["cases"]:
+            d["cases"].append(key)
+        if r["backend"] != "torch" and not r["backend"].startswith("torch-"):
+            d["ratios"].setdefault(r["backend"], {})
+            if r.get("vs_torch"):
+                d["ratios"][r["backend"]][key] = r["vs_torch"]
+    out = []
+    for g, d in groups.items():
+        for b, rs in d["ratios"].items():
+            gm = math.exp(sum(math.log(v) for v in rs.values()) / len(rs)) if rs else None
+            complete = len(rs) == len(d["cases"])
+            out.append(
+                {
+                    "group": g,
+                    "backend": b,
+                    "target": d["target"],
+                    "n": len(rs),
+                    "n_cases": len(d["cases"]),
+                    "geomean": gm,
+                    "met": bool(complete and gm is not None and d["target"] is not None and gm >= d["target"]),
+                }
+            )
+        if not d["ratios"]:
+            out.append({"group": g, "backend": None, "target": d["target"], "n": 0, "n_cases": len(d["cases"]),
+                        "geomean": None, "met": False})
+    return out
+
+
+def geomean_lines(gms: list[dict], device: str) -> list[str]:
+    lines = []
+    for x in gms:
+        tgt = f">= {x['target']:.2f}x" if x["target"] is not None else "no target"
+        if x["backend"] is None:
+            lines.append(f"geomean {x['group']}: no kernel backend timed on {device} ({x['n_cases']} cases; target "
+                         f"{tgt})")
+            continue
+        gm = "-" if x["geomean"] is None else f"{x['geomean']:.2f}x"
+        miss = "" if x["n"] == x["n_cases"] else f" (only {x['n']} of {x['n_cases']} cases have a ratio)"
+        lines.append(f"geomean {x['group']} {x['backend']}: {gm} vs torch over {x['n']} cases, target {tgt}: "
+                     f"{'met' if x['met'] else 'NOT met'}{miss}")
+    return lines
 
 
 def write_json(path: str, doc: dict) -> None:
@@ -93,6 +192,8 @@ def plots(out_dir: str, rows: list[dict], title: str) -> list[str]:
         ("speedup.png", "vs_torch", 1.0, "speedup vs torch baseline (torch time / our time)", True),
     ):
         bks = [b for b in backends if not (only_ours and b == "torch")]
+        if not bks:  # e.g. a CPU run of ops with no CPU kernel: torch rows only, no speedup to plot
+            continue
         fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * max(1, len(bks)) + 1.5))
         h = 0.8 / max(1, len(bks))
         for j, b in enumerate(bks):

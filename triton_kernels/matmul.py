@@ -1,26 +1,54 @@
-"""Triton kernel of matmul: C = cast(act(A @ B + bias)) with an fp32 accumulator and a fused epilogue.
+"""Triton kernels of matmul: C = cast(act(A @ B + bias)) with an fp32 accumulator and a fused epilogue.
 
-A tiled GEMM (one program per BLOCK_M x BLOCK_N tile of C) with grouped ("swizzled") program ordering: programs
-are numbered so that GROUP_M consecutive row-tiles share the same column-tiles of B, which keeps B tiles in L2.
-A and B are read through their strides, so a transposed (or otherwise strided) operand needs no copy.
+Two kernel variants, one epilogue (_epilogue, shared, so both give the same results):
+
+- "tiled" (_matmul_kernel): one program per BLOCK_M x BLOCK_N tile of C, with grouped ("swizzled") program ordering:
+  programs are numbered so that GROUP_M consecutive row-tiles share the same column-tiles of B, which keeps B tiles
+  in L2. A and B are read through their strides (pointer loads), so any layout works without a copy.
+- "tma_persistent" (_matmul_tma_kernel), Hopper (sm_90) and newer: one program per SM loops over the tiles in the
+  same grouped order; A and B tiles are fetched by the Tensor Memory Accelerator through host-side tensor
+  descriptors (triton.tools.tensor_descriptor.TensorDescriptor, present in Triton 3.6 and 3.8 alike; the device-side
+  tl.make_tensor_descriptor is not used, so no global-scratch allocator, triton.set_allocator, is needed). A
+  descriptor needs the operand's inner dimension contiguous and the other stride and the base 16-byte aligned: A is
+  described as (M, K) when row-major or as A.T (K, M) when column-major (the loaded tile is then transposed), and
+  B as (K, N) or B.T (N, K) (the nn.Linear weight case). Out-of-bounds parts of a tile read as zeros (the K tail
+  needs no mask); C is written with masked pointer stores by the shared epilogue. Feature-detected (HAS_TMA: the
+  descriptor class, tl.tensor_descriptor and tl.range(..., flatten=) all present) and a candidate only on sm_90+,
+  for shapes with M, N, K >= TMA_MIN_DIM whose operands are TMA-compatible. Triton 3.8's interpreter runs it on
+  CPU tensors (tests/test_matmul_autotune.py forces it there); whether and where it beats the tiled kernel only a
+  GPU shows.
 
 Epilogue, on the fp32 accumulator: + bias (fp32), then the activation (relu, gelu with erf, gelu with tanh, silu),
 then one cast to the output dtype. Optionally the pre-activation (acc + bias, cast) is stored too; the autograd
 of mixprec_ops.nn.functional.linear saves it for the activation's gradient.
 
-Configs: a small list, split by M into a small-M set (decode-like shapes, BLOCK_M 16/32) and a large set, pruned
-by N and K, autotuned per shape bucket (M rounded up to a power of two, N, K, dtypes). Under the Triton
-interpreter (TRITON_INTERPRET=1) one fixed small config is used (autotuning there is far too slow), and bf16 tiles
-are upcast to fp32 before tl.dot (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a
-GPU bf16 and fp16 go to the tensor cores directly. During CUDA graph capture nothing is benchmarked: the best config
-already found for the shape bucket is used, else the set's default.
-
-Future work: a persistent, TMA-based (tensor descriptor) kernel for Hopper/Blackwell with warp specialization; the
-descriptor APIs differ between Triton 3.6 and 3.8 and would need feature detection.
+Config selection (launch_matmul), per call:
+- Under the Triton interpreter (TRITON_INTERPRET=1): one fixed small tiled config (autotuning there is far too
+  slow; nothing is benchmarked, the disk cache is never touched), and bf16 tiles are upcast to fp32 before tl.dot
+  (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a GPU bf16 and fp16 go to the
+  tensor cores directly.
+- On a GPU, eager calls: the candidates for the shape (a small-M set for M <= 64, a large set otherwise, pruned by
+  N and K, plus the TMA configs where eligible) are benchmarked once per key (select_config) and the fastest is
+  kept in memory and in the on-disk cache (tune_cache.py: $MIXPREC_CACHE_DIR/matmul_autotune.json, default
+  ~/.cache/mixprec_ops), so a later process reuses it without benchmarking. The key (tune_key) holds the GPU name
+  and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
+  the operand, output and bias dtypes, the activation and whether the pre-activation is stored, and the layout class
+  (row-/column-major/strided A, B, C, and TMA eligibility). A cached config that the current code does not offer
+  for the key is ignored. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
+  tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
+- During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
+  used, else the candidate set's default (its first entry); nothing is stored.
+- While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
+  compiler tunes it), since nothing can be benchmarked on fake tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
+import warnings
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -29,6 +57,23 @@ import triton.language as tl
 
 from . import INTERPRETED
 from .fp_convert import f32_to_bf16_bits
+from .tune_cache import TuneCache
+
+try:  # host-side tensor descriptors (Triton >= 3.3; 3.6 and 3.8 both have them)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+
+def _range_has_flatten() -> bool:
+    try:
+        return "flatten" in inspect.signature(tl.range.__init__).parameters
+    except (TypeError, ValueError, AttributeError):  # pragma: no cover
+        return False
+
+
+HAS_TMA = TensorDescriptor is not None and hasattr(tl, "tensor_descriptor") and _range_has_flatten()
+TMA_MIN_DIM = 256  # the persistent TMA kernel is a candidate only when M, N and K are all at least this
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 HAS_ERF = hasattr(tl, "math") and hasattr(tl.math, "erf")
@@ -63,41 +108,25 @@ def _cast_out(v, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   M_BUCKET,  # autotune key only (M rounded up to a power of two)
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
-                   OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of tile number `tile_id` in the grouped order (GROUP_M row-tiles per group)."""
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile_id // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, OUT_KIND: tl.constexpr,
+              USE_ERF: tl.constexpr):
+    """On the fp32 tile acc (rows offs_m, columns offs_n of C): + bias, store the pre-activation if asked, the
+    activation, one cast, masked store to C. Shared by both kernel variants."""
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:  # interpreter + bf16: its bf16 tl.dot is wrong; fp32 tiles give the same (exact) products
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -120,82 +149,387 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
     tl.store(c_ptr + c_offs, _cast_out(acc, OUT_KIND), mask=c_mask)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   M_BUCKET,  # triton.autotune key only (M rounded up to a power of two)
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                   OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:  # interpreter + bf16: its bf16 tl.dot is wrong; fp32 tiles give the same (exact) products
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
+              HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
 
 
-# First entry of each set: its default (used when capturing a CUDA graph before the bucket was tuned).
-_SMALL_M_CONFIGS = (_cfg(16, 64, 128, 4, 4), _cfg(16, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4),
-                    _cfg(32, 128, 64, 4, 4), _cfg(16, 256, 64, 8, 3))
-_LARGE_CONFIGS = (_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 256, 32, 4, 4),
-                  _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 64, 4, 4),
-                  _cfg(64, 64, 64, 4, 4))
-_INTERPRETER_CONFIG = _cfg(16, 16, 16, 1, 1, group=2)
+@triton.jit
+def _matmul_tma_kernel(a_desc, b_desc, c_ptr, pre_ptr, bias_ptr, M, N, K, stride_cm, stride_cn,
+                       A_KM: tl.constexpr, B_NK: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                       OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Persistent: program p handles tiles p, p + NUM_SMS, ... in the grouped order. a_desc describes A as (M, K),
+    or A.T as (K, M) when A_KM; b_desc describes B as (K, N), or B.T as (N, K) when B_NK. FLATTEN lets Triton
+    software-pipeline across tile boundaries (the next tile's loads overlap this tile's epilogue)."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # The epilogue's tile number is counted separately (as in Triton's persistent-matmul tutorial): a value used
+    # both before the K loop and after it defeats the pipelining of the flattened loop.
+    tile_id_c = start_pid - NUM_SMS
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            if A_KM:
+                a = a_desc.load([off_k, off_m]).T
+            else:
+                a = a_desc.load([off_m, off_k])
+            if B_NK:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            if UPCAST:  # interpreter + bf16, as in _matmul_kernel
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
+
+
+# ---- configs ----
+
+TILED, TMA = "tiled", "tma_persistent"
+VARIANTS = (TILED, TMA)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration: the kernel variant and its meta-parameters."""
+
+    variant: str
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        return (f"{self.variant} {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+                f"s{self.num_stages}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> KernelConfig:
+        """Strict: a dict with exactly these fields, a known variant and positive ints; else ValueError."""
+        names = [f for f in cls.__dataclass_fields__]
+        if not isinstance(d, dict) or sorted(d) != sorted(names):
+            raise ValueError(f"not a KernelConfig dict: {d!r}")
+        if d["variant"] not in VARIANTS:
+            raise ValueError(f"unknown kernel variant {d['variant']!r}")
+        for f in names[1:]:
+            v = d[f]
+            if type(v) is not int or v <= 0:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        return cls(**d)
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                              "GROUP_M": self.group_m}, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _tiled(bm, bn, bk, warps, stages, group=8):
+    return KernelConfig(TILED, bm, bn, bk, group, warps, stages)
+
+
+def _tma(bm, bn, bk, warps, stages, group=8):
+    return KernelConfig(TMA, bm, bn, bk, group, warps, stages)
+
+
+# First entry of each set: its default (used when capturing a CUDA graph before the key was tuned).
+_SMALL_M_CONFIGS = (_tiled(16, 64, 128, 4, 4), _tiled(16, 128, 64, 4, 4), _tiled(32, 64, 64, 4, 4),
+                    _tiled(32, 128, 64, 4, 4), _tiled(16, 256, 64, 8, 3))
+_LARGE_CONFIGS = (_tiled(128, 128, 64, 8, 3), _tiled(128, 256, 64, 8, 3), _tiled(64, 256, 32, 4, 4),
+                  _tiled(128, 128, 32, 4, 4), _tiled(128, 64, 32, 4, 4), _tiled(64, 128, 64, 4, 4),
+                  _tiled(64, 64, 64, 4, 4))
+# Persistent TMA configs (shared memory per stage: (BM + BN) x BK x 2 bytes; at most 192 KB here, H100/H200 allow
+# 227 KB per block).
+_TMA_CONFIGS = (_tma(128, 256, 64, 8, 3), _tma(128, 128, 64, 8, 4), _tma(128, 128, 128, 8, 3))
+_INTERPRETER_CONFIG = _tiled(16, 16, 16, 1, 1, group=2)
+_INTERPRETER_TMA_CONFIG = _tma(16, 16, 16, 1, 1, group=2)  # for tests that force the persistent kernel there
+_INTERPRETER_NUM_SMS = 3  # the persistent kernel under the interpreter: 3 "SMs", so programs loop over tiles
 _KEY = ["M_BUCKET", "N", "K"]
 
 
-def _pruned(m, n, k):
-    """The configs for this shape: the small-M set for M <= 64, and no tile much larger than the problem."""
+def candidates(m: int, n: int, k: int, tma: bool) -> tuple[KernelConfig, ...]:
+    """The configs to try for this shape: the small-M set for M <= 64, else the large set, without tiles much
+    larger than the problem; plus the persistent TMA configs when `tma` (the caller decided eligibility)."""
     base = _SMALL_M_CONFIGS if m <= 64 else _LARGE_CONFIGS
     pn, pk = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(k))
-    kept = tuple(c for c in base if c.kwargs["BLOCK_N"] <= 2 * pn and c.kwargs["BLOCK_K"] <= 2 * pk)
-    return kept or base[-1:]
+
+    def fits(c):
+        return c.block_n <= 2 * pn and c.block_k <= 2 * pk
+
+    kept = tuple(c for c in base if fits(c)) or base[-1:]
+    if tma:
+        kept += tuple(c for c in _TMA_CONFIGS if fits(c))
+    return kept
 
 
-def _config_key(c):
-    return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+# ---- the key of a tuning result ----
+
+
+@lru_cache(maxsize=None)
+def _device_tag(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    p = torch.cuda.get_device_properties(device)
+    return f"{p.name} sm_{p.major}{p.minor}"
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _layout(t: torch.Tensor) -> str:
+    return "row" if t.stride(-1) == 1 else "col" if t.stride(-2) == 1 else "strided"
+
+
+def tune_key(device_tag: str, m: int, n: int, k: int, ab_dtype: torch.dtype, c_dtype: torch.dtype,
+             bias_dtype: torch.dtype | None, activation: str | None, store_pre: bool, layout: str) -> str:
+    """The string a tuning result is stored under: everything the fastest config depends on."""
+    dt = lambda d: str(d).replace("torch.", "")
+    return " | ".join([
+        device_tag, f"triton {triton.__version__}", f"torch {torch.__version__}",
+        f"M<={triton.next_power_of_2(m)} N={n} K={k}",
+        f"{dt(ab_dtype)}->{dt(c_dtype)} bias {dt(bias_dtype) if bias_dtype is not None else 'none'}",
+        f"act {activation or 'none'} pre {int(bool(store_pre))}", layout,
+    ])
+
+
+def _tma_operands(a: torch.Tensor, b: torch.Tensor):
+    """((A or A.T, A is column-major), (B or B.T, B is column-major)) as 2-D tensors whose inner dimension is
+    contiguous, with the base and the outer stride 16-byte aligned (what a TMA descriptor requires); None if either
+    operand does not allow it."""
+    out = []
+    for t in (a, b):
+        e = t.element_size()
+        if t.data_ptr() % 16 or 0 in t.shape:
+            return None
+        if t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0:
+            out.append((t, False))
+        elif t.stride(0) == 1 and (t.stride(1) * e) % 16 == 0:
+            out.append((t.t(), True))
+        else:
+            return None
+    return tuple(out)
+
+
+def _tma_eligible(a: torch.Tensor, m: int, n: int, k: int) -> bool:
+    """The persistent TMA kernel is a candidate: Triton has the API, the GPU is sm_90+, the shape is large."""
+    return HAS_TMA and a.is_cuda and min(m, n, k) >= TMA_MIN_DIM and _capability(a.device)[0] >= 9
+
+
+@lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+# ---- choosing a config: memory, then disk, then a benchmark ----
+
+_CACHE = TuneCache("matmul_autotune.json")
+_CHOSEN: dict[str, KernelConfig] = {}  # key -> config, this process
+_RECORDERS: list[list] = []  # open record_choices() lists
+_failed_warned: set[str] = set()
+
+
+def _benchmark(fn) -> float:
+    """Median seconds of fn() on the GPU (triton.testing.do_bench: warm-up, then ~20 ms of calls)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3
+
+
+def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: bool, cache: TuneCache | None = None,
+                  benchmark=None) -> tuple[KernelConfig, str]:
+    """(config, where it came from) for `key` among `cands`; `run(config)` launches the kernel with it.
+
+    Order: this process's earlier choice ("memory"); the disk cache ("disk", if the stored config is one of
+    `cands`); during a CUDA graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
+    a single candidate ("only candidate"); else every candidate is benchmarked (`benchmark(fn)` -> seconds; a
+    candidate that raises, e.g. too much shared memory, is skipped with a warning) and the fastest is kept in
+    memory and written to the disk cache ("tuned")."""
+    cache = _CACHE if cache is None else cache
+    cfg = _CHOSEN.get(key)
+    if cfg is not None and cfg in cands:
+        return cfg, "memory"
+    entry = cache.get(key)
+    if entry is not None:
+        try:
+            cfg = KernelConfig.from_dict(entry.get("config"))
+        except (ValueError, TypeError):
+            cfg = None
+        if cfg is not None and cfg in cands:
+            _CHOSEN[key] = cfg
+            return cfg, "disk"
+    if capturing:
+        return cands[0], "default (capture)"
+    if len(cands) == 1:
+        _CHOSEN[key] = cands[0]
+        return cands[0], "only candidate"
+    bench = _benchmark if benchmark is None else benchmark
+    times, first_err = {}, None
+    for c in cands:
+        try:
+            times[c] = float(bench(lambda c=c: run(c)))
+        except Exception as e:  # noqa: BLE001  (compilation or launch failure of one config: try the others)
+            first_err = first_err or e
+            times[c] = math.inf
+            if c.label not in _failed_warned:
+                _failed_warned.add(c.label)
+                warnings.warn(f"mixprec_ops matmul autotune: config {c.label} failed for [{key}] and is skipped "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                              RuntimeWarning, stacklevel=2)
+    best = min(cands, key=lambda c: times[c])
+    if not math.isfinite(times[best]):
+        raise first_err
+    _CHOSEN[key] = best
+    cache.put(key, {"config": best.to_dict(), "us": round(times[best] * 1e6, 3), "candidates": len(cands)})
+    return best, "tuned"
+
+
+@contextlib.contextmanager
+def record_choices():
+    """Collect, for each launch in the block, {"m", "n", "k", "config" (label), "source"} (for the benchmarks)."""
+    got: list[dict] = []
+    _RECORDERS.append(got)
+    try:
+        yield got
+    finally:
+        _RECORDERS.remove(got)
+
+
+def chosen_configs() -> dict[str, KernelConfig]:
+    """This process's choices so far, by key."""
+    return dict(_CHOSEN)
 
 
 @lru_cache(maxsize=None)
 def _tuner(configs_key):
-    configs = [_BY_KEY[k] for k in configs_key]
-    return triton.autotune(configs=configs, key=_KEY)(_matmul_kernel)
+    """triton.autotune over tiled configs: only for calls traced by torch.compile (fake tensors)."""
+    return triton.autotune(configs=[c.triton_config() for c in configs_key], key=_KEY)(_matmul_kernel)
 
 
-_BY_KEY = {_config_key(c): c for c in _SMALL_M_CONFIGS + _LARGE_CONFIGS}
+def _is_traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
-def _capture_config(tuner, configs, m_bucket, n, k):
-    """The config the autotuner already chose for this bucket (any dtype), else the set's default."""
-    for key, cfg in getattr(tuner, "cache", {}).items():
-        if tuple(key[:3]) == (m_bucket, n, k):
-            return cfg
-    return configs[0]
+# ---- launch ----
 
 
-def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k):
+def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wrap):
+    """One launch of `cfg`'s variant (c/pre: already viewed as the kernel stores them)."""
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if cfg.variant == TILED:
+        wrap(_matmul_kernel)[(tiles,)](a, b, c, pre, bias, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                                        b.stride(1), c.stride(0), c.stride(1), triton.next_power_of_2(M),
+                                        **consts, **meta)
+        return
+    if tma_ops is None:
+        raise ValueError(f"{cfg.label}: the operands are not TMA-compatible (inner dimension contiguous, base and "
+                         "outer stride 16-byte aligned) or this Triton has no tensor descriptors")
+    (a_t, a_km), (b_t, b_nk) = tma_ops
+    a_desc = TensorDescriptor.from_tensor(a_t, [cfg.block_k, cfg.block_m] if a_km else [cfg.block_m, cfg.block_k])
+    b_desc = TensorDescriptor.from_tensor(b_t, [cfg.block_n, cfg.block_k] if b_nk else [cfg.block_k, cfg.block_n])
+    nsm = _num_sms(a.device)
+    # Called directly, not through wrap: only eager calls with real tensors get here (where torch's wrap_triton is
+    # a pass-through); traced calls take the triton.autotune path.
+    _matmul_tma_kernel[(min(nsm, tiles),)](a_desc, b_desc, c, pre, bias, M, N, K, c.stride(0), c.stride(1),
+                                           A_KM=a_km, B_NK=b_nk, NUM_SMS=nsm, FLATTEN=True, **consts, **meta)
+
+
+def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config: KernelConfig | None = None):
     """a: (M, K), b: (K, N), both fp16 or both bf16, any strides; c: (M, N) output (fp16/bf16/fp32), any strides;
     pre: None or a tensor like c for the pre-activation; bias: None or (N,). `wrap` is torch.library.wrap_triton
-    when called from a triton_op."""
+    when called from a triton_op. `config` forces one KernelConfig (tests, experiments): no tuning, no cache; a
+    TMA config raises ValueError when the operands do not allow it."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return
     out_kind = _OUT_KIND[c.dtype]
     view = (lambda t: t.view(torch.int16)) if out_kind == 2 else (lambda t: t)
-    upcast = INTERPRETED and a.dtype == torch.bfloat16
     if pre is not None and pre.stride() != c.stride():
         raise ValueError("pre must have c's strides")
-    args = (a, b, view(c), view(pre) if pre is not None else view(c), bias if bias is not None else a, M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            triton.next_power_of_2(M))
+    c_v = view(c)
+    pre_v = view(pre) if pre is not None else c_v
+    bias_t = bias if bias is not None else c_v  # never read without HAS_BIAS
     consts = dict(HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], STORE_PRE=pre is not None,
-                  UPCAST=upcast, OUT_KIND=out_kind, USE_ERF=HAS_ERF)
+                  UPCAST=INTERPRETED and a.dtype == torch.bfloat16, OUT_KIND=out_kind, USE_ERF=HAS_ERF)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def launch(cfg, tma_ops):
+        _launch(cfg, a, b, c_v, pre_v, bias_t, M, N, K, consts, tma_ops, wrap)
 
-    if INTERPRETED:
-        cfg = _INTERPRETER_CONFIG
-        wrap(_matmul_kernel)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
-                                   num_stages=cfg.num_stages)
+    if config is not None or INTERPRETED:  # forced, or the interpreter's one fixed config: never tuned or cached
+        cfg = config or _INTERPRETER_CONFIG
+        launch(cfg, _tma_operands(a, b) if (cfg.variant == TMA and HAS_TMA) else None)
+        _record(M, N, K, cfg, "forced" if config is not None else "interpreter")
         return
-    configs = _pruned(M, N, K)
-    tuner = _tuner(tuple(_config_key(c) for c in configs))
-    if a.is_cuda and torch.cuda.is_current_stream_capturing():  # never benchmark inside a graph capture
-        cfg = _capture_config(tuner, configs, triton.next_power_of_2(M), N, K)
-        wrap(_matmul_kernel)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
-                                   num_stages=cfg.num_stages)
+    if _is_traced(a):  # torch.compile tracing: nothing to benchmark on fake tensors
+        configs = candidates(M, N, K, False)
+        args = (a, b, c_v, pre_v, bias_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                c.stride(0), c.stride(1), triton.next_power_of_2(M))
+        wrap(_tuner(configs))[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+            *args, **consts)
         return
-    wrap(tuner)[grid](*args, **consts)
+    tma_ops = _tma_operands(a, b) if _tma_eligible(a, M, N, K) else None
+    cands = candidates(M, N, K, tma_ops is not None)
+    key = tune_key(_device_tag(a.device), M, N, K, a.dtype, c.dtype, None if bias is None else bias.dtype,
+                   activation, pre is not None,
+                   f"a {_layout(a)} b {_layout(b)} c {_layout(c)} tma {int(tma_ops is not None)}")
+    capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()  # never benchmark inside a graph capture
+    cfg, source = select_config(key, cands, lambda cc: launch(cc, tma_ops), capturing=capturing)
+    launch(cfg, tma_ops)
+    _record(M, N, K, cfg, source)
+
+
+def _record(m, n, k, cfg, source):
+    for rec in _RECORDERS:
+        rec.append({"m": m, "n": n, "k": k, "config": cfg.label, "source": source})

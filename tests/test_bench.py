@@ -1,0 +1,154 @@
+"""The benchmark suite's matmul cases (bench/cases_matmul.py) and their reporting: the cases are registered with the
+grid of issue 5, a CPU `python -m bench --quick --ops matmul` run works end to end, the cases' correctness checks
+reject wrong results, and the geometric means against the targets are computed and reported as specified.
+Speeds are never asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mixprec_ops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.append(REPO)  # for the `bench` package; appended, so the installed mixprec_ops still wins
+
+from bench import cases_matmul, gpu_report, report  # noqa: E402
+from bench.registry import BASELINE, Ctx, Impl, discover  # noqa: E402
+
+GPU_CTX = Ctx(torch.device("cuda"), False, ("cuda", "triton"))  # building cases allocates nothing
+
+
+def test_matmul_cases_registered_with_the_issue_grid():
+    assert "matmul" in discover()
+    mm, lin = cases_matmul.grid(GPU_CTX)
+    kns = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+    expected = {(m, k, n) for m in (16, 128, 8192) for k, n in kns} | {(4096, 4096, 4096), (8192, 8192, 8192)}
+    assert set(mm) == expected and len(mm) == len(set(mm)) == 19
+    qmm, qlin = cases_matmul.grid(Ctx(torch.device("cuda"), True, ("cuda", "triton")))
+    assert set(qmm) < set(mm) and set(qlin) <= set(lin) and {m for m, _, _ in qmm} == {16, 128, 4096, 8192}
+
+    cases = discover()["matmul"](GPU_CTX)
+    gemm = [c for c in cases if c.tags["family"] == "matmul"]
+    linear = [c for c in cases if c.tags["family"] == "linear"]
+    assert len(gemm) == 19 and len(linear) == 2 * len(lin)
+    for c in cases:  # the baseline and every kernel backend of the device; the run drops those that cannot serve
+        assert [i.backend for i in c.impls] == [BASELINE, "cuda", "triton"], c.name
+        assert c.op == "matmul" and c.reps and c.budget_s  # timing capped per case (GPU time budget)
+    for c in gemm:
+        m, n, k = c.tags["m"], c.tags["n"], c.tags["k"]
+        assert c.flops == 2 * m * n * k and c.numel == m * n
+        want = None if (m, k, n) == (4096, 4096, 4096) else "matmul M=8192" if m == 8192 else "matmul M<=128"
+        assert c.tags["geomean"] == want and c.tags["target"] == cases_matmul.GEOMEANS.get(want)
+    assert sum(c.tags["geomean"] == "matmul M=8192" for c in gemm) == 6
+    assert sum(c.tags["geomean"] == "matmul M<=128" for c in gemm) == 12
+    assert {c.name.split()[0] for c in linear} == {"linear+bias+gelu", "linear+bias+gelu_tanh"}
+    for c in linear:
+        assert c.flops == 6 * c.tags["m"] * c.tags["n"] * c.tags["k"] and c.tags["target"] == 1.1
+
+
+def test_cpu_quick_matmul_run(tmp_path):
+    """`python -m bench --quick --ops matmul --device cpu` from the repo root: torch-only sanity cases, checked,
+    timed and reported; the geomeans say that no kernel backend was timed; exit status 0."""
+    env = dict(os.environ, MIXPREC_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--ops", "matmul", "--device", "cpu",
+                        "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.load(open(tmp_path / "results.json"))
+    rows = doc["results"]
+    assert rows and all(x["op"] == "matmul" and x["backend"] == BASELINE and x["check"] == "ok" for x in rows)
+    assert all(x["tflops"] and x["tflops"] > 0 and x["median_us"] > 0 for x in rows)
+    assert any(s.startswith("matmul cpu:") for s in doc["skipped"])
+    gms = doc["geomeans"]
+    assert {g["group"] for g in gms} == {"matmul M<=128", "linear+bias+gelu fwd+bwd"}
+    assert all(g["backend"] is None and not g["met"] for g in gms)
+    assert "no kernel backend timed on cpu" in r.stdout and "TFLOP/s" in r.stdout
+    assert not os.path.exists(tmp_path / "cache")  # nothing autotuned, nothing cached
+
+
+@pytest.mark.skipif(mixprec_ops.backends.unavailable_reason("matmul", "triton", torch.device("cpu")) is not None,
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1) to run the Triton matmul on CPU")
+def test_matmul_case_checks_accept_ours_and_reject_wrong_results(monkeypatch):
+    """The checks of the GEMM and Linear cases, run on CPU through the Triton interpreter (tiny shapes): torch and
+    Triton pass; a result off by 1% in any one output (y, dx, dw or db) fails; a wrong shape fails."""
+    monkeypatch.setattr(cases_matmul, "CPU_MM", (16, 32, 48))
+    monkeypatch.setattr(cases_matmul, "CPU_LINEAR", (8, 32, 48))
+    cases = cases_matmul.cases(Ctx(torch.device("cpu"), True, ("triton",)))
+    assert len(cases) == 3
+    for c in cases:
+        assert [i.backend for i in c.impls] == [BASELINE, "triton"]
+        for impl in c.impls:
+            assert c.check(impl) is None, (c.name, impl.backend)
+        ours = c.impls[1].fn
+        n_out = 1 if c.tags["family"] == "matmul" else 4
+        for j in range(n_out):
+            def wrong(d, j=j):
+                out = ours(d)
+                out = list(out) if isinstance(out, tuple) else [out]
+                out[j] = out[j] * 1.01 + 0.01
+                return tuple(out) if n_out > 1 else out[0]
+
+            bad = c.check(Impl("triton", wrong))
+            assert bad is not None and "max error" in bad, (c.name, j, bad)
+        if n_out == 1:
+            bad = c.check(Impl("triton", lambda d: ours(d)[:-1]))
+            assert bad is not None and "expected" in bad
+
+
+def _row(case, backend, vs, group, target, flops=1):
+    return {"op": "matmul", "case": case, "backend": backend, "numel": 1, "vs_torch": vs, "geomean": group,
+            "target": target, "flops": flops, "check": "ok", "median_us": 10.0, "tflops": 1.0, "pct_peak": 50.0,
+            "pct_copy": 5.0, "check_s": 1.5, "variant": "tiled 128x128x64 w8 s3 (tuned)", "gbps": 1.0}
+
+
+def test_geomeans_against_targets_and_gpu_report():
+    rows = [_row("a", "torch", 1.0, "g1", 1.0), _row("a", "triton", 2.0, "g1", 1.0),
+            _row("b", "torch", 1.0, "g1", 1.0), _row("b", "triton", 0.5, "g1", 1.0),
+            _row("a", "cuda", 1.2, "g1", 1.0), _row("b", "cuda", None, "g1", 1.0),  # cuda failed a check in b
+            _row("c", "triton", 0.8, "g2", 0.9), _row("d", "triton", 3.0, None, None)]
+    gms = {(g["group"], g["backend"]): g for g in report.geomeans(rows)}
+    assert set(gms) == {("g1", "triton"), ("g1", "cuda"), ("g2", "triton")}
+    assert math.isclose(gms["g1", "triton"]["geomean"], 1.0) and gms["g1", "triton"]["met"]
+    assert gms["g1", "cuda"]["n"] == 1 and gms["g1", "cuda"]["n_cases"] == 2 and not gms["g1", "cuda"]["met"]
+    assert not gms["g2", "triton"]["met"] and math.isclose(gms["g2", "triton"]["geomean"], 0.8)
+    lines = report.geomean_lines(report.geomeans(rows), "cuda")
+    assert any("g1 cuda" in x and "only 1 of 2" in x for x in lines)
+    assert any("g2 triton: 0.80x" in x and "NOT met" in x for x in lines)
+
+    tg = gpu_report.targets([], report.geomeans(rows))
+    assert {(t["what"].split(" ")[1], t["met"]) for t in tg} == {("g1", True), ("g1", False), ("g2", False)}
+    rep = {"gpu": "X", "date": "2026-01-01", "steps": [], "tests": None, "sanitizer": None, "targets": tg,
+           "bench": {"ceilings": {"copy_gbps": 1.0, "matmul_bf16_tflops": 800.0}, "results": rows,
+                     "geomeans": report.geomeans(rows)}}
+    md = gpu_report.summary_md(rep, None, {})
+    assert "| matmul | a | triton | 10.0 us | 1.0 | 50 |" in md and "tiled 128x128x64 w8 s3 (tuned)" in md
+    assert "| geomean g2 triton >= 0.90x torch | 0.80x | NO |" in md
+    assert "| op | case | backend | size |" not in md  # no memory-bound rows: no GB/s table
+
+
+def test_op_time_budget_skips_the_remaining_cases(tmp_path, monkeypatch):
+    """An op whose cases have spent its time budget: the rest are not run, and the run lists them as skipped."""
+    import time
+
+    from bench import cli, registry
+    from bench.registry import Case
+
+    def slow_case(i):
+        def check(impl):
+            time.sleep(0.3)
+            return None
+
+        return Case("zz_slow", f"case {i}", 1000, 8000, lambda seed: None, [Impl(BASELINE, lambda d: None)], check)
+
+    monkeypatch.setitem(registry._PROVIDERS, "zz_slow", lambda ctx: [slow_case(i) for i in range(4)])
+    monkeypatch.setitem(registry.TIME_BUDGET_S, "zz_slow", 0.5)
+    assert cli.main(["--quick", "--ops", "zz_slow", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    doc = json.load(open(tmp_path / "results.json"))
+    assert [r["case"] for r in doc["results"]] == ["case 0", "case 1"]  # 0.3 + 0.3 > 0.5: cases 2 and 3 skipped
+    assert any(s.startswith("zz_slow: 2 case(s) not run") and "case 2, case 3" in s for s in doc["skipped"])
+    assert doc["op_seconds"]["zz_slow"] >= 0.6

@@ -1,0 +1,326 @@
+"""matmul's Triton kernel internals: the disk-cached autotuning (triton_kernels/tune_cache.py and select_config in
+triton_kernels/matmul.py) and the persistent TMA kernel variant.
+
+The selection logic (memory, then disk, then a benchmark; nothing benchmarked or stored during a CUDA graph capture;
+stale, invalid or corrupt cache contents ignored; failing configs skipped) is tested on CPU with a stubbed
+benchmark, so it needs no GPU. The TMA kernel runs on CPU under Triton 3.8's interpreter (host-side tensor
+descriptors work there), and on a GPU in bench/gpu_check, where the cuda parameters and the GPU-only tests stop
+skipping: the TMA kernel compiled for sm_90 with each of its configs, the tuner choosing among tiled and TMA
+configs, the cache file written and read back, and the persistent kernel inside a CUDA graph.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import HAS_CUDA, INTERPRETED
+from test_matmul import DTYPES, OP, check, rand
+
+import mixprec_ops
+
+@pytest.fixture
+def km():
+    """mixprec_ops.triton_kernels.matmul, skipped where Triton cannot be imported."""
+    why = mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device("cuda" if HAS_CUDA else "cpu"))
+    if why is not None and "not importable" in why:
+        pytest.skip(why)
+    from mixprec_ops.triton_kernels import matmul
+
+    return matmul
+
+
+@pytest.fixture
+def tune_env(km, tmp_path, monkeypatch):
+    """A private cache directory, an empty in-memory choice table and a fresh cache object (a "new process")."""
+    from mixprec_ops.triton_kernels.tune_cache import TuneCache
+
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
+    return tmp_path
+
+
+def _cfgs(km):
+    return (km._tiled(64, 64, 32, 4, 3), km._tiled(128, 128, 64, 8, 3), km._tma(128, 256, 64, 8, 3))
+
+
+class _Stub:
+    """A fake kernel launcher and benchmark: run(cfg) records the launch; bench(fn) runs fn and returns the time
+    planted for the config it launched (or raises what is planted)."""
+
+    def __init__(self, times):
+        self.times, self.ran = dict(times), []
+
+    def run(self, cfg):
+        self.ran.append(cfg)
+
+    def bench(self, fn):
+        fn()
+        t = self.times[self.ran[-1]]
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+
+def _boom(fn):
+    raise AssertionError("benchmarked although a result was available")
+
+
+def test_autotune_tunes_once_stores_and_reloads_from_disk(km, tune_env, monkeypatch):
+    from mixprec_ops.triton_kernels.tune_cache import TuneCache
+
+    c0, c1, c2 = cfgs = _cfgs(km)
+    s = _Stub({c0: 3e-3, c1: 1e-3, c2: 2e-3})
+    assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+    assert s.ran == list(cfgs)
+    doc = json.load(open(tune_env / "matmul_autotune.json"))
+    assert doc["schema"] == 1 and doc["entries"]["k1"]["config"] == c1.to_dict()
+    assert doc["entries"]["k1"]["us"] == 1000.0 and doc["entries"]["k1"]["candidates"] == 3
+    assert sorted(os.listdir(tune_env)) == ["matmul_autotune.json"]  # the temporary file was moved, not left
+    assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=_boom) == (c1, "memory")
+    # a new process: nothing in memory, the file is read, nothing is benchmarked
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
+    assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=_boom) == (c1, "disk")
+    # another key, stored by another cache object meanwhile: both entries end up in the file (merge on write)
+    other = TuneCache("matmul_autotune.json")
+    assert other.put("k0", {"config": c0.to_dict()})
+    s2 = _Stub({c0: 1e-3, c1: 2e-3, c2: 3e-3})
+    assert km.select_config("k2", cfgs, s2.run, capturing=False, benchmark=s2.bench) == (c0, "tuned")
+    assert set(json.load(open(tune_env / "matmul_autotune.json"))["entries"]) == {"k0", "k1", "k2"}
+
+
+def test_autotune_never_benchmarks_during_graph_capture(km, tune_env):
+    c0, c1, c2 = cfgs = _cfgs(km)
+    assert km.select_config("k", cfgs, _Stub({}).run, capturing=True, benchmark=_boom) == (c0, "default (capture)")
+    assert not os.listdir(tune_env)  # nothing stored either
+    s = _Stub({c0: 3e-3, c1: 2e-3, c2: 1e-3})
+    assert km.select_config("k", cfgs, s.run, capturing=False, benchmark=s.bench) == (c2, "tuned")
+    assert km.select_config("k", cfgs, s.run, capturing=True, benchmark=_boom) == (c2, "memory")
+
+
+def test_autotune_ignores_stale_and_invalid_entries(km, tune_env):
+    c0, c1, c2 = cfgs = _cfgs(km)
+    bad = {"not offered": {"config": km._tiled(256, 256, 256, 8, 3).to_dict()},
+           "unknown variant": {"config": {**c1.to_dict(), "variant": "warp_specialized"}},
+           "string warps": {"config": {**c1.to_dict(), "num_warps": "8"}},
+           "extra field": {"config": {**c1.to_dict(), "maxnreg": 128}},
+           "no config": {"us": 3.0}}
+    (tune_env / "matmul_autotune.json").write_text(json.dumps({"schema": 1, "entries": bad}))
+    for key in bad:
+        s = _Stub({c0: 1e-3, c1: 2e-3, c2: 3e-3})
+        assert km.select_config(key, cfgs, s.run, capturing=False, benchmark=s.bench) == (c0, "tuned"), key
+        assert s.ran == list(cfgs), key
+
+
+def test_autotune_corrupt_file_warns_once_and_is_replaced(km, tune_env):
+    c0, c1, c2 = cfgs = _cfgs(km)
+    (tune_env / "matmul_autotune.json").write_text('{"schema": 1, "entries": {"k": ')  # truncated
+    s = _Stub({c0: 2e-3, c1: 1e-3, c2: 3e-3})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+        assert km.select_config("k2", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "autotune cache" in msgs[0] and "ignoring" in msgs[0], msgs
+    doc = json.load(open(tune_env / "matmul_autotune.json"))  # valid again, with both results
+    assert set(doc["entries"]) == {"k1", "k2"}
+
+
+def test_autotune_unwritable_cache_dir_warns_once_keeps_memory(km, tune_env, monkeypatch):
+    (tune_env / "a_file").write_text("")
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tune_env / "a_file" / "cache"))  # a directory under a file
+    c0, c1, c2 = cfgs = _cfgs(km)
+    s = _Stub({c0: 2e-3, c1: 3e-3, c2: 1e-3})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=s.bench) == (c2, "tuned")
+        assert km.select_config("k2", cfgs, s.run, capturing=False, benchmark=s.bench) == (c2, "tuned")
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "cannot write" in msgs[0], msgs
+    assert km.select_config("k1", cfgs, s.run, capturing=False, benchmark=_boom) == (c2, "memory")
+
+
+def test_autotune_skips_failing_configs(km, tune_env):
+    c0, c1, c2 = cfgs = _cfgs(km)
+    s = _Stub({c0: 2e-3, c1: RuntimeError("out of shared memory"), c2: 3e-3})
+    with pytest.warns(RuntimeWarning, match="out of shared memory"):
+        assert km.select_config("k", cfgs, s.run, capturing=False, benchmark=s.bench) == (c0, "tuned")
+    s = _Stub({c: ValueError(f"bad {c.label}") for c in cfgs})
+    with pytest.raises(ValueError, match="bad"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        km.select_config("k2", cfgs, s.run, capturing=False, benchmark=s.bench)
+    assert not os.path.exists(tune_env / "matmul_autotune.json") or "k2" not in json.load(
+        open(tune_env / "matmul_autotune.json"))["entries"]
+
+
+def test_tune_key_fields(km):
+    import triton
+
+    base = dict(device_tag="NVIDIA H200 sm_90", m=8192, n=4096, k=11008, ab_dtype=torch.bfloat16,
+                c_dtype=torch.bfloat16, bias_dtype=None, activation=None, store_pre=False,
+                layout="a row b col c row tma 1")
+    k0 = km.tune_key(**base)
+    assert triton.__version__ in k0 and torch.__version__ in k0 and "NVIDIA H200 sm_90" in k0
+    assert km.tune_key(**{**base, "m": 5000}) == k0  # same power-of-two bucket
+    for change in [dict(m=8193), dict(n=4097), dict(k=4096), dict(device_tag="NVIDIA H100 sm_90"),
+                   dict(ab_dtype=torch.float16), dict(c_dtype=torch.float32), dict(bias_dtype=torch.float32),
+                   dict(activation="gelu"), dict(store_pre=True), dict(layout="a row b row c row tma 1"),
+                   dict(layout="a row b col c row tma 0")]:
+        assert km.tune_key(**{**base, **change}) != k0, change
+
+
+def test_candidates(km):
+    small, large = km.candidates(16, 4096, 4096, False), km.candidates(8192, 4096, 4096, False)
+    assert all(c.block_m <= 32 and c.variant == km.TILED for c in small)
+    assert all(c.variant == km.TILED for c in large) and max(c.block_m for c in large) == 128
+    with_tma = km.candidates(8192, 4096, 4096, True)
+    assert with_tma[:len(large)] == large and {c.variant for c in with_tma[len(large):]} == {km.TMA}
+    narrow = km.candidates(100, 40, 4096, True)  # no tile more than twice N's power of two
+    assert narrow and all(c.block_n <= 128 for c in narrow) and km.TMA in {c.variant for c in narrow}
+    assert km.candidates(100, 16, 4096, True) == km._LARGE_CONFIGS[-1:]  # nothing fits: the smallest tiled one
+    # the default (first) of each set is what a graph capture uses before tuning: a tiled config
+    assert with_tma[0].variant == km.TILED and small[0].variant == km.TILED
+    if not HAS_CUDA:
+        assert not km._tma_eligible(torch.ones(512, 512, dtype=torch.bfloat16), 512, 512, 512)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter path (TRITON_INTERPRET=1)")
+def test_interpreter_path_never_tunes_or_touches_the_cache(km, tune_env, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the interpreter path must not tune or use the cache")
+
+    monkeypatch.setattr(km, "select_config", refuse)
+    monkeypatch.setattr(km._CACHE, "get", refuse)
+    monkeypatch.setattr(km._CACHE, "put", refuse)
+    a, b = rand(33, 40, dtype=torch.bfloat16, device="cpu"), rand(40, 24, dtype=torch.bfloat16, device="cpu")
+    with km.record_choices() as got:
+        y = mixprec_ops.matmul(a, b, activation="gelu", backend="triton")
+    check(y, a, b, act="gelu")
+    assert got == [{"m": 33, "n": 24, "k": 40, "config": km._INTERPRETER_CONFIG.label, "source": "interpreter"}]
+    assert not os.listdir(tune_env)
+
+
+def _tma_params():
+    """(device, config) pairs for the persistent TMA kernel: under the interpreter one small config, on a GPU
+    with tensor descriptors each of the TMA configs; skipped with the reason elsewhere."""
+    from mixprec_ops.triton_kernels import matmul as m
+
+    out = []
+    why_cpu = None if INTERPRETED and m.HAS_TMA else (
+        "needs the Triton interpreter (TRITON_INTERPRET=1)" if not INTERPRETED else "this Triton has no tensor "
+        "descriptors")
+    out.append(pytest.param("cpu", m._INTERPRETER_TMA_CONFIG, id="cpu-interpreter",
+                            marks=pytest.mark.skipif(why_cpu is not None, reason=str(why_cpu))))
+    if not HAS_CUDA:
+        why = "needs a CUDA device (runs in bench/gpu_check)"
+    elif INTERPRETED:
+        why = "the interpreter is on"
+    elif not m.HAS_TMA:
+        why = "this Triton has no host-side tensor descriptors"
+    elif torch.cuda.get_device_capability()[0] < 9:
+        why = "TMA needs sm_90 or newer"
+    else:
+        why = None
+    for c in m._TMA_CONFIGS:
+        out.append(pytest.param("cuda", c, id=f"cuda-{c.block_m}x{c.block_n}x{c.block_k}",
+                                marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+try:
+    TMA_PARAMS = _tma_params()
+except Exception as e:  # triton not importable: the tests skip with the reason
+    TMA_PARAMS = [pytest.param("cpu", None, marks=pytest.mark.skip(reason=f"triton unavailable: {e}"))]
+
+
+@pytest.mark.parametrize("device,cfg", TMA_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tma_persistent_kernel_matches_tiled_and_reference(km, device, cfg, dtype):
+    """The persistent TMA kernel, forced, for the operand layouts it takes (A row- or column-major, B row-major
+    or the nn.Linear weight.t()), with tails in M, N and K, fp32 bias + GELU + pre-activation: within the usual
+    error bound of the fp64 product, every output element written (NaN-filled outputs), and on the interpreter
+    bit-identical to the tiled kernel with the same tile sizes (same products, same order, same epilogue)."""
+    small = device == "cpu"
+    m, n, k = (40, 56, 72) if small else (336, 264, 520)  # multiples of 8: 16-byte aligned rows either way
+    # On a GPU every layout with the first config, the nn.Linear layout (A row-major, B = weight.t()) with the
+    # others (each layout is a kernel specialization to compile).
+    layouts = [(a_col, b_col) for a_col in (False, True) for b_col in (False, True)]
+    if not small and cfg != km._TMA_CONFIGS[0]:
+        layouts = [(False, True)]
+    for a_col, b_col in layouts:
+        a = rand(k, m, dtype=dtype, device=device).t() if a_col else rand(m, k, dtype=dtype, device=device)
+        b = rand(n, k, dtype=dtype, device=device).t() if b_col else rand(k, n, dtype=dtype, device=device)
+        bias = rand(n, dtype=torch.float32, device=device)
+        outs = {}
+        for name, c in (("tma", cfg), ("tiled", km._INTERPRETER_CONFIG))[:2 if small else 1]:
+            y = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+            pre = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+            km.launch_matmul(a, b, y, bias, "gelu", pre=pre, config=c)
+            outs[name] = (y, pre)
+        what = f"a {'col' if a_col else 'row'} b {'col' if b_col else 'row'}"
+        check(outs["tma"][0], a, b, bias, "gelu", what=what)
+        check(outs["tma"][1], a, b, bias, None, what=what + " pre")
+        if small:
+            assert torch.equal(outs["tma"][0], outs["tiled"][0]), what
+            assert torch.equal(outs["tma"][1], outs["tiled"][1]), what
+
+
+@pytest.mark.skipif(not INTERPRETED and not HAS_CUDA, reason="needs the Triton interpreter or a CUDA device")
+def test_tma_rejects_incompatible_operands(km):
+    if not km.HAS_TMA:
+        pytest.skip("this Triton has no tensor descriptors")
+    dev = "cpu" if INTERPRETED else "cuda"
+    cfg = km._INTERPRETER_TMA_CONFIG if INTERPRETED else km._TMA_CONFIGS[0]
+    a = rand(32, 48, dtype=torch.float16, device=dev)
+    y = torch.empty(32, 45, dtype=torch.float16, device=dev)
+    for name, aa, bb in [("row stride 90 bytes", a, rand(48, 45, dtype=torch.float16, device=dev)),
+                         ("no contiguous dim", rand(32, 96, dtype=torch.float16, device=dev)[:, ::2],
+                          rand(48, 45, dtype=torch.float16, device=dev)[:, :45]),
+                         ("misaligned base", rand(32 * 48 + 1, dtype=torch.float16, device=dev)[1:].view(32, 48),
+                          rand(48, 48, dtype=torch.float16, device=dev)[:, :45])]:
+        with pytest.raises(ValueError, match="not TMA-compatible"):
+            km.launch_matmul(aa, bb, y, None, None, config=cfg)
+    assert km._tma_operands(a, rand(48, 48, dtype=torch.float16, device=dev)) is not None
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA device (runs in bench/gpu_check)")
+def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
+    """On a GPU: a first call tunes (the TMA configs among the candidates on sm_90+) and writes the cache file; a
+    "new process" (empty memory, fresh cache object) takes the result from disk without benchmarking; a CUDA graph
+    captured with the TMA variant chosen replays to the same result."""
+    from mixprec_ops.triton_kernels.tune_cache import TuneCache
+
+    a = rand(512, 384, dtype=torch.bfloat16, device="cuda")
+    w = rand(320, 384, dtype=torch.bfloat16, device="cuda")
+    bias = rand(320, dtype=torch.bfloat16, device="cuda")
+    with km.record_choices() as got:
+        y0 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+    check(y0, a, w.t(), bias, "gelu_tanh")
+    assert got[0]["source"] == "tuned", got
+    (key,) = km.chosen_configs()
+    tma = km._tma_eligible(a, 512, 320, 384)
+    assert key.endswith(f"tma {int(tma)}") and "a row b col c row" in key
+    entries = json.load(open(tune_env / "matmul_autotune.json"))["entries"]
+    assert entries[key]["config"] == km.chosen_configs()[key].to_dict()
+    assert entries[key]["candidates"] == len(km.candidates(512, 320, 384, tma))
+
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
+    monkeypatch.setattr(km, "_benchmark", _boom)
+    with km.record_choices() as got:
+        y1 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+    assert got[0]["source"] == "disk" and torch.equal(y1, y0)
+
+    if tma:  # the persistent kernel inside a CUDA graph (host-built descriptors are kernel parameters)
+        km._CHOSEN[key] = km._TMA_CONFIGS[1]
+        y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        g.replay()
+        torch.cuda.synchronize()
+        check(y2, a, w.t(), bias, "gelu_tanh")
+        assert torch.equal(y3, y2)
