@@ -466,3 +466,22 @@ def test_pickle_and_state_replacement_keep_working():
     assert all(o.state[p]["step"].item() == 2 for p in m.parameters())
     run_steps(m, o, data(1, seed=4))
     assert all(o.state[p]["step"].item() == 3 for p in m.parameters())
+
+
+def test_plans_follow_group_option_and_state_changes():
+    """Per-param step plans are cached between steps; changing a group's options (amsgrad on), replacing a state
+    entry's dict, or a 1-element (not 0-dim) step tensor put in by hand must all be picked up by the next step."""
+    m = mlp(torch.bfloat16)
+    o = AdamW(m.parameters(), lr=1e-3, backend="torch")
+    run_steps(m, o, data(2))
+    p0 = next(m.parameters())
+    assert "max_exp_avg_sq" not in o.state[p0]
+    o.param_groups[0]["amsgrad"] = True
+    run_steps(m, o, data(1, seed=4))
+    assert all("max_exp_avg_sq" in o.state[p] and o.state[p]["max_exp_avg_sq"].abs().sum() > 0 for p in m.parameters())
+    o.state[p0] = {k: (v.clone().reshape(1) if k == "step" else v.clone()) for k, v in o.state[p0].items()}
+    before = o.state[p0]["master_param"].clone()
+    run_steps(m, o, data(1, seed=5))
+    assert o.state[p0]["step"].shape == () and o.state[p0]["step"].item() == 4
+    assert not torch.equal(o.state[p0]["master_param"], before)
+    assert all(o.state[p]["step"].item() == 4 for p in m.parameters())

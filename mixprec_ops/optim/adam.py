@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import FLOAT_SOURCES
 from ..ops.adam import adam_scalars, adam_step_
@@ -112,7 +111,7 @@ class Adam(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self.grad_norm = None
-        self._plans = WeakIdKeyDictionary()  # param -> per-param step plan (see _step_group)
+        self._plans = {}  # id(param) -> per-param step plan (see _step_group)
 
     _EXTRA_ATTRS = ("max_grad_norm", "backend")
 
@@ -124,7 +123,7 @@ class Adam(torch.optim.Optimizer):
         for k in self._EXTRA_ATTRS:
             self.__dict__.setdefault(k, None)
         self.grad_norm = None
-        self._plans = WeakIdKeyDictionary()
+        self._plans = {}
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -191,19 +190,25 @@ class Adam(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                where = f"param {i} of param group {gi}"
-                if g.is_sparse:
-                    raise RuntimeError(f"{where}: Adam does not support sparse gradients")
-                if g.dtype not in FLOAT_SOURCES:
-                    raise TypeError(f"{where}: grad dtype must be float32, float16 or bfloat16, got {g.dtype}")
-                if g.device != p.device:
-                    raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
-                if g.shape != p.shape:
-                    raise ValueError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+                if g.is_sparse or g.dtype not in FLOAT_SOURCES or g.device != p.device or g.shape != p.shape:
+                    self._bad_grad(f"param {i} of param group {gi}", p, g)
                 ps.append(p)
             if ps:
                 out.append((group, ps))
+        n = sum(len(ps) for _, ps in out)
+        if len(self._plans) > 2 * n + 64:  # params dropped from the groups since: forget their plans
+            self._plans.clear()
         return out
+
+    @staticmethod
+    def _bad_grad(where, p, g):
+        if g.is_sparse:
+            raise RuntimeError(f"{where}: Adam does not support sparse gradients")
+        if g.dtype not in FLOAT_SOURCES:
+            raise TypeError(f"{where}: grad dtype must be float32, float16 or bfloat16, got {g.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
+        raise ValueError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
 
     def _grad_stats(self, collected, grad_scale, found_inf):
         """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
@@ -248,9 +253,6 @@ class Adam(torch.optim.Optimizer):
         collected = self._collect()
         if not collected:
             return loss
-        for group, ps in collected:
-            for p in ps:
-                self._init_state(group, p)
         clip = None
         if self.max_grad_norm is not None:
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
@@ -265,39 +267,48 @@ class Adam(torch.optim.Optimizer):
         buckets = defaultdict(list)
         fallback = []  # params whose layout the kernels cannot walk (rare): the reference serves them
         n_states = 3 if amsgrad else 2
-        plans = self._plans
+        plans, state = self._plans, self.state
+        options = (amsgrad, group["master_weights"], group["state_dtype"])
         for p in ps:
-            st = self.state[p]
+            st = state[p]
             # What does not change between steps (local param, states, master, step, whether their layouts walk
-            # together) is planned once per param and reused while its state dict stays the same object with the
-            # same keys (load_state_dict replaces it; a late master adds a key). Grads are new tensors every step.
-            plan = plans.get(p)
-            if plan is None or plan[0] is not st or plan[1] != len(st):
+            # together) is planned once per param and reused while the param, its state dict (load_state_dict
+            # replaces it), the dict's size and the group's state options stay the same. Missing state (the
+            # first step, a master after loading torch's state, amsgrad turned on) is created when (re)planning.
+            # Grads are new tensors every step. A plain dict by id(p): the plan holds p, so the id is not reused.
+            plan = plans.get(id(p))
+            if plan is None or plan[0] is not st or plan[1] != len(st) or plan[2] is not p or plan[3] != options:
+                self._init_state(group, p)
+                st = state[p]
+                if st["step"].dim() != 0:  # a 1-element step from elsewhere: 0-dim, as adam_scalars stacks them
+                    st["step"] = st["step"].reshape(())
                 lp = _local(p)
                 states = [_local(st[k]) for k in _STATE_KEYS[:n_states]]
                 master = _local(st["master_param"]) if "master_param" in st else None
                 walk = all(_dense_like(x, lp) for x in states) and (master is None or _dense_like(master, lp))
-                plan = (st, len(st), lp, states, master, st["step"], walk,
-                        (lp.device, lp.dtype, states[0].dtype, master is not None))
-                plans[p] = plan
-            _, _, lp, states, master, step, walk, pkey = plan
-            g = _local(p.grad)
-            if g.dtype is not lp.dtype and g.dtype is not torch.float32:
+                plan = (st, len(st), p, options, lp, states, master, st["step"], walk,
+                        (lp.device, lp.dtype, states[0].dtype, master is not None), lp.dtype, lp is p,
+                        lp.is_contiguous())
+                plans[id(p)] = plan
+            lp, states, master, step, walk, pkey, pdtype, plain, contig = plan[4:]
+            g = p.grad if plain else _local(p.grad)
+            gdtype = g.dtype
+            if gdtype is not pdtype and gdtype is not torch.float32:
                 g = g.float()
-            if not _dense_like(g, lp):
-                g = g.contiguous() if lp.is_contiguous() else g
+                gdtype = torch.float32
+            if not (contig and g.is_contiguous()) and not _dense_like(g, lp):
+                g = g.contiguous() if contig else g
                 walk = walk and _dense_like(g, lp)
             entry = (lp, g, states, master, step)
             if not walk:
                 fallback.append(entry)
                 continue
-            buckets[pkey + (g.dtype,)].append(entry)
+            buckets[(pkey, gdtype)].append(entry)
         steps_by_device = defaultdict(list)
         for key, entries in list(buckets.items()) + [(None, [e]) for e in fallback]:
             self._launch(group, entries, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
                          backend=self.backend if key is not None else "torch")
-            for e in entries:
-                steps_by_device[e[4].device].append(e[4])
+            steps_by_device[entries[0][0].device] += [e[4] for e in entries]
         for dev, steps in steps_by_device.items():
             torch._foreach_add_(steps, 1.0)
             if found_inf is not None:  # a skipped step does not count
