@@ -101,6 +101,18 @@ def test_autotune_never_benchmarks_during_graph_capture(km, tune_env):
     assert km.select_config("k", cfgs, s.run, capturing=True, benchmark=_boom) == (c2, "memory")
 
 
+def test_autotune_off_switch_uses_the_default_and_stores_nothing(km, tune_env, monkeypatch):
+    c0, c1, c2 = cfgs = _cfgs(km)
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    assert km.select_config("k", cfgs, _Stub({}).run, capturing=False, benchmark=_boom) == (c0, "default (autotune off)")
+    assert not os.listdir(tune_env)
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")
+    s = _Stub({c0: 3e-3, c1: 1e-3, c2: 2e-3})
+    assert km.select_config("k", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")  # a result already known is still used
+    assert km.select_config("k", cfgs, s.run, capturing=False, benchmark=_boom) == (c1, "memory")
+
+
 def test_autotune_ignores_stale_and_invalid_entries(km, tune_env):
     c0, c1, c2 = cfgs = _cfgs(km)
     bad = {"not offered": {"config": km._tiled(256, 256, 256, 8, 3).to_dict()},

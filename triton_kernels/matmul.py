@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -289,6 +290,7 @@ _INTERPRETER_CONFIG = _tiled(16, 16, 16, 1, 1, group=2)
 _INTERPRETER_TMA_CONFIG = _tma(16, 16, 16, 1, 1, group=2)  # for tests that force the persistent kernel there
 _INTERPRETER_NUM_SMS = 3  # the persistent kernel under the interpreter: 3 "SMs", so programs loop over tiles
 _KEY = ["M_BUCKET", "N", "K"]
+AUTOTUNE_ENV = "MIXPREC_MATMUL_AUTOTUNE"  # "0": no benchmarking, each set's default config (see select_config)
 
 
 def candidates(m: int, n: int, k: int, tma: bool) -> tuple[KernelConfig, ...]:
@@ -389,6 +391,9 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
 
     Order: this process's earlier choice ("memory"); the disk cache ("disk", if the stored config is one of
     `cands`); during a CUDA graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
+    with MIXPREC_MATMUL_AUTOTUNE=0, the same default ("default (autotune off)": one compilation per kernel
+    specialization instead of one per candidate, for time-bounded runs; results found in memory or on disk are
+    still used);
     a single candidate ("only candidate"); else every candidate is benchmarked (`benchmark(fn)` -> seconds; a
     candidate that raises, e.g. too much shared memory, is skipped with a warning) and the fastest is kept in
     memory and written to the disk cache ("tuned")."""
@@ -407,6 +412,8 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
             return cfg, "disk"
     if capturing:
         return cands[0], "default (capture)"
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return cands[0], "default (autotune off)"
     if len(cands) == 1:
         _CHOSEN[key] = cands[0]
         return cands[0], "only candidate"
