@@ -361,13 +361,13 @@ def plot(logs: dict, path: str) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, log in logs.items():
-        steps, losses = zip(*log["train"]) if log["train"] else ((), ())
+        steps, losses = zip(*log["train"], strict=True) if log["train"] else ((), ())
         k = max(1, len(losses) // 50)  # moving average over ~2% of the run
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
                   for i in range(len(losses))]
         a1.plot(steps, smooth, label=mode)
         if log["val"]:
-            a2.plot(*zip(*log["val"]), marker="o", ms=3, label=mode)
+            a2.plot(*zip(*log["val"], strict=True), marker="o", ms=3, label=mode)
     a1.set(title="training loss (smoothed)", xlabel="step", ylabel="cross-entropy (nats/byte)")
     a2.set(title="validation loss", xlabel="step")
     for a in (a1, a2):

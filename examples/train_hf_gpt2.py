@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
                               logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[],
                               use_cpu=not torch.cuda.is_available(), seed=args.seed, dataloader_num_workers=0,
                               disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=ByteWindows(stdlib_corpus(args.corpus_bytes), args.context),
-                      optimizers=(optimizer, scheduler))
+    data = ByteWindows(stdlib_corpus(args.corpus_bytes), args.context)
+    trainer = Trainer(model=model, args=targs, train_dataset=data, optimizers=(optimizer, scheduler))
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     converted = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("mixprec_ops")})

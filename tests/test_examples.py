@@ -34,7 +34,8 @@ def tg():
 # an update smaller than half an ulp, |w| * 2^-8 or more: plain bf16 params lose every update to weights above
 # 2^8 * lr in magnitude (0.26 at the peak lr: LayerNorm gains at 1.0 never move; 0.026 at the end), which is what
 # mode 5 must show and what fp32 masters prevent. Measured on 2026-11-28 (seeds 0, 1, 2), final validation loss vs
-# fp32: mixprec_bf16 +0.01/-0.01/+0.02%, mixprec_fp16 +0.00% (seed 0) and -0.00% (seed 2), bf16_no_master +2.06/+1.88/+1.93%.
+# fp32: mixprec_bf16 +0.01/-0.01/+0.02%, mixprec_fp16 +0.00% (seed 0) and -0.00% (seed 2), bf16_no_master
+# +2.06/+1.88/+1.93%.
 # (At lr 2e-3 the bf16 gap shrinks to -0.2..+1.0%: larger updates survive the rounding.)
 SMALL = dict(layers=2, width=64, heads=2, context=64, batch=16, steps=600, lr=1e-3, warmup=50, eval_every=200,
              eval_batches=8, corpus_bytes=1_000_000, device="cpu", progress=False)
