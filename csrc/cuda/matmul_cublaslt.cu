@@ -21,6 +21,8 @@
 // back (below) and finally copies both operands to fresh, 256-byte-aligned contiguous tensors.
 //
 // Epilogue mapping (out = out_dtype; "fused" = cuBLASLt does it all in the GEMM's epilogue):
+//   out dtype               fused only when out is a's dtype or fp32: cuBLASLt has no bf16 x bf16 -> fp16 GEMM (nor
+//                           fp16 -> bf16), so a cross 16-bit out takes the fp32 path.
 //   bias                    fused only when the bias dtype is out's (cuBLASLt's bias type is D's type for
 //                           non-fp8 GEMMs) or out is fp32 (then an fp16/bf16 bias is widened to fp32, exactly).
 //                           Otherwise (fp32 bias with 16-bit out, bf16 bias with fp16 out) the fp32 path below.
@@ -445,8 +447,10 @@ Outputs matmul_impl(const at::Tensor& a_in, const at::Tensor& b, const std::opti
   const c10::cuda::CUDAGuard guard(a_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t K = a_in.size(-1), N = b.size(1);
-  const at::Tensor a = a_in.dim() == 2 ? a_in : a_in.reshape({-1, K});  // a view when the batch dims collapse
-  const int64_t M = a.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d < a_in.dim() - 1; ++d) M *= a_in.size(d);
+  // (M, K): a view when the batch dims collapse, else a copy (M given explicitly: -1 is ambiguous when K == 0)
+  const at::Tensor a = a_in.dim() == 2 ? a_in : a_in.reshape({M, K});
   std::vector<int64_t> out_shape(a_in.sizes().begin(), a_in.sizes().end());
   out_shape.back() = N;
   const auto opts = a_in.options().dtype(out_dtype);
@@ -480,11 +484,13 @@ Outputs matmul_impl(const at::Tensor& a_in, const at::Tensor& b, const std::opti
   g.k = K;
   g.ldd = N;
 
-  // 1. Fully fused in cuBLASLt's epilogue, where the mapping in the header allows it.
+  // 1. Fully fused in cuBLASLt's epilogue, where the mapping in the header allows it. cuBLASLt has no bf16 x bf16 ->
+  // fp16 (or fp16 -> bf16) GEMM: a cross 16-bit out_dtype takes the fp32 path directly.
+  const bool type_fusable = out_dtype == at::kFloat || out_dtype == a.scalar_type();
   const bool bias_fusable = !bias.has_value() || bias->scalar_type() == out_dtype || out_dtype == at::kFloat;
   const bool act_fusable = act == Act::None || act == Act::Relu ||
                            (act == Act::GeluTanh && (!want_pre || N % 8 == 0));
-  if (bias_fusable && act_fusable) {
+  if (type_fusable && bias_fusable && act_fusable) {
     at::Tensor bias_d;
     if (bias.has_value()) bias_d = bias->scalar_type() == out_dtype ? bias->contiguous() : bias_fp32(*bias);
     const bool has_bias = bias_d.defined();

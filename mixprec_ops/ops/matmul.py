@@ -74,10 +74,11 @@ def _as_2d(a):
     """a (..., M, K) as (rows, K): a view when the strides allow it (no copy), else a copy."""
     if a.dim() == 2:
         return a
+    rows = math.prod(a.shape[:-1])  # not -1: ambiguous when K == 0
     try:
-        return a.view(-1, a.shape[-1])
+        return a.view(rows, a.shape[-1])
     except RuntimeError:
-        return a.reshape(-1, a.shape[-1])
+        return a.reshape(rows, a.shape[-1])
 
 
 if _ext.LOADED:  # the schemas exist whenever the extension loads (CUDA kernels or not)
