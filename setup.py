@@ -113,6 +113,53 @@ def decide_cuda():
     return True, f"CUDA {ver[0]}.{ver[1]} at {cuda_home}"
 
 
+CUBLASLT_HEADERS = ("cublasLt.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h")  # ATen/cuda/CUDAContextLight.h's
+
+
+def _cublaslt_lib(libdir):
+    """The linker flag for libcublasLt in `libdir`, or None. The CUDA torch wheels ship only the versioned file
+    (libcublasLt.so.13), which `-lcublasLt` does not find: `-l:<file>` names it. Either way the extension's NEEDED
+    entry is the library's soname (libcublasLt.so.13), which torch itself has loaded by the time the extension is
+    imported (libtorch_cuda needs it), so no rpath is required."""
+    if os.path.isfile(os.path.join(libdir, "libcublasLt.so")):
+        return "-lcublasLt"
+    versioned = sorted(glob.glob(os.path.join(libdir, "libcublasLt.so.[0-9]*")), key=len)
+    return f"-l:{os.path.basename(versioned[0])}" if versioned else None
+
+
+def find_cublaslt(cuda_home, cuda_major):
+    """(nvcc flags, link flags, where) for the cuBLASLt matmul (csrc/cuda/matmul_cublaslt.cu), or None.
+
+    The toolkit first (the GPU machine's full toolkit has everything); else the headers and library that the CUDA
+    torch wheel installs (site-packages/nvidia/cu13/{include,lib}, or nvidia/cublas/... in older wheel layouts),
+    whose include dir is added with -isystem, i.e. searched after the toolkit's -I dir: it only supplies the headers
+    the toolkit lacks (cublasLt.h, cusparse.h, ...), never shadows the toolkit's own."""
+    tk_inc = os.path.join(cuda_home, "include")
+    tk_libs = [os.path.join(cuda_home, "lib64")] + glob.glob(os.path.join(cuda_home, "targets", "*", "lib"))
+    if all(os.path.isfile(os.path.join(tk_inc, h)) for h in CUBLASLT_HEADERS):
+        for d in tk_libs:
+            flag = _cublaslt_lib(d)
+            if flag:
+                return [], [f"-L{d}", flag], f"toolkit {cuda_home}"
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    bases = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    for base in bases:
+        for sub in (f"cu{cuda_major}", "cublas"):
+            inc, lib = os.path.join(base, sub, "include"), os.path.join(base, sub, "lib")
+            if not os.path.isfile(os.path.join(inc, "cublasLt.h")):
+                continue
+            if not all(os.path.isfile(os.path.join(d, h)) for h in CUBLASLT_HEADERS for d in
+                       [inc if os.path.isfile(os.path.join(inc, h)) else tk_inc]):
+                continue  # some header CUDAContextLight.h needs is in neither place
+            for d in [lib] + tk_libs:
+                flag = _cublaslt_lib(d)
+                if flag:
+                    return ["-isystem", inc], [f"-L{d}", flag], f"headers {inc}, library {d}"
+    return None
+
+
 def write_build_info(use_cuda, archs):
     import torch
 
@@ -147,11 +194,24 @@ def extensions():
     headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], depends=headers, py_limited_api=True)
     if use_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        import torch
+
+        cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        lt = find_cublaslt(os.environ["CUDA_HOME"], int(torch.version.cuda.split(".")[0]))
+        if lt is None:
+            cu_sources = [f for f in cu_sources if not f.endswith("matmul_cublaslt.cu")]
+            log("cuBLASLt: not found (no cublasLt.h + libcublasLt in the toolkit or the nvidia wheels): the CUDA "
+                "matmul is left out (matmul is served by Triton on CUDA tensors)")
+            lt_nvcc, lt_link = [], []
+        else:
+            lt_nvcc, lt_link, where = lt
+            log(f"cuBLASLt: {where} (link {' '.join(lt_link)})")
+        sources += cu_sources
         kw["extra_compile_args"]["cxx"].append("-DMIXPREC_WITH_CUDA")
         kw["extra_compile_args"]["nvcc"] = [
             "-O3", "-DMIXPREC_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
-        ] + cuda_gencode_flags(archs)
+        ] + lt_nvcc + cuda_gencode_flags(archs)
+        kw["extra_link_args"] = kw["extra_link_args"] + lt_link
         return [CUDAExtension("mixprec_ops._C", sources, **kw)]
     return [CppExtension("mixprec_ops._C", sources, **kw)]
 

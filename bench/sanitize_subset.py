@@ -9,8 +9,13 @@
                   list longer than one launch holds (1300 tensors), each with and without return_norm, and once more
                   with an inf planted (found_inf must be set). --big adds a bf16 tensor longer than one launch's
                   2048 blocks (needs ~0.6 GB, slow under the sanitizer).
+  matmul:         the cuBLASLt backend (and its epilogue kernel) on odd shapes, M = 1, K = 1, K = 0, a transposed /
+                  2-byte-aligned / broadcast operand, a batched a; each case through every activation, the fused and
+                  fp32 paths (bias of a's dtype / fp32, pre-activation, fp32 and cross 16-bit out), and
+                  matmul_and_rowsum (BGRADB). CUDA only (CPU tensors are served by the reference: nothing of ours).
 
-Every result is also compared with the reference (bit for bit; the norm to rtol 1e-4), so a wrong answer fails too.
+Every result is also compared with the reference (bit for bit; the norm to rtol 1e-4; matmul, whose summation order
+is cuBLASLt's, to 2 ulps of the output's largest magnitude), so a wrong answer fails too.
 The reference runs on CPU copies, so that under the sanitizer few GPU kernels besides ours are launched.
 Usage: python3 bench/sanitize_subset.py [--device cuda|cpu] [--big]
   --device cpu runs the same calls through the C++ CPU kernels: a check of this script on a machine without a GPU.
@@ -179,6 +184,63 @@ def check_adam(backend, device) -> list[str]:
     return bad
 
 
+def check_matmul(backend, device) -> list[str]:
+    """matmul on the cuBLASLt backend: each result against the reference run on CPU copies, to 2 ulps (of the out
+    dtype, or of the operand dtype for fp32 out) of the largest output magnitude."""
+    from mixprec_ops.ops.matmul import matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation
+
+    bad = []
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    def close(y, ref, dtype, what):
+        ulp = torch.finfo(dtype if y.dtype == torch.float32 else y.dtype).eps
+        err = (y.double().cpu() - ref.double()).abs().max().item() if y.numel() else 0.0
+        scale = ref.double().abs().max().item() if ref.numel() else 0.0
+        if y.shape != ref.shape or y.dtype != ref.dtype or not err <= 2 * ulp * scale + 1e-6:
+            bad.append(f"matmul {what}: max error {err:.3g} (scale {scale:.3g}, {y.dtype} {tuple(y.shape)})")
+
+    for dtype in (torch.float16, torch.bfloat16):
+        other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+        off = torch.empty(37 * 45 + 1, dtype=dtype, device=device)
+        off[1:] = r(37 * 45, dtype=dtype).flatten()
+        cases = [("37x24x45", r(37, 45, dtype=dtype), r(45, 24, dtype=dtype)),
+                 ("19x23x40 a.t() b.t()", r(40, 19, dtype=dtype).t(), r(23, 40, dtype=dtype).t()),
+                 ("M=1", r(1, 33, dtype=dtype), r(33, 17, dtype=dtype)),
+                 ("K=1", r(9, 1, dtype=dtype), r(1, 16, dtype=dtype)),
+                 ("K=0", r(5, 0, dtype=dtype), r(0, 8, dtype=dtype)),
+                 ("offset a", off[1:].view(37, 45), r(45, 24, dtype=dtype)),
+                 ("broadcast a", r(1, 45, dtype=dtype).expand(37, 45), r(45, 24, dtype=dtype)),
+                 ("batched", r(3, 7, 45, dtype=dtype), r(45, 24, dtype=dtype))]
+        for what, a, b in cases:  # every mapping once per case, not the full product (memcheck is slow)
+            ac, bc = a.cpu(), b.cpu()
+            n = b.shape[1]
+            bias, bias32 = r(n, dtype=dtype), r(n, dtype=torch.float32)
+            calls = [(act, bias, dtype, False) for act in (None, "relu", "gelu", "gelu_tanh", "silu")]
+            calls += [("relu", bias, dtype, True), ("gelu_tanh", None, dtype, True), ("gelu", bias32, dtype, True),
+                      ("silu", bias32, torch.float32, False), (None, None, other, False)]
+            for act, bb, out, with_pre in calls:
+                bbc = None if bb is None else bb.cpu()
+                tag = f"{what} {dtype} {act} bias={None if bb is None else bb.dtype} out={out} pre={with_pre}"
+                if with_pre:
+                    y, pre = matmul_with_preactivation(a, b, bias=bb, activation=act, out_dtype=out, backend=backend)
+                    ry, rpre = matmul_reference(ac, bc, bbc, act, out, return_pre=True)
+                    close(pre, rpre, dtype, tag + " (pre)")
+                else:
+                    y = matmul(a, b, bias=bb, activation=act, out_dtype=out, backend=backend)
+                    ry = matmul_reference(ac, bc, bbc, act, out)
+                close(y, ry, dtype, tag)
+        for what, a in [("g.t()", r(40, 23, dtype=dtype).t()), ("contiguous", r(23, 40, dtype=dtype))]:
+            x = r(40, 24, dtype=dtype)
+            for out in (dtype, torch.float32):
+                y, rs = matmul_and_rowsum(a, x, out_dtype=out, backend=backend)
+                close(y, matmul_reference(a.cpu(), x.cpu(), None, None, out), dtype, f"rowsum {what} {out} product")
+                close(rs, a.cpu().float().sum(1).to(out), dtype, f"rowsum {what} {out} sums")
+    return bad
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -202,6 +264,10 @@ def main(argv=None) -> int:
     print(f"sanitize_subset: mixprec_ops from {mixprec_ops.__file__}, backend {backend}")
     g = torch.Generator().manual_seed(0)
     bad = check_cast(backend, device, g) + check_unscale(backend, device, a.big) + check_adam(backend, device)
+    if device.type == "cuda":
+        bad += check_matmul(backend, device)
+    else:
+        print("sanitize_subset: matmul skipped on cpu (no CPU kernel of ours: the reference serves CPU tensors)")
     if device.type == "cuda":
         torch.cuda.synchronize()
     for b in bad:

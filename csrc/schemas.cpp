@@ -30,4 +30,14 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor scalars, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? clip_coef) -> ()");
+  // out = cast(act(a @ b + bias)) with fp32 accumulation, the epilogue on the fp32 accumulator and one rounding to
+  // out_dtype (see mixprec_ops/ops/matmul.py, matmul_reference). a: (..., M, K) and b: (K, N), both float16 or both
+  // bfloat16, any strides; bias: (N,) of a's dtype or float32; activation: "none", "relu", "gelu" (erf),
+  // "gelu_tanh" or "silu"; out_dtype: float16, bfloat16 or float32. Returns a new (..., M, N) tensor.
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias, str activation, ScalarType out_dtype) -> Tensor");
+  // matmul, and the pre-activation cast(a @ b + bias) in out_dtype (saved by the autograd of linear).
+  m.def("matmul_pre(Tensor a, Tensor b, Tensor? bias, str activation, ScalarType out_dtype) -> (Tensor, Tensor)");
+  // (cast(a @ b), cast(a.sum(1))) for a 2-D a: the product and the fp32-accumulated row sums of a, both rounded once
+  // to out_dtype. With a = grad_out^T of a linear layer this is (grad_weight, grad_bias) from one GEMM.
+  m.def("matmul_rowsum(Tensor a, Tensor b, ScalarType out_dtype) -> (Tensor, Tensor)");
 }

@@ -10,7 +10,7 @@ order and the pre-activation being stored in the operand dtype.
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, poison_allocator
 
 import mixprec_ops
 from mixprec_ops.nn import Linear, convert
@@ -28,6 +28,11 @@ def backends_here():
                                                                                         reason=str(why))))
     out.append(pytest.param("cuda", None, id="cuda-auto", marks=pytest.mark.skipif(
         not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")))
+    for bk in ("cuda", "triton"):  # explicitly: cuBLASLt (auto's choice) and Triton
+        why = "needs a CUDA device (runs in bench/gpu_check)" if not HAS_CUDA else \
+            mixprec_ops.backends.unavailable_reason("matmul", bk, torch.device("cuda"))
+        out.append(pytest.param("cuda", bk, id=f"cuda-{bk}", marks=pytest.mark.skipif(why is not None,
+                                                                                       reason=str(why))))
     return out
 
 
@@ -59,6 +64,31 @@ def test_forward_backward_vs_autograd(device, backend, dtype, act):
         base = (t.double().cpu() - e).abs().max().item()
         floor = 1e-6 * e.abs().max().item()
         assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backends_here() if p.values[0] == "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("bias_dtype", ["same", torch.float32], ids=str)
+def test_backward_matches_reference_backend(device, backend, dtype, act, bias_dtype):
+    """The GPU backward against the reference backward (backend="torch") on the same CUDA tensors: both accumulate
+    every product in fp32 and round once, so they differ by summation order only (an ulp or so of the output, a
+    little more where the pre-activation rounded differently). dbias: from the wgrad GEMM (cuBLASLt BGRADB) when the
+    bias has the weight's dtype, the separate fp32 sum for an fp32 bias. Odd sizes; outputs into poisoned memory."""
+    bd = dtype if bias_dtype == "same" else bias_dtype
+    x = torch.randn(3, 7, 45).to(dtype).to(device)
+    w = (torch.randn(29, 45) / 6).to(dtype).to(device)
+    b = torch.randn(29).to(bd).to(device)
+    gy = torch.randn(3, 7, 29).to(dtype).to(device)
+    poison_allocator(1 << 20, device)
+    ours = grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, gy)
+    ref = grads(lambda x, w, b: linear(x, w, b, act, backend="torch"), x, w, b, gy)
+    eps = torch.finfo(dtype).eps
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape, (name, o.dtype, r.dtype, o.shape)
+        assert o.isfinite().all(), name
+        scale = r.double().abs().max().item()
+        torch.testing.assert_close(o.double(), r.double(), rtol=4 * eps, atol=4 * eps * scale, msg=name)
 
 
 def test_backward_partial_and_no_bias():

@@ -1,5 +1,5 @@
-"""matmul: every backend (the fp32 "torch" reference, and Triton: on CPU under the interpreter, on a GPU in
-bench/gpu_check) against a float64 product.
+"""matmul: every backend (the fp32 "torch" reference; Triton: on CPU under the interpreter, on a GPU in
+bench/gpu_check; the cuBLASLt "cuda" backend, on a GPU only) against a float64 product.
 
 Tolerance: the max |error| vs the fp64 result may be at most 2x the max |error| of torch's own computation in the
 operand dtype (torch.matmul in fp16/bf16, then bias and activation in that dtype), plus a floor of 1e-6 x max|exact|
@@ -10,15 +10,17 @@ smaller).
 
 What the interpreter cannot show: the bf16 tensor-core path (bf16 tiles are upcast to fp32 before tl.dot under the
 interpreter, whose bf16 tl.dot is wrong), the autotuned configs and the CUDA-graph-capture branch (one fixed
-16x16x16 config is used); those run on a GPU through the cuda-triton parameters.
+16x16x16 config is used); those run on a GPU through the cuda-triton parameters. The cuda-cuda parameters and the
+test_cuda_* tests (cuBLASLt: every epilogue mapping, its fp32 fallback path, the pre-activation and row-sum variants,
+poisoned outputs, graph capture, direct calls with bad inputs) run on a GPU only.
 """
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_params
+from conftest import HAS_CUDA, backend_params, extension_backend, poison_allocator
 
 import mixprec_ops
-from mixprec_ops.ops.matmul import apply_activation, matmul_reference
+from mixprec_ops.ops.matmul import apply_activation, matmul_and_rowsum, matmul_reference, matmul_with_preactivation
 
 OP = "matmul"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -26,11 +28,12 @@ ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
 
 def matmul_params():
-    """(device, backend): the reference on CPU (and CUDA), Triton wherever it can run (else skipped with why)."""
+    """(device, backend): the reference on CPU (and CUDA), Triton wherever it can run, cuBLASLt ("cuda") on CUDA
+    (else skipped with why). There is no CPU kernel of our own: CPU tensors get the reference."""
     out = [pytest.param("cpu", "torch", id="cpu-torch"),
            pytest.param("cuda", "torch", id="cuda-torch", marks=pytest.mark.skipif(
                not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)"))]
-    return out + [p for p in backend_params(OP) if p.values[1] == "triton"]
+    return out + [p for p in backend_params(OP) if p.values[1] in ("cuda", "triton")]
 
 
 PARAMS = matmul_params()
@@ -194,10 +197,10 @@ def test_opcheck_triton_op(device):
 def test_cuda_graph_capture_does_not_autotune():
     a = rand(300, 256, dtype=torch.bfloat16, device="cuda")
     b = rand(256, 192, dtype=torch.bfloat16, device="cuda")
-    y0 = mixprec_ops.matmul(a, b, activation="relu")  # warm-up (autotunes this bucket)
+    y0 = mixprec_ops.matmul(a, b, activation="relu", backend="triton")  # warm-up (autotunes this bucket)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = mixprec_ops.matmul(a, b, activation="relu")
+        y = mixprec_ops.matmul(a, b, activation="relu", backend="triton")
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
@@ -205,7 +208,209 @@ def test_cuda_graph_capture_does_not_autotune():
     a2 = rand(3, 256, dtype=torch.bfloat16, device="cuda")
     g2 = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g2):
-        y2 = mixprec_ops.matmul(a2, b)
+        y2 = mixprec_ops.matmul(a2, b, backend="triton")
     g2.replay()
     torch.cuda.synchronize()
     check(y2, a2, b)
+
+
+# ---- the cuBLASLt backend ("cuda"): GPU only ------------------------------------------------------------------------
+
+
+def cuda_backend():
+    """Skips the test (with the reason) unless the cuBLASLt backend serves CUDA tensors here."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device (runs in bench/gpu_check)")
+    return extension_backend(OP, "cuda")
+
+
+def check_any(y, a, b, bias, act, out_dtype, what):
+    """check() where torch has a same-dtype yardstick; a cross 16-bit out dtype against the reference (+- 1 ulp)."""
+    if out_dtype in (None, a.dtype, torch.float32):
+        check(y, a, b, bias, act, out_dtype, what=what)
+    else:
+        ref = matmul_reference(a.cpu(), b.cpu(), None if bias is None else bias.cpu(), act, out_dtype)
+        assert y.dtype == out_dtype and y.shape == ref.shape, what
+        assert y.isfinite().all(), what
+        torch.testing.assert_close(y.cpu().float(), ref.float(), atol=1e-2, rtol=1e-2, msg=what)
+
+
+def test_cuda_auto_prefers_cublaslt():
+    cuda_backend()
+    assert mixprec_ops.backends.select(OP, torch.device("cuda"), "auto") == "cuda"
+    with pytest.raises(ValueError, match="backend 'cuda' serves cuda tensors only"):
+        mixprec_ops.matmul(torch.ones(2, 2, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16),
+                           backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("m,n,k", [(37, 24, 45), (19, 23, 40), (1, 40, 16), (64, 1, 33), (5, 8, 1)])
+def test_cuda_epilogues(dtype, act, m, n, k):
+    """Every epilogue mapping of the cuBLASLt backend: fused (bias of the out dtype or an fp32 out, relu, gelu_tanh,
+    GELU_AUX when N % 8 == 0) and the fp32 path (gelu, silu, fp32 bias with 16-bit out, cross 16-bit out, GELU_AUX
+    with N % 8 != 0), with and without the pre-activation, into poisoned memory (an unwritten element is NaN)."""
+    backend = cuda_backend()
+    a, b = rand(m, k, dtype=dtype, device="cuda"), rand(k, n, dtype=dtype, device="cuda")
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for out_dtype in (None, dtype, other, torch.float32):
+        for bias_dtype in (None, dtype, torch.float32):
+            bias = None if bias_dtype is None else rand(n, dtype=bias_dtype, device="cuda")
+            what = f"{act} out={out_dtype} bias={bias_dtype}"
+            poison_allocator(8 * m * n + 4096, "cuda")
+            y = mixprec_ops.matmul(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+            check_any(y, a, b, bias, act, out_dtype, what)
+            poison_allocator(8 * m * n + 4096, "cuda")
+            y2, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+            check_any(y2, a, b, bias, act, out_dtype, what + " (with pre)")
+            check_any(pre, a, b, bias, None, out_dtype, what + " pre")
+            assert pre.data_ptr() != y2.data_ptr()
+            if act == "relu":  # y = relu(pre) exactly (relu commutes with the one rounding)
+                assert torch.equal(y2, torch.relu(pre)), what
+            if act is None:
+                assert torch.equal(y2, pre), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["relu", "gelu_tanh", None], ids=str)
+def test_cuda_layouts_fused(dtype, act):
+    """Transposed, strided, offset (2-byte aligned) and broadcast operands through the fused epilogues (bias of a's
+    dtype): read in place when a leading dimension exists, else copied; an unaligned pointer gets an algorithm for
+    its alignment or falls back."""
+    backend = cuda_backend()
+    m, n, k = 21, 24, 35
+    a_t = rand(k, m, dtype=dtype, device="cuda").t()
+    b_t = rand(n, k, dtype=dtype, device="cuda").t()
+    big_a = rand(2 * m, 3 * k, dtype=dtype, device="cuda")
+    a_s, b_s = big_a[::2, 1::3], rand(2 * k, n + 5, dtype=dtype, device="cuda")[::2, 2:2 + n]
+    a_off = rand(m * k + 1, dtype=dtype, device="cuda")[1:].view(m, k)         # storage offset 1: 2-byte aligned
+    b_rows = rand(k, n + 3, dtype=dtype, device="cuda")[:, :n]                  # ld = n + 3 (odd)
+    a_bc = rand(1, k, dtype=dtype, device="cuda").expand(m, k)                  # stride 0: copied
+    bias = rand(n, dtype=dtype, device="cuda")
+    bias_off = rand(n + 1, dtype=dtype, device="cuda")[1:]
+    cases = [("a.t()", a_t, rand(k, n, dtype=dtype, device="cuda"), bias), ("b.t()", a_s, b_t, bias),
+             ("both strided", a_s, b_s, bias), ("both transposed", a_t, b_t, bias),
+             ("offset a, odd ld b", a_off, b_rows, bias), ("broadcast a", a_bc, b_t, bias),
+             ("offset bias", a_t, b_t, bias_off)]
+    for name, a, b, bb in cases:
+        for with_pre in (False, True):
+            poison_allocator(8 * m * n + 4096, "cuda")
+            if with_pre:
+                y, pre = matmul_with_preactivation(a, b, bias=bb, activation=act, backend=backend)
+                check(pre, a, b, bb, None, what=f"{name} pre")
+            else:
+                y = mixprec_ops.matmul(a, b, bias=bb, activation=act, backend=backend)
+            check(y, a, b, bb, act, what=f"{name} {act} pre={with_pre}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_batched_and_degenerate(dtype):
+    backend = cuda_backend()
+    b = rand(24, 16, dtype=dtype, device="cuda")
+    bias = rand(16, dtype=dtype, device="cuda")
+    a_perm = rand(7, 3, 24, dtype=dtype, device="cuda").transpose(0, 1)   # batch dims do not flatten: copied
+    a_tb = rand(3, 24, 7, dtype=dtype, device="cuda").transpose(1, 2)     # each matrix transposed
+    for name, a in [("3d", rand(3, 7, 24, dtype=dtype, device="cuda")), ("4d", rand(2, 2, 5, 24, dtype=dtype,
+                                                                                         device="cuda")),
+                    ("permuted batch", a_perm), ("transposed matrices", a_tb), ("empty batch", a_perm[:0])]:
+        for act in ("gelu_tanh", "silu"):
+            y, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, backend=backend)
+            check(y, a, b, bias, act, what=f"{name} {act}")
+            check(pre, a, b, bias, None, what=f"{name} {act} pre")
+    # K = 0 with a batch: act(bias) everywhere
+    a0 = torch.zeros(2, 3, 0, dtype=dtype, device="cuda")
+    y = mixprec_ops.matmul(a0, b[:0], bias=bias, activation="gelu", out_dtype=torch.float32, backend=backend)
+    assert y.shape == (2, 3, 16)
+    torch.testing.assert_close(y.cpu(), torch.nn.functional.gelu(bias.float().cpu()).expand(2, 3, 16))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16], ids=str)
+def test_matmul_and_rowsum(device, out_dtype):
+    """(a @ b, a.float().sum(1)) rounded once each: on cuda one GEMM with the BGRADB epilogue (or the fallback sum),
+    elsewhere the product and the sum. a as the wgrad GEMM gets it (g.t(): column-major) and row-major."""
+    if device == "cuda":
+        backend = cuda_backend()
+    else:
+        backend = "torch"
+    for dtype in DTYPES:
+        for m, n, k in [(23, 40, 37), (8, 16, 64), (1, 5, 3), (16, 9, 1)]:
+            g = rand(k, m, dtype=dtype, device=device)
+            x = rand(k, n, dtype=dtype, device=device)
+            for name, a in [("g.t()", g.t()), ("contiguous", g.t().contiguous())]:
+                poison_allocator(8 * m * n + 4096, device)
+                y, rs = matmul_and_rowsum(a, x, out_dtype=out_dtype, backend=backend)
+                od = dtype if out_dtype is None else out_dtype
+                check_any(y, a, x, None, None, out_dtype, f"{name} {dtype} {m}x{n}x{k} product")
+                ref = a.double().cpu().sum(1).to(od)
+                assert rs.dtype == od and rs.shape == (m,), (rs.dtype, rs.shape)
+                if device == "cpu":
+                    assert torch.equal(rs, a.float().sum(1).to(od))
+                # one rounding of an fp32 sum of exact values: within one ulp of the exact sum's rounding
+                torch.testing.assert_close(rs.cpu().double(), ref.double(), atol=1e-5, rtol=2 * torch.finfo(od).eps,
+                                           msg=f"{name} {dtype} {m}x{n}x{k} rowsum")
+    with pytest.raises(ValueError, match=r"a must have shape \(M, K\)"):
+        matmul_and_rowsum(rand(2, 3, 4, dtype=torch.float16, device=device), rand(4, 5, dtype=torch.float16,
+                                                                                   device=device))
+
+
+def test_cuda_graph_capture_cublaslt():
+    """cuBLASLt inside a CUDA graph: a shape seen before (cached algorithm) and one first seen during the capture
+    (the heuristic query is host-only; the workspace comes from the graph's pool)."""
+    backend = cuda_backend()
+    a = rand(300, 256, dtype=torch.bfloat16, device="cuda")
+    b = rand(256, 192, dtype=torch.bfloat16, device="cuda")
+    bias = rand(192, dtype=torch.bfloat16, device="cuda")
+    y0 = mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend=backend)
+    a2 = rand(5, 256, dtype=torch.bfloat16, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend=backend)
+        y2, pre2 = matmul_with_preactivation(a2, b, bias=bias, activation="gelu_tanh", backend=backend)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+    check(y2, a2, b, bias, "gelu_tanh")
+    check(pre2, a2, b, bias, None)
+
+
+def test_cuda_op_rejects_bad_inputs():
+    """Direct torch.ops.mixprec.* calls (past the Python checks) raise, naming the problem, instead of crashing."""
+    cuda_backend()
+    h = torch.ones(4, 3, dtype=torch.float16, device="cuda")
+    w = torch.ones(3, 5, dtype=torch.float16, device="cuda")
+    mm = torch.ops.mixprec.matmul
+    cases = [
+        ((h, w.bfloat16(), None, "none", torch.float16), "same dtype"),
+        ((h.float(), w.float(), None, "none", torch.float16), "a must be float16 or bfloat16"),
+        ((h, w[:2], None, "none", torch.float16), "shapes do not match"),
+        ((h[0], w, None, "none", torch.float16), "a must have shape"),
+        ((h, w[None], None, "none", torch.float16), "b must have shape"),
+        ((h, w, torch.ones(4, dtype=torch.float16, device="cuda"), "none", torch.float16), "bias must have shape"),
+        ((h, w, torch.ones(5, dtype=torch.bfloat16, device="cuda"), "none", torch.float16), "bias must be"),
+        ((h, w, torch.ones(5, dtype=torch.float16), "none", torch.float16), "bias must be on"),
+        ((h, w.cpu(), None, "none", torch.float16), "b must be a CUDA tensor"),
+        ((h, w, None, "tanh", torch.float16), "activation must be one of"),
+        ((h, w, None, "none", torch.float64), "out_dtype must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            mm(*args)
+    with pytest.raises(RuntimeError, match="a must have shape"):
+        torch.ops.mixprec.matmul_rowsum(h[None], w, torch.float16)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_opcheck_cuda_ops(device):
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device (runs in bench/gpu_check)")
+    extension_backend(OP, device)  # skips on CPU: no CPU kernel of our own (the reference serves CPU tensors)
+    a, b = rand(20, 24, dtype=torch.float16, device=device), rand(24, 16, dtype=torch.float16, device=device)
+    bias = rand(16, dtype=torch.float32, device=device)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in [(torch.ops.mixprec.matmul.default, (a, b, bias, "gelu", torch.float16)),
+                     (torch.ops.mixprec.matmul.default, (a.t().contiguous().t(), b, None, "relu", torch.float32)),
+                     (torch.ops.mixprec.matmul_pre.default, (a.bfloat16(), b.bfloat16(), bias, "gelu_tanh",
+                                                             torch.bfloat16)),
+                     (torch.ops.mixprec.matmul_rowsum.default, (a.t().contiguous().t(), b, torch.float16))]:
+        torch.library.opcheck(op, args, test_utils=utils)

@@ -4,12 +4,20 @@ The forward and its gradient are one custom op, mixprec::linear, with torch.libr
 torch.compile(fullgraph=True) traces through it without a graph break (the op is opaque to the compiler; its fake
 implementation gives the shapes). The op returns (y, pre): pre is the pre-activation x @ weight.T + bias (cast to
 x's dtype, stored by the same kernel launch), saved for the activation's gradient; it is empty when there is no
-activation. Backward, every product accumulated in fp32 by the matmul op (Triton on a GPU, the fp32 reference on
-CPU), transposes read in place:
+activation. Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32
+reference on CPU), transposes read in place:
     g     = grad_y * act'(pre)        (in fp32, then rounded to x's dtype, as torch's own autograd does)
     dx    = g @ weight                (..., out) @ (out, in)
     dw    = g2d.T @ x2d               (out, rows) @ (rows, in)
     dbias = g2d.float().sum(0)
+When the bias has the weight's dtype, dw and dbias come from one call, matmul_and_rowsum: on the cuda backend a single
+cuBLASLt GEMM with the BGRADB epilogue (the reduction over rows of g is done inside the wgrad GEMM, in fp32, rounded
+once), elsewhere the product and the same fp32 sum. An fp32 bias of a 16-bit layer keeps the separate fp32 sum
+(cuBLASLt's bias gradient has the GEMM output's type, which would round it to 16 bits).
+cuBLASLt's DGELU(_BGRAD)/DRELU epilogues are not used: they multiply the GEMM's OUTPUT by act'(aux), which is the
+chain rule for the layer below this one (its dgrad GEMM times its own activation's derivative). This layer needs
+g = grad_y * act'(pre) BEFORE its GEMMs, an element-wise product; fusing it into the previous layer's dgrad would
+take an op spanning two layers (and DGELU is the tanh-approximate derivative, right only for "gelu_tanh").
 float32 inputs (which the fp16/bf16 matmul does not take) go through torch.nn.functional.linear.
 """
 
@@ -17,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.matmul import ACTIVATIONS, activation_grad, apply_activation, matmul, matmul_with_preactivation
+from ..ops.matmul import (ACTIVATIONS, activation_grad, apply_activation, matmul, matmul_and_rowsum,
+                          matmul_with_preactivation)
 
 
 def _bk(backend: str):
@@ -58,10 +67,17 @@ def _backward(ctx, grad_y, grad_pre):
     elif g.dtype != x.dtype:
         g = g.to(x.dtype)
     g2 = g.reshape(-1, weight.shape[0])
+    need_b = need_b and ctx.bias_dtype is not None
     dx = matmul(g, weight, backend=ctx.backend) if need_x else None
-    dw = matmul(g2.t(), x.reshape(-1, weight.shape[1]), out_dtype=weight.dtype, backend=ctx.backend) if need_w \
-        else None
-    db = g2.float().sum(0).to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+    dw = db = None
+    if need_w:
+        x2 = x.reshape(-1, weight.shape[1])
+        if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
+            dw, db = matmul_and_rowsum(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+        else:
+            dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+    if need_b and db is None:
+        db = g2.float().sum(0).to(ctx.bias_dtype)
     return dx, dw, db, None, None
 
 

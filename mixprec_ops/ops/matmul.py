@@ -1,8 +1,11 @@
 """matmul: out = cast(act(a @ b + bias)) with fp16/bf16 operands, fp32 accumulation and a fused epilogue.
 
-Side by side: the reference (pure torch, fp32 arithmetic; the oracle and the CPU path), the Triton op
-mixprec::matmul_triton (kernel in triton_kernels/matmul.py) and the public function. A private variant that also
-returns the pre-activation (acc + bias, cast) serves the autograd of mixprec_ops.nn.functional.linear.
+Side by side: the reference (pure torch, fp32 arithmetic; the oracle and the CPU path), the CUDA ops
+mixprec::matmul / matmul_pre / matmul_rowsum (cuBLASLt with its fused epilogues, csrc/cuda/matmul_cublaslt.cu;
+schemas in csrc/schemas.cpp, fakes here), the Triton op mixprec::matmul_triton (kernel in triton_kernels/matmul.py)
+and the public function. A private variant that also returns the pre-activation (acc + bias, cast) serves the
+autograd of mixprec_ops.nn.functional.linear, and another one returns the row sums of a with the product (the bias
+gradient from the weight-gradient GEMM, cuBLASLt's BGRADB epilogue on the cuda backend).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import math
 
 import torch
 
-from .. import _checks, backends
+from .. import _checks, _ext, backends
 
 OP = "matmul"
-backends.register_op(OP, ("triton",))
+# "auto" on CUDA tensors: the cuBLASLt op, then Triton; CPU tensors get the reference (no CPU GEMM of our own).
+backends.register_op(OP, ("cuda", "triton"))
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
 OPERAND_DTYPES = (torch.float16, torch.bfloat16)
@@ -70,10 +74,32 @@ def _as_2d(a):
     """a (..., M, K) as (rows, K): a view when the strides allow it (no copy), else a copy."""
     if a.dim() == 2:
         return a
+    rows = math.prod(a.shape[:-1])  # not -1: ambiguous when K == 0
     try:
-        return a.view(-1, a.shape[-1])
+        return a.view(rows, a.shape[-1])
     except RuntimeError:
-        return a.reshape(-1, a.shape[-1])
+        return a.reshape(rows, a.shape[-1])
+
+
+if _ext.LOADED:  # the schemas exist whenever the extension loads (CUDA kernels or not)
+
+    def _out_like(a, b, out_dtype):
+        torch._check(a.dim() >= 2 and b.dim() == 2 and a.shape[-1] == b.shape[0],
+                     lambda: f"matmul: bad shapes a {tuple(a.shape)}, b {tuple(b.shape)}")
+        return a.new_empty((*a.shape[:-1], b.shape[1]), dtype=out_dtype)
+
+    @torch.library.register_fake("mixprec::matmul")
+    def _matmul_fake(a, b, bias, activation, out_dtype):
+        return _out_like(a, b, out_dtype)
+
+    @torch.library.register_fake("mixprec::matmul_pre")
+    def _matmul_pre_fake(a, b, bias, activation, out_dtype):
+        return _out_like(a, b, out_dtype), _out_like(a, b, out_dtype)
+
+    @torch.library.register_fake("mixprec::matmul_rowsum")
+    def _matmul_rowsum_fake(a, b, out_dtype):
+        torch._check(a.dim() == 2, lambda: f"matmul_rowsum: a must be 2-D, got {tuple(a.shape)}")
+        return _out_like(a, b, out_dtype), a.new_empty((a.shape[0],), dtype=out_dtype)
 
 
 _triton_ops = None
@@ -145,6 +171,11 @@ def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
     _check(a, b, bias, activation, out_dtype)
     out_dtype = a.dtype if out_dtype is None else out_dtype
     bk = backends.select(OP, a.device, backend)
+    if bk == "cuda":
+        act = "none" if activation is None else activation
+        if return_pre:
+            return torch.ops.mixprec.matmul_pre(a, b, bias, act, out_dtype)
+        return torch.ops.mixprec.matmul(a, b, bias, act, out_dtype)
     if bk == "triton":
         mm, mm_pre = _get_triton_ops()
         act = "none" if activation is None else activation
@@ -162,8 +193,8 @@ def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
         bias: optional (N,) tensor, a's dtype or float32, added in fp32.
         activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu", applied in fp32 after the bias.
         out_dtype: None (a's dtype), torch.float16, torch.bfloat16 or torch.float32.
-        backend: "auto" (default, or MIXPREC_BACKEND): Triton for CUDA tensors, the pure-torch reference ("torch")
-            for CPU tensors; "triton" on CPU tensors only under the Triton interpreter.
+        backend: "auto" (default, or MIXPREC_BACKEND): the cuBLASLt op ("cuda") for CUDA tensors, else Triton; the
+            pure-torch reference ("torch") for CPU tensors; "triton" on CPU tensors only under the Triton interpreter.
 
     Returns:
         A new (..., M, N) tensor of out_dtype.
@@ -172,5 +203,19 @@ def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
 
 
 def matmul_with_preactivation(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
-    """(matmul(...), cast(a @ b + bias)): the output and the pre-activation, from one kernel launch."""
+    """(matmul(...), cast(a @ b + bias)): the output and the pre-activation, from one call (one GEMM)."""
     return _dispatch(a, b, bias, activation, out_dtype, backend, True)
+
+
+def matmul_and_rowsum(a, b, *, out_dtype=None, backend=None):
+    """(matmul(a, b, out_dtype=out_dtype), a.float().sum(1).to(out_dtype)) for a 2-D a: with a = grad_out^T of a
+    linear layer, its weight and bias gradients. On the cuda backend one cuBLASLt GEMM with the BGRADB epilogue
+    (the sum is then done by cuBLASLt, in fp32, and rounded once); elsewhere the product and a separate sum."""
+    _check(a, b, None, None, out_dtype)
+    if a.dim() != 2:
+        raise ValueError(f"a must have shape (M, K), got {tuple(a.shape)}")
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    if backends.select(OP, a.device, backend) == "cuda":
+        return torch.ops.mixprec.matmul_rowsum(a, b, out_dtype)
+    return (_dispatch(a, b, None, None, out_dtype, backend, False),
+            a.float().sum(1).to(out_dtype))
