@@ -18,9 +18,10 @@ last 10% is the validation split. Batch b of step s is drawn from a generator se
 is the same for every mode and after a resume. No network, no tokenizer.
 
 Outputs (--out): log.json (config, machine, per-mode curves, final validation loss, tokens/s, memory) and
-loss.png (validation and smoothed training loss per mode). --checkpoint-every N writes <out>/<mode>.ckpt;
---resume continues from it (loaded with torch.load(weights_only=True)) and reproduces the uninterrupted run
-bit-exactly.
+loss.png (validation and smoothed training loss per mode); log.json is rewritten after each mode, so a run cut
+short keeps the modes it finished. --checkpoint-every N writes <out>/<mode>.ckpt; --resume continues from it
+(loaded with torch.load(weights_only=True)). On a CPU the resumed run reproduces the uninterrupted one bit-exactly
+(tests/test_examples.py); on a GPU only up to the device's own nondeterminism (e.g. the attention backward's atomics).
 
     python examples/train_gpt.py --modes 1,2,3 --steps 2000            # defaults: 4 layers, width 256
     python examples/train_gpt.py --modes mixprec_bf16 --steps 400 --checkpoint-every 200 --stop-after 200
@@ -252,12 +253,18 @@ def save_checkpoint(path, step, model, opt, sched, scaler, history):
 
 
 def state_bytes(model, opt) -> int:
-    """Bytes held by parameters, gradients and optimizer state (exact, device independent)."""
+    """Bytes held by parameters (and gradients, where still set) and optimizer state (exact, device independent)."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     n += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     for st in opt.state.values():
         n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
     return n
+
+
+def applied_steps(opt) -> int:
+    """The optimizer's step counter (updates actually applied), read from its first param's state."""
+    st = next(iter(opt.state.values()), None)
+    return int(st["step"].item()) if st else 0
 
 
 def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, data: Data | None = None) -> dict:
@@ -271,10 +278,11 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
         data = Data(stdlib_corpus(cfg.corpus_bytes), cfg.context, cfg.batch, cfg.seed, device)
     val = data.val_batches(cfg.eval_batches)
     model, opt, sched, scaler = build(cfg, mode, device)
-    history = {"train": [], "val": [], "skipped_steps": 0}
+    history = {"train": [], "val": []}
     start = 0
     if resume:
-        ckpt = torch.load(checkpoint_path(out, mode), map_location=device, weights_only=True)
+        # On the CPU: load_state_dict copies onto the params' device, and the RNG state must be a CPU tensor.
+        ckpt = torch.load(checkpoint_path(out, mode), map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -282,6 +290,7 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
             scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["cpu_rng"])
         history, start = ckpt["history"], ckpt["step"]
+        del ckpt  # no second copy of the weights and optimizer state for the rest of the run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     end = cfg.stop_after if cfg.stop_after else cfg.steps
@@ -296,10 +305,8 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
         loss = loss_fn(model, x, y, mode, device)
         if scaler is not None:
             scaler.scale(loss).backward()
-            scale_before = scaler.get_scale()
-            scaler.step(opt)
+            scaler.step(opt)  # skipped on the device when the grads hold inf/NaN (counted at the end)
             scaler.update()
-            history["skipped_steps"] += int(scaler.get_scale() < scale_before)  # a backoff = a skipped step
         else:
             loss.backward()
             opt.step()
@@ -319,13 +326,18 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
             save_checkpoint(checkpoint_path(out, mode), step + 1, model, opt, sched, scaler, history)
     log = {
         "mode": mode, "param_dtype": str(PARAM_DTYPE[mode]).replace("torch.", ""), "steps_run": end - start,
-        "train": history["train"], "val": history["val"], "skipped_steps": history["skipped_steps"],
+        "train": history["train"], "val": history["val"],
+        # Steps whose update was skipped (fp16 overflow): steps taken minus the optimizer's own step counter.
+        "skipped_steps": end - applied_steps(opt) if scaler is not None else 0,
         "final_val_loss": history["val"][-1][1] if history["val"] else None,
         "tokens_per_s": tokens / train_time if train_time else None,
         "state_mb": state_bytes(model, opt) / 2**20,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        # On a CPU only the process's max RSS is available: it never decreases, so it grows across modes run in
+        # one process and compares nothing; state_mb is the device-independent comparison.
+        "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda"
+                             else "process max RSS (cumulative over the modes of one process)"),
     }
     return {"log": log, "model": model}
 
@@ -408,12 +420,12 @@ def main(argv=None) -> dict:
     device = resolve_device(cfg.device)
     data = Data(stdlib_corpus(cfg.corpus_bytes), cfg.context, cfg.batch, cfg.seed, device)
     logs = {}
-    for mode in parse_modes(args.modes):
-        logs[mode] = train(cfg, mode, args.out, args.resume, data)["log"]
     report = {"config": dataclasses.asdict(cfg), "machine": machine_info(device),
               "corpus": {"train_bytes": len(data.train), "val_bytes": len(data.val)}, "modes": logs}
-    with open(os.path.join(args.out, "log.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    for mode in parse_modes(args.modes):
+        logs[mode] = train(cfg, mode, args.out, args.resume, data)["log"]
+        with open(os.path.join(args.out, "log.json"), "w") as f:  # after each mode: a cut-short run keeps its modes
+            json.dump(report, f, indent=1)
     plot(logs, os.path.join(args.out, "loss.png"))
     base = logs.get("fp32", {}).get("final_val_loss")
     print(f"\n{'mode':>15} {'val loss':>9} {'vs fp32':>8} {'tokens/s':>10} {'state MB':>9} {'peak MB':>9}")

@@ -485,3 +485,22 @@ def test_plans_follow_group_option_and_state_changes():
     assert o.state[p0]["step"].shape == () and o.state[p0]["step"].item() == 4
     assert not torch.equal(o.state[p0]["master_param"], before)
     assert all(o.state[p]["step"].item() == 4 for p in m.parameters())
+
+
+def test_error_while_planning_a_later_group_changes_nothing():
+    """State is created for every group before any group is updated: a failure there (here a state_dtype edited
+    into the second group) leaves the first group's params and states as they were."""
+    m = mlp(torch.bfloat16)
+    o = AdamW([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=1e-3, backend="torch")
+    run_steps(m, o, data(1))
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    o.param_groups[1]["state_dtype"] = "float16"
+    o.state[m[2].weight] = {}  # so that group 1 must create state at the next step
+    before = {id(p): (p.clone(), {k: v.clone() for k, v in o.state[p].items()}) for p in m[0].parameters()}
+    with pytest.raises(ValueError, match="state_dtype"):
+        o.step()
+    for p in m[0].parameters():
+        assert_bit_exact(p, before[id(p)][0])
+        for k, v in before[id(p)][1].items():
+            assert_bit_exact(o.state[p][k], v)

@@ -195,8 +195,8 @@ class Adam(torch.optim.Optimizer):
                 ps.append(p)
             if ps:
                 out.append((group, ps))
-        n = sum(len(ps) for _, ps in out)
-        if len(self._plans) > 2 * n + 64:  # params dropped from the groups since: forget their plans
+        n = sum(len(g["params"]) for g in self.param_groups)
+        if len(self._plans) > n + 64:  # params dropped from the groups (or swapped) since: forget the old plans
             self._plans.clear()
         return out
 
@@ -253,17 +253,20 @@ class Adam(torch.optim.Optimizer):
         collected = self._collect()
         if not collected:
             return loss
+        # Every group is planned (missing state created, buckets formed) before any group is updated: an error
+        # there (out of memory for new state, say) leaves all params and states as they were.
+        planned = [(group, *self._bucket_group(group, ps)) for group, ps in collected]
         clip = None
         if self.max_grad_norm is not None:
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
-        for group, ps in collected:
-            self._step_group(group, ps, grad_scale, found_inf, clip)
+        for group, buckets, fallback in planned:
+            self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
         return loss
 
-    def _step_group(self, group, ps, grad_scale, found_inf, clip):
-        beta1, beta2 = (float(b) for b in group["betas"])
+    def _bucket_group(self, group, ps):
+        """(buckets, fallback) of one group's params with grads: kernel-ready entries (local param, grad, states,
+        master, step) keyed by (device, param dtype, state dtype, master or not, grad dtype)."""
         amsgrad = group["amsgrad"]
-        decoupled = group["decoupled_weight_decay"]
         buckets = defaultdict(list)
         fallback = []  # params whose layout the kernels cannot walk (rare): the reference serves them
         n_states = 3 if amsgrad else 2
@@ -304,6 +307,12 @@ class Adam(torch.optim.Optimizer):
                 fallback.append(entry)
                 continue
             buckets[(pkey, gdtype)].append(entry)
+        return buckets, fallback
+
+    def _run_group(self, group, buckets, fallback, grad_scale, found_inf, clip):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        amsgrad = group["amsgrad"]
+        decoupled = group["decoupled_weight_decay"]
         steps_by_device = defaultdict(list)
         for key, entries in list(buckets.items()) + [(None, [e]) for e in fallback]:
             self._launch(group, entries, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
