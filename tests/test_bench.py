@@ -152,3 +152,23 @@ def test_op_time_budget_skips_the_remaining_cases(tmp_path, monkeypatch):
     assert [r["case"] for r in doc["results"]] == ["case 0", "case 1"]  # 0.3 + 0.3 > 0.5: cases 2 and 3 skipped
     assert any(s.startswith("zz_slow: 2 case(s) not run") and "case 2, case 3" in s for s in doc["skipped"])
     assert doc["op_seconds"]["zz_slow"] >= 0.6
+
+
+def test_gpu_report_reads_test_counts_from_the_log_when_junit_is_missing(tmp_path):
+    """The tests step hit its time limit: no junit.xml, but the -v log names each outcome (plain and xdist lines)."""
+    from bench import gpu_report
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "tests.log").write_text(
+        "tests/test_a.py::test_x[cpu] PASSED                                  [  1%]\n"
+        "[gw1] [  2%] FAILED tests/test_b.py::test_y[cuda-cuda] \n"
+        "[gw0] [  3%] SKIPPED tests/test_b.py::test_z[cpu-triton] \n"
+        "tests/test_c.py::test_w ERROR                                        [  4%]\n"
+        "[gw1] [  5%] XFAIL tests/test_d.py::test_v \n"
+        "tests/test_a.py::test_x[cpu] PASSED                                  [  1%]\n"  # a repeated line counts once
+        "FAILED tests/test_b.py::test_y[cuda-cuda] - AssertionError: boom\n")  # the -rfE summary line
+    t = gpu_report.read_junit(str(tmp_path))
+    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (5, 1, 1, 1, 2), t
+    assert t["failed_tests"] == ["tests/test_b.py::test_y[cuda-cuda]", "tests/test_c.py::test_w"]
+    assert "tests.log" in t["source"]
+    assert gpu_report.read_junit(str(tmp_path / "nothing")) is None
