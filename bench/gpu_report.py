@@ -18,6 +18,11 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+try:
+    from .report import fmt_time  # imported as bench.gpu_report
+except ImportError:  # run as a script (python3 bench/gpu_report.py): bench/ is sys.path[0]
+    from report import fmt_time
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 # Targets from the issue (GPU): cast_and_scale >= 90% of copy bandwidth for tensors >= 256 MB; unscale_ >= 1.0x torch.
@@ -255,8 +260,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         ]
     for r in mem_rows:
         p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
-        us = r.get("median_us")
-        med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
+        med = fmt_time(r.get("median_us"))
         L.append(
             f"| {r['op']} | {r['case']} | {r['backend']} | {r['numel'] / 1e6:.3g}M | {med} | "
             f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | {fmt(r.get('vs_torch'), '.2f', 'x')} | "
@@ -290,8 +294,7 @@ def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_r
     ]
     for r in sel:
         p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
-        us = r.get("median_us")
-        med = "-" if us is None else f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
+        med = fmt_time(r.get("median_us"))
         L.append(
             f"| {r['op']} | {r['case']} | {r['backend']} | {med} | {fmt(r.get('tflops'), '.1f')} | "
             f"{fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | "
