@@ -105,9 +105,14 @@ def stdlib_corpus(max_bytes: int) -> bytes:
     return corpus
 
 
+def corpus_tokens(corpus: bytes) -> torch.Tensor:
+    """The corpus as a 1-D int64 tensor of byte values (the vocabulary is the 256 bytes)."""
+    return torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+
+
 class Data:
     def __init__(self, corpus: bytes, context: int, batch: int, seed: int, device):
-        tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+        tokens = corpus_tokens(corpus)
         split = int(len(tokens) * 0.9)
         self.train, self.val = tokens[:split], tokens[split:]
         self.context, self.batch, self.seed, self.device = context, batch, seed, device

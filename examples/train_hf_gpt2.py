@@ -21,14 +21,14 @@ import mixprec_ops
 from mixprec_ops.optim import AdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_gpt import stdlib_corpus  # noqa: E402  (same directory)
+from train_gpt import corpus_tokens, stdlib_corpus  # noqa: E402  (same directory)
 
 
 class ByteWindows(torch.utils.data.Dataset):
     """Fixed, non-overlapping byte windows of a corpus; labels = inputs (the model shifts them itself)."""
 
     def __init__(self, corpus: bytes, context: int):
-        tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+        tokens = corpus_tokens(corpus)
         n = len(tokens) // context
         self.windows = tokens[: n * context].view(n, context)
 
