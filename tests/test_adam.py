@@ -504,3 +504,53 @@ def test_error_while_planning_a_later_group_changes_nothing():
         assert_bit_exact(p, before[id(p)][0])
         for k, v in before[id(p)][1].items():
             assert_bit_exact(o.state[p][k], v)
+
+
+def test_step_counters_live_in_one_buffer_per_bucket():
+    """The step counters of a bucket are 0-dim views of one buffer (one add_ per bucket instead of a _foreach_add_
+    over every param). Params that lack a grad on some steps (the bucket changes from step to step), a step
+    counter replaced by hand, and a save/load cycle must all count exactly as torch.optim.AdamW does; the fp32
+    params must agree with torch's to 1e-6 (rounding order only, as in the 100-step grid test)."""
+    ours, ref = mlp(), mlp()
+    o = AdamW(ours.parameters(), lr=1e-2)
+    t = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(3)
+    n = len(list(ours.parameters()))
+    # Which params get a grad at each step: all; all but the last; all but the one before (as many params as the
+    # step before, not the same ones); the first half; the second half; all.
+    half = [True] * (n // 2) + [False] * (n - n // 2)
+    masks = [[True] * n, [True] * (n - 1) + [False], [True] * (n - 2) + [False, True], half, half[::-1], [True] * n]
+    for s, mask in enumerate(masks):
+        for pa, pb, has in zip(ours.parameters(), ref.parameters(), mask):
+            grad = torch.randn(pa.shape, generator=g) if has else None
+            pa.grad, pb.grad = grad, None if grad is None else grad.clone()
+        o.step()
+        t.step()
+        if s == 0:  # one bucket (all fp32): all counters share one storage, in param order
+            steps = [o.state[p]["step"] for p in ours.parameters()]
+            assert len({x.untyped_storage().data_ptr() for x in steps}) == 1
+            assert [x.storage_offset() for x in steps] == list(range(n))
+        if s == 3:  # a counter put in by hand (same dict, same keys) is what the next step counts from
+            p0, q0 = next(ours.parameters()), next(ref.parameters())
+            o.state[p0]["step"] = torch.tensor(10.0)
+            t.state[q0]["step"] = torch.tensor(10.0)
+    for pa, pb in zip(ours.parameters(), ref.parameters()):
+        assert o.state[pa]["step"].item() == t.state[pb]["step"].item()
+        assert rel_diff(pa.detach(), pb.detach()) <= 1e-6
+    assert [o.state[p]["step"].item() for p in ours.parameters()] == [11.0, 5.0, 4.0, 4.0]
+    # A saved state (views and all) loads into a fresh optimizer and continues as the original does.
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    buf.seek(0)
+    twin = mlp()
+    twin.load_state_dict(ours.state_dict())
+    o2 = AdamW(twin.parameters(), lr=1e-2)
+    o2.load_state_dict(torch.load(buf, weights_only=True))
+    for pa, pb in zip(ours.parameters(), twin.parameters()):
+        pa.grad = torch.randn(pa.shape, generator=g)
+        pb.grad = pa.grad.clone()
+    o.step()
+    o2.step()
+    for pa, pb in zip(ours.parameters(), twin.parameters()):
+        assert_bit_exact(pb, pa)
+        assert o.state[pa]["step"].item() == o2.state[pb]["step"].item()

@@ -40,9 +40,10 @@ backends.register_op(OP, ("cuda", "triton", "cpu"))
 
 
 def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
-    """(len(steps), 3) fp32 [step_size, bc2_sqrt, decay] for the step about to be taken (t = step + 1), computed in
-    fp64 on the steps' device (no host sync; lr may be a device tensor)."""
-    t = torch.stack(steps).reshape(len(steps)).double() + 1  # 0-dim steps (the optimizer keeps them so)
+    """(n, 3) fp32 [step_size, bc2_sqrt, decay] for the step about to be taken (t = step + 1), computed in fp64 on
+    the steps' device (no host sync; lr may be a device tensor). steps: a list of n 0-dim tensors or one 1-D
+    tensor of n counters (the optimizer's per-bucket step buffer)."""
+    t = (steps if isinstance(steps, torch.Tensor) else torch.stack(steps)).reshape(-1).double() + 1
     lr_t = lr.double().reshape(()) if isinstance(lr, torch.Tensor) else lr
     step_size = lr_t / (1 - torch.pow(beta1, t))
     bc2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
