@@ -363,6 +363,10 @@ BAD_CTOR = [
     (dict(state_dtype=torch.float16), ValueError, "state_dtype must be"),
     (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be"),
     (dict(differentiable=True), ValueError, "differentiable=True is not supported"),
+    (dict(max_grad_norm=1.0, norm_across_ranks="world"), TypeError, "norm_across_ranks must be False, True or"),
+    (dict(norm_across_ranks=True), ValueError, "set max_grad_norm too"),
+    # (the tests run without an initialised process group; the distributed tests use it under ZeRO)
+    (dict(max_grad_norm=1.0, norm_across_ranks=True), RuntimeError, "needs torch.distributed initialized"),
 ]
 
 

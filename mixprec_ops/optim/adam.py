@@ -31,6 +31,10 @@ def _state_dtype_name(v) -> str:
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
 
 
+def _dist_ok() -> bool:
+    return torch.distributed.is_available()
+
+
 def _local(t):
     """The local shard of a DTensor (FSDP2 params, grads and states), else t itself."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
@@ -61,9 +65,17 @@ class Adam(torch.optim.Optimizer):
             unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
             (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
             non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
-            The norm covers this optimizer's params: under FSDP2 (DTensor grads) it is the global norm, but under
+            The norm covers this optimizer's params: under FSDP2 (DTensor grads) it is the global norm; under
             torch.distributed.optim.ZeroRedundancyOptimizer each rank's optimizer holds only its share of the
-            params, so clip there with torch.nn.utils.clip_grad_norm_ before step() instead.
+            params, so pass norm_across_ranks=True there.
+        norm_across_ranks: False (default), True, or a torch.distributed ProcessGroup: this optimizer holds only
+            this rank's share of the params (ZeroRedundancyOptimizer(params, optimizer_class=AdamW,
+            max_grad_norm=..., norm_across_ranks=True)), so the sum of squares and the inf/NaN flag of the norm
+            pass are all-reduced over the default process group (True) or the given one: every rank clips with
+            the global norm and every rank skips a step that any rank found non-finite. One all_reduce of two
+            floats per step, issued on every rank even when it holds no grads. Only with max_grad_norm. Not needed
+            under FSDP2 (its DTensor grads already give the global norm). True survives pickling and
+            ZeroRedundancyOptimizer's state_dict; a ProcessGroup does not (it is not picklable): use True there.
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
     Arguments kept for compatibility with torch.optim.Adam: ``foreach`` and ``fused`` are accepted and ignored
@@ -82,7 +94,7 @@ class Adam(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights="auto", state_dtype=torch.float32, max_grad_norm=None,
-                 backend=None):
+                 norm_across_ranks=False, backend=None):
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -101,6 +113,15 @@ class Adam(torch.optim.Optimizer):
         state_dtype = _state_dtype_name(state_dtype)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm}")
+        if norm_across_ranks is not False:
+            if norm_across_ranks is not True and not (_dist_ok() and isinstance(norm_across_ranks,
+                                                                               torch.distributed.ProcessGroup)):
+                raise TypeError(f"norm_across_ranks must be False, True or a torch.distributed ProcessGroup, got "
+                                f"{type(norm_across_ranks).__name__}")
+            if max_grad_norm is None:
+                raise ValueError("norm_across_ranks applies to max_grad_norm's norm: set max_grad_norm too")
+            if not (_dist_ok() and torch.distributed.is_initialized()):
+                raise RuntimeError("norm_across_ranks needs torch.distributed initialized (init_process_group)")
         if differentiable:
             raise ValueError("differentiable=True is not supported: the step runs in fused kernels without autograd")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -109,11 +130,12 @@ class Adam(torch.optim.Optimizer):
                         state_dtype=state_dtype)
         super().__init__(params, defaults)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.norm_across_ranks = norm_across_ranks
         self.backend = backend
         self.grad_norm = None
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
 
-    _EXTRA_ATTRS = ("max_grad_norm", "backend")
+    _EXTRA_ATTRS = ("max_grad_norm", "backend", "norm_across_ranks")
 
     def __getstate__(self):  # torch's keeps defaults, state and param_groups only
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._EXTRA_ATTRS}}
@@ -121,7 +143,7 @@ class Adam(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         for k in self._EXTRA_ATTRS:
-            self.__dict__.setdefault(k, None)
+            self.__dict__.setdefault(k, False if k == "norm_across_ranks" else None)
         self.grad_norm = None
         self._plans = {}
 
@@ -218,7 +240,8 @@ class Adam(torch.optim.Optimizer):
         for _, ps in collected:
             for p in ps:
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
-        dev = next(iter(per_device)) if per_device else dtensor_grads[0].device
+        dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
+               else self._collective_device())
         found = torch.zeros(1, dtype=torch.float32, device=dev)
         sumsq = torch.zeros((), dtype=torch.float32, device=dev)
         for d, grads in per_device.items():
@@ -227,6 +250,11 @@ class Adam(torch.optim.Optimizer):
             n = unscale_(grads, torch.ones(1, device=d), f, return_norm=True, backend=self.backend)
             sumsq = sumsq + n.to(dev).square()
             found = found + f.to(dev)
+        if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
+            both = torch.stack([sumsq, found.reshape(())])
+            group = None if self.norm_across_ranks is True else self.norm_across_ranks
+            torch.distributed.all_reduce(both, group=group)
+            sumsq, found = both[0], both[1].reshape(1)
         if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
             n = torch.nn.utils.get_total_norm(dtensor_grads)
             n = n.full_tensor() if isinstance(n, DTensor) else n
@@ -241,6 +269,16 @@ class Adam(torch.optim.Optimizer):
         clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
         return clip, (found > 0).float()
 
+    def _collective_device(self):
+        """Where the all_reduce runs when this rank has no grads: the params' device, else the backend's."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return _local(p).device
+        pg = None if self.norm_across_ranks is True else self.norm_across_ranks
+        if torch.distributed.get_backend(pg) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step (see the class docstring). Returns the closure's loss, if any."""
@@ -252,6 +290,8 @@ class Adam(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         collected = self._collect()
         if not collected:
+            if self.max_grad_norm is not None and self.norm_across_ranks is not False:
+                self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
             return loss
         # Every group is planned (missing state created, buckets formed) before any group is updated: an error
         # there (out of memory for new state, say) leaves all params and states as they were.
@@ -372,12 +412,13 @@ class Adam(torch.optim.Optimizer):
 
 class AdamW(Adam):
     """AdamW (decoupled weight decay) with fp32 master weights: torch.optim.AdamW's arguments and defaults
-    (weight_decay=1e-2) plus master_weights, state_dtype, max_grad_norm and backend; see Adam."""
+    (weight_decay=1e-2) plus master_weights, state_dtype, max_grad_norm, norm_across_ranks and backend; see Adam."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights="auto", state_dtype=torch.float32, max_grad_norm=None, backend=None):
+                 master_weights="auto", state_dtype=torch.float32, max_grad_norm=None, norm_across_ranks=False,
+                 backend=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, master_weights=master_weights, state_dtype=state_dtype,
-                         max_grad_norm=max_grad_norm, backend=backend)
+                         max_grad_norm=max_grad_norm, norm_across_ranks=norm_across_ranks, backend=backend)
