@@ -25,6 +25,14 @@ DEVICES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """MIXPREC_TESTS_CUDA_FIRST=1 (bench/gpu_check sets it): the tests with "cuda" in their id (the CUDA-device
+    parameters) run first, in their usual order, then the rest; so a GPU run stopped at its time limit has proved
+    the GPU kernels before it repeats the CPU tests that CI already runs."""
+    if os.environ.get("MIXPREC_TESTS_CUDA_FIRST") == "1":
+        items.sort(key=lambda item: "cuda" not in item.nodeid)  # stable: file order kept within each part
+
+
 def kernel_backends(op: str, device: str) -> list[str]:
     """The non-reference backends that can serve `op` on `device` here (the reference is the oracle)."""
     dev = torch.device(device)
