@@ -5,7 +5,8 @@ and each kernel does the same two roundings, so every element must match exactly
 payload bits differ between CPU and GPU casts). Under the Triton interpreter too: environment.md notes that the
 interpreter's native fp32->bf16 cast truncates and its fp8 casts differ from torch in 2-4% of elements, so the
 Triton kernel rounds bf16 and fp8 in integer arithmetic (triton_kernels/fp_convert.py) and fp16 through the native
-cast, which the interpreter does exactly; a 1-ulp allowance is therefore not needed and not granted.
+cast, which the interpreter does exactly; a 1-ulp allowance is therefore not needed and not granted. (Saturated fp8
+on a GPU takes the hardware conversion instead: test_saturated_fp8_bits_match_torch_on_device.)
 """
 
 import pytest
@@ -136,6 +137,44 @@ def test_special_values(device, backend):
     y = mixprec_ops.cast_and_scale(torch.tensor([1e6], device=device), torch.float8_e5m2, saturate=False,
                                    backend=backend).float().cpu()
     assert y.tolist() == [float("inf")]
+
+
+def fp8_probes(src: torch.dtype, dst: torch.dtype) -> torch.Tensor:
+    """Inputs (CPU, dtype `src`) on every rule of c10's fp8 rounding for `dst`: each tie between adjacent fp8 values
+    (0 and the smallest subnormal, subnormal/normal boundary, odd and even neighbours, the largest finite value and
+    the first overflow) and the source values either side of it, negated too; then every fp32 whose bits are
+    i << 13 (all signs and exponents with 10 leading mantissa bits: +-0, fp32 subnormals, overflow, +-inf, NaNs of
+    both signs); then SPECIALS."""
+    top = 0x7F if dst == torch.float8_e4m3fn else 0x7C  # first non-finite pattern
+    fp8 = torch.arange(top, dtype=torch.uint8).view(dst).float()  # +0 up to the largest finite value
+    ties = torch.cat([(fp8[:-1] + fp8[1:]) / 2, (fp8[-1:] * 3 - fp8[-2:-1]) / 2])  # exact in fp32 and fp16/bf16
+    width = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[src]
+    tb = ties.to(src).view(width)
+    near = torch.cat([tb - 1, tb, tb + 1]).view(src)  # positive: bits +-1 is the next value down / up
+    bits = torch.arange(1 << 19, dtype=torch.int64) << 13
+    grid = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+    return torch.cat([near, -near, grid.to(src), torch.tensor(SPECIALS).to(src)])
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(OP) if p.values[0] == "cuda"])
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_saturated_fp8_bits_match_torch_on_device(device, backend, src, dst):
+    """Saturated fp8, which both GPU kernels convert in hardware (CUDA on sm_89+, Triton on sm_90+): every byte, NaN
+    included, equals torch's own (x * scale).clamp(-fmax, fmax).to(dst) computed on the same GPU. GPU only: on CPU
+    the C++ kernel's vectorised clamp gives NaN the sign bit, unlike torch, so CPU tests compare NaN-blind."""
+    x = fp8_probes(src, dst).to(device)
+    scale = torch.tensor([1.0], device=device)
+    fmax = torch.finfo(dst).max
+    for name, xs in (("aligned", x), ("offset", x[1:])):  # offset: the CUDA kernel's one-element (VEC=1) path
+        y = mixprec_ops.cast_and_scale(xs, dst, scale, amax=torch.zeros(1, device=device), backend=backend)
+        ref = (xs.float() * scale).clamp(-fmax, fmax).to(dst)
+        bad = (y.view(torch.uint8) != ref.view(torch.uint8)).nonzero().flatten().cpu()
+        width = {4: torch.int32, 2: torch.int16}[xs.element_size()]
+        xb, yb, rb = (t.cpu()[bad[:5]] for t in (xs.view(width), y.view(torch.uint8), ref.view(torch.uint8)))
+        assert bad.numel() == 0, f"{src}->{dst} {name}: {bad.numel()} of {xs.numel()} differ, e.g. " + ", ".join(
+            f"x bits {int(a) & (1 << 8 * xs.element_size()) - 1:#x}: got {int(g):#04x}, torch {int(r):#04x}"
+            for a, g, r in zip(xb, yb, rb))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,14 +1,17 @@
 """Triton kernel of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass."""
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
-from .fp_convert import f32_to_bf16_bits, f32_to_e4m3fn_bits, f32_to_e5m2_bits
+from . import INTERPRETED
+from .fp_convert import f32_to_bf16_bits, f32_to_e4m3fn_bits, f32_to_e5m2_bits, f32_to_fp8_bits_native
 
 # Output kinds (constexpr): how the fp32 result is rounded and stored.
 _OUT_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
-# Bit container the result is stored through (bf16 and fp8 are rounded in integer arithmetic).
+# Bit container the result is stored through (bf16 and fp8 bits come from fp_convert's functions).
 _STORE_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
                torch.float8_e5m2: torch.uint8}
 
@@ -25,7 +28,7 @@ E4M3_OVERFLOW_NAN = _torch_e4m3_overflow_is_nan()
 def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fmax,
                            HAS_SCALE: tl.constexpr, HAS_AMAX: tl.constexpr, SAT: tl.constexpr,
                            KEEP_INF: tl.constexpr, OUT_KIND: tl.constexpr, OVERFLOW_NAN: tl.constexpr,
-                           SRC_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                           NATIVE_FP8: tl.constexpr, SRC_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -53,6 +56,8 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
         out = y.to(tl.float16)
     elif OUT_KIND == 1:
         out = f32_to_bf16_bits(y).to(tl.uint16).to(tl.int16, bitcast=True)
+    elif NATIVE_FP8:
+        out = f32_to_fp8_bits_native(y, tl.float8e4nv if OUT_KIND == 2 else tl.float8e5).to(tl.uint8)
     elif OUT_KIND == 2:
         out = f32_to_e4m3fn_bits(y, OVERFLOW_NAN).to(tl.uint8)
     else:
@@ -61,6 +66,18 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
 
 
 FINITE_MAX = {d: torch.finfo(d).max for d in _OUT_KIND}
+
+
+@lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _native_fp8(x, dtype, saturate) -> bool:
+    """Round with the hardware conversion (fp_convert.f32_to_fp8_bits_native, which says why only here): saturated
+    fp8 targets on an sm_90+ GPU, not interpreted."""
+    return (bool(saturate) and dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not INTERPRETED and x.is_cuda
+            and _capability(x.device) >= (9, 0))
 
 
 def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k):
@@ -78,5 +95,6 @@ def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda 
         amax.view(torch.int32) if amax is not None else x, FINITE_MAX[dtype],
         HAS_SCALE=scale is not None, HAS_AMAX=amax is not None, SAT=bool(saturate),
         KEEP_INF=dtype in (torch.float16, torch.bfloat16), OUT_KIND=_OUT_KIND[dtype],
-        OVERFLOW_NAN=E4M3_OVERFLOW_NAN, SRC_BF16=x.dtype == torch.bfloat16, BLOCK=block, num_warps=8,
+        OVERFLOW_NAN=E4M3_OVERFLOW_NAN, NATIVE_FP8=_native_fp8(x, dtype, saturate), SRC_BF16=x.dtype == torch.bfloat16,
+        BLOCK=block, num_warps=8,
     )

@@ -4,6 +4,8 @@ Native casts would do on a GPU, but Triton's interpreter truncates fp32 -> bf16 
 (shared/notes/environment.md); integer emulation gives the same bits on the interpreter and on every GPU, and
 lets saturate=False follow the installed torch's fp8 overflow rule (NaN before torch 2.12, saturation after).
 Each function returns the target's bit pattern in a uint32 tensor (the caller narrows and stores it).
+
+The exception is f32_to_fp8_bits_native: the hardware conversion, for saturated values on sm_90+ GPUs only.
 """
 
 import triton
@@ -57,3 +59,19 @@ def f32_to_e5m2_bits(y):
     r = tl.where(b < (113 << 23), dn & 0xFF, nr)
     r = tl.where(b >= (143 << 23), tl.where(b > 0x7F800000, 0x7F, 0x7C), r)
     return r | (sign >> 24)
+
+
+@triton.jit
+def f32_to_fp8_bits_native(y, FP8: tl.constexpr):
+    """c10's fp8 bits (FP8: tl.float8e4nv or tl.float8e5) through the hardware conversion, for y already saturated
+    (|y| <= the largest finite fp8 value, or NaN), compiled for sm_90+ and not interpreted.
+
+    There Triton lowers the cast to cvt.rn.satfinite.{e4m3,e5m2}x2.f32 (two values per instruction instead of ~20
+    integer ops each): round to nearest even like c10, and sign-magnitude like c10, so values rounding to zero keep
+    their sign. On sm_89 Triton (3.6, 3.8) goes through fp16 (rz, then rn: double rounding), and the interpreter
+    rounds differently (environment.md): neither gives c10's bits. NaN is rewritten to c10's 0x7F | sign: the
+    hardware's NaN sign is not to be relied on.
+    """
+    bits = y.to(FP8).to(tl.uint8, bitcast=True).to(tl.uint32)
+    nan = (y.to(tl.uint32, bitcast=True) >> 24) | 0x7F  # 0x7F with y's sign
+    return tl.where(y != y, nan, bits)
