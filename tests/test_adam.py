@@ -558,3 +558,27 @@ def test_step_counters_live_in_one_buffer_per_bucket():
     for pa, pb in zip(ours.parameters(), twin.parameters()):
         assert_bit_exact(pb, pa)
         assert o.state[pa]["step"].item() == o2.state[pb]["step"].item()
+
+
+def test_step_buffer_is_not_rebuilt_during_cuda_graph_capture(monkeypatch):
+    """Inside a CUDA graph capture the step buffer is never rebuilt (the copy into a new buffer would be recorded and
+    every replay would copy the old counters in again): a bucket whose buffer is stale (here after load_state_dict)
+    counts its params' own step tensors in place. Capture is simulated on the CPU: Adam._capturing forced True. The
+    params must match a twin optimizer's that is not "capturing", bit for bit."""
+    models = [mlp(torch.bfloat16) for _ in range(2)]
+    opts = [AdamW(m.parameters(), lr=1e-3) for m in models]
+    for m, o in zip(models, opts):
+        run_steps(m, o, data(2))
+        o.load_state_dict(o.state_dict())  # fresh state tensors: the next step finds the buffer stale
+    before = {p: opts[0].state[p]["step"] for p in models[0].parameters()}
+    with monkeypatch.context() as mp:
+        mp.setattr(Adam, "_capturing", staticmethod(lambda device: True))
+        run_steps(models[0], opts[0], data(1, seed=4))
+    run_steps(models[1], opts[1], data(1, seed=4))
+    assert all(opts[0].state[p]["step"] is before[p] and before[p].item() == 3 for p in models[0].parameters())
+    run_steps(models[0], opts[0], data(1, seed=5))  # not capturing: the buffer is rebuilt now
+    run_steps(models[1], opts[1], data(1, seed=5))
+    steps = [opts[0].state[p]["step"] for p in models[0].parameters()]
+    assert all(x.item() == 4 for x in steps) and len({x.untyped_storage().data_ptr() for x in steps}) == 1
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert_bit_exact(p, q)

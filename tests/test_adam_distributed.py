@@ -245,6 +245,7 @@ def scenario_zero(rank, backend, out_dir):
     if rank == 1:
         for p in local:
             p.grad = None
+        opt.optim.found_inf = 0  # what torch.amp.GradScaler.step() sets when the optimizer has no grads: sum([])
     own = torch.stack([p.grad.double().square().sum() for p in local]).sum().sqrt().item() if rank == 0 else None
     opt.step()
     out["empty_rank"] = dict(norm=float(opt.optim.grad_norm), own=own, n_local=len(local))
@@ -516,8 +517,9 @@ def test_zero_max_grad_norm_matches_torch_clip(results):
 
 
 def test_zero_rank_without_grads_joins_the_norm_all_reduce(results):
-    """Rank 1 drops its partition's grads: its optimizer has nothing to step but must still join the all_reduce
-    (else rank 0 hangs and the spawn times out); both ranks end with the norm of rank 0's grads alone."""
+    """Rank 1 drops its partition's grads (and carries the found_inf = 0 that torch.amp.GradScaler sets then): its
+    optimizer has nothing to step but must still join the all_reduce (else rank 0 hangs and the spawn times out);
+    both ranks end with the norm of rank 0's grads alone."""
     r0, r1 = (r["empty_rank"] for r in results("zero"))
     assert r0["n_local"] > 0 and r1["n_local"] > 0
     assert r0["norm"] == pytest.approx(r0["own"], rel=1e-5) and r1["norm"] == pytest.approx(r0["own"], rel=1e-5)

@@ -75,9 +75,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def _native_fp8(x, dtype, saturate) -> bool:
     """Round with the hardware conversion (fp_convert.f32_to_fp8_bits_native, which says why only here): saturated
-    fp8 targets on an sm_90+ GPU, not interpreted."""
+    fp8 targets on an NVIDIA sm_90+ GPU, not interpreted (ROCm also reports CUDA devices, with capabilities such as
+    (9, 4): its fp8 lowering was never checked, so it keeps the integer path)."""
     return (bool(saturate) and dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not INTERPRETED and x.is_cuda
-            and _capability(x.device) >= (9, 0))
+            and torch.version.hip is None and _capability(x.device) >= (9, 0))
 
 
 def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k):

@@ -74,8 +74,11 @@ class Adam(torch.optim.Optimizer):
             pass are all-reduced over the default process group (True) or the given one: every rank clips with
             the global norm and every rank skips a step that any rank found non-finite. One all_reduce of two
             floats per step, issued on every rank even when it holds no grads. Only with max_grad_norm. Not needed
-            under FSDP2 (its DTensor grads already give the global norm). True survives pickling and
-            ZeroRedundancyOptimizer's state_dict; a ProcessGroup does not (it is not picklable): use True there.
+            under FSDP2 (its DTensor grads already give the global norm). Not supported with
+            ZeroRedundancyOptimizer(overlap_with_ddp=True), whose per-bucket steps run on one rank each. ZeRO copies
+            its keyword arguments into its own param groups, and a ProcessGroup cannot be pickled: for ZeRO over a
+            subgroup (and a savable ZeRO state_dict) construct with True, then set ``zero.optim.norm_across_ranks =
+            group`` (the attribute is what the step reads).
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
     Arguments kept for compatibility with torch.optim.Adam: ``foreach`` and ``fused`` are accepted and ignored
@@ -251,9 +254,9 @@ class Adam(torch.optim.Optimizer):
             sumsq = sumsq + n.to(dev).square()
             found = found + f.to(dev)
         if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
-            both = torch.stack([sumsq, found.reshape(())])
-            group = None if self.norm_across_ranks is True else self.norm_across_ranks
-            torch.distributed.all_reduce(both, group=group)
+            both = torch.stack([sumsq, found.reshape(())]).to(self._collective_device())
+            torch.distributed.all_reduce(both, group=self._norm_group())
+            both = both.to(dev)
             sumsq, found = both[0], both[1].reshape(1)
         if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
             n = torch.nn.utils.get_total_norm(dtensor_grads)
@@ -269,15 +272,23 @@ class Adam(torch.optim.Optimizer):
         clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
         return clip, (found > 0).float()
 
-    def _collective_device(self):
-        """Where the all_reduce runs when this rank has no grads: the params' device, else the backend's."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                return _local(p).device
-        pg = None if self.norm_across_ranks is True else self.norm_across_ranks
-        if torch.distributed.get_backend(pg) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+    def _norm_group(self):
+        return None if self.norm_across_ranks is True else self.norm_across_ranks
+
+    def _collective_device(self) -> torch.device:
+        """The device of norm_across_ranks' all_reduce, by one rule every rank applies alike whatever grads it
+        holds: the process group's device for collectives (CUDA when it has NCCL, as torch's object collectives
+        choose), else the CPU."""
+        from torch.distributed import distributed_c10d as c10d
+
+        pick = getattr(c10d, "_get_object_coll_device", None)
+        if pick is not None:
+            dev = torch.device(pick(self._norm_group()))
+        else:  # older torch
+            dev = c10d._get_pg_default_device(self._norm_group())
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -288,6 +299,8 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step()
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+            found_inf = None  # torch.amp.GradScaler sets sum([]) == 0 when this optimizer's params have no grads
         collected = self._collect()
         if not collected:
             if self.max_grad_norm is not None and self.norm_across_ranks is not False:
@@ -366,6 +379,10 @@ class Adam(torch.optim.Optimizer):
         if (buf is not None and buf.numel() == len(entries)
                 and all(e[4][self._BUF] is buf and e[4][self._IDX] == i for i, e in enumerate(entries))):
             return buf
+        if self._capturing(entries[0][0].device):
+            # Regrouping inside a CUDA graph capture would record the copy into the new buffer, and each replay
+            # would copy the old counters in again (they never advance). Count this bucket per param instead.
+            return None
         dev = entries[0][0].device
         buf = torch.stack([e[4][self._STEP].to(dev, torch.float32) for e in entries])
         for i, (e, view) in enumerate(zip(entries, buf.unbind(0))):
@@ -373,6 +390,10 @@ class Adam(torch.optim.Optimizer):
             plan[self._ST]["step"] = plan[self._STEP] = view
             plan[self._BUF], plan[self._IDX] = buf, i
         return buf
+
+    @staticmethod
+    def _capturing(device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _run_group(self, group, buckets, fallback, grad_scale, found_inf, clip):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -385,14 +406,17 @@ class Adam(torch.optim.Optimizer):
                 counted[dev] = 1.0 if found_inf is None else (found_inf.to(dev).reshape(()) == 0).float()
             return counted[dev]
 
-        units = list(buckets.values()) + [([e], torch.stack([e[4][self._STEP]])) for e in fallback]
-        for i, (entries, steps) in enumerate(units):
+        units = [(entries, buf, self.backend) for entries, buf in buckets.values()]
+        units += [([e], None, "torch") for e in fallback]
+        for entries, buf, backend in units:
+            # buf: the bucket's step buffer; None: count per param (fallback entries, a bucket met during capture)
+            steps = buf if buf is not None else [e[4][self._STEP] for e in entries]
             self._launch(group, entries, steps, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
-                         backend=self.backend if i < len(buckets) else "torch")
-            if i < len(buckets):
-                steps.add_(count(steps.device))
+                         backend=backend)
+            if buf is not None:
+                buf.add_(count(buf.device))
             else:
-                entries[0][4][self._STEP].add_(count(steps.device))
+                torch._foreach_add_(steps, count(steps[0].device))
 
     def _launch(self, group, entries, steps, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip, backend):
         params = [e[0] for e in entries]
