@@ -177,6 +177,24 @@ def test_saturated_fp8_bits_match_torch_on_device(device, backend, src, dst):
             for a, g, r in zip(xb, yb, rb))
 
 
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_probes_on_the_cpu_kernel(src, dst):
+    """The C++ CPU kernel's fp8 rounding (on AVX2 the adder-based vector code of csrc/cpu/fp8_convert_avx2.h, checked
+    offline on all 2^32 fp32 inputs) on every tie and rounding boundary of fp8_probes, saturated and not, with amax,
+    aligned and shifted by one element (another split between the 32-wide vector loop and its scalar tail), against
+    the reference bit for bit (NaN-blind, see test_saturated_fp8_bits_match_torch_on_device)."""
+    backend = extension_backend(OP, "cpu")
+    x = fp8_probes(src, dst)
+    for name, xs in (("aligned", x), ("offset", x[1:])):
+        for scale, saturate in ((None, True), (None, False), (0.75, True)):
+            amax = torch.full((1,), 0.125)
+            amax_ref = amax.clone()
+            y = run(xs, dst, scale, amax, saturate, backend, "cpu")
+            assert_bit_exact(y, expected(xs, dst, scale, amax_ref, saturate), f"{name} scale={scale} sat={saturate}")
+            assert_bit_exact(amax, amax_ref, f"{name} amax")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_matches_float64_definition(device):
     """The oracle itself: its result is the dtype value nearest (ties to even) to the fp32 product, checked

@@ -9,6 +9,7 @@
 
 #include "../common.h"
 #include "fp8_convert.h"
+#include "fp8_convert_avx2.h"
 #include "vec_util.h"
 
 namespace mixprec::cpu {
@@ -64,6 +65,63 @@ inline void store_tile(const float* buf, int64_t n, Dst* y) {
   }
 }
 
+#if defined(__AVX2__)
+// fp8 targets: scale, clamp, amax and the rounding in one loop, 32 elements at a time (no fp32 tile written and
+// read back), with the adder-based AVX2 rounding (fp8_convert_avx2.h); the last n % 32 go the scalar way.
+template <int FMT, bool SAT, typename Src>
+inline void scale_store_fp8(const Src* x, int64_t n, float scale, float fmax, uint8_t* out, float* buf,
+                            fVec& amax_acc, float& tail_max) {
+  const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(fmax), lo = _mm256_set1_ps(-fmax);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  // max|x| on the bits of |x| as int32: order-preserving for non-negative floats, NaN above inf, so a NaN
+  // propagates with one integer max per vector.
+  __m256i amax_bits = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    __m256i q[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load_f32(x + i + u * kLanes);
+      amax_bits = _mm256_max_epi32(amax_bits, _mm256_and_si256(_mm256_castps_si256(v), abs_mask));
+      __m256 y = _mm256_mul_ps(v, s);
+      // max_ps / min_ps return their SECOND operand when either is NaN: with y second, NaN stays NaN.
+      if constexpr (SAT) y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));
+      q[u] = avx2::f32_to_fp8_bits<FMT, SAT>(y);
+    }
+    avx2::store_bytes32(out + i, q[0], q[1], q[2], q[3]);
+  }
+  amax_acc = at::vec::maximum(amax_acc, fVec(_mm256_castsi256_ps(amax_bits)));  // NaN-propagating
+  if (i < n) {
+    using Dst = std::conditional_t<FMT == 2, at::Float8_e5m2, at::Float8_e4m3fn>;
+    scale_tile(x + i, n - i, scale, SAT, false, fmax, buf, amax_acc, tail_max);
+    store_tile(buf, n - i, reinterpret_cast<Dst*>(out + i));
+  }
+}
+
+template <int FMT, typename Src>
+inline void scale_store_fp8(const Src* x, int64_t n, float scale, bool sat, float fmax, uint8_t* out, float* buf,
+                            fVec& amax_acc, float& tail_max) {
+  if (sat) return scale_store_fp8<FMT, true>(x, n, scale, fmax, out, buf, amax_acc, tail_max);
+  scale_store_fp8<FMT, false>(x, n, scale, fmax, out, buf, amax_acc, tail_max);
+}
+#endif
+
+// One tile: scaled into buf, then rounded into y; fp8 targets on AVX2 in one fused loop.
+template <typename Src, typename Dst>
+inline void tile(const Src* x, int64_t n, float scale, bool sat, bool keep_inf, float fmax, float* buf, Dst* y,
+                 fVec& amax_acc, float& tail_max) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Dst, at::Float8_e4m3fn>) {
+    uint8_t* out = reinterpret_cast<uint8_t*>(y);
+    if (e4m3fn_overflow_is_nan()) return scale_store_fp8<0>(x, n, scale, sat, fmax, out, buf, amax_acc, tail_max);
+    return scale_store_fp8<1>(x, n, scale, sat, fmax, out, buf, amax_acc, tail_max);
+  } else if constexpr (std::is_same_v<Dst, at::Float8_e5m2>) {
+    return scale_store_fp8<2>(x, n, scale, sat, fmax, reinterpret_cast<uint8_t*>(y), buf, amax_acc, tail_max);
+  }
+#endif
+  scale_tile(x, n, scale, sat, keep_inf, fmax, buf, amax_acc, tail_max);
+  store_tile(buf, n, y);
+}
+
 template <typename Src, typename Dst>
 float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_inf, float fmax) {
   const int64_t ntasks = at::divup(numel, kGrain);
@@ -77,8 +135,7 @@ float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_
       const int64_t lo = t * kGrain, hi = std::min(numel, lo + kGrain);
       for (int64_t i = lo; i < hi; i += kTile) {
         const int64_t n = std::min(kTile, hi - i);
-        scale_tile(x + i, n, scale, sat, keep_inf, fmax, buf, acc, m);
-        store_tile(buf, n, y + i);
+        tile(x + i, n, scale, sat, keep_inf, fmax, buf, y + i, acc, m);
       }
       acc.store(lanes);
       for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
