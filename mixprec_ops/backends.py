@@ -84,6 +84,10 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
             return why
         if dev == "cpu" and not interpreted:
             return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing)"
+        if dev == "cpu":
+            from . import triton_kernels
+
+            return triton_kernels.interpreter_problem(op)
         return None
     raise AssertionError("unreachable")
 

@@ -117,3 +117,35 @@ def test_import_survives_missing_triton():
     """
     p = run_python(code)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+def _interpreted_triton_kernels():
+    """mixprec_ops.triton_kernels when the Triton interpreter is on, else skip."""
+    why = backends.unavailable_reason("cast_and_scale", "triton", CPU)
+    if why is not None:
+        pytest.skip(why)
+    from mixprec_ops import triton_kernels
+
+    return triton_kernels
+
+
+def test_interpreter_gate_only_where_the_interpreter_is_broken():
+    """The Triton-interpreter gate (Triton < 3.7 with NumPy >= 2.4 cannot loop over run-time bounds) must never
+    switch on where the interpreter works: on CI's Triton it would otherwise skip every adam_step_ / unscale_ /
+    matmul Triton test with a plausible reason. cast_and_scale (no loops) is never gated."""
+    tk = _interpreted_triton_kernels()
+    assert tk.interpreter_problem("cast_and_scale") is None
+    fixed = tuple(int(v) for v in __import__("triton").__version__.split(".")[:2]) >= (3, 7)
+    if not fixed:
+        pytest.skip(f"Triton {__import__('triton').__version__}: its interpreter may be gated")
+    for op in sorted(tk.RUNTIME_LOOP_BOUND_OPS):
+        assert tk.interpreter_problem(op) is None, op
+        assert backends.unavailable_reason(op, "triton", CPU) is None, op
+
+
+def test_wrap_triton_passes_interpreted_kernels_through():
+    """torch 2.11's wrap_triton rejects the interpreter's kernels; ours hands them back unchanged."""
+    tk = _interpreted_triton_kernels()
+    from mixprec_ops.triton_kernels.cast_and_scale import _cast_and_scale_kernel
+
+    assert tk.wrap_triton(_cast_and_scale_kernel) is _cast_and_scale_kernel

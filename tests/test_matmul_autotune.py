@@ -204,6 +204,9 @@ def test_interpreter_path_never_tunes_or_touches_the_cache(km, tune_env, monkeyp
     def refuse(*a, **k):
         raise AssertionError("the interpreter path must not tune or use the cache")
 
+    why = mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
     monkeypatch.setattr(km, "select_config", refuse)
     monkeypatch.setattr(km._CACHE, "get", refuse)
     monkeypatch.setattr(km._CACHE, "put", refuse)
@@ -224,6 +227,7 @@ def _tma_params():
     why_cpu = None if INTERPRETED and m.HAS_TMA else (
         "needs the Triton interpreter (TRITON_INTERPRET=1)" if not INTERPRETED else "this Triton has no tensor "
         "descriptors")
+    why_cpu = why_cpu or mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device("cpu"))
     out.append(pytest.param("cpu", m._INTERPRETER_TMA_CONFIG, id="cpu-interpreter",
                             marks=pytest.mark.skipif(why_cpu is not None, reason=str(why_cpu))))
     if not HAS_CUDA:

@@ -297,8 +297,9 @@ def test_wheel_gpu_code(wheel_files, tmp_path, request):
         out = _run([tool, flag, str(so)], 120).stdout
         for obj, arch in re.findall(rf"(?:ELF|PTX) file\s+\d+:\s+(\S+?)\.(sm_\w+)\.{ext}", out):
             per_obj.setdefault(obj, {"sass": set(), "ptx": set()})[kind].add(arch)
-    # cuobjdump names a family-specific cubin (sm_100f) without its 'f'
-    strip_f = lambda s: {re.sub(r"(sm_\d+)f$", r"\1", a) for a in s}  # noqa: E731
+    # cuobjdump names a family-specific cubin (sm_100f) without its 'f', and older ones (Triton 3.6 ships CUDA 12.8's)
+    # an arch-specific one (sm_90a) without its 'a'; the ELF parser above has already checked the exact names
+    strip_f = lambda s: {re.sub(r"(sm_\d+)[af]$", r"\1", a) for a in s}  # noqa: E731
     assert len(per_obj) == len(conts), (per_obj, conts)
     for obj, c in per_obj.items():
         assert strip_f(c["sass"]) == strip_f(sass) and c["ptx"] == ptx, f"cuobjdump on {obj}: {c}"
@@ -449,7 +450,9 @@ else:
     y = mixprec_ops.cast_and_scale(torch.ones(4) * 3, torch.bfloat16)  # "auto": falls back to the reference
     assert y.tolist() == [3.0] * 4, y
     served = ["torch"]
-    if cpu["triton"] == "ok":  # the Triton interpreter (TRITON_INTERPRET=1): no compiled extension involved
+    # the Triton interpreter (TRITON_INTERPRET=1): no compiled extension involved (and not every interpreter can run
+    # every kernel: mixprec_ops.triton_kernels.interpreter_problem)
+    if all(rep["ops"][op]["cpu"]["triton"] == "ok" for op in ("cast_and_scale", "unscale_", "adam_step_")):
         run_ops("triton")
         served.append("triton")
     import mixprec_ops as again  # noqa: F401  (cached: no second warning)

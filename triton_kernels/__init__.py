@@ -7,8 +7,50 @@ INTERPRETED is True when Triton's interpreter was on (TRITON_INTERPRET=1) as the
 they run on CPU tensors, which the tests use on machines without a GPU.
 """
 
+import functools
 import os
 
+import torch
 import triton  # noqa: F401  (fail here, not later, when triton is unusable)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Ops whose kernels loop over a bound known only at run time: loaded from memory (the multi-tensor tables of
+# adam_step_ and unscale_) or computed from a scalar argument (matmul's tl.cdiv(K, BLOCK_K)).
+RUNTIME_LOOP_BOUND_OPS = frozenset({"adam_step_", "unscale_", "matmul"})
+
+
+@functools.lru_cache(maxsize=1)
+def _loop_bound_problem() -> str | None:
+    """Why this interpreter cannot loop over a run-time bound, or None. Triton's interpreter holds scalars (loaded
+    ones and scalar arguments) as 1-element arrays and, before Triton 3.7, made them loop bounds with int(array),
+    which NumPy 2.4 rejects. Compiled kernels are not affected. Probed by running a tiny kernel, not by version
+    numbers."""
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(p):
+        s = 0
+        for i in range(0, tl.load(p), 1):
+            s += i
+        tl.store(p, s)
+
+    t = torch.full((1,), 3, dtype=torch.int64)
+    try:
+        _probe[(1,)](t)
+    except Exception as e:  # TypeError, wrapped in triton's InterpreterError
+        return (f"Triton {triton.__version__}'s interpreter cannot run loops over run-time bounds with this NumPy "
+                f"({type(e).__name__}: {e}); Triton >= 3.7 can, and compiled kernels are not affected")
+    return None
+
+
+def interpreter_problem(op: str) -> str | None:
+    """Why op's Triton kernel cannot run under this interpreter (None when it can, or when not interpreted)."""
+    return _loop_bound_problem() if INTERPRETED and op in RUNTIME_LOOP_BOUND_OPS else None
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel), for launches from inside a torch.library.triton_op. Under the interpreter
+    the kernel is an InterpretedFunction, which nothing can trace: torch >= 2.12 hands it back unchanged, torch 2.11
+    raises ("wrap_triton only works on functions annotated with triton.jit"), so hand it back here."""
+    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)

@@ -55,6 +55,7 @@ def _get_triton_op():
     """mixprec::cast_and_scale_triton, registered on first use (importing triton is slow)."""
     global _triton_op
     if _triton_op is None:
+        from ..triton_kernels import wrap_triton
         from ..triton_kernels.cast_and_scale import launch_cast_and_scale
 
         @torch.library.triton_op("mixprec::cast_and_scale_triton", mutates_args={"amax"})
@@ -62,7 +63,7 @@ def _get_triton_op():
                                   scale_value: float, amax: torch.Tensor | None, saturate: bool) -> torch.Tensor:
             x = _walkable(x)
             y = torch.empty_like(x, dtype=dtype)
-            launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=torch.library.wrap_triton)
+            launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=wrap_triton)
             return y
 
         _triton_op = cast_and_scale_triton

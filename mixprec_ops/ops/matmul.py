@@ -109,6 +109,7 @@ def _get_triton_ops():
     """(mixprec::matmul_triton, mixprec::matmul_pre_triton), registered on first use (importing triton is slow)."""
     global _triton_ops
     if _triton_ops is None:
+        from ..triton_kernels import wrap_triton
         from ..triton_kernels.matmul import launch_matmul
 
         def _run(a, b, bias, activation, out_dtype, with_pre):
@@ -117,7 +118,7 @@ def _get_triton_ops():
             out_shape = (*a.shape[:-1], b.shape[1])
             c = torch.empty((a2.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
             pre = torch.empty_like(c) if with_pre else None
-            launch_matmul(a2, b, c, bias, act, pre=pre, wrap=torch.library.wrap_triton)
+            launch_matmul(a2, b, c, bias, act, pre=pre, wrap=wrap_triton)
             return c.view(out_shape), (pre.view(out_shape) if with_pre else None)
 
         @torch.library.triton_op("mixprec::matmul_triton", mutates_args=())
