@@ -1,0 +1,178 @@
+"""Every Triton kernel compiled for real NVIDIA GPUs (sm_80, sm_90), here on CPU, ahead of any GPU session.
+
+The other tests run the kernels under Triton's interpreter, which never builds the GPU code: a Triton compile error
+(API drift between releases, a type error in a branch only compiled code takes, such as NATIVE_FP8's hardware
+conversion or the TMA kernel, a constexpr combination that does not lower) would otherwise first show on a GPU.
+tests/triton_aot.py records what each launcher launches and compiles it to PTX and cubin; it runs once, in a
+subprocess (the interpreter is on in this process: TRITON_INTERPRET=1 makes @triton.jit build interpreted
+functions at import), importing the installed package. Besides "it compiles", the tests check facts of the
+compiled code that the kernels' design rests on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
+KERNELS = ["_cast_and_scale_kernel", "_unscale_kernel", "_adam_kernel", "_matmul_kernel", "_matmul_tma_kernel"]
+TARGETS = {"sm_80", "sm_90"}
+# Largest shared memory per block (opt-in) of the GPUs behind each target: A100 163 KB, H100/H200 227 KB. A kernel
+# needing more compiles but fails at launch (triton's OutOfResources).
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+# The values each constexpr must take over a kernel's compiles: the coverage the case tables in triton_aot.py
+# promise (each value at least once). A constexpr missing here fails test_constexpr_coverage, so that a new one is
+# added with its values. Sizes and layout constants are left out (SIZES).
+EXPECTED_VALUES = {
+    "_cast_and_scale_kernel": {
+        "HAS_SCALE": {True, False}, "HAS_AMAX": {True, False}, "SAT": {True, False}, "KEEP_INF": {True, False},
+        "OUT_KIND": {0, 1, 2, 3}, "OVERFLOW_NAN": {True, False}, "NATIVE_FP8": {True, False},
+        "SRC_BF16": {True, False},
+    },
+    "_unscale_kernel": {"DTYPE": {"fp32", "fp16", "int16"}, "IS_BF16": {True, False}, "NORM": {True, False}},
+    "_adam_kernel": {
+        "P_KIND": {0, 1, 2}, "G_KIND": {0, 1, 2}, "S_KIND": {0, 1, 2}, "AMSGRAD": {True, False},
+        "MASTER": {True, False}, "HAS_WD": {True, False}, "DECOUPLED": {True, False}, "MAXIMIZE": {True, False},
+        "HAS_GRAD_SCALE": {True, False}, "HAS_FOUND_INF": {True, False}, "HAS_CLIP": {True, False},
+    },
+    # OUT_KIND 2 (bf16 rounded in integer arithmetic) and UPCAST=True are the interpreter's: never compiled.
+    "_matmul_kernel": {
+        "HAS_BIAS": {True, False}, "ACT": {0, 1, 2, 3, 4}, "STORE_PRE": {True, False}, "UPCAST": {False},
+        "OUT_KIND": {0, 1, 3}, "USE_ERF": {True, False},
+    },
+    # USE_ERF=False (a Triton without tl.math.erf) is compiled through the tiled kernel: the epilogue is shared.
+    "_matmul_tma_kernel": {
+        "A_KM": {True, False}, "B_NK": {True, False}, "HAS_BIAS": {True, False}, "ACT": {0, 1, 2, 3, 4},
+        "STORE_PRE": {True, False}, "UPCAST": {False}, "OUT_KIND": {0, 1, 3}, "USE_ERF": {True}, "FLATTEN": {True},
+    },
+}
+SIZES = {"BLOCK", "CHUNK", "ROW", "VMAX_COL", "MASTER_COL", "NUM_SMS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+
+
+@pytest.fixture(scope="module")
+def aot(tmp_path_factory):
+    """triton_aot.py's JSON document, run once for this module (about 30 s on 2 cores)."""
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    tmp = tmp_path_factory.mktemp("triton_aot")
+    out = tmp / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # -P and a scratch cwd: the installed mixprec_ops, never the source tree (see conftest.py).
+    proc = subprocess.run([sys.executable, "-P", SCRIPT, "--out", str(out)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if not out.exists():
+        pytest.fail(f"triton_aot.py produced no result (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def _records(aot, kernel=None, target=None):
+    return [r for r in aot["records"]
+            if (kernel is None or r["kernel"] == kernel) and (target is None or r["target"] == target)]
+
+
+def test_every_kernel_has_cases(aot):
+    """Each @triton.jit kernel of the package (a jit function no other one calls) is compiled by some case."""
+    assert aot["kernels_without_cases"] == [], "add cases for these kernels to tests/triton_aot.py"
+    assert {r["kernel"] for r in aot["records"]} <= set(KERNELS), "update KERNELS"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_compiles(aot, kernel):
+    """Every variant of `kernel` compiles to a cubin for every target, with Triton's error text when not."""
+    if kernel == "_matmul_tma_kernel" and not aot["has_tma"]:
+        pytest.skip(f"Triton {aot['triton']} lacks what the TMA kernel needs (matmul.HAS_TMA is False)")
+    recs = _records(aot, kernel)
+    want = {"sm_90"} if kernel == "_matmul_tma_kernel" else TARGETS
+    assert {r["target"] for r in recs} == want
+    failed = [r for r in recs if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(recs)} compiles failed (Triton {aot['triton']}):\n" + "\n\n".join(
+        f"[{r['target']}] {r['variant']}:\n{r['error']}" for r in failed)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_constexpr_coverage(aot, kernel):
+    """The compiled variants span every value of every constexpr in EXPECTED_VALUES (what the launchers produce),
+    and nothing else."""
+    recs = [r for r in _records(aot, kernel) if r["constexprs"] is not None]  # compiled or not
+    if not recs:
+        pytest.skip("no variant got as far as Triton (see test_kernel_compiles)")
+    expected = EXPECTED_VALUES[kernel]
+    seen = {}
+    for r in recs:
+        for name, v in r["constexprs"].items():
+            seen.setdefault(name, set()).add(v)
+    unknown = {n for n in seen if n.isupper() and n not in expected and n not in SIZES}
+    assert not unknown, f"new constexprs {sorted(unknown)}: add their values to EXPECTED_VALUES (and cases)"
+    for name, values in expected.items():
+        assert seen.get(name) == values, f"{name}: compiled {sorted(seen.get(name, set()), key=str)}, " \
+                                         f"expected {sorted(values, key=str)}"
+
+
+def test_native_fp8_is_the_hardware_conversion(aot):
+    """cast_and_scale: the launcher picks NATIVE_FP8 exactly for saturated fp8 on sm_90, whose PTX then holds the
+    cvt.rn.satfinite conversion of that format; no other variant converts through the hardware."""
+    native = set()
+    for r in _records(aot, "_cast_and_scale_kernel"):
+        c, ptx = r["constexprs"], r["ptx"]
+        if c and c["NATIVE_FP8"]:
+            native.add((r["target"], c["OUT_KIND"]))
+        if not r["ok"]:
+            continue  # test_kernel_compiles reports it
+        if c["NATIVE_FP8"]:
+            want = "cvt_e4m3x2" if c["OUT_KIND"] == 2 else "cvt_e5m2x2"
+            assert ptx[want] > 0, f"{r['variant']} [{r['target']}]: NATIVE_FP8 without {want}: {ptx}"
+        else:
+            assert ptx["cvt_e4m3x2"] == ptx["cvt_e5m2x2"] == 0, f"{r['variant']} [{r['target']}]: {ptx}"
+    assert native == {("sm_90", 2), ("sm_90", 3)}
+
+
+def test_tma_kernel_loads_through_tma(aot):
+    """The persistent matmul on sm_90 fetches its tiles with cp.async.bulk.tensor and multiplies with wgmma."""
+    recs = [r for r in _records(aot, "_matmul_tma_kernel") if r["ok"]]
+    if not recs:
+        pytest.skip("no compiled TMA variant (see test_kernel_compiles)")
+    for r in recs:
+        assert r["ptx"]["tma_load"] > 0 and r["ptx"]["wgmma"] > 0, f"{r['variant']}: {r['ptx']}"
+
+
+def test_matmul_uses_tensor_cores(aot):
+    """Every tiled matmul variant's tl.dot lowers to tensor-core instructions (mma.sync or, on sm_90, wgmma)."""
+    for r in _records(aot, "_matmul_kernel"):
+        if r["ok"]:
+            assert r["ptx"]["mma_sync"] + r["ptx"]["wgmma"] > 0, f"{r['variant']} [{r['target']}]: {r['ptx']}"
+
+
+def test_adam_rounds_like_the_reference(aot):
+    """Adam is bit-exact with its reference only without contracted multiply-adds (enable_fp_fusion=False reached
+    the compiler) and with IEEE division and square root (div_rn / sqrt_rn)."""
+    for r in _records(aot, "_adam_kernel"):
+        if r["ok"]:
+            p = r["ptx"]
+            assert p["fma_f32"] == 0 and p["div_rn_f32"] > 0 and p["sqrt_rn_f32"] > 0, f"{r['variant']}: {p}"
+
+
+def test_shared_memory_fits(aot):
+    """Each variant's shared memory fits its target's GPUs. Matmul autotuning candidates that are not a candidate
+    set's default may exceed it (select_config skips a candidate that fails to launch, with a warning): those are
+    reported as a warning here; anything else launched as compiled (the other kernels, the defaults used during
+    CUDA graph capture) must fit."""
+    must_fit, tolerated = [], set()
+    for r in aot["records"]:
+        if r["ok"] and r["shared"] > SHARED_LIMIT[r["target"]]:
+            line = f"[{r['target']}] {r['kernel']} {r['variant']}: {r['shared']} > {SHARED_LIMIT[r['target']]} bytes"
+            if r["kernel"].startswith("_matmul") and not r["default"]:
+                tolerated.add(f"[{r['target']}] {r['config']}")
+            else:
+                must_fit.append(line)
+    assert not must_fit, "\n".join(must_fit)
+    if tolerated:
+        warnings.warn("matmul candidates that cannot launch for some outputs (too much shared memory; the "
+                      f"autotuner skips them): {sorted(tolerated)}", stacklevel=1)
