@@ -193,6 +193,14 @@ def test_candidates(km):
     narrow = km.candidates(100, 40, 4096, True)  # no tile more than twice N's power of two
     assert narrow and all(c.block_n <= 128 for c in narrow) and km.TMA in {c.variant for c in narrow}
     assert km.candidates(100, 16, 4096, True) == km._LARGE_CONFIGS[-1:]  # nothing fits: the smallest tiled one
+    # TMA configs whose shared memory (pipeline + epilogue tile in the output dtype) exceeds the device's are not
+    # offered: on an H200 (227 KB) fp32 outputs lose 128x256x64 s3 and 128x128x128 s3
+    h200 = 232448
+    assert km.candidates(8192, 4096, 4096, True, 2, h200) == with_tma
+    fp32 = km.candidates(8192, 4096, 4096, True, 4, h200)
+    assert fp32 == large + (km._TMA_CONFIGS[1],), fp32
+    assert all(km.tma_shared_bytes(c, 4) <= h200 < km.tma_shared_bytes(d, 4)
+               for c in fp32 if c.variant == km.TMA for d in set(km._TMA_CONFIGS) - set(fp32))
     # the default (first) of each set is what a graph capture uses before tuning: a tiled config
     assert with_tma[0].variant == km.TILED and small[0].variant == km.TILED
     if not HAS_CUDA:
@@ -321,7 +329,7 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     assert key.endswith(f"tma {int(tma)}") and "a row b col c row" in key
     entries = json.load(open(tune_env / "matmul_autotune.json"))["entries"]
     assert entries[key]["config"] == km.chosen_configs()[key].to_dict()
-    assert entries[key]["candidates"] == len(km.candidates(512, 320, 384, tma))
+    assert entries[key]["candidates"] == len(km.candidates(512, 320, 384, tma, 2, km._shared_limit(a.device)))
 
     monkeypatch.setattr(km, "_CHOSEN", {})
     monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))

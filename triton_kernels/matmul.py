@@ -283,8 +283,9 @@ _SMALL_M_CONFIGS = (_tiled(16, 64, 128, 4, 4), _tiled(16, 128, 64, 4, 4), _tiled
 _LARGE_CONFIGS = (_tiled(128, 128, 64, 8, 3), _tiled(128, 256, 64, 8, 3), _tiled(64, 256, 32, 4, 4),
                   _tiled(128, 128, 32, 4, 4), _tiled(128, 64, 32, 4, 4), _tiled(64, 128, 64, 4, 4),
                   _tiled(64, 64, 64, 4, 4))
-# Persistent TMA configs (shared memory per stage: (BM + BN) x BK x 2 bytes; at most 192 KB here, H100/H200 allow
-# 227 KB per block).
+# Persistent TMA configs. Shared memory: stages x (BM + BN) x BK x 2 bytes of pipeline plus the epilogue's BM x BN
+# tile in the output dtype (tma_shared_bytes); H100/H200 allow 227 KB per block, so fp32 outputs there drop the
+# first and the last (candidates).
 _TMA_CONFIGS = (_tma(128, 256, 64, 8, 3), _tma(128, 128, 64, 8, 4), _tma(128, 128, 128, 8, 3))
 _INTERPRETER_CONFIG = _tiled(16, 16, 16, 1, 1, group=2)
 _INTERPRETER_TMA_CONFIG = _tma(16, 16, 16, 1, 1, group=2)  # for tests that force the persistent kernel there
@@ -293,9 +294,22 @@ _KEY = ["M_BUCKET", "N", "K"]
 AUTOTUNE_ENV = "MIXPREC_MATMUL_AUTOTUNE"  # "0": no benchmarking, each set's default config (see select_config)
 
 
-def candidates(m: int, n: int, k: int, tma: bool) -> tuple[KernelConfig, ...]:
+def tma_shared_bytes(cfg: KernelConfig, out_bytes: int) -> int:
+    """An upper bound on the persistent kernel's shared memory: the pipeline's A and B buffers plus the epilogue's
+    layout conversion of the accumulator tile in the output dtype, which (the loop being flattened) cannot reuse
+    them, plus 1 KB for the pipeline's barriers and alignment (24-56 bytes compiled). The compiled sizes (Triton 3.6
+    and 3.8 agree), checked against this bound for every TMA config in tests/test_triton_compile.py, are within
+    1 KB of it for fp32 outputs and up to 33 KB under it for 16-bit ones."""
+    return (cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2 + cfg.block_m * cfg.block_n * out_bytes
+            + 1024)
+
+
+def candidates(m: int, n: int, k: int, tma: bool, out_bytes: int = 2,
+               shared_limit: int | None = None) -> tuple[KernelConfig, ...]:
     """The configs to try for this shape: the small-M set for M <= 64, else the large set, without tiles much
-    larger than the problem; plus the persistent TMA configs when `tma` (the caller decided eligibility)."""
+    larger than the problem; plus the persistent TMA configs when `tma` (the caller decided eligibility) whose
+    shared memory for an output of `out_bytes` per element fits `shared_limit` (bytes per block; None: no limit).
+    On an H200 (227 KB) two of them do not fit an fp32 output."""
     base = _SMALL_M_CONFIGS if m <= 64 else _LARGE_CONFIGS
     pn, pk = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(k))
 
@@ -304,7 +318,8 @@ def candidates(m: int, n: int, k: int, tma: bool) -> tuple[KernelConfig, ...]:
 
     kept = tuple(c for c in base if fits(c)) or base[-1:]
     if tma:
-        kept += tuple(c for c in _TMA_CONFIGS if fits(c))
+        kept += tuple(c for c in _TMA_CONFIGS if fits(c) and (
+            shared_limit is None or tma_shared_bytes(c, out_bytes) <= shared_limit))
     return kept
 
 
@@ -317,6 +332,20 @@ def _device_tag(device: torch.device) -> str:
         return device.type
     p = torch.cuda.get_device_properties(device)
     return f"{p.name} sm_{p.major}{p.minor}"
+
+
+@lru_cache(maxsize=None)
+def _shared_limit(device: torch.device) -> int | None:
+    """Shared memory a block may opt in to on `device`, as Triton checks it at launch; None when unknown."""
+    if device.type != "cuda":
+        return None
+    try:
+        from triton.runtime import driver
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # a driver API that moved: no filtering (a config that cannot launch is skipped when tuning)
+        return None
 
 
 @lru_cache(maxsize=None)
@@ -527,7 +556,7 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
             *args, **consts)
         return
     tma_ops = _tma_operands(a, b) if _tma_eligible(a, M, N, K) else None
-    cands = candidates(M, N, K, tma_ops is not None)
+    cands = candidates(M, N, K, tma_ops is not None, c.element_size(), _shared_limit(a.device))
     key = tune_key(_device_tag(a.device), M, N, K, a.dtype, c.dtype, None if bias is None else bias.dtype,
                    activation, pre is not None,
                    f"a {_layout(a)} b {_layout(b)} c {_layout(c)} tma {int(tma_ops is not None)}")
