@@ -318,7 +318,8 @@ class Adam(torch.optim.Optimizer):
 
     # A param's plan: what does not change between steps, computed once and reused while it holds (see
     # _bucket_group). A list: the step-buffer fields are updated in place when a bucket's counters are regrouped.
-    _ST, _LEN, _P, _OPTS, _LP, _STATES, _MASTER, _STEP, _WALK, _KEY, _PDTYPE, _PLAIN, _CONTIG, _BUF, _IDX = range(15)
+    (_ST, _LEN, _P, _OPTS, _LP, _STATES, _MASTER, _STEP, _WALK, _KEY, _PDTYPE, _PLAIN, _CONTIG, _BUF, _IDX,
+     _HELD, _SHARD) = range(17)
 
     def _bucket_group(self, group, ps):
         """(buckets, fallback) of one group's params with grads. buckets: {(device, param dtype, state dtype, master
@@ -333,13 +334,22 @@ class Adam(torch.optim.Optimizer):
         for p in ps:
             st = state[p]
             # The plan (local param, states, master, step counter, whether their layouts walk together) is reused
-            # while the param, its state dict (load_state_dict replaces it), the dict's size, its step tensor and
-            # the group's state options stay the same. Missing state (the first step, a master after loading
+            # while the param, its state dict (load_state_dict replaces it), the dict's size, its tensors (one
+            # replaced by hand: st["exp_avg"] = t), the group's state options and, for a DTensor, its local tensor
+            # (FSDP2 may swap it; compared as DTensor._local_tensor because to_local() on a Parameter(DTensor)
+            # returns a new view each call) stay the same. Missing state (the first step, a master after loading
             # torch's state, amsgrad turned on) is created when (re)planning. Grads are new tensors every step.
             # A plain dict by id(p): the plan holds p, so the id is not reused.
             plan = plans.get(id(p))
-            if (plan is None or plan[0] is not st or plan[1] != len(st) or plan[2] is not p or plan[3] != options
-                    or plan[7] is not st.get("step")):
+            stale = (plan is None or plan[0] is not st or plan[1] != len(st) or plan[2] is not p
+                     or plan[3] != options or plan[7] is not st.get("step")
+                     or (not plan[11] and getattr(p, "_local_tensor", None) is not plan[16]))
+            if not stale:
+                for k, v in plan[15]:
+                    if st.get(k) is not v:
+                        stale = True
+                        break
+            if stale:
                 self._init_state(group, p)
                 st = state[p]
                 if st["step"].dim() != 0:  # a 1-element step from elsewhere: 0-dim, as torch keeps it
@@ -348,9 +358,10 @@ class Adam(torch.optim.Optimizer):
                 states = [_local(st[k]) for k in _STATE_KEYS[:n_states]]
                 master = _local(st["master_param"]) if "master_param" in st else None
                 walk = all(_dense_like(x, lp) for x in states) and (master is None or _dense_like(master, lp))
+                held = tuple((k, st[k]) for k in (*_STATE_KEYS[:n_states], "master_param") if k in st)
                 plan = [st, len(st), p, options, lp, states, master, st["step"], walk,
                         (lp.device, lp.dtype, states[0].dtype, master is not None), lp.dtype, lp is p,
-                        lp.is_contiguous(), None, -1]
+                        lp.is_contiguous(), None, -1, held, getattr(p, "_local_tensor", None)]
                 plans[id(p)] = plan
             lp, states, master, _, walk, pkey, pdtype, plain, contig = plan[4:13]
             g = p.grad if plain else _local(p.grad)
