@@ -21,8 +21,9 @@ Run as a script (needs TRITON_INTERPRET unset, and the package importable: `pyth
 directory other than the repo root, so that the installed mixprec_ops is used); prints (or writes, --out) JSON:
 {"triton", "torch", "package", "package_file", "has_tma", "seconds", "kernels_without_cases", "records": [one per
 compile: kernel, variant, target, ok, error, seconds, constexprs, ptx (counts of the PTX_WATCH instructions),
-shared (bytes), and for matmul config and default]}; exit status 1 if anything failed. Triton's disk cache
-is pointed at a fresh temporary directory, so every kernel is really compiled. tests/test_triton_compile.py runs it.
+shared (bytes), res ({regs, stack} from cuobjdump -res-usage, or None), and for matmul config and default]}; exit
+status 1 if anything failed. Triton's disk cache is pointed at a fresh temporary directory, so every kernel is really
+compiled. tests/test_triton_compile.py runs it.
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ def _matmul_cases(mm):
                            " (largest epilogue)")
         if cap >= 90 and mm.HAS_TMA:
             yield case(mm._TMA_CONFIGS[0], cap, ("bfloat16", "bfloat16", "relu", "fp32", True, True, True, 256))
+        # The defaults run untuned (graph capture, autotune off), so their register use is checked with the
+        # heaviest epilogue: erf-GELU, fp32 bias, the pre-activation stored, fp32 out.
+        for cfg in sorted(defaults, key=lambda c: c.label):
+            yield case(cfg, cap, ("bfloat16", "float32", "gelu", "fp32", True, False, False, 256),
+                       " (heaviest epilogue)")
         # USE_ERF=False (the polynomial erf, for a Triton without tl.math.erf): not what 3.6/3.8 take, kept compiling.
         yield case(tiled[0], cap, ("float16", "float16", "gelu", None, False, False, False, 256),
                    " (no tl.math.erf)", (("HAS_ERF", False),))
@@ -325,12 +331,39 @@ def _error_text(e: BaseException) -> str:
     return "\n-- caused by --\n".join(parts)
 
 
+def _cuobjdump() -> str | None:
+    """The cuobjdump Triton ships next to its ptxas (3.6 and 3.8 both do), else one on PATH, else None."""
+    import triton
+
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return here if os.access(here, os.X_OK) else shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict | None:
+    """Registers per thread and stack bytes (register spills: what ptxas could not keep in registers) of the one
+    kernel in `cubin`, from `cuobjdump -res-usage`; None when no cuobjdump is at hand."""
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line:\n{out[-500:]}")
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))}
+
+
 def run_case(pkg, case: Case) -> dict:
     """One record: the case compiled (or the error that stopped it, recording or compiling)."""
     import triton
 
     rec = {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": None,
-           "seconds": None, "constexprs": None, "ptx": None, "shared": None, **dict(case.info)}
+           "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None, **dict(case.info)}
     t0 = time.perf_counter()
     try:
         fn, args, kwargs = record(pkg, case)
@@ -341,6 +374,7 @@ def run_case(pkg, case: Case) -> dict:
             raise RuntimeError("no cubin produced (ptxas did not run)")
         rec["ptx"] = {k: ptx.count(s) for k, s in PTX_WATCH.items()}
         rec["shared"] = compiled.metadata.shared
+        rec["res"] = resource_usage(compiled.asm["cubin"])
         rec["ok"] = True
     except Exception as e:  # noqa: BLE001  (any failure is the finding; report it whole)
         rec["error"] = _error_text(e)
@@ -397,7 +431,8 @@ def _run_pool(jobs):
                 records.append({"kernel": c.kernel, "variant": c.variant, "target": f"sm_{c.cap}", "ok": False,
                                 "error": f"{type(e).__name__}: {e} (a compiling process died while this or another "
                                          "case ran; rerun with --jobs 1 --only KERNEL to find which)",
-                                "seconds": None, "constexprs": None, "ptx": None, "shared": None, **dict(c.info)})
+                                "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None,
+                                **dict(c.info)})
     return records
 
 
