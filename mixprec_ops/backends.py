@@ -84,7 +84,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
             return why
         if dev == "cpu" and not interpreted:
             return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing)"
-        if dev == "cpu":
+        if interpreted:  # CPU tensors, or CUDA tensors copied through the interpreter: the same limits
             from . import triton_kernels
 
             return triton_kernels.interpreter_problem(op)

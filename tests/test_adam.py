@@ -523,15 +523,29 @@ def test_state_tensors_replaced_by_hand_are_used(device, backend):
     o.state[w]["master_param"] = new_master
     run_steps(m, o, data(1, device, seed=7))
     assert o.state[w]["master_param"] is new_master
+    assert not torch.equal(new_master, torch.full_like(new_master, 0.5)), "the step did not update the new master"
     assert (new_master - 0.5).abs().max() < 2e-3 and (w.float() - new_master).abs().max() < 4e-3  # one step away
 
 
+def test_param_data_replaced_with_another_dtype_is_replanned():
+    """p.data = p.data.bfloat16() after a step (same Parameter object, same state dict) must be noticed: the bf16
+    param gets its fp32 master at the next step, as a fresh optimizer would give it."""
+    m = mlp()
+    o = AdamW(m.parameters(), lr=1e-3, backend="torch")
+    run_steps(m, o, data(1))
+    w = m[0].weight
+    assert "master_param" not in o.state[w]
+    m.to(torch.bfloat16)  # nn.Module.to assigns p.data for each param
+    run_steps(m, o, data(1, seed=3))
+    assert w.dtype == torch.bfloat16 and o.state[w]["master_param"].dtype == torch.float32
+
+
 _DTENSOR_SWAP = r"""
-import json, sys, tempfile, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, Shard
 import mixprec_ops.optim.adam as A
-dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
 replans = [0]
 init_state = A.Adam._init_state

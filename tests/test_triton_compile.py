@@ -11,6 +11,7 @@ compiled code that the kernels' design rests on.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -65,11 +66,22 @@ def aot(tmp_path_factory):
     out = tmp / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # -P and a scratch cwd: the installed mixprec_ops, never the source tree (see conftest.py).
-    proc = subprocess.run([sys.executable, "-P", SCRIPT, "--out", str(out)], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=900)
+    # Its own session, so that a timeout kills the forked compile workers too (and lets its cleanup run).
+    proc = subprocess.Popen([sys.executable, "-P", SCRIPT, "--out", str(out)], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"triton_aot.py ran over 900 s:\n{err[-6000:]}")
     if not out.exists():
-        pytest.fail(f"triton_aot.py produced no result (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+        pytest.fail(f"triton_aot.py produced no result (exit {proc.returncode}):\n{err[-6000:]}")
+    doc = json.loads(out.read_text())
+    # Triton 3.6 and 3.8 both have host-side tensor descriptors; without them the TMA kernel has no cases and the
+    # tests below would fail with misleading messages.
+    assert doc["has_tma"], f"Triton {doc['triton']}: matmul.HAS_TMA is False (tensor descriptors not detected)"
+    return doc
 
 
 def _records(aot, kernel=None, target=None):

@@ -34,6 +34,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -193,12 +194,17 @@ def _matmul_cases(mm):
             args = (abs_[i % 2], outs[i % 3], acts[i % len(acts)], (None, "ab", "fp32")[i % 3], i % 4 == 3,
                     bool(a_col), bool(b_col), 264 if i % 2 else 256)
             yield case(cfg, cap, args)
-            if cfg.variant == mm.TMA and args[1] != "float32":
+            if cfg.variant == mm.TMA:
                 # The persistent kernel's shared memory grows with the output dtype (the epilogue's layout
                 # conversion goes through it and, the loop being flattened, cannot reuse the pipeline's buffers;
-                # the tiled kernel's does): its fp32 size is the one that must fit.
-                yield case(cfg, cap, ("float16", "float32", None, None, False, False, False, 256),
-                           " (largest epilogue)")
+                # the tiled kernel's does): compile each config with a 16-bit and an fp32 output, since
+                # candidates() offers it per output size (test_shared_memory_fits checks both against the bound).
+                if args[1] != "float32":
+                    yield case(cfg, cap, ("float16", "float32", None, None, False, False, False, 256),
+                               " (fp32 epilogue)")
+                else:
+                    yield case(cfg, cap, ("bfloat16", "bfloat16", None, None, False, False, False, 256),
+                               " (16-bit epilogue)")
         if cap >= 90 and mm.HAS_TMA:
             yield case(mm._TMA_CONFIGS[0], cap, ("bfloat16", "bfloat16", "relu", "fp32", True, True, True, 256))
         # The defaults run untuned (graph capture, autotune off), so their register use is checked with the
@@ -342,7 +348,6 @@ def _cuobjdump() -> str | None:
 def resource_usage(cubin: bytes) -> dict | None:
     """Registers per thread and stack bytes (register spills: what ptxas could not keep in registers) of the one
     kernel in `cubin`, from `cuobjdump -res-usage`; None when no cuobjdump is at hand."""
-    import re
     import subprocess
 
     tool = _cuobjdump()
@@ -358,12 +363,16 @@ def resource_usage(cubin: bytes) -> dict | None:
     return {"regs": int(m.group(1)), "stack": int(m.group(2))}
 
 
+def _empty_record(case: Case, error: str | None = None) -> dict:
+    return {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": error,
+            "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None, **dict(case.info)}
+
+
 def run_case(pkg, case: Case) -> dict:
     """One record: the case compiled (or the error that stopped it, recording or compiling)."""
     import triton
 
-    rec = {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": None,
-           "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None, **dict(case.info)}
+    rec = _empty_record(case)
     t0 = time.perf_counter()
     try:
         fn, args, kwargs = record(pkg, case)
@@ -396,7 +405,8 @@ def kernels_without_cases(pkg, cases) -> list[str]:
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__:
                 fns[f"{info.name}.{name}"] = obj
-    called = {q for q, f in fns.items() for g in fns.values() if g is not f and f"{f.__name__}(" in g.src}
+    called = {q for q, f in fns.items() for g in fns.values()
+              if g is not f and re.search(rf"\b{re.escape(f.__name__)}\(", g.src)}
     covered = {f"{c.module}.{c.kernel}" for c in cases}
     return sorted(set(fns) - called - covered)
 
@@ -427,13 +437,29 @@ def _run_pool(jobs):
             try:
                 records.append(fut.result())
             except Exception as e:  # noqa: BLE001  (BrokenProcessPool)
-                c = _CASES[i]
-                records.append({"kernel": c.kernel, "variant": c.variant, "target": f"sm_{c.cap}", "ok": False,
-                                "error": f"{type(e).__name__}: {e} (a compiling process died while this or another "
-                                         "case ran; rerun with --jobs 1 --only KERNEL to find which)",
-                                "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None,
-                                **dict(c.info)})
+                records.append(_empty_record(_CASES[i], f"{type(e).__name__}: {e} (a compiling process died while "
+                                             "this or another case ran; rerun with --jobs 1 --only KERNEL to find "
+                                             "which)"))
     return records
+
+
+def _preflight():
+    """specialise() leans on Triton's launch internals (knobs, create_function_from_signature, _pack_args; the same
+    in 3.6 and 3.8). If a Triton release moves them, say so once instead of failing every case with a raw error."""
+    import triton.runtime.jit as jit
+
+    missing = [] if hasattr(jit, "create_function_from_signature") else ["create_function_from_signature"]
+    if not hasattr(jit.JITFunction, "_pack_args"):
+        missing.append("JITFunction._pack_args")
+    try:
+        from triton import knobs  # noqa: F401
+    except ImportError:
+        missing.append("triton.knobs")
+    if missing:
+        import triton
+
+        raise SystemExit(f"Triton {triton.__version__} changed the launch internals tests/triton_aot.py uses "
+                         f"({', '.join(missing)} missing): update specialise()")
 
 
 def main(argv=None) -> int:
@@ -454,6 +480,7 @@ def main(argv=None) -> int:
         import torch
         import triton
 
+        _preflight()
         tk = importlib.import_module(opts.package)
         if getattr(tk, "INTERPRETED", False):
             raise SystemExit(f"{opts.package} was imported with the Triton interpreter on")

@@ -20,27 +20,40 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 RUNTIME_LOOP_BOUND_OPS = frozenset({"adam_step_", "unscale_", "matmul"})
 
 
+_LOOP_BOUND_ERROR = "0-dimensional arrays can be converted to Python scalars"  # NumPy's TypeError text
+
+
 @functools.lru_cache(maxsize=1)
 def _loop_bound_problem() -> str | None:
     """Why this interpreter cannot loop over a run-time bound, or None. Triton's interpreter holds scalars (loaded
     ones and scalar arguments) as 1-element arrays and, before Triton 3.7, made them loop bounds with int(array),
     which NumPy 2.4 rejects. Compiled kernels are not affected. Probed by running a tiny kernel, not by version
-    numbers."""
-    import triton.language as tl
+    numbers; only that exact TypeError gates (anything else is left for the real kernels to report), and the probe
+    runs on a real CPU tensor even when called under a fake or meta mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
 
-    @triton.jit
-    def _probe(p):
-        s = 0
-        for i in range(0, tl.load(p), 1):
-            s += i
-        tl.store(p, s)
-
-    t = torch.full((1,), 3, dtype=torch.int64)
     try:
-        _probe[(1,)](t)
-    except Exception as e:  # TypeError, wrapped in triton's InterpreterError
-        return (f"Triton {triton.__version__}'s interpreter cannot run loops over run-time bounds with this NumPy "
-                f"({type(e).__name__}: {e}); Triton >= 3.7 can, and compiled kernels are not affected")
+        import triton.language as tl
+
+        @triton.jit
+        def _probe(p):
+            s = 0
+            for i in range(0, tl.load(p), 1):
+                s += i
+            tl.store(p, s)
+
+        with _disable_current_modes(), torch.device("cpu"):
+            t = torch.full((1,), 3, dtype=torch.int64, device="cpu")
+            _probe[(1,)](t)
+    except Exception as e:  # the TypeError arrives wrapped in triton's InterpreterError
+        chain, cause = [], e
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(_LOOP_BOUND_ERROR in str(c) for c in chain):
+            return (f"Triton {triton.__version__}'s interpreter cannot run loops over run-time bounds with this "
+                    f"NumPy (TypeError: only {_LOOP_BOUND_ERROR}); Triton >= 3.7 can, and compiled kernels are "
+                    "not affected")
     return None
 
 

@@ -336,16 +336,11 @@ def _device_tag(device: torch.device) -> str:
 
 @lru_cache(maxsize=None)
 def _shared_limit(device: torch.device) -> int | None:
-    """Shared memory a block may opt in to on `device`, as Triton checks it at launch; None when unknown."""
+    """Shared memory a block may opt in to on `device` (cudaDevAttrMaxSharedMemoryPerBlockOptin, the limit Triton
+    checks at launch); None for other devices."""
     if device.type != "cuda":
         return None
-    try:
-        from triton.runtime import driver
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # a driver API that moved: no filtering (a config that cannot launch is skipped when tuning)
-        return None
+    return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
 
 
 @lru_cache(maxsize=None)

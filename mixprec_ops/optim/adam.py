@@ -334,15 +334,17 @@ class Adam(torch.optim.Optimizer):
         for p in ps:
             st = state[p]
             # The plan (local param, states, master, step counter, whether their layouts walk together) is reused
-            # while the param, its state dict (load_state_dict replaces it), the dict's size, its tensors (one
-            # replaced by hand: st["exp_avg"] = t), the group's state options and, for a DTensor, its local tensor
+            # while the param (and its dtype and layout: p.data = x can change them), its state dict
+            # (load_state_dict replaces it), the dict's size, its tensors (one replaced by hand:
+            # st["exp_avg"] = t), the group's state options and, for a DTensor, its local tensor
             # (FSDP2 may swap it; compared as DTensor._local_tensor because to_local() on a Parameter(DTensor)
             # returns a new view each call) stay the same. Missing state (the first step, a master after loading
             # torch's state, amsgrad turned on) is created when (re)planning. Grads are new tensors every step.
             # A plain dict by id(p): the plan holds p, so the id is not reused.
             plan = plans.get(id(p))
             stale = (plan is None or plan[0] is not st or plan[1] != len(st) or plan[2] is not p
-                     or plan[3] != options or plan[7] is not st.get("step")
+                     or plan[3] != options or plan[7] is not st.get("step") or p.dtype is not plan[10]
+                     or (plan[11] and p.is_contiguous() is not plan[12])
                      or (not plan[11] and getattr(p, "_local_tensor", None) is not plan[16]))
             if not stale:
                 for k, v in plan[15]:
