@@ -11,7 +11,9 @@ Rows report TFLOP/s (2 M N K per call), % of torch's bf16 matmul rate measured a
 Linear + bias + GELU (erf and tanh) forward+backward: y = gelu(x @ w.T + b), then dx, dw, db from one
 torch.autograd.grad call; ours is linear(x, w, b, activation=...) (one fused GEMM + epilogue forward, the saved
 pre-activation for the backward), torch eager is F.gelu(F.linear(x, w, b)). TFLOP/s counts the three GEMMs only
-(6 M N K); the honest bytes are x, w, y (forward) plus grad_y, x, w, dx, dw (backward), in bf16.
+(6 M N K); the honest bytes are x, w, y (forward) plus grad_y, x, w, dx, dw (backward), in bf16. A second Linear
+case per shape, "(recompute pre)", saves only the inputs and recomputes the pre-activation in the backward (one more
+GEMM, 8 M N K in all, still counted as 6): the other way issue 4 asks to measure; outside the geomean groups.
 
 Targets on an H200 (the report prints each backend's geometric mean of "vs torch" against them): >= 1.0x
 torch at M = 8192, >= 0.9x at M <= 128, fused Linear >= 1.1x eager. 4096^3 is reported outside the groups.
@@ -207,7 +209,34 @@ def _approx(act):
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str) -> Case:
+class _RecomputeLinear(torch.autograd.Function):
+    """linear(x, w, b, act) that saves only its inputs and recomputes the pre-activation x @ w.T + b (one more GEMM)
+    in the backward: the alternative to the fused forward storing it (issue 4 asks which is better). Measured here
+    only, side by side with the shipped path; the backward after the recomputation is the shipped one."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, act, backend):
+        from mixprec_ops import matmul
+
+        ctx.save_for_backward(x, w, b)
+        ctx.act, ctx.backend = act, backend
+        return matmul(x, w.t(), bias=b, activation=act, backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from types import SimpleNamespace
+
+        from mixprec_ops import matmul
+        from mixprec_ops.nn import functional
+
+        x, w, b = ctx.saved_tensors
+        pre = matmul(x, w.t(), bias=b, backend=ctx.backend)  # the extra GEMM that saving pre avoids
+        shim = SimpleNamespace(saved_tensors=(x, w, pre), needs_input_grad=ctx.needs_input_grad[:3],
+                               activation=ctx.act, backend=ctx.backend, bias_dtype=b.dtype)
+        return functional._backward(shim, grad_y, None)
+
+
+def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str, recompute: bool = False) -> Case:
     from mixprec_ops.nn.functional import linear
 
     dev = ctx.device
@@ -221,6 +250,8 @@ def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str) -> Case:
         return fn
 
     def ours(backend):
+        if recompute:
+            return fwd_bwd(lambda d: _RecomputeLinear.apply(d["x"], d["w"], d["b"], act, backend))
         return fwd_bwd(lambda d: linear(d["x"], d["w"], d["b"], activation=act, backend=backend))
 
     base = fwd_bwd(lambda d: F.gelu(F.linear(d["x"], d["w"], d["b"]), approximate=_approx(act)))
@@ -253,10 +284,10 @@ def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str) -> Case:
         info = (lambda d, fn=fn: _choices_label(fn, d, ("fwd", "dx", "dw"))) if b == "triton" else None
         impls.append(Impl(b, fn, info=info))
     ref = []
-    group = "linear+bias+gelu fwd+bwd"
+    group = None if recompute else "linear+bias+gelu fwd+bwd"
     case = Case(
         "matmul",
-        f"linear+bias+{act} fwd+bwd M={m} {k}->{n}",
+        f"linear+bias+{act} fwd+bwd{' (recompute pre)' if recompute else ''} M={m} {k}->{n}",
         m * n,
         2 * ((m * k + n * k + m * n) + (m * n + m * k + n * k + m * k + n * k)),
         lambda seed: _lin_make(m, k, n, dev, seed),
@@ -264,7 +295,7 @@ def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str) -> Case:
         _memo_check(ref, build, compare),
         tensor_bytes=2 * (m * k + n * k),
         flops=6 * m * n * k,
-        tags={"family": "linear", "m": m, "n": n, "k": k, "geomean": group, "target": GEOMEANS[group]},
+        tags={"family": "linear", "m": m, "n": n, "k": k, "geomean": group, "target": GEOMEANS.get(group)},
         reps=CASE_REPS,
         budget_s=CASE_BUDGET_S,
     )
@@ -279,6 +310,9 @@ def cases(ctx: Ctx) -> list[Case]:
     mm, lin = grid(ctx)
     out = [_mm_case(ctx, m, k, n) for m, k, n in mm if _group(m, k, n)]
     out += [_lin_case(ctx, m, k, n, act) for m, k, n in lin for act in ACTIVATIONS]
+    # Saved pre-activation (shipped) vs recomputed in the backward, same shapes, erf-GELU only: a GEMM (2MNK flops)
+    # against writing and reading M x N 16-bit values; the time and memory trade-off, measured.
+    out += [_lin_case(ctx, m, k, n, "gelu", recompute=True) for m, k, n in lin]
     out += [_mm_case(ctx, m, k, n) for m, k, n in mm if not _group(m, k, n)]
     if ctx.device.type != "cuda":
         out[0].notes.append(

@@ -35,8 +35,10 @@ def test_matmul_cases_registered_with_the_issue_grid():
 
     cases = discover()["matmul"](GPU_CTX)
     gemm = [c for c in cases if c.tags["family"] == "matmul"]
-    linear = [c for c in cases if c.tags["family"] == "linear"]
-    assert len(gemm) == 19 and len(linear) == 2 * len(lin)
+    linear = [c for c in cases if c.tags["family"] == "linear" and "(recompute pre)" not in c.name]
+    recompute = [c for c in cases if "(recompute pre)" in c.name]
+    assert len(gemm) == 19 and len(linear) == 2 * len(lin) and len(recompute) == len(lin)
+    assert all(c.tags["geomean"] is None and c.name.startswith("linear+bias+gelu fwd+bwd") for c in recompute)
     for c in cases:  # the baseline and every kernel backend of the device; the run drops those that cannot serve
         assert [i.backend for i in c.impls] == [BASELINE, "cuda", "triton"], c.name
         assert c.op == "matmul" and c.reps and c.budget_s  # timing capped per case (GPU time budget)
@@ -79,7 +81,7 @@ def test_matmul_case_checks_accept_ours_and_reject_wrong_results(monkeypatch):
     monkeypatch.setattr(cases_matmul, "CPU_MM", (16, 32, 48))
     monkeypatch.setattr(cases_matmul, "CPU_LINEAR", (8, 32, 48))
     cases = cases_matmul.cases(Ctx(torch.device("cpu"), True, ("triton",)))
-    assert len(cases) == 3
+    assert len(cases) == 4 and sum("(recompute pre)" in c.name for c in cases) == 1
     for c in cases:
         assert [i.backend for i in c.impls] == [BASELINE, "triton"]
         for impl in c.impls:
