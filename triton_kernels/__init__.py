@@ -62,6 +62,12 @@ def interpreter_problem(op: str) -> str | None:
     return _loop_bound_problem() if INTERPRETED and op in RUNTIME_LOOP_BOUND_OPS else None
 
 
+@functools.lru_cache(maxsize=None)
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, cached per device (asked on every launch that picks a code path by arch)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def wrap_triton(kernel):
     """torch.library.wrap_triton(kernel), for launches from inside a torch.library.triton_op. Under the interpreter
     the kernel is an InterpretedFunction, which nothing can trace: torch >= 2.12 hands it back unchanged, torch 2.11

@@ -1,12 +1,10 @@
 """Triton kernel of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass."""
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from . import INTERPRETED, device_capability as _capability
 from .fp_convert import f32_to_bf16_bits, f32_to_e4m3fn_bits, f32_to_e5m2_bits, f32_to_fp8_bits_native
 
 # Output kinds (constexpr): how the fp32 result is rounded and stored.
@@ -66,11 +64,6 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
 
 
 FINITE_MAX = {d: torch.finfo(d).max for d in _OUT_KIND}
-
-
-@lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 def _native_fp8(x, dtype, saturate) -> bool:

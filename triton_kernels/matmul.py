@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from . import INTERPRETED, device_capability as _capability
 from .fp_convert import f32_to_bf16_bits
 from .tune_cache import TuneCache
 
@@ -387,11 +387,6 @@ def _tma_operands(a: torch.Tensor, b: torch.Tensor):
 def _tma_eligible(a: torch.Tensor, m: int, n: int, k: int) -> bool:
     """The persistent TMA kernel is a candidate: Triton has the API, the GPU is sm_90+, the shape is large."""
     return HAS_TMA and a.is_cuda and min(m, n, k) >= TMA_MIN_DIM and _capability(a.device)[0] >= 9
-
-
-@lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 # ---- choosing a config: memory, then disk, then a benchmark ----
