@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuobjdump import find_cuobjdump
 
 pytestmark = pytest.mark.slow
 
@@ -165,15 +166,6 @@ def _fatbin_contents(data: bytes) -> list[dict[str, set[str]]]:
     return out
 
 
-def _find_cuobjdump() -> str | None:
-    cands = [os.path.join(os.environ[v], "bin", "cuobjdump") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    cands += ["/usr/local/cuda/bin/cuobjdump", shutil.which("cuobjdump")]
-    spec = importlib.util.find_spec("triton")  # Triton bundles one (does not import triton)
-    if spec is not None and spec.origin:
-        cands.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
-    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-
-
 def _expected_gpu_code(cuda_archs: str) -> tuple[set[str], set[str]]:
     """(SASS, PTX) arch names for a MIXPREC_CUDA_ARCHS string, as setup.py's -gencode flags produce them."""
     sass, ptx = set(), set()
@@ -286,7 +278,7 @@ def test_wheel_gpu_code(wheel_files, tmp_path, request):
         assert c == {"sass": sass, "ptx": ptx}, f"fatbin container {i}: {c}, expected SASS {sass} and PTX {ptx}"
     found = f"{len(conts)} objects, each SASS {sorted(sass)} + PTX {sorted(ptx)}"
 
-    tool = _find_cuobjdump()
+    tool = find_cuobjdump()
     if tool is None:
         _say(request, f"GPU code (ELF .nv_fatbin parser; no cuobjdump found): {found}")
         return

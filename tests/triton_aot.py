@@ -40,6 +40,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+# tests/cuobjdump.py, also when run as `python -P tests/triton_aot.py` (-P keeps the script's directory off sys.path;
+# only the repo root must stay off it, so that the installed mixprec_ops is the one imported)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuobjdump import find_cuobjdump  # noqa: E402
 from typing import Callable
 
 TARGETS = (80, 90)
@@ -337,20 +342,12 @@ def _error_text(e: BaseException) -> str:
     return "\n-- caused by --\n".join(parts)
 
 
-def _cuobjdump() -> str | None:
-    """The cuobjdump Triton ships next to its ptxas (3.6 and 3.8 both do), else one on PATH, else None."""
-    import triton
-
-    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return here if os.access(here, os.X_OK) else shutil.which("cuobjdump")
-
-
 def resource_usage(cubin: bytes) -> dict | None:
     """Registers per thread and stack bytes (register spills: what ptxas could not keep in registers) of the one
     kernel in `cubin`, from `cuobjdump -res-usage`; None when no cuobjdump is at hand."""
     import subprocess
 
-    tool = _cuobjdump()
+    tool = find_cuobjdump()
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
