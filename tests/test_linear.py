@@ -66,6 +66,23 @@ def test_forward_backward_vs_autograd(device, backend, dtype, act):
         assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
 
 
+@pytest.mark.parametrize("device,backend", backends_here())
+@pytest.mark.parametrize("in_f,out_f,rows", [(0, 5, 3), (4, 0, 3), (4, 5, 0)], ids=["in0", "out0", "rows0"])
+def test_empty_dimensions_backward(device, backend, in_f, out_f, rows):
+    """Layers with no input or output features, and empty batches: forward and backward give torch's shapes and
+    values (zeros and bias only), where reshape(-1, 0) would be ambiguous."""
+    x = torch.randn(2, rows, in_f).to(torch.bfloat16).to(device)
+    w = torch.randn(out_f, in_f).to(torch.bfloat16).to(device)
+    b = torch.randn(out_f).to(torch.bfloat16).to(device)
+    gy = torch.randn(2, rows, out_f).to(torch.bfloat16).to(device)
+    for act in (None, "gelu"):
+        ours = grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, gy)
+        theirs = grads(torch_linear(act), x.double(), w.double(), b.double(), gy.double())
+        for name, o, t in zip(("y", "dx", "dw", "db"), ours, theirs):
+            assert o.shape == t.shape and o.dtype == torch.bfloat16, (name, act, o.shape, t.shape)
+            torch.testing.assert_close(o.double(), t, rtol=1e-2, atol=1e-2, msg=f"{name} ({act})")
+
+
 @pytest.mark.parametrize("device,backend", [p for p in backends_here() if p.values[0] == "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS, ids=str)

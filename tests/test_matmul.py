@@ -6,7 +6,10 @@ operand dtype (torch.matmul in fp16/bf16, then bias and activation in that dtype
 for the cases where torch's own error happens to be 0. Both round the output once to the operand dtype; we
 accumulate in fp32 and apply the epilogue before that one rounding, so we should be as good or better; 2x leaves
 room for a different summation order. For out_dtype=float32 the bound is torch's low-precision error (ours is far
-smaller).
+smaller), and a second, absolute bound that a single 16-bit rounding anywhere would break: the worst-case fp32
+accumulation error 2 (K + 2) u (|a| @ |b| + |bias|) (u = 2^-24; 16-bit products are exact in fp32; the factor 2
+allows a tensor-core adder that truncates), times 1.13 (the steepest slope of the activations), plus 8 u of the
+exact output and of the exact pre-activation (the activation's own error; erf's 1 + erf(x) cancels for x << 0).
 
 What the interpreter cannot show: the bf16 tensor-core path (bf16 tiles are upcast to fp32 before tl.dot under the
 interpreter, whose bf16 tl.dot is wrong), the autotuned configs and the CUDA-graph-capture branch (one fixed
@@ -56,6 +59,21 @@ def check(y, a, b, bias=None, act=None, out_dtype=None, what=""):
     floor = 1e-6 * exact.abs().max().item() if y.numel() else 0.0
     assert y.isfinite().all()
     assert err <= 2 * base_err + floor, f"{what}: max error {err:.3g} > 2 x torch's {base_err:.3g} (+{floor:.2g})"
+    if out_dtype == torch.float32 and y.numel():
+        check_fp32_accuracy(y, a, b, bias, exact, what)
+
+
+def check_fp32_accuracy(y, a, b, bias, exact, what):
+    """fp32 output: within the fp32 bound of the module docstring (no 16-bit rounding on the way)."""
+    u = 2.0 ** -24
+    mag = a.double().abs().cpu() @ b.double().abs().cpu()
+    pre = a.double().cpu() @ b.double().cpu()
+    if bias is not None:
+        mag = mag + bias.double().abs().cpu()
+        pre = pre + bias.double().cpu()
+    bound = 1.13 * 2 * (a.shape[-1] + 2) * u * mag + 8 * u * (exact.abs() + pre.abs())
+    excess = ((y.double().cpu() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"{what}: fp32 output off by {excess:.3g} more than the fp32 accumulation bound"
 
 
 def rand(*shape, dtype, device):
@@ -115,6 +133,26 @@ def test_batched(device, backend, dtype):
     for name, a in [("3d", a3), ("4d", a4), ("permuted batch", a_perm), ("empty batch", a3[:0])]:
         y = mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend=backend)
         check(y, a, b, bias, "gelu", what=name)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_nan_propagates(device, backend, act):
+    """A NaN in a makes its whole output row NaN through every activation, as torch.relu & co. keep NaN (a plain
+    max(x, 0) would turn it into 0 and hide it from AMP's inf/NaN check); the pre-activation too. Other rows exact
+    as usual."""
+    a = rand(6, 40, dtype=torch.float16, device=device)
+    b = rand(40, 24, dtype=torch.float16, device=device)
+    bias = rand(24, dtype=torch.float16, device=device)
+    a[2, 7] = float("nan")
+    rows = torch.arange(6, device=device) != 2
+    for with_bias in (False, True):
+        bb = bias if with_bias else None
+        y = mixprec_ops.matmul(a, b, bias=bb, activation=act, backend=backend)
+        y2, pre = matmul_with_preactivation(a, b, bias=bb, activation=act, backend=backend)
+        for name, t, t_act in (("y", y, act), ("y (with pre)", y2, act), ("pre", pre, None)):
+            assert t[2].isnan().all(), f"{act} bias={with_bias} {name}: row with a NaN input: {t[2]}"
+            check(t[rows], a[rows], b, bb, t_act, what=f"{act} bias={with_bias} {name}, other rows")
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
@@ -269,6 +307,26 @@ def test_cuda_epilogues(dtype, act, m, n, k):
                 assert torch.equal(y2, torch.relu(pre)), what
             if act is None:
                 assert torch.equal(y2, pre), what
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", None], ids=str)
+def test_cuda_large_output_epilogue(act):
+    """An output larger than one pass of the epilogue kernel's grid (8 blocks per SM x 256 threads x 8 elements: about
+    2.2M 16-bit outputs on an H200), with a tail that is not a whole vector: the grid-stride loop and the tail, for
+    relu in place, the fp32 path (gelu; out=fp32: in place in y) and the pre-activation, into poisoned memory."""
+    backend = cuda_backend()
+    m, n, k = 2053, 2051, 16
+    a, b = rand(m, k, dtype=torch.bfloat16, device="cuda"), rand(k, n, dtype=torch.bfloat16, device="cuda")
+    bias = rand(n, dtype=torch.bfloat16, device="cuda")
+    for out_dtype in (None, torch.float32):
+        what = f"{act} out={out_dtype}"
+        poison_allocator(8 * m * n + 4096, "cuda")
+        y = mixprec_ops.matmul(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+        check(y, a, b, bias, act, out_dtype, what)
+        poison_allocator(8 * m * n + 4096, "cuda")
+        y2, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+        check(y2, a, b, bias, act, out_dtype, what + " (with pre)")
+        check(pre, a, b, bias, None, out_dtype, what + " pre")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -161,6 +161,18 @@ def test_matmul_uses_tensor_cores(aot):
             assert r["ptx"]["mma_sync"] + r["ptx"]["wgmma"] > 0, f"{r['variant']} [{r['target']}]: {r['ptx']}"
 
 
+def test_matmul_relu_keeps_nan(aot):
+    """relu in the matmul epilogue is the NaN-propagating maximum (max.NaN.f32), as torch.relu: the plain max.f32
+    returns 0 for a NaN input, which would hide a NaN product from AMP's inf/NaN check downstream."""
+    seen = 0
+    for kernel in ("_matmul_kernel", "_matmul_tma_kernel"):
+        for r in _records(aot, kernel):
+            if r["ok"] and r["constexprs"] and r["constexprs"]["ACT"] == 1:
+                seen += 1
+                assert r["ptx"]["max_nan_f32"] > 0, f"{r['variant']} [{r['target']}]: relu without max.NaN: {r['ptx']}"
+    assert seen, "no relu variant compiled"
+
+
 def test_adam_rounds_like_the_reference(aot):
     """Adam is bit-exact with its reference only without contracted multiply-adds (enable_fp_fusion=False reached
     the compiler) and with IEEE division and square root (div_rn / sqrt_rn)."""

@@ -60,6 +60,7 @@ PTX_WATCH = {
     "fma_f32": "fma.rn.f32",  # contracted multiply-adds (Adam must have none: enable_fp_fusion=False)
     "div_rn_f32": "div.rn.f32",
     "sqrt_rn_f32": "sqrt.rn.f32",
+    "max_nan_f32": "max.NaN.f32",  # NaN-propagating maximum (matmul's relu, as torch.relu)
 }
 
 

@@ -135,8 +135,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, st
     c_mask = mask_m[:, None] & mask_n[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + c_offs, _cast_out(acc, OUT_KIND), mask=c_mask)
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+    if ACT == 1:  # torch.relu keeps NaN; tl.maximum's default (max.f32) would return 0 for it
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         if USE_ERF:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))

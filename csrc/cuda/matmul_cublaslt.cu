@@ -27,9 +27,12 @@
 //                           non-fp8 GEMMs) or out is fp32 (then an fp16/bf16 bias is widened to fp32, exactly).
 //                           Otherwise (fp32 bias with 16-bit out, bf16 bias with fp16 out) the fp32 path below.
 //   None                    DEFAULT / BIAS. With pre: pre = a copy of y (they are equal by definition).
-//   relu                    RELU / RELU_BIAS. With pre: BIAS writes pre (out dtype), then our kernel y = relu(pre);
-//                           exact, since relu commutes with a monotone rounding that keeps 0 and signs
-//                           (RELU_AUX gives a bit-mask, not the pre-activation).
+//   relu                    DEFAULT / BIAS writes pre (out dtype; y itself when pre is not wanted), then our
+//                           kernel y = relu(pre) (in place without pre); exact, since relu commutes with a monotone
+//                           rounding that keeps 0 and signs. cuBLASLt's RELU epilogues are not used: their NaN
+//                           behaviour is unspecified (a max(x, 0) returns 0 for NaN, torch.relu keeps NaN, and a
+//                           NaN turned into 0 would hide an overflow from AMP's inf/NaN check). Costs one read and
+//                           write of y; RELU_AUX gives a bit-mask, not the pre-activation.
 //   gelu_tanh               GELU / GELU_BIAS: cuBLASLt's GELU epilogue IS the tanh approximation, so it serves
 //                           "gelu_tanh" only. With pre: GELU_AUX(_BIAS), aux = pre (the aux type is D's type; its ld
 //                           must be a multiple of 8 and >= rows: ld = N, so only when N % 8 == 0, else fp32 path).
@@ -39,13 +42,15 @@
 //                           the activation in fp32 and rounds once into y (and pre): 16-byte vector stores,
 //                           grid-stride, 64-bit indexing. Costs one fp32 M x N write + read more than a fused
 //                           epilogue; it is also the fallback whenever the fused configuration has no algorithm.
+//                           If even BIAS has none (cuBLASLt's heuristic rejects a bias epilogue when an operand has
+//                           one row or column, as torch's addmm notes), then with contiguous operands, and last
+//                           DEFAULT with the bias added to the fp32 accumulator by a torch add (the same fp32 sum).
 //   rowsum (bias grad)      BGRADB: cuBLASLt's "B" is our a, so its bias gradient (one value per column of D,
 //                           reduced over k) is sum_k a[m, k]; its type is D's. Only for the plain GEMM (no
 //                           bias/activation in the same call). If BGRADB has no algorithm for the layout, a plain
 //                           GEMM plus a separate fp32-accumulated sum (a.sum(1, dtype=fp32)) is used instead.
 // fp32 accumulation is kept through split-K: the heuristic may only choose reduction schemes that keep partial sums
 // in the compute type (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE; INPLACE and OUTPUT_TYPE sum partials in out dtype).
-// NaN through cuBLASLt's RELU epilogue follows cuBLASLt, which may differ from torch.relu's NaN propagation.
 //
 // Handle, workspace, algorithms:
 //   - handle: torch's own per-(thread, device) cuBLASLt handle, at::cuda::getCurrentCUDABlasLtHandle() (from
@@ -133,8 +138,9 @@ __device__ __forceinline__ float activate(float v) {
 constexpr int kThreads = 256;
 
 // y[i] = cast(act(acc[i])), and pre[i] = cast(acc[i]) when PRE. VEC elements per thread and access: 16 bytes of Out
-// per store. acc may alias y (fp32 in place), hence no __restrict__ on those two. Every pointer comes from a fresh
-// allocation of ours (256-byte aligned), so the vector path always applies; the < VEC tail is done by block 0.
+// per store. acc may alias y (in place: an fp32 y, or relu on a 16-bit y), hence no __restrict__ on those two. Every
+// pointer comes from a fresh allocation of ours (256-byte aligned), so the vector path always applies; the < VEC
+// tail is done by block 0.
 template <typename In, typename Out, Act ACT, bool PRE>
 __global__ void __launch_bounds__(kThreads) epilogue_kernel(const In* acc, Out* y, Out* __restrict__ pre, int64_t n) {
   constexpr int VEC = 16 / sizeof(Out);
@@ -203,7 +209,7 @@ void epilogue_from_fp32(const at::Tensor& acc, const at::Tensor& y, const at::Te
   }
 }
 
-// y = relu(pre), pre already rounded to y's dtype (exact: see the header).
+// y = relu(pre), pre already rounded to y's dtype (exact: see the header); pre may be y itself (in place).
 void relu_from_pre(const at::Tensor& pre, const at::Tensor& y, cudaStream_t stream) {
   if (y.numel() == 0) return;
   switch (y.scalar_type()) {
@@ -304,9 +310,10 @@ struct AlgoKeyHash {
 std::mutex g_algo_mutex;
 std::unordered_map<AlgoKey, AlgoEntry, AlgoKeyHash> g_algos;
 
-// Runs the GEMM and returns CUBLAS_STATUS_SUCCESS, or the heuristic query's status when it found no algorithm for
-// this configuration (NOT_SUPPORTED, or INVALID_VALUE for an epilogue/layout combination this cuBLASLt rejects): the
-// caller then falls back. Any other failure raises.
+// Runs the GEMM and returns CUBLAS_STATUS_SUCCESS, or NOT_SUPPORTED / INVALID_VALUE when this cuBLASLt cannot run
+// the configuration (an epilogue/layout combination it rejects): from the heuristic query, or from cublasLtMatmul
+// itself, which may refuse what the heuristic accepted (it then launches nothing). Both are cached as "no
+// algorithm" and the caller falls back. Any other failure raises.
 cublasStatus_t run_gemm(const Gemm& g, const at::Tensor& like, cudaStream_t stream) {
   const int device = like.get_device();
   const void* bias_or_grad = g.bias ? g.bias : g.bgrad;
@@ -395,9 +402,17 @@ cublasStatus_t run_gemm(const Gemm& g, const at::Tensor& like, cudaStream_t stre
     ws_ptr = workspace.data_ptr();
   }
   const float alpha = 1.0f, beta = 0.0f;
-  MIXPREC_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.desc, &alpha, g.A.ptr, la.layout, g.B.ptr, lb.layout, &beta,
-                                        g.d, ld.layout, g.d, ld.layout, &entry.algo, ws_ptr, entry.workspace,
-                                        stream));
+  const cublasStatus_t st = cublasLtMatmul(handle, desc.desc, &alpha, g.A.ptr, la.layout, g.B.ptr, lb.layout, &beta,
+                                           g.d, ld.layout, g.d, ld.layout, &entry.algo, ws_ptr, entry.workspace,
+                                           stream);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+    AlgoEntry refused;
+    refused.status = st;
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    g_algos[key] = refused;
+    return st;
+  }
+  MIXPREC_CUBLASLT_CHECK(st);
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -508,15 +523,10 @@ Outputs matmul_impl(const at::Tensor& a_in, const at::Tensor& b, const std::opti
         f.epilogue = CUBLASLT_EPILOGUE_BGRADB;
         f.bgrad = o.rowsum.data_ptr();
       }
-    } else if (act == Act::Relu) {
-      if (want_pre) {
-        f.d = o.pre.data_ptr();
-        f.epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-        post = Post::ReluFromPre;
-      } else {
-        f.d = o.y.data_ptr();
-        f.epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
-      }
+    } else if (act == Act::Relu) {  // not cuBLASLt's RELU epilogue: see the header (NaN)
+      f.d = want_pre ? o.pre.data_ptr() : o.y.data_ptr();
+      f.epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+      post = Post::ReluFromPre;
     } else {  // gelu_tanh
       f.d = o.y.data_ptr();
       if (want_pre) {
@@ -538,7 +548,7 @@ Outputs matmul_impl(const at::Tensor& a_in, const at::Tensor& b, const std::opti
     }
     if (ok) {
       if (post == Post::CopyPre) o.pre.copy_(o.y);
-      if (post == Post::ReluFromPre) relu_from_pre(o.pre, o.y, stream);
+      if (post == Post::ReluFromPre) relu_from_pre(want_pre ? o.pre : o.y, o.y, stream);  // in place without pre
       return finish();
     }
   }
@@ -564,9 +574,15 @@ Outputs matmul_impl(const at::Tensor& a_in, const at::Tensor& b, const std::opti
     p.B = as_operand(a, true);
     st = run_gemm(p, o.y, stream);
   }
-  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "mixprec matmul: cublasLtMatmulAlgoGetHeuristic found no algorithm (",
+  if (st != CUBLAS_STATUS_SUCCESS && p.bias) {  // 4. no bias epilogue: the plain GEMM, then acc += bias in fp32
+    p.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    p.bias = nullptr;
+    st = run_gemm(p, o.y, stream);
+    if (st == CUBLAS_STATUS_SUCCESS) acc.add_(bias32);
+  }
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "mixprec matmul: cuBLASLt has no algorithm (",
               cublasLtGetStatusName(st), ") for (M, N, K) = (", M, ", ", N, ", ", K, "), ", a.scalar_type(),
-              " operands, fp32 output, even with contiguous operands");
+              " operands, fp32 output, even with contiguous operands and no epilogue");
   if (out_dtype == at::kFloat && !want_pre) {
     if (act != Act::None) epilogue_from_fp32(acc, o.y, nullptr, act, stream);  // in place
   } else if (out_dtype == at::kFloat) {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.matmul import (ACTIVATIONS, activation_grad, apply_activation, matmul, matmul_and_rowsum,
+from ..ops.matmul import (ACTIVATIONS, _as_2d, activation_grad, apply_activation, matmul, matmul_and_rowsum,
                           matmul_with_preactivation)
 
 
@@ -66,12 +66,12 @@ def _backward(ctx, grad_y, grad_pre):
         g = (g.float() * activation_grad(pre, ctx.activation)).to(x.dtype)
     elif g.dtype != x.dtype:
         g = g.to(x.dtype)
-    g2 = g.reshape(-1, weight.shape[0])
+    g2 = _as_2d(g)  # (rows, out); not reshape(-1, out): ambiguous when out_features == 0
     need_b = need_b and ctx.bias_dtype is not None
     dx = matmul(g, weight, backend=ctx.backend) if need_x else None
     dw = db = None
     if need_w:
-        x2 = x.reshape(-1, weight.shape[1])
+        x2 = _as_2d(x)
         if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
             dw, db = matmul_and_rowsum(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
         else:
