@@ -166,3 +166,17 @@ def test_wrap_triton_passes_interpreted_kernels_through(monkeypatch):
     assert tk.wrap_triton(_cast_and_scale_kernel) is _cast_and_scale_kernel
     y = mixprec_ops.cast_and_scale(torch.full((5,), 3.0), torch.bfloat16, backend="triton")
     assert y.tolist() == [3.0] * 5
+
+
+def test_triton_launches_guard_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every Triton op sets the tensors' device around its launch
+    (device_guard), except for other devices and while torch.compile traces (its code sets the device itself)."""
+    import contextlib
+
+    from mixprec_ops.triton_kernels import device_guard
+
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+    g = device_guard(torch.device("cuda", 1))
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert isinstance(device_guard(torch.device("cuda", 1)), contextlib.nullcontext)

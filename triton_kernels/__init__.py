@@ -7,6 +7,7 @@ INTERPRETED is True when Triton's interpreter was on (TRITON_INTERPRET=1) as the
 they run on CPU tensors, which the tests use on machines without a GPU.
 """
 
+import contextlib
 import functools
 import os
 
@@ -73,3 +74,13 @@ def wrap_triton(kernel):
     the kernel is an InterpretedFunction, which nothing can trace: torch >= 2.12 hands it back unchanged, torch 2.11
     raises ("wrap_triton only works on functions annotated with triton.jit"), so hand it back here."""
     return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
+
+
+def device_guard(device: torch.device):
+    """torch.cuda.device(device) around a launch on a CUDA device: Triton launches on the CURRENT device and its
+    current stream, whatever device the tensors are on (a cuda:1 tensor with cuda:0 current would be read from the
+    wrong device). A no-op for other devices, and while torch.compile traces (its generated code sets the device
+    itself, and the context manager is not for Dynamo to trace)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

@@ -151,6 +151,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
     if b == "torch":
         adam_step_reference(*args)
     elif b == "triton":
-        _get_triton_op()(*args)
+        from ..triton_kernels import device_guard
+
+        with device_guard(params[0].device):
+            _get_triton_op()(*args)
     else:
         torch.ops.mixprec.adam_step_(*args)

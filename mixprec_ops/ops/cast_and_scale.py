@@ -108,5 +108,8 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     if b == "torch":
         return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
     if b == "triton":
-        return _get_triton_op()(x, dtype, scale_t, scale_value, amax, saturate)
+        from ..triton_kernels import device_guard
+
+        with device_guard(x.device):
+            return _get_triton_op()(x, dtype, scale_t, scale_value, amax, saturate)
     return torch.ops.mixprec.cast_and_scale(x, dtype, scale_t, scale_value, amax, saturate)

@@ -178,9 +178,12 @@ def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
             return torch.ops.mixprec.matmul_pre(a, b, bias, act, out_dtype)
         return torch.ops.mixprec.matmul(a, b, bias, act, out_dtype)
     if bk == "triton":
+        from ..triton_kernels import device_guard
+
         mm, mm_pre = _get_triton_ops()
         act = "none" if activation is None else activation
-        return (mm_pre if return_pre else mm)(a, b, bias, act, out_dtype)
+        with device_guard(a.device):
+            return (mm_pre if return_pre else mm)(a, b, bias, act, out_dtype)
     return matmul_reference(a, b, bias, activation, out_dtype, return_pre=return_pre)
 
 

@@ -127,7 +127,10 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     if b == "torch":
         return unscale_reference(tensors, inv_scale, found_inf, return_norm)
     if b == "triton":
-        norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
+        from ..triton_kernels import device_guard
+
+        with device_guard(inv_scale.device):
+            norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
     else:
         norm = torch.ops.mixprec.unscale_(tensors, inv_scale, found_inf, return_norm)
     return norm if return_norm else None
