@@ -425,18 +425,23 @@ def test_bad_tensor_lr():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_cuda_graph_capture_and_replay(backend):
-    """capturable=True: the whole step (with GradScaler-style grad_scale/found_inf) is captured and replayed;
-    replays match eager steps bit for bit."""
+    """capturable=True: the whole step, with GradScaler-style grad_scale / found_inf device tensors and fused
+    clipping, is captured and replayed; replays match the same steps run eagerly on a twin model bit for bit, and a
+    replay with found_inf set changes nothing (params, masters, moments, step counters). The reference backend
+    ("torch") must be capturable too (no host-to-device copies of Python scalars)."""
     dev = "cuda"
     models = [mlp(torch.bfloat16, dev) for _ in range(2)]
     opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3, device=dev), capturable=True, backend=backend,
                   max_grad_norm=1.0) for m in models]
-    static_grads = [[torch.randn_like(p) for p in m.parameters()] for m in models]
-    for m, gs in zip(models, static_grads):
-        for p, g in zip(m.parameters(), gs):
-            p.grad = g
+    grads = [torch.randn_like(p) * 1024 for p in models[0].parameters()]  # "scaled" by grad_scale = 1024
+    for m in models:  # the same static grads for both (the graph reads these tensors on every replay)
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+    for o in opts:
+        o.grad_scale = torch.full((), 1024.0, device=dev)
+        o.found_inf = torch.zeros(1, device=dev)
     for o in opts:  # warm-up (state init, compilation, table caches)
         o.step()
     graph = torch.cuda.CUDAGraph()
@@ -448,13 +453,48 @@ def test_cuda_graph_capture_and_replay(backend):
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(graph):
         opts[0].step()
-    for _ in range(3):
+
+    def snapshot(m, o):
+        return [t.clone() for p in m.parameters() for t in (p, *o.state[p].values())]
+
+    for i in range(4):
+        skip = i == 2
+        for o in opts:
+            o.found_inf.fill_(1.0 if skip else 0.0)
+        before = snapshot(models[0], opts[0])
         graph.replay()
         opts[1].step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        if skip:
+            assert all(torch.equal(x, y) for x, y in zip(before, snapshot(models[0], opts[0]))), "skipped replay"
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
-        assert opts[0].state[p]["step"].item() == opts[1].state[q]["step"].item() == 5
+        for k, v in opts[0].state[p].items():
+            assert torch.equal(v, opts[1].state[q][k]), k
+        assert opts[0].state[p]["step"].item() == opts[1].state[q]["step"].item() == 5  # 2 warm + 3 of 4 replays
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_step_adds_no_host_sync(backend):
+    """A steady-state step (tensor lr, grad_scale / found_inf on the device, fused clipping, bf16 params with
+    masters next to an fp32 one) never synchronizes with the host: torch's sync debug mode turns any sync into an
+    error."""
+    model = mlp(torch.bfloat16, "cuda")
+    model[0].float()
+    opt = AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), backend=backend, max_grad_norm=1.0)
+    opt.grad_scale = torch.full((), 8.0, device="cuda")
+    opt.found_inf = torch.zeros(1, device="cuda")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # warm-up: state creation, compilation, tables
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_pickle_and_state_replacement_keep_working():
@@ -655,6 +695,35 @@ def test_step_counters_live_in_one_buffer_per_bucket():
     for pa, pb in zip(ours.parameters(), twin.parameters()):
         assert_bit_exact(pb, pa)
         assert o.state[pa]["step"].item() == o2.state[pb]["step"].item()
+
+
+def test_state_is_never_created_during_cuda_graph_capture(monkeypatch):
+    """State created inside a capture would be re-created (zeroed, the master re-copied from the 16-bit param) on every
+    replay: a step that would create state while capturing raises, leaving everything as it was; after a step
+    outside the capture the same step goes through. Capture is simulated on the CPU (Adam._capturing forced True):
+    the first step, and masters after loading torch.optim.AdamW's state (which has none)."""
+    m = mlp(torch.bfloat16)
+    o = AdamW(m.parameters(), lr=1e-3)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.clone() for p in m.parameters()]
+    with monkeypatch.context() as mp:
+        mp.setattr(Adam, "_capturing", staticmethod(lambda device: True))
+        with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+            o.step()
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before)) and not any(o.state.values())
+    o.step()
+    torch_opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    torch_opt.step()
+    o.load_state_dict(torch_opt.state_dict())  # moments and steps, no masters
+    with monkeypatch.context() as mp:
+        mp.setattr(Adam, "_capturing", staticmethod(lambda device: True))
+        with pytest.raises(RuntimeError, match=r"\['master_param'\]"):
+            o.step()
+    o.step()
+    with monkeypatch.context() as mp:
+        mp.setattr(Adam, "_capturing", staticmethod(lambda device: True))
+        o.step()  # everything exists now: capturable
 
 
 def test_step_buffer_is_not_rebuilt_during_cuda_graph_capture(monkeypatch):

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import assert_bit_exact, backend_params
+from conftest import assert_bit_exact, backend_params, extension_backend
 
 from mixprec_ops.ops.adam import adam_scalars, adam_step_, adam_step_reference
 
@@ -98,12 +98,14 @@ def test_bit_identical_to_reference(device, backend, combo):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
-def test_many_tensors_and_launch_splits(device, backend):
-    """More tensors than one CUDA launch holds (327-446 per launch by depth) with mixed sizes."""
+@pytest.mark.parametrize("master,ams", [(False, False), (True, False), (True, True)], ids=["depth4", "depth5", "depth6"])
+def test_many_tensors_and_launch_splits(device, backend, master, ams):
+    """More tensors than one CUDA launch holds (446 / 377 / 327 per launch at list depth 4 / 5 / 6: params, grads,
+    moments, then masters, then max_exp_avg_sq) with mixed sizes."""
     gen = torch.Generator().manual_seed(7)
     n_t = 1000 if not (backend == "triton" and device == "cpu") else 120
     sizes = [(i * 53) % 3001 + 1 for i in range(n_t)]
-    d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, sizes, "contig", device, gen)
+    d = make_bucket(torch.bfloat16, "P", torch.float32, master, ams, sizes, "contig", device, gen)
     steps = [torch.tensor(float(i % 7), device=device) for i in range(n_t)]
     sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
     hp = (0.9, 0.999, 1e-8, 0.01, True, False)
@@ -113,3 +115,34 @@ def test_many_tensors_and_launch_splits(device, backend):
     for k in d:
         for i, (r, o) in enumerate(zip(ref[k], d[k])):
             assert_bit_exact(o, r, f"{k}[{i}]")
+
+
+def test_cuda_tensor_spanning_launches():
+    """A tensor of more chunks than one launch's 2048 blocks (65536 elements each) between two small ones: its chunks
+    continue in the next launch, which must still read the tensor's own row of the per-tensor scalars (meta.index;
+    every tensor here has its own step count), then the last small tensor follows. Bit for bit against the reference
+    on the same GPU, at depth 5 (masters) and 6 (amsgrad)."""
+    backend = extension_backend("adam_step_", "cuda")
+    big = 2049 * 65536 + 123
+    sizes = [1000, big, 77]
+    gen = torch.Generator(device="cuda").manual_seed(11)
+
+    def r(n, dtype, positive=False):
+        t = torch.randn(n, device="cuda", generator=gen)
+        return (t.abs() * 1e-3 if positive else t).to(dtype)
+
+    for ams in (False, True):
+        d = {"p": [r(n, torch.bfloat16) for n in sizes], "g": [r(n, torch.bfloat16) for n in sizes],
+             "m": [r(n, torch.float32) for n in sizes], "v": [r(n, torch.float32, True) for n in sizes],
+             "x": [r(n, torch.float32, True) for n in sizes] if ams else []}
+        d["w"] = [p.float() + r(p.numel(), torch.float32) * 1e-3 for p in d["p"]]
+        steps = [torch.tensor(float(s), device="cuda") for s in (3, 250, 9)]
+        sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
+        hp = (0.9, 0.999, 1e-8, 0.01, True, False)
+        ref = {k: [t.clone() for t in v] for k, v in d.items()}
+        run(adam_step_reference, ref, sc, hp, None, None, None)
+        run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+        for k in d:
+            for i, (o, e) in enumerate(zip(d[k], ref[k])):
+                assert_bit_exact(o, e, f"amsgrad={ams} {k}[{i}]")
+        del d, ref

@@ -87,8 +87,9 @@ def test_found_inf_is_only_ever_set(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 def test_many_tensors_bounded_launches(device, backend):
-    """3000 tensors: more than one launch's worth of metadata on CUDA (1228 tensors per launch), exercising the
-    split across launches; every tensor must be processed exactly once."""
+    """3000 tensors, 1000 of each dtype: more than one launch's worth of metadata per dtype group on CUDA (982
+    tensors per launch, csrc/cuda/multi_tensor.cuh), exercising the split across launches; every tensor must be
+    processed exactly once."""
     sizes = [(i * 37) % 4099 + 1 for i in range(3000)]
     ts = [torch.randn(n, device=device).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
     ref = [t.cpu().clone() for t in ts]

@@ -5,6 +5,14 @@ original index], then per program a pair [row, chunk]. The kernel reads its tens
 launch covers every tensor of the bucket. Tables are cached by what they hold (device, every address, every numel),
 so a steady-state training step does no host-to-device copy at all: it stays free of host syncs and can be captured
 in a CUDA graph once one warm-up call has built the table.
+
+Capture therefore needs the very tensors of the warm-up call: grads kept in place (zero_grad(set_to_none=False),
+the usual whole-step capture recipe of torch.cuda.graphs allocates new grads inside the capture instead) and no
+per-step temporaries (grads of another dtype than their param, non-contiguous grads). Otherwise the table misses
+and the call raises; the CUDA backend (what "auto" picks when the extension is built) passes addresses as kernel
+parameters and has no such limit. A table is written on the stream current at its first call; a later call on
+another stream reads it after whatever ordering the caller gives that stream against the first one (the same
+ordering its in-place update of those tensors needs).
 """
 
 import collections
@@ -12,7 +20,7 @@ import collections
 import torch
 import triton
 
-TABLE_CACHE_SIZE = 32  # recent buckets whose device tables are kept
+TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per dtype bucket of each param group)
 _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
 
@@ -36,7 +44,8 @@ def get_tables(lists, device, chunk, op):
     if capturing:
         raise RuntimeError(f"mixprec_ops {op} (triton): a new set of tensors while a CUDA graph is being captured; "
                            "run one call with the same tensors before capturing (it builds the device table that "
-                           "the captured kernel reads)")
+                           "the captured kernel reads): keep grads in place (zero_grad(set_to_none=False)), or use "
+                           "backend='cuda', which needs no table")
     rows, prog = [], []
     for i in range(len(lists[0])):
         numel = lists[0][i].numel()

@@ -52,7 +52,9 @@ def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> 
 
 
 def _f32(v, device):
-    return torch.tensor(v, dtype=torch.float32, device=device)
+    # A fill kernel, not torch.tensor(v, device=...): that copies from pageable host memory and syncs the stream,
+    # which is a host sync per step and fails inside a CUDA graph capture.
+    return torch.full((), v, dtype=torch.float32, device=device)
 
 
 def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,

@@ -25,7 +25,8 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
     xf = x.float()
     if amax is not None and x.numel() > 0:
         amax.copy_(torch.maximum(amax, xf.abs().amax().reshape(amax.shape)))  # NaN propagates
-    s = scale.reshape(()) if scale is not None else torch.tensor(scale_value, dtype=torch.float32, device=x.device)
+    # torch.full, not torch.tensor(..., device=): no host-to-device copy (no sync; capturable in a CUDA graph)
+    s = scale.reshape(()) if scale is not None else torch.full((), scale_value, dtype=torch.float32, device=x.device)
     y = xf * s  # fp32 product: one rounding, then one more in the cast
     if saturate:
         fmax = torch.finfo(dtype).max

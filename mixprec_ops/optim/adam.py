@@ -65,6 +65,8 @@ class Adam(torch.optim.Optimizer):
             unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
             (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
             non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
+            Squares are summed in fp32, as torch's clip_grad_norm_ does for fp32 grads: a (still loss-scaled) grad
+            element beyond ~1.8e19 makes the norm inf and skips the step.
             The norm covers this optimizer's params: under FSDP2 (DTensor grads) it is the global norm; under
             torch.distributed.optim.ZeroRedundancyOptimizer each rank's optimizer holds only its share of the
             params, so pass norm_across_ranks=True there.
@@ -166,6 +168,15 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
+        if self._capturing(p.device):
+            wanted = ("step", *_STATE_KEYS[:2], *(("max_exp_avg_sq",) if group["amsgrad"] else ()),
+                      *(("master_param",) if self._wants_master(group, p) else ()))
+            missing = [k for k in wanted if k not in state]
+            if missing:  # the graph would record the zero-fill / master copy and redo it on every replay
+                raise RuntimeError(
+                    f"mixprec_ops.optim: state {missing} of a {tuple(p.shape)} param would be created inside a CUDA "
+                    "graph capture, where every replay would reset it; run one step outside the capture first (after "
+                    "a param's first grad, load_state_dict of a torch state_dict or turning amsgrad on)")
         sd = _STATE_DTYPES[_state_dtype_name(group["state_dtype"])]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
