@@ -58,17 +58,20 @@ def test_matches_reference(device, backend, return_norm):
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_finite_sets_found_inf(device, backend, bad, dtype):
+@pytest.mark.parametrize("inv", [0.5, 1.0], ids=["scale", "probe"])
+def test_non_finite_sets_found_inf(device, backend, bad, dtype, inv):
+    """inv = 1 is the read-only probe (GradScaler's inf check, the optimizer's norm pass): same flag and norm, and
+    nothing written."""
     ts = make_list(device)
     victim = torch.randn(5000, device=device).to(dtype)
     victim[torch.randint(0, 5000, (1,)).item()] = bad
     ts.insert(3, victim)
     ref = [t.cpu().clone() for t in ts]
     found = torch.zeros(1, device=device)
-    norm = mixprec_ops.unscale_(ts, torch.tensor([0.5], device=device), found, return_norm=True, backend=backend)
+    norm = mixprec_ops.unscale_(ts, torch.tensor([inv], device=device), found, return_norm=True, backend=backend)
     assert found.item() == 1.0
     assert not math.isfinite(norm.item())
-    unscale_reference(ref, torch.tensor([0.5]), torch.zeros(1))
+    unscale_reference(ref, torch.tensor([inv]), torch.zeros(1))
     for i, (a, e) in enumerate(zip(ts, ref)):  # like torch: everything is still unscaled
         assert_bit_exact(a, e, f"tensor {i}")
 
