@@ -748,3 +748,36 @@ def test_step_buffer_is_not_rebuilt_during_cuda_graph_capture(monkeypatch):
     assert all(x.item() == 4 for x in steps) and len({x.untyped_storage().data_ptr() for x in steps}) == 1
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert_bit_exact(p, q)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)"))])
+def test_params_the_kernels_cannot_walk(device, monkeypatch):
+    """The kernels walk a param, its grad and its states element by element in one order, which needs the same
+    strides. A non-dense param (every other column of a bigger tensor: its states are created contiguous) and a
+    transposed param whose grad arrives contiguous are stepped per tensor by the reference instead, next to dense
+    params that still take the fused kernel; all agree with torch.optim.AdamW (fp32, 1e-6) over a few steps."""
+    import mixprec_ops.optim.adam as adam_mod
+
+    torch.manual_seed(3)
+    base = torch.randn(6, 10, device=device)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, device=device)),  # dense
+            torch.nn.Parameter(base[:, ::2]),  # not dense
+            torch.nn.Parameter(torch.randn(4, 7, device=device).t())]  # dense, but its grads come contiguous
+    assert not ours[1].is_contiguous() and not ours[2].is_contiguous()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o = AdamW(ours, lr=1e-2, weight_decay=0.1)
+    t = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    served = []
+    real = adam_mod.adam_step_
+    monkeypatch.setattr(adam_mod, "adam_step_", lambda *a, backend=None, **k: (
+        served.append((len(a[0]), backend)), real(*a, backend=backend, **k))[1])
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, device=device)
+            p.grad, q.grad = g.clone(), g.clone()  # contiguous grads, whatever the param's strides
+        o.step()
+        t.step()
+    for p, q in zip(ours, theirs):
+        assert rel_diff(p.detach(), q.detach()) <= 1e-6
+    assert served[:3] == [(1, None), (1, "torch"), (1, "torch")], served[:3]
