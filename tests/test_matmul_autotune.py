@@ -321,7 +321,7 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     w = rand(320, 384, dtype=torch.bfloat16, device="cuda")
     bias = rand(320, dtype=torch.bfloat16, device="cuda")
     with km.record_choices() as got:
-        y0 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        y0 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
     check(y0, a, w.t(), bias, "gelu_tanh")
     assert got[0]["source"] == "tuned", got
     (key,) = km.chosen_configs()
@@ -337,15 +337,15 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
     monkeypatch.setattr(km, "_benchmark", _boom)
     with km.record_choices() as got:
-        y1 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        y1 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
     assert got[0]["source"] == "disk" and torch.equal(y1, y0)
 
     if tma:  # the persistent kernel inside a CUDA graph (host-built descriptors are kernel parameters)
         km._CHOSEN[key] = km._TMA_CONFIGS[1]
-        y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+            y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g.replay()
         torch.cuda.synchronize()
         check(y2, a, w.t(), bias, "gelu_tanh")
