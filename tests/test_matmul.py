@@ -123,6 +123,25 @@ def test_layouts(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+def test_bias_strides(device, backend):
+    """A bias that is not contiguous: a strided slice, an expanded scalar (stride 0, one element of storage) and an
+    expanded element of a larger tensor (stride 0, the elements after it are other values). The Triton kernels read
+    the bias with unit stride: the launcher must hand them a contiguous copy (without it the slice read every other
+    value wrongly and the expanded scalar read past its storage)."""
+    n = 24
+    a, b = rand(8, 40, dtype=torch.float16, device=device), rand(40, n, dtype=torch.float16, device=device)
+    for name, bias in [("strided", rand(2 * n, dtype=torch.float16, device=device)[::2]),
+                       ("expanded scalar", rand(1, dtype=torch.float32, device=device).expand(n)),
+                       ("expanded element", rand(3 * n, dtype=torch.float16, device=device)[5:6].expand(n))]:
+        assert not bias.is_contiguous()
+        check(mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend=backend), a, b, bias, "gelu",
+              what=name)
+        y, pre = matmul_with_preactivation(a, b, bias=bias, activation="relu", backend=backend)
+        check(y, a, b, bias, "relu", what=name + " (with pre)")
+        check(pre, a, b, bias, None, what=name + " pre")
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batched(device, backend, dtype):
     b = rand(24, 17, dtype=dtype, device=device)

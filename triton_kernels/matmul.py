@@ -513,7 +513,7 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
 
 def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config: KernelConfig | None = None):
     """a: (M, K), b: (K, N), both fp16 or both bf16, any strides; c: (M, N) output (fp16/bf16/fp32), any strides;
-    pre: None or a tensor like c for the pre-activation; bias: None or (N,). `wrap` is torch.library.wrap_triton
+    pre: None or a tensor like c for the pre-activation; bias: None or (N,), any stride. `wrap` is torch.library.wrap_triton
     when called from a triton_op. `config` forces one KernelConfig (tests, experiments): no tuning, no cache; a
     TMA config raises ValueError when the operands do not allow it."""
     M, K = a.shape
@@ -526,7 +526,9 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
         raise ValueError("pre must have c's strides")
     c_v = view(c)
     pre_v = view(pre) if pre is not None else c_v
-    bias_t = bias if bias is not None else c_v  # never read without HAS_BIAS
+    # The kernels read the bias at bias_ptr + n (unit stride): a strided or expanded (stride 0) bias is made
+    # contiguous here (a copy of N elements; none when it already is).
+    bias_t = bias.contiguous() if bias is not None else c_v  # c_v: never read without HAS_BIAS
     consts = dict(HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], STORE_PRE=pre is not None,
                   UPCAST=INTERPRETED and a.dtype == torch.bfloat16, OUT_KIND=out_kind, USE_ERF=HAS_ERF)
 
