@@ -165,6 +165,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
     mask_n = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    # The pointer step along K in 64 bits: Triton passes an int argument that fits in 32 bits as i32, so
+    # BLOCK_K * stride_ak would be an i32 product, which wraps for a K stride >= 2^31 / BLOCK_K (a column-major A,
+    # stride M, with M >= 16.8M rows at BLOCK_K = 128). tl.cast, not .to: a stride equal to 1 arrives as a constexpr.
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - kt * BLOCK_K
@@ -174,8 +179,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
     _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
               HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
 
