@@ -308,24 +308,52 @@ def test_compile_fullgraph_first_triton_call(device, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
-def test_cuda_graph_capture_does_not_autotune():
+def test_cuda_graph_capture_does_not_autotune(tmp_path, monkeypatch):
+    """Nothing is benchmarked during a CUDA graph capture: a bucket tuned before uses its choice ("memory"), one never
+    tuned its candidate set's default ("default (capture)"). Each shape runs once before its capture, as the capture
+    rule asks (Triton loads a kernel's binary at its first launch in a process, which CUDA forbids while capturing):
+    the never-tuned one with autotuning off, which launches that same default config and tunes and stores nothing,
+    so that the capture, with autotuning on, still has to choose without benchmarking."""
+    from mixprec_ops.triton_kernels import matmul as km
+    from mixprec_ops.triton_kernels.tune_cache import TuneCache
+
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))  # no choice on disk from an earlier run
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")
     a = rand(300, 256, dtype=torch.bfloat16, device="cuda")
     b = rand(256, 192, dtype=torch.bfloat16, device="cuda")
-    y0 = mixprec_ops.matmul(a, b, activation="relu", backend="triton")  # warm-up (autotunes this bucket)
+    with km.record_choices() as warm:
+        y0 = mixprec_ops.matmul(a, b, activation="relu", backend="triton")  # warm-up: tunes this bucket
+    assert [c["source"] for c in warm] == ["tuned"], warm
+
+    def no_benchmark(fn):
+        raise AssertionError("benchmarked during a CUDA graph capture")
+
+    monkeypatch.setattr(km, "_benchmark", no_benchmark)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with km.record_choices() as got, torch.cuda.graph(g):
         y = mixprec_ops.matmul(a, b, activation="relu", backend="triton")
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
-    # a bucket never tuned: the default config, no benchmarking inside the capture
+    assert [(c["source"], c["config"]) for c in got] == [("memory", warm[0]["config"])], got
+    # a bucket never tuned: warmed up with autotuning off, then captured with it on
     a2 = rand(3, 256, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    with km.record_choices() as warm:
+        mixprec_ops.matmul(a2, b, backend="triton")
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")
     g2 = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g2):
+    with km.record_choices() as got, torch.cuda.graph(g2):
         y2 = mixprec_ops.matmul(a2, b, backend="triton")
     g2.replay()
     torch.cuda.synchronize()
     check(y2, a2, b)
+    assert [c["source"] for c in warm] == ["default (autotune off)"], warm
+    assert [(c["source"], c["config"]) for c in got] == [("default (capture)", warm[0]["config"])], got
+    entries = json.loads((tmp_path / "matmul_autotune.json").read_text())["entries"]
+    assert len(entries) == 1, list(entries)  # the tuned bucket only: nothing stored with autotuning off or captured
 
 
 # ---- the cuBLASLt backend ("cuda"): GPU only ------------------------------------------------------------------------

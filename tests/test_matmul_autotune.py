@@ -168,6 +168,43 @@ def test_autotune_skips_failing_configs(km, tune_env):
         open(tune_env / "matmul_autotune.json"))["entries"]
 
 
+def test_launch_failing_during_graph_capture_says_why(km, tune_env, monkeypatch):
+    """A launch that fails while a CUDA graph is captured (Triton loading the binary of a config or specialization
+    never launched in this process: "operation not permitted when stream is capturing") raises an error that names
+    the shape, the config and the rule (run each shape once before capturing), with Triton's error as the cause;
+    outside a capture Triton's error is raised as it is. Simulated on CPU (tensors that say is_cuda, a capture that
+    is "on", a launch that raises); only a GPU shows the real failure (tests/test_matmul.py warms up before its
+    captures)."""
+
+    class OnGpu(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    err = RuntimeError("Triton Error [CUDA]: operation not permitted when stream is capturing")
+
+    def fail(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(km, "INTERPRETED", False)  # the GPU path of launch_matmul
+    monkeypatch.setattr(km, "_launch", fail)
+    monkeypatch.setattr(km, "_benchmark", _boom)
+    a = torch.zeros(3, 40, dtype=torch.float16).as_subclass(OnGpu)
+    b = torch.zeros(40, 24, dtype=torch.float16).as_subclass(OnGpu)
+    c = torch.empty(3, 24, dtype=torch.float16).as_subclass(OnGpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"M=3 N=24 K=40 .*during a CUDA graph capture.*run each shape once "
+                                           r"before capturing") as ei:
+        km.launch_matmul(a, b, c, None, None)
+    assert ei.value.__cause__ is err
+    assert f"{km._SMALL_M_CONFIGS[0].label} (default (capture))" in str(ei.value), str(ei.value)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    with pytest.raises(RuntimeError) as ei:
+        km.launch_matmul(a, b, c, None, None)
+    assert ei.value is err
+
+
 def test_tune_key_fields(km):
     import triton
 
@@ -342,11 +379,13 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
 
     if tma:  # the persistent kernel inside a CUDA graph (host-built descriptors are kernel parameters)
         km._CHOSEN[key] = km._TMA_CONFIGS[1]
+        # the warm-up the capture rule asks for: the TMA kernel's binary is loaded here, not during the capture
         y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with km.record_choices() as got, torch.cuda.graph(g):
             y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g.replay()
         torch.cuda.synchronize()
         check(y2, a, w.t(), bias, "gelu_tanh")
         assert torch.equal(y3, y2)
+        assert [(c["source"], c["config"]) for c in got] == [("memory", km._TMA_CONFIGS[1].label)], got

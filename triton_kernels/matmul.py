@@ -37,7 +37,12 @@ Config selection (launch_matmul), per call:
   for the key is ignored. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
   tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
-  used, else the candidate set's default (its first entry); nothing is stored.
+  used, else the candidate set's default (its first entry); nothing is stored. Rule, as for any Triton kernel: run
+  each shape once (eagerly) before capturing it. Triton loads a kernel's binary (cuModuleLoadData) at the first
+  launch of each config and specialization (dtypes, flags, the divisibility of M, N, K and the strides by 16) in a
+  process, which CUDA refuses while a stream is capturing ("operation not permitted when stream is capturing"); a
+  config read from the disk cache, or the default of a key never tuned, may never have been launched. A launch
+  that fails during a capture raises a RuntimeError that says so and names the shape.
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
   compiler tunes it), since nothing can be benchmarked on fake tensors.
 """
@@ -559,7 +564,17 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
                    f"a {_layout(a)} b {_layout(b)} c {_layout(c)} tma {int(tma_ops is not None)}")
     capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()  # never benchmark inside a graph capture
     cfg, source = select_config(key, cands, lambda cc: launch(cc, tma_ops), capturing=capturing)
-    launch(cfg, tma_ops)
+    try:
+        launch(cfg, tma_ops)
+    except Exception as e:
+        if not capturing:
+            raise
+        raise RuntimeError(
+            f"mixprec_ops matmul: the Triton kernel {cfg.label} ({source}) for M={M} N={N} K={K} "
+            f"({a.dtype} -> {c.dtype}) failed to launch during a CUDA graph capture ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}). Triton loads a kernel's binary at the first launch of "
+            "each config and specialization in a process, which CUDA does not permit while capturing: run each "
+            "shape once before capturing it (as for any Triton kernel)") from e
     _record(M, N, K, cfg, source)
 
 
