@@ -155,7 +155,9 @@ def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, st
     tl.store(c_ptr + c_offs, _cast_out(acc, OUT_KIND), mask=c_mask)
 
 
-@triton.jit
+# M_BUCKET is read by nothing but triton.autotune's key (the traced path): not specialized on its value (16-divisible
+# or 1), which would only multiply the compiled (and, before a graph capture, to-be-loaded) binaries.
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    M_BUCKET,  # triton.autotune key only (M rounded up to a power of two)
