@@ -168,6 +168,23 @@ def test_autotune_skips_failing_configs(km, tune_env):
         open(tune_env / "matmul_autotune.json"))["entries"]
 
 
+def test_autotune_out_of_memory_falls_back_to_the_default_uncached(km, tune_env, monkeypatch):
+    """Out of memory while benchmarking (triton's do_bench allocates a 256 MB buffer to flush L2; the candidates'
+    runs allocate nothing else) says nothing about a config, and the rest would fail alike: the call takes the
+    default, with a warning, and nothing is kept in memory or on disk, so a later call (with memory to spare) tunes."""
+    c0, c1, c2 = cfgs = _cfgs(km)
+    monkeypatch.setattr(km, "_oom_warned", set())
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+    for key, times in (("k0", {c0: 1e-3, c1: oom, c2: 2e-3}), ("k1", {c0: oom, c1: 1e-3, c2: 2e-3})):
+        s = _Stub(times)
+        with pytest.warns(RuntimeWarning, match="out of memory"):
+            assert km.select_config(key, cfgs, s.run, capturing=False, benchmark=s.bench) == (
+                c0, "default (out of memory)")
+        assert km.chosen_configs() == {} and not os.listdir(tune_env)
+    s = _Stub({c0: 3e-3, c1: 1e-3, c2: 2e-3})
+    assert km.select_config("k0", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+
+
 def test_launch_failing_during_graph_capture_says_why(km, tune_env, monkeypatch):
     """A launch that fails while a CUDA graph is captured (Triton loading the binary of a config or specialization
     never launched in this process: "operation not permitted when stream is capturing") raises an error that names

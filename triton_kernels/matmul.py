@@ -407,6 +407,7 @@ _CACHE = TuneCache("matmul_autotune.json")
 _CHOSEN: dict[str, KernelConfig] = {}  # key -> config, this process
 _RECORDERS: list[list] = []  # open record_choices() lists
 _failed_warned: set[str] = set()
+_oom_warned: set[str] = set()  # keys
 
 
 def _benchmark(fn) -> float:
@@ -427,7 +428,8 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     still used);
     a single candidate ("only candidate"); else every candidate is benchmarked (`benchmark(fn)` -> seconds; a
     candidate that raises, e.g. too much shared memory, is skipped with a warning) and the fastest is kept in
-    memory and written to the disk cache ("tuned")."""
+    memory and written to the disk cache ("tuned"). Out of memory while benchmarking (torch.OutOfMemoryError) ends
+    the tuning with the default, nothing kept ("default (out of memory)", one warning per key)."""
     cache = _CACHE if cache is None else cache
     cfg = _CHOSEN.get(key)
     if cfg is not None and cfg in cands:
@@ -453,6 +455,15 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     for c in cands:
         try:
             times[c] = float(bench(lambda c=c: run(c)))
+        except torch.OutOfMemoryError as e:
+            # Not the config's fault (do_bench allocates a 256 MB buffer to flush L2) and the others would fail
+            # alike: the default, kept neither in memory nor on disk, so that a later call tunes this key again.
+            if key not in _oom_warned:
+                _oom_warned.add(key)
+                warnings.warn(f"mixprec_ops matmul autotune: out of memory while benchmarking for [{key}]; using the "
+                              f"default config {cands[0].label} untuned ({str(e).splitlines()[0][:200]})",
+                              RuntimeWarning, stacklevel=2)
+            return cands[0], "default (out of memory)"
         except Exception as e:  # noqa: BLE001  (compilation or launch failure of one config: try the others)
             first_err = first_err or e
             times[c] = math.inf
