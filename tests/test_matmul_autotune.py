@@ -222,6 +222,20 @@ def test_launch_failing_during_graph_capture_says_why(km, tune_env, monkeypatch)
     assert ei.value is err
 
 
+def test_session_uses_a_private_cache_dir(km):
+    """The test session's autotune cache is a fresh temporary directory (conftest.py), not the user's
+    ~/.cache/mixprec_ops: GPU tests that tune would write there, and later runs would load those choices instead of
+    tuning."""
+    import tempfile
+
+    from mixprec_ops.triton_kernels import tune_cache
+
+    d = tune_cache.cache_dir()
+    assert d != os.path.join(os.path.expanduser("~"), ".cache", "mixprec_ops"), d
+    assert os.path.commonpath([d, tempfile.gettempdir()]) == tempfile.gettempdir(), d
+    assert not os.path.exists(os.path.join(d, "matmul_autotune.json")) or HAS_CUDA  # only GPU tests store there
+
+
 def test_tune_key_fields(km):
     import triton
 
