@@ -378,6 +378,21 @@ def test_tma_rejects_incompatible_operands(km):
     assert km._tma_operands(a, rand(48, 48, dtype=torch.float16, device=dev)) is not None
 
 
+def test_tma_operands_refuse_zero_strides(km):
+    """A broadcast (stride-0) operand passes the 16-byte alignment test (0 % 16 == 0), but a TMA descriptor with a
+    zero global stride is undocumented: such operands are not TMA-compatible (the tiled kernel reads them through
+    their strides). What a descriptor with a zero stride would do, only a GPU could show; nothing here relies on it."""
+    a = torch.zeros(64, 48, dtype=torch.float16)
+    b = torch.zeros(48, 32, dtype=torch.float16)
+    a_col = torch.zeros(48, 64, dtype=torch.float16).t()  # column-major: strides (1, 64)
+    assert km._tma_operands(a, b) is not None and km._tma_operands(a_col, b) is not None
+    for name, aa, bb in [("a: one row broadcast", a[:1].expand(64, 48), b),            # strides (0, 1)
+                         ("b: one row broadcast", a, b[:1].expand(48, 32)),            # strides (0, 1)
+                         ("a column-major, one column broadcast", a_col[:, :1].expand(64, 48), b)]:  # (1, 0)
+        refused = km._tma_operands(aa, bb) is None
+        assert refused, name
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA device (runs in bench/gpu_check)")
 def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     """On a GPU: a first call tunes (the TMA configs among the candidates on sm_90+) and writes the cache file; a

@@ -381,11 +381,12 @@ def tune_key(device_tag: str, m: int, n: int, k: int, ab_dtype: torch.dtype, c_d
 def _tma_operands(a: torch.Tensor, b: torch.Tensor):
     """((A or A.T, A is column-major), (B or B.T, B is column-major)) as 2-D tensors whose inner dimension is
     contiguous, with the base and the outer stride 16-byte aligned (what a TMA descriptor requires); None if either
-    operand does not allow it."""
+    operand does not allow it. A broadcast operand (a stride 0, which the alignment test alone would pass) is
+    refused too: a descriptor's zero global stride is undocumented; the tiled kernel reads it through its strides."""
     out = []
     for t in (a, b):
         e = t.element_size()
-        if t.data_ptr() % 16 or 0 in t.shape:
+        if t.data_ptr() % 16 or 0 in t.shape or 0 in t.stride():
             return None
         if t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0:
             out.append((t, False))
@@ -523,7 +524,7 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
         return
     if tma_ops is None:
         raise ValueError(f"{cfg.label}: the operands are not TMA-compatible (inner dimension contiguous, base and "
-                         "outer stride 16-byte aligned) or this Triton has no tensor descriptors")
+                         "outer stride 16-byte aligned, no stride 0) or this Triton has no tensor descriptors")
     (a_t, a_km), (b_t, b_nk) = tma_ops
     a_desc = TensorDescriptor.from_tensor(a_t, [cfg.block_k, cfg.block_m] if a_km else [cfg.block_m, cfg.block_k])
     b_desc = TensorDescriptor.from_tensor(b_t, [cfg.block_n, cfg.block_k] if b_nk else [cfg.block_k, cfg.block_n])
