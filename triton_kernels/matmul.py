@@ -45,6 +45,10 @@ Config selection (launch_matmul), per call:
   that fails during a capture raises a RuntimeError that says so and names the shape.
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
   compiler tunes it), since nothing can be benchmarked on fake tensors.
+- Determinism: a tuned choice depends on timing noise, so two processes (ranks) may choose configs with different
+  BLOCK_K for one key, which sum in different orders and may differ in the last bits. The same choice everywhere:
+  one tuning process's cache file given to all (a choice on disk is used, not re-tuned), or
+  MIXPREC_MATMUL_AUTOTUNE=0 with an empty cache directory (with tuning off, choices on disk are still used).
 """
 
 from __future__ import annotations
