@@ -21,9 +21,9 @@ Run as a script (needs TRITON_INTERPRET unset, and the package importable: `pyth
 directory other than the repo root, so that the installed mixprec_ops is used); prints (or writes, --out) JSON:
 {"triton", "torch", "package", "package_file", "has_tma", "seconds", "kernels_without_cases", "records": [one per
 compile: kernel, variant, target, ok, error, seconds, constexprs, ptx (counts of the PTX_WATCH instructions),
-ttir (counts of the TTIR_WATCH patterns), shared (bytes), res ({regs, stack} from cuobjdump -res-usage, or None), and for matmul config and default]}; exit
-status 1 if anything failed. Triton's disk cache is pointed at a fresh temporary directory, so every kernel is really
-compiled. tests/test_triton_compile.py runs it.
+ttir (counts of the TTIR_WATCH patterns), shared (bytes), res ({regs, stack} from cuobjdump -res-usage, or None),
+and for matmul config and default]}; exit status 1 if anything failed. Triton's disk cache is pointed at a fresh
+temporary directory, so every kernel is really compiled. tests/test_triton_compile.py runs it.
 """
 
 from __future__ import annotations
@@ -369,7 +369,8 @@ def resource_usage(cubin: bytes) -> dict | None:
 
 def _empty_record(case: Case, error: str | None = None) -> dict:
     return {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": error,
-            "seconds": None, "constexprs": None, "ptx": None, "ttir": None, "shared": None, "res": None, **dict(case.info)}
+            "seconds": None, "constexprs": None, "ptx": None, "ttir": None, "shared": None, "res": None,
+            **dict(case.info)}
 
 
 def run_case(pkg, case: Case) -> dict:

@@ -541,9 +541,9 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
 
 def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config: KernelConfig | None = None):
     """a: (M, K), b: (K, N), both fp16 or both bf16, any strides; c: (M, N) output (fp16/bf16/fp32), any strides;
-    pre: None or a tensor like c for the pre-activation; bias: None or (N,), any stride. `wrap` is torch.library.wrap_triton
-    when called from a triton_op. `config` forces one KernelConfig (tests, experiments): no tuning, no cache; a
-    TMA config raises ValueError when the operands do not allow it."""
+    pre: None or a tensor like c for the pre-activation; bias: None or (N,), any stride. `wrap` is
+    torch.library.wrap_triton when called from a triton_op. `config` forces one KernelConfig (tests, experiments):
+    no tuning, no cache; a TMA config raises ValueError when the operands do not allow it."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
