@@ -3,11 +3,19 @@ on sys.path), on CPU with the Triton interpreter (TRITON_INTERPRET=1, set by `ma
 bench/gpu_check, where the CUDA-device parameters stop skipping."""
 
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# The session's own autotune cache directory (MIXPREC_CACHE_DIR, triton_kernels/tune_cache.py's ENV), set before any
+# test can read it (tune_cache.cache_dir() reads the variable on every use): GPU tests tune and store choices, which
+# must not land in the user's ~/.cache/mixprec_ops, and a rerun must tune again, not load an earlier run's choices.
+SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="mixprec_tests_cache_")
+os.environ["MIXPREC_CACHE_DIR"] = SESSION_CACHE_DIR
 
-import mixprec_ops
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mixprec_ops  # noqa: E402
 from mixprec_ops import backends
 
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mixprec_ops")
@@ -23,6 +31,10 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")),
 ]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,11 @@ test_cuda_* tests (cuBLASLt: every epilogue mapping, its fp32 fallback path, the
 poisoned outputs, graph capture, direct calls with bad inputs) run on a GPU only.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import HAS_CUDA, backend_params, extension_backend, poison_allocator
@@ -123,6 +128,25 @@ def test_layouts(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+def test_bias_strides(device, backend):
+    """A bias that is not contiguous: a strided slice, an expanded scalar (stride 0, one element of storage) and an
+    expanded element of a larger tensor (stride 0, the elements after it are other values). The Triton kernels read
+    the bias with unit stride: the launcher must hand them a contiguous copy (without it the slice read every other
+    value wrongly and the expanded scalar read past its storage)."""
+    n = 24
+    a, b = rand(8, 40, dtype=torch.float16, device=device), rand(40, n, dtype=torch.float16, device=device)
+    for name, bias in [("strided", rand(2 * n, dtype=torch.float16, device=device)[::2]),
+                       ("expanded scalar", rand(1, dtype=torch.float32, device=device).expand(n)),
+                       ("expanded element", rand(3 * n, dtype=torch.float16, device=device)[5:6].expand(n))]:
+        assert not bias.is_contiguous()
+        check(mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend=backend), a, b, bias, "gelu",
+              what=name)
+        y, pre = matmul_with_preactivation(a, b, bias=bias, activation="relu", backend=backend)
+        check(y, a, b, bias, "relu", what=name + " (with pre)")
+        check(pre, a, b, bias, None, what=name + " pre")
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batched(device, backend, dtype):
     b = rand(24, 17, dtype=dtype, device=device)
@@ -222,34 +246,114 @@ def test_opcheck_triton_op(device):
     mm, mm_pre = _get_triton_ops()
     a, b = rand(20, 24, dtype=torch.float16, device=device), rand(24, 18, dtype=torch.float16, device=device)
     bias = rand(18, dtype=torch.float32, device=device)
-    # Under the interpreter, fake-tensor tracing of a triton_op fails inside the interpreter (it touches the
-    # storage); on a GPU the full check runs.
-    utils = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    # Under the interpreter the ops are custom ops with fake implementations (the interpreter cannot run on fake
+    # tensors); on a GPU triton_ops, whose fake-tensor run traces the kernel launch.
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for op, args in [(mm, (a, b, bias, "gelu", torch.float16)), (mm, (a, b.t().contiguous().t(), None, "none",
                                                                        torch.float32)),
                      (mm_pre, (a.bfloat16(), b.bfloat16(), None, "silu", torch.bfloat16))]:
         torch.library.opcheck(op, args, test_utils=utils)
 
 
+_COMPILE_FIRST_CALL = """
+import json, sys
+import torch
+dynamo_before = "torch._dynamo" in sys.modules
+import mixprec_ops
+from mixprec_ops.ops.matmul import matmul_with_preactivation
+light = dynamo_before or "torch._dynamo" not in sys.modules  # the import did not pull in torch._dynamo (~1 s)
+
+dev = sys.argv[1]
+torch.manual_seed(0)
+a = torch.randn(20, 40).half().to(dev)
+b = torch.randn(40, 24).half().to(dev)
+bias = torch.randn(24).to(dev)
+
+
+def f(a, b, bias):
+    y = mixprec_ops.matmul(a, b, bias=bias, activation="gelu", backend="triton")
+    y2, pre = matmul_with_preactivation(a, b, bias=bias, activation="relu", backend="triton")
+    return y, y2, pre
+
+
+compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+got = compiled(a, b, bias)  # the first Triton matmul call of this process, inside the trace
+want = f(a, b, bias)
+print("RESULT " + json.dumps({"equal": [torch.equal(g, w) for g, w in zip(got, want)], "light": light}))
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_fullgraph_first_triton_call(device, tmp_path):
+    """torch.compile(fullgraph=True) of a function whose Triton matmul call is the first of the process: the op
+    must be registered outside the trace (Dynamo refuses to trace torch.library's registration: "should not be
+    traced (MOD_SKIPLIST torch/_library)"), and the backend choice and the device guard must trace. A fresh process
+    (other tests register the op earlier in this one); results equal to the eager calls'; `import mixprec_ops`
+    still light (no torch._dynamo, which the registration imports). On CPU under the
+    interpreter the ops are opaque custom ops; only a GPU shows the real triton_op traced by AOTAutograd into the
+    kernel's wrap_triton call (the triton.autotune launch on fake tensors)."""
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device (runs in bench/gpu_check)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)")
+    why = mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device(device))
+    if why is not None:
+        pytest.skip(why)
+    r = subprocess.run([sys.executable, "-P", "-c", _COMPILE_FIRST_CALL, device], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert res["equal"] == [True, True, True], res
+    assert res["light"], "import mixprec_ops imported torch._dynamo"
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
-def test_cuda_graph_capture_does_not_autotune():
+def test_cuda_graph_capture_does_not_autotune(tmp_path, monkeypatch):
+    """Nothing is benchmarked during a CUDA graph capture: a bucket tuned before uses its choice ("memory"), one never
+    tuned its candidate set's default ("default (capture)"). Each shape runs once before its capture, as the capture
+    rule asks (Triton loads a kernel's binary at its first launch in a process, which CUDA forbids while capturing):
+    the never-tuned one with autotuning off, which launches that same default config and tunes and stores nothing,
+    so that the capture, with autotuning on, still has to choose without benchmarking."""
+    from mixprec_ops.triton_kernels import matmul as km
+    from mixprec_ops.triton_kernels.tune_cache import TuneCache
+
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))  # no choice on disk from an earlier run
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")
     a = rand(300, 256, dtype=torch.bfloat16, device="cuda")
     b = rand(256, 192, dtype=torch.bfloat16, device="cuda")
-    y0 = mixprec_ops.matmul(a, b, activation="relu", backend="triton")  # warm-up (autotunes this bucket)
+    with km.record_choices() as warm:
+        y0 = mixprec_ops.matmul(a, b, activation="relu", backend="triton")  # warm-up: tunes this bucket
+    assert [c["source"] for c in warm] == ["tuned"], warm
+
+    def no_benchmark(fn):
+        raise AssertionError("benchmarked during a CUDA graph capture")
+
+    monkeypatch.setattr(km, "_benchmark", no_benchmark)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with km.record_choices() as got, torch.cuda.graph(g):
         y = mixprec_ops.matmul(a, b, activation="relu", backend="triton")
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
-    # a bucket never tuned: the default config, no benchmarking inside the capture
+    assert [(c["source"], c["config"]) for c in got] == [("memory", warm[0]["config"])], got
+    # a bucket never tuned: warmed up with autotuning off, then captured with it on
     a2 = rand(3, 256, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    with km.record_choices() as warm:
+        mixprec_ops.matmul(a2, b, backend="triton")
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")
     g2 = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g2):
+    with km.record_choices() as got, torch.cuda.graph(g2):
         y2 = mixprec_ops.matmul(a2, b, backend="triton")
     g2.replay()
     torch.cuda.synchronize()
     check(y2, a2, b)
+    assert [c["source"] for c in warm] == ["default (autotune off)"], warm
+    assert [(c["source"], c["config"]) for c in got] == [("default (capture)", warm[0]["config"])], got
+    entries = json.loads((tmp_path / "matmul_autotune.json").read_text())["entries"]
+    assert len(entries) == 1, list(entries)  # the tuned bucket only: nothing stored with autotuning off or captured
 
 
 # ---- the cuBLASLt backend ("cuda"): GPU only ------------------------------------------------------------------------

@@ -168,6 +168,74 @@ def test_autotune_skips_failing_configs(km, tune_env):
         open(tune_env / "matmul_autotune.json"))["entries"]
 
 
+def test_autotune_out_of_memory_falls_back_to_the_default_uncached(km, tune_env, monkeypatch):
+    """Out of memory while benchmarking (triton's do_bench allocates a 256 MB buffer to flush L2; the candidates'
+    runs allocate nothing else) says nothing about a config, and the rest would fail alike: the call takes the
+    default, with a warning, and nothing is kept in memory or on disk, so a later call (with memory to spare) tunes."""
+    c0, c1, c2 = cfgs = _cfgs(km)
+    monkeypatch.setattr(km, "_oom_warned", set())
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+    for key, times in (("k0", {c0: 1e-3, c1: oom, c2: 2e-3}), ("k1", {c0: oom, c1: 1e-3, c2: 2e-3})):
+        s = _Stub(times)
+        with pytest.warns(RuntimeWarning, match="out of memory"):
+            assert km.select_config(key, cfgs, s.run, capturing=False, benchmark=s.bench) == (
+                c0, "default (out of memory)")
+        assert km.chosen_configs() == {} and not os.listdir(tune_env)
+    s = _Stub({c0: 3e-3, c1: 1e-3, c2: 2e-3})
+    assert km.select_config("k0", cfgs, s.run, capturing=False, benchmark=s.bench) == (c1, "tuned")
+
+
+def test_launch_failing_during_graph_capture_says_why(km, tune_env, monkeypatch):
+    """A launch that fails while a CUDA graph is captured (Triton loading the binary of a config or specialization
+    never launched in this process: "operation not permitted when stream is capturing") raises an error that names
+    the shape, the config and the rule (run each shape once before capturing), with Triton's error as the cause;
+    outside a capture Triton's error is raised as it is. Simulated on CPU (tensors that say is_cuda, a capture that
+    is "on", a launch that raises); only a GPU shows the real failure (tests/test_matmul.py warms up before its
+    captures)."""
+
+    class OnGpu(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    err = RuntimeError("Triton Error [CUDA]: operation not permitted when stream is capturing")
+
+    def fail(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(km, "INTERPRETED", False)  # the GPU path of launch_matmul
+    monkeypatch.setattr(km, "_launch", fail)
+    monkeypatch.setattr(km, "_benchmark", _boom)
+    a = torch.zeros(3, 40, dtype=torch.float16).as_subclass(OnGpu)
+    b = torch.zeros(40, 24, dtype=torch.float16).as_subclass(OnGpu)
+    c = torch.empty(3, 24, dtype=torch.float16).as_subclass(OnGpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"M=3 N=24 K=40 .*during a CUDA graph capture.*run each shape once "
+                                           r"before capturing") as ei:
+        km.launch_matmul(a, b, c, None, None)
+    assert ei.value.__cause__ is err
+    assert f"{km._SMALL_M_CONFIGS[0].label} (default (capture))" in str(ei.value), str(ei.value)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    with pytest.raises(RuntimeError) as ei:
+        km.launch_matmul(a, b, c, None, None)
+    assert ei.value is err
+
+
+def test_session_uses_a_private_cache_dir(km):
+    """The test session's autotune cache is a fresh temporary directory (conftest.py), not the user's
+    ~/.cache/mixprec_ops: GPU tests that tune would write there, and later runs would load those choices instead of
+    tuning."""
+    import tempfile
+
+    from mixprec_ops.triton_kernels import tune_cache
+
+    d = tune_cache.cache_dir()
+    assert d != os.path.join(os.path.expanduser("~"), ".cache", "mixprec_ops"), d
+    assert os.path.commonpath([d, tempfile.gettempdir()]) == tempfile.gettempdir(), d
+    assert not os.path.exists(os.path.join(d, "matmul_autotune.json")) or HAS_CUDA  # only GPU tests store there
+
+
 def test_tune_key_fields(km):
     import triton
 
@@ -310,6 +378,21 @@ def test_tma_rejects_incompatible_operands(km):
     assert km._tma_operands(a, rand(48, 48, dtype=torch.float16, device=dev)) is not None
 
 
+def test_tma_operands_refuse_zero_strides(km):
+    """A broadcast (stride-0) operand passes the 16-byte alignment test (0 % 16 == 0), but a TMA descriptor with a
+    zero global stride is undocumented: such operands are not TMA-compatible (the tiled kernel reads them through
+    their strides). What a descriptor with a zero stride would do, only a GPU could show; nothing here relies on it."""
+    a = torch.zeros(64, 48, dtype=torch.float16)
+    b = torch.zeros(48, 32, dtype=torch.float16)
+    a_col = torch.zeros(48, 64, dtype=torch.float16).t()  # column-major: strides (1, 64)
+    assert km._tma_operands(a, b) is not None and km._tma_operands(a_col, b) is not None
+    for name, aa, bb in [("a: one row broadcast", a[:1].expand(64, 48), b),            # strides (0, 1)
+                         ("b: one row broadcast", a, b[:1].expand(48, 32)),            # strides (0, 1)
+                         ("a column-major, one column broadcast", a_col[:, :1].expand(64, 48), b)]:  # (1, 0)
+        refused = km._tma_operands(aa, bb) is None
+        assert refused, name
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA device (runs in bench/gpu_check)")
 def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     """On a GPU: a first call tunes (the TMA configs among the candidates on sm_90+) and writes the cache file; a
@@ -321,7 +404,7 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     w = rand(320, 384, dtype=torch.bfloat16, device="cuda")
     bias = rand(320, dtype=torch.bfloat16, device="cuda")
     with km.record_choices() as got:
-        y0 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        y0 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
     check(y0, a, w.t(), bias, "gelu_tanh")
     assert got[0]["source"] == "tuned", got
     (key,) = km.chosen_configs()
@@ -337,16 +420,18 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
     monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
     monkeypatch.setattr(km, "_benchmark", _boom)
     with km.record_choices() as got:
-        y1 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        y1 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
     assert got[0]["source"] == "disk" and torch.equal(y1, y0)
 
     if tma:  # the persistent kernel inside a CUDA graph (host-built descriptors are kernel parameters)
         km._CHOSEN[key] = km._TMA_CONFIGS[1]
-        y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        # the warm-up the capture rule asks for: the TMA kernel's binary is loaded here, not during the capture
+        y2 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh")
+        with km.record_choices() as got, torch.cuda.graph(g):
+            y3 = mixprec_ops.matmul(a, w.t(), bias=bias, activation="gelu_tanh", backend="triton")
         g.replay()
         torch.cuda.synchronize()
         check(y2, a, w.t(), bias, "gelu_tanh")
         assert torch.equal(y3, y2)
+        assert [(c["source"], c["config"]) for c in got] == [("memory", km._TMA_CONFIGS[1].label)], got

@@ -173,6 +173,21 @@ def test_matmul_relu_keeps_nan(aot):
     assert seen, "no relu variant compiled"
 
 
+def test_matmul_pointer_tiles_are_offset_in_64_bits(aot):
+    """No 2-D tile of pointers in either matmul kernel is offset by 32-bit values: the A/B tiles' start and their
+    step along K (BLOCK_K x the K stride, which Triton would compute in i32 for a stride passed as i32 and which
+    wraps for strides >= 2^31 / BLOCK_K) and the C/pre-activation stores are all 64-bit. Seen in the TTIR of every
+    compiled variant, those with column-major operands (a K stride that is an i32 argument) among them; the wrap
+    itself needs operands of gigabytes, beyond the CPU tests."""
+    seen = 0
+    for kernel in ("_matmul_kernel", "_matmul_tma_kernel"):
+        for r in _records(aot, kernel):
+            if r["ok"]:
+                seen += 1
+                assert r["ttir"]["addptr_2d_i32"] == 0, f"{r['variant']} [{r['target']}]: {r['ttir']}"
+    assert seen, "no matmul variant compiled"
+
+
 def test_adam_rounds_like_the_reference(aot):
     """Adam is bit-exact with its reference only without contracted multiply-adds (enable_fp_fusion=False reached
     the compiler) and with IEEE division and square root (div_rn / sqrt_rn)."""

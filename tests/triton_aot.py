@@ -21,9 +21,9 @@ Run as a script (needs TRITON_INTERPRET unset, and the package importable: `pyth
 directory other than the repo root, so that the installed mixprec_ops is used); prints (or writes, --out) JSON:
 {"triton", "torch", "package", "package_file", "has_tma", "seconds", "kernels_without_cases", "records": [one per
 compile: kernel, variant, target, ok, error, seconds, constexprs, ptx (counts of the PTX_WATCH instructions),
-shared (bytes), res ({regs, stack} from cuobjdump -res-usage, or None), and for matmul config and default]}; exit
-status 1 if anything failed. Triton's disk cache is pointed at a fresh temporary directory, so every kernel is really
-compiled. tests/test_triton_compile.py runs it.
+ttir (counts of the TTIR_WATCH patterns), shared (bytes), res ({regs, stack} from cuobjdump -res-usage, or None),
+and for matmul config and default]}; exit status 1 if anything failed. Triton's disk cache is pointed at a fresh
+temporary directory, so every kernel is really compiled. tests/test_triton_compile.py runs it.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ PTX_WATCH = {
     "div_rn_f32": "div.rn.f32",
     "sqrt_rn_f32": "sqrt.rn.f32",
     "max_nan_f32": "max.NaN.f32",  # NaN-propagating maximum (matmul's relu, as torch.relu)
+}
+# Patterns whose matches the tests count in every compile's Triton IR (TTIR: before any lowering).
+TTIR_WATCH = {
+    # a 2-D tile of pointers offset by 32-bit values: an i32 product of a stride there can wrap (matmul's tiles
+    # must all be offset in 64 bits)
+    "addptr_2d_i32": r"tt\.addptr [^\n]*: tensor<\d+x\d+x!tt\.ptr<[^>]*>>, tensor<\d+x\d+xi32>",
 }
 
 
@@ -363,7 +369,8 @@ def resource_usage(cubin: bytes) -> dict | None:
 
 def _empty_record(case: Case, error: str | None = None) -> dict:
     return {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": error,
-            "seconds": None, "constexprs": None, "ptx": None, "shared": None, "res": None, **dict(case.info)}
+            "seconds": None, "constexprs": None, "ptx": None, "ttir": None, "shared": None, "res": None,
+            **dict(case.info)}
 
 
 def run_case(pkg, case: Case) -> dict:
@@ -380,6 +387,7 @@ def run_case(pkg, case: Case) -> dict:
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced (ptxas did not run)")
         rec["ptx"] = {k: ptx.count(s) for k, s in PTX_WATCH.items()}
+        rec["ttir"] = {k: len(re.findall(p, compiled.asm["ttir"])) for k, p in TTIR_WATCH.items()}
         rec["shared"] = compiled.metadata.shared
         rec["res"] = resource_usage(compiled.asm["cubin"])
         rec["ok"] = True

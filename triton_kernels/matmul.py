@@ -37,9 +37,18 @@ Config selection (launch_matmul), per call:
   for the key is ignored. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
   tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
-  used, else the candidate set's default (its first entry); nothing is stored.
+  used, else the candidate set's default (its first entry); nothing is stored. Rule, as for any Triton kernel: run
+  each shape once (eagerly) before capturing it. Triton loads a kernel's binary (cuModuleLoadData) at the first
+  launch of each config and specialization (dtypes, flags, the divisibility of M, N, K and the strides by 16) in a
+  process, which CUDA refuses while a stream is capturing ("operation not permitted when stream is capturing"); a
+  config read from the disk cache, or the default of a key never tuned, may never have been launched. A launch
+  that fails during a capture raises a RuntimeError that says so and names the shape.
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
   compiler tunes it), since nothing can be benchmarked on fake tensors.
+- Determinism: a tuned choice depends on timing noise, so two processes (ranks) may choose configs with different
+  BLOCK_K for one key, which sum in different orders and may differ in the last bits. The same choice everywhere:
+  one tuning process's cache file given to all (a choice on disk is used, not re-tuned), or
+  MIXPREC_MATMUL_AUTOTUNE=0 with an empty cache directory (with tuning off, choices on disk are still used).
 """
 
 from __future__ import annotations
@@ -150,7 +159,9 @@ def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, st
     tl.store(c_ptr + c_offs, _cast_out(acc, OUT_KIND), mask=c_mask)
 
 
-@triton.jit
+# M_BUCKET is read by nothing but triton.autotune's key (the traced path): not specialized on its value (16-divisible
+# or 1), which would only multiply the compiled (and, before a graph capture, to-be-loaded) binaries.
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    M_BUCKET,  # triton.autotune key only (M rounded up to a power of two)
@@ -165,6 +176,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
     mask_n = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    # The pointer step along K in 64 bits: Triton passes an int argument that fits in 32 bits as i32, so
+    # BLOCK_K * stride_ak would be an i32 product, which wraps for a K stride >= 2^31 / BLOCK_K (a column-major A,
+    # stride M, with M >= 16.8M rows at BLOCK_K = 128). tl.cast, not .to: a stride equal to 1 arrives as a constexpr.
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - kt * BLOCK_K
@@ -174,8 +190,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
     _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
               HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
 
@@ -369,11 +385,12 @@ def tune_key(device_tag: str, m: int, n: int, k: int, ab_dtype: torch.dtype, c_d
 def _tma_operands(a: torch.Tensor, b: torch.Tensor):
     """((A or A.T, A is column-major), (B or B.T, B is column-major)) as 2-D tensors whose inner dimension is
     contiguous, with the base and the outer stride 16-byte aligned (what a TMA descriptor requires); None if either
-    operand does not allow it."""
+    operand does not allow it. A broadcast operand (a stride 0, which the alignment test alone would pass) is
+    refused too: a descriptor's zero global stride is undocumented; the tiled kernel reads it through its strides."""
     out = []
     for t in (a, b):
         e = t.element_size()
-        if t.data_ptr() % 16 or 0 in t.shape:
+        if t.data_ptr() % 16 or 0 in t.shape or 0 in t.stride():
             return None
         if t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0:
             out.append((t, False))
@@ -395,6 +412,7 @@ _CACHE = TuneCache("matmul_autotune.json")
 _CHOSEN: dict[str, KernelConfig] = {}  # key -> config, this process
 _RECORDERS: list[list] = []  # open record_choices() lists
 _failed_warned: set[str] = set()
+_oom_warned: set[str] = set()  # keys
 
 
 def _benchmark(fn) -> float:
@@ -415,7 +433,8 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     still used);
     a single candidate ("only candidate"); else every candidate is benchmarked (`benchmark(fn)` -> seconds; a
     candidate that raises, e.g. too much shared memory, is skipped with a warning) and the fastest is kept in
-    memory and written to the disk cache ("tuned")."""
+    memory and written to the disk cache ("tuned"). Out of memory while benchmarking (torch.OutOfMemoryError) ends
+    the tuning with the default, nothing kept ("default (out of memory)", one warning per key)."""
     cache = _CACHE if cache is None else cache
     cfg = _CHOSEN.get(key)
     if cfg is not None and cfg in cands:
@@ -441,6 +460,15 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     for c in cands:
         try:
             times[c] = float(bench(lambda c=c: run(c)))
+        except torch.OutOfMemoryError as e:
+            # Not the config's fault (do_bench allocates a 256 MB buffer to flush L2) and the others would fail
+            # alike: the default, kept neither in memory nor on disk, so that a later call tunes this key again.
+            if key not in _oom_warned:
+                _oom_warned.add(key)
+                warnings.warn(f"mixprec_ops matmul autotune: out of memory while benchmarking for [{key}]; using the "
+                              f"default config {cands[0].label} untuned ({str(e).splitlines()[0][:200]})",
+                              RuntimeWarning, stacklevel=2)
+            return cands[0], "default (out of memory)"
         except Exception as e:  # noqa: BLE001  (compilation or launch failure of one config: try the others)
             first_err = first_err or e
             times[c] = math.inf
@@ -500,7 +528,7 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
         return
     if tma_ops is None:
         raise ValueError(f"{cfg.label}: the operands are not TMA-compatible (inner dimension contiguous, base and "
-                         "outer stride 16-byte aligned) or this Triton has no tensor descriptors")
+                         "outer stride 16-byte aligned, no stride 0) or this Triton has no tensor descriptors")
     (a_t, a_km), (b_t, b_nk) = tma_ops
     a_desc = TensorDescriptor.from_tensor(a_t, [cfg.block_k, cfg.block_m] if a_km else [cfg.block_m, cfg.block_k])
     b_desc = TensorDescriptor.from_tensor(b_t, [cfg.block_n, cfg.block_k] if b_nk else [cfg.block_k, cfg.block_n])
@@ -513,9 +541,9 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
 
 def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config: KernelConfig | None = None):
     """a: (M, K), b: (K, N), both fp16 or both bf16, any strides; c: (M, N) output (fp16/bf16/fp32), any strides;
-    pre: None or a tensor like c for the pre-activation; bias: None or (N,). `wrap` is torch.library.wrap_triton
-    when called from a triton_op. `config` forces one KernelConfig (tests, experiments): no tuning, no cache; a
-    TMA config raises ValueError when the operands do not allow it."""
+    pre: None or a tensor like c for the pre-activation; bias: None or (N,), any stride. `wrap` is
+    torch.library.wrap_triton when called from a triton_op. `config` forces one KernelConfig (tests, experiments):
+    no tuning, no cache; a TMA config raises ValueError when the operands do not allow it."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -526,7 +554,9 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
         raise ValueError("pre must have c's strides")
     c_v = view(c)
     pre_v = view(pre) if pre is not None else c_v
-    bias_t = bias if bias is not None else c_v  # never read without HAS_BIAS
+    # The kernels read the bias at bias_ptr + n (unit stride): a strided or expanded (stride 0) bias is made
+    # contiguous here (a copy of N elements; none when it already is).
+    bias_t = bias.contiguous() if bias is not None else c_v  # c_v: never read without HAS_BIAS
     consts = dict(HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], STORE_PRE=pre is not None,
                   UPCAST=INTERPRETED and a.dtype == torch.bfloat16, OUT_KIND=out_kind, USE_ERF=HAS_ERF)
 
@@ -552,7 +582,17 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
                    f"a {_layout(a)} b {_layout(b)} c {_layout(c)} tma {int(tma_ops is not None)}")
     capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()  # never benchmark inside a graph capture
     cfg, source = select_config(key, cands, lambda cc: launch(cc, tma_ops), capturing=capturing)
-    launch(cfg, tma_ops)
+    try:
+        launch(cfg, tma_ops)
+    except Exception as e:
+        if not capturing:
+            raise
+        raise RuntimeError(
+            f"mixprec_ops matmul: the Triton kernel {cfg.label} ({source}) for M={M} N={N} K={K} "
+            f"({a.dtype} -> {c.dtype}) failed to launch during a CUDA graph capture ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}). Triton loads a kernel's binary at the first launch of "
+            "each config and specialization in a process, which CUDA does not permit while capturing: run each "
+            "shape once before capturing it (as for any Triton kernel)") from e
     _record(M, N, K, cfg, source)
 
 

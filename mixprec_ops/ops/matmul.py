@@ -106,10 +106,17 @@ _triton_ops = None
 
 
 def _get_triton_ops():
-    """(mixprec::matmul_triton, mixprec::matmul_pre_triton), registered on first use (importing triton is slow)."""
+    """(mixprec::matmul_triton, mixprec::matmul_pre_triton), registered on first use (importing triton and
+    torch.library.triton_op's machinery is slow: about 1 s on a CPU machine, most of it torch._dynamo), by _select,
+    outside any torch.compile trace.
+
+    On a GPU they are triton_ops: torch.compile sees through them to the kernel launch (wrap_triton). Under the
+    Triton interpreter the kernels are Python functions that nothing can trace (wrap_triton hands them back as they
+    are) and that need real storage, so there they are plain custom ops with fake implementations, which
+    torch.compile keeps whole and runs on real tensors."""
     global _triton_ops
     if _triton_ops is None:
-        from ..triton_kernels import wrap_triton
+        from ..triton_kernels import INTERPRETED, wrap_triton
         from ..triton_kernels.matmul import launch_matmul
 
         def _run(a, b, bias, activation, out_dtype, with_pre):
@@ -121,18 +128,53 @@ def _get_triton_ops():
             launch_matmul(a2, b, c, bias, act, pre=pre, wrap=wrap_triton)
             return c.view(out_shape), (pre.view(out_shape) if with_pre else None)
 
-        @torch.library.triton_op("mixprec::matmul_triton", mutates_args=())
+        def _new_out(a, b, out_dtype):
+            return a.new_empty((*a.shape[:-1], b.shape[1]), dtype=out_dtype)
+
+        def define(name, fn, fake):
+            if not INTERPRETED:
+                return torch.library.triton_op(name, mutates_args=())(fn)
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+
         def matmul_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
                           out_dtype: torch.dtype) -> torch.Tensor:
             return _run(a, b, bias, activation, out_dtype, False)[0]
 
-        @torch.library.triton_op("mixprec::matmul_pre_triton", mutates_args=())
         def matmul_pre_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
                               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
             return _run(a, b, bias, activation, out_dtype, True)
 
-        _triton_ops = (matmul_triton, matmul_pre_triton)
+        _triton_ops = (
+            define("mixprec::matmul_triton", matmul_triton, lambda a, b, bias, act, od: _new_out(a, b, od)),
+            define("mixprec::matmul_pre_triton", matmul_pre_triton,
+                   lambda a, b, bias, act, od: (_new_out(a, b, od), _new_out(a, b, od))),
+        )
     return _triton_ops
+
+
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo (and with it triton), which that
+    call does: about 1 s at `import mixprec_ops` on a CPU machine. The same marker, which Dynamo reads (torch 2.11
+    to 2.14); tests/test_matmul.py compiles through it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _select(device: torch.device, backend: str | None) -> str:
+    """backends.select for matmul; when it picks Triton, the Triton ops are registered first (_get_triton_ops).
+
+    Marked as a constant for torch.compile, which calls it instead of tracing it: neither an op's registration
+    (Dynamo refuses to trace torch.library: "should not be traced (MOD_SKIPLIST torch/_library)") nor the
+    interpreter probe behind the Triton backend's availability can be traced, and a program's first matmul may
+    well be inside a compiled function. The choice (and MIXPREC_BACKEND, read here) is then fixed in the compiled
+    code, as any Python-level decision taken while tracing."""
+    bk = backends.select(OP, device, backend)
+    if bk == "triton":
+        _get_triton_ops()
+    return bk
 
 
 def _check(a, b, bias, activation, out_dtype):
@@ -171,7 +213,7 @@ def _check(a, b, bias, activation, out_dtype):
 def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
     _check(a, b, bias, activation, out_dtype)
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    bk = backends.select(OP, a.device, backend)
+    bk = _select(a.device, backend)
     if bk == "cuda":
         act = "none" if activation is None else activation
         if return_pre:
@@ -180,7 +222,7 @@ def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
     if bk == "triton":
         from ..triton_kernels import device_guard
 
-        mm, mm_pre = _get_triton_ops()
+        mm, mm_pre = _get_triton_ops()  # registered by _select already: traced, this only reads them
         act = "none" if activation is None else activation
         with device_guard(a.device):
             return (mm_pre if return_pre else mm)(a, b, bias, act, out_dtype)
@@ -219,7 +261,7 @@ def matmul_and_rowsum(a, b, *, out_dtype=None, backend=None):
     if a.dim() != 2:
         raise ValueError(f"a must have shape (M, K), got {tuple(a.shape)}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    if backends.select(OP, a.device, backend) == "cuda":
+    if _select(a.device, backend) == "cuda":
         return torch.ops.mixprec.matmul_rowsum(a, b, out_dtype)
     return (_dispatch(a, b, None, None, out_dtype, backend, False),
             a.float().sum(1).to(out_dtype))
