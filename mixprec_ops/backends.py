@@ -100,6 +100,17 @@ def requested(backend: str | None) -> str:
     return b
 
 
+def constant_for_compile(fn):
+    """torch.compiler.assume_constant_result(fn), without importing torch._dynamo (and with it triton) at
+    `import mixprec_ops` (about 1 s on a CPU machine): the same marker, which Dynamo reads (torch 2.11 to 2.14).
+    For the ops' backend selection (`_select` in mixprec_ops/ops/*.py), which registers an op's Triton version on
+    first use: torch.compile must call it, not trace it (Dynamo refuses to trace torch.library's registration, and
+    the Triton interpreter probe behind availability); tests/test_matmul.py and tests/test_cast_and_scale.py compile
+    a first call through it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def select(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that serves `op` for tensors on `device`."""
     b = requested(backend)

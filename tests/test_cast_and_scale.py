@@ -9,6 +9,11 @@ cast, which the interpreter does exactly; a 1-ulp allowance is therefore not nee
 on a GPU takes the hardware conversion instead: test_saturated_fp8_bits_match_torch_on_device.)
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import (DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator,
@@ -235,3 +240,43 @@ def test_opcheck_triton_op(device):
     utils = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(_get_triton_op(), (x, torch.float8_e4m3fn, torch.tensor([0.5], device=device), 1.0,
                                              torch.zeros(1, device=device), True), test_utils=utils)
+
+
+_COMPILE_FIRST_CALL = """
+import json, sys
+import torch
+import mixprec_ops
+
+dev = sys.argv[1]
+x = torch.randn(37, 19).to(dev) * 300
+
+
+def f(x, amax):
+    return mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, 0.5, amax=amax, backend="triton")
+
+
+compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+a1, a2 = torch.zeros(1, device=dev), torch.zeros(1, device=dev)
+got = compiled(x, a1)  # the first Triton cast of this process, inside the trace
+want = f(x, a2)
+print("RESULT " + json.dumps({"equal": torch.equal(got.view(torch.uint8), want.view(torch.uint8)),
+                              "amax": torch.equal(a1, a2) and a1.item() > 0}))
+"""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_first_triton_call(device, tmp_path):
+    """torch.compile(fullgraph=True) of a function whose Triton cast is the first of the process: the op is
+    registered by the backend choice, which torch.compile calls instead of tracing (it refuses to trace
+    torch.library's registration). A fresh process; bytes and amax equal to the eager call's. On CPU under the
+    interpreter the op is an opaque custom op; a GPU traces the real triton_op."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)")
+    why = mixprec_ops.backends.unavailable_reason("cast_and_scale", "triton", torch.device(device))
+    if why is not None:
+        pytest.skip(why)
+    r = subprocess.run([sys.executable, "-P", "-c", _COMPILE_FIRST_CALL, device], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert res == {"equal": True, "amax": True}, res

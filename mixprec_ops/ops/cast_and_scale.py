@@ -53,13 +53,15 @@ _triton_op = None
 
 
 def _get_triton_op():
-    """mixprec::cast_and_scale_triton, registered on first use (importing triton is slow)."""
+    """mixprec::cast_and_scale_triton, registered on first use (importing triton is slow) by _select, outside any
+    torch.compile trace. On a GPU a triton_op (torch.compile sees through it to the kernel launch); under the Triton
+    interpreter, whose kernels are Python functions nothing can trace and which need real storage, a custom op with
+    a fake implementation (kept whole by torch.compile, run on real tensors)."""
     global _triton_op
     if _triton_op is None:
-        from ..triton_kernels import wrap_triton
+        from ..triton_kernels import INTERPRETED, wrap_triton
         from ..triton_kernels.cast_and_scale import launch_cast_and_scale
 
-        @torch.library.triton_op("mixprec::cast_and_scale_triton", mutates_args={"amax"})
         def cast_and_scale_triton(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
                                   scale_value: float, amax: torch.Tensor | None, saturate: bool) -> torch.Tensor:
             x = _walkable(x)
@@ -67,8 +69,24 @@ def _get_triton_op():
             launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=wrap_triton)
             return y
 
-        _triton_op = cast_and_scale_triton
+        name = "mixprec::cast_and_scale_triton"
+        if INTERPRETED:
+            op = torch.library.custom_op(name, mutates_args={"amax"})(cast_and_scale_triton)
+            op.register_fake(lambda x, dtype, *rest: torch.empty_like(_walkable(x), dtype=dtype))
+        else:
+            op = torch.library.triton_op(name, mutates_args={"amax"})(cast_and_scale_triton)
+        _triton_op = op
     return _triton_op
+
+
+@backends.constant_for_compile
+def _select(device: torch.device, backend: str | None) -> str:
+    """backends.select for cast_and_scale; when it picks Triton, the Triton op is registered first. Called, not
+    traced, by torch.compile (see backends.constant_for_compile): a program's first cast may be in compiled code."""
+    b = backends.select(OP, device, backend)
+    if b == "triton":
+        _get_triton_op()
+    return b
 
 
 def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=None):
@@ -105,7 +123,7 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
         raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
     _checks.device_scalar(amax, "amax", x.device, allow_none=True, contiguous=True)
     _checks.boolean(saturate, "saturate")
-    b = backends.select(OP, x.device, backend)
+    b = _select(x.device, backend)
     if b == "torch":
         return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
     if b == "triton":

@@ -154,15 +154,7 @@ def _get_triton_ops():
     return _triton_ops
 
 
-def _assume_constant_result(fn):
-    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo (and with it triton), which that
-    call does: about 1 s at `import mixprec_ops` on a CPU machine. The same marker, which Dynamo reads (torch 2.11
-    to 2.14); tests/test_matmul.py compiles through it."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_assume_constant_result
+@backends.constant_for_compile
 def _select(device: torch.device, backend: str | None) -> str:
     """backends.select for matmul; when it picks Triton, the Triton ops are registered first (_get_triton_ops).
 
