@@ -14,6 +14,8 @@ from . import REPO_ROOT, ceilings, machine, report
 from .registry import BASELINE, TIME_BUDGET_S, Ctx, discover
 from .timing import measure, n_sets
 
+PARTIAL = "results.partial.json"  # the rows so far, rewritten after every case; removed once results.json is written
+
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 # (reps, warm-up, min reps, wall budget per timing in s, max input sets), per device and quick/full.
 SETTINGS = {
@@ -231,6 +233,12 @@ def main(argv=None) -> int:
                         "gbps": gbps,
                         "pct_copy": None,
                         "vs_torch": base.median_s / t.median_s if (t and base) else None,
+                        # GPU: the host's time to queue one call, and the ratio for a loop of calls, where each
+                        # call costs the longer of its device time and its host time
+                        "host_us": t.host_s * 1e6 if (t and t.host_s is not None) else None,
+                        "vs_torch_loop": (max(base.median_s, base.host_s) / max(t.median_s, t.host_s)
+                                          if (t and base and t.host_s is not None and base.host_s is not None)
+                                          else None),
                         "check": checks[impl.backend],
                         "desc": impl.desc,
                         "check_s": round(check_s[impl.backend], 3),
@@ -246,6 +254,16 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             op_seconds[c.op] = op_seconds.get(c.op, 0.0) + time.perf_counter() - t_case
+            # After every case: what is measured so far, so that a run stopped at a time limit (bench/gpu_check's
+            # step) still leaves its rows. %copy against the start's ceiling; replaced by results.json at the end.
+            copy0, peak0 = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
+            report.write_json(os.path.join(out, PARTIAL), {
+                "schema": 1, "partial": True, "date": now.isoformat(timespec="seconds"), "device": dev_type,
+                "quick": args.quick, "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil,
+                "skipped": skipped, "notes": notes,
+                "results": [{**r, "pct_copy": 100 * r["gbps"] / copy0 if (r["gbps"] and copy0) else None,
+                             "pct_peak": 100 * r["tflops"] / peak0 if (r["tflops"] and peak0) else None}
+                            for r in rows]})
     bar.close()
     for op, names in over_budget.items():
         skipped.append(f"{op}: {len(names)} case(s) not run, the op's {TIME_BUDGET_S[op]:.0f} s time budget was "
@@ -287,6 +305,8 @@ def main(argv=None) -> int:
         "results": rows,
     }
     report.write_json(os.path.join(out, "results.json"), doc)
+    if os.path.exists(os.path.join(out, PARTIAL)):
+        os.remove(os.path.join(out, PARTIAL))
     report.write_csv(os.path.join(out, "results.csv"), rows)
     name = mach.get("gpu") or f"{mach['cpu']} x{mach['cpu_cores']}"
     title = f"mixprec_ops {dev_type} {name} {now:%Y-%m-%d}; copy ceiling {copy_gbps:.0f} GB/s"

@@ -22,6 +22,8 @@ CSV_FIELDS = [
     "gbps",
     "pct_copy",
     "vs_torch",
+    "host_us",
+    "vs_torch_loop",
     "check",
     "desc",
     "check_s",
@@ -64,12 +66,27 @@ def table(rows: list[dict]) -> str:
             fmt_time(r["median_us"]),
             _f(r["gbps"], ".1f"),
             _f(r["pct_copy"], ".0f"),
-            _f(r["vs_torch"], ".2f") + ("x" if r["vs_torch"] else ""),
+            _ratio(r["vs_torch"]),
             r["check"] if len(r["check"]) < 40 else r["check"][:37] + "...",
         ]
         for r in rows
     ]
-    return _grid(head, body, {4, 5, 6, 7})
+    return _grid(*_with_host(head, body, rows, 8, {4, 5, 6, 7}))
+
+
+def _ratio(v) -> str:
+    return _f(v, ".2f") + ("x" if v else "")
+
+
+def _with_host(head, body, rows, at, right):
+    """GPU rows: the host's time to queue a call and the ratio for a loop of calls (max of device and host time),
+    inserted before column `at` (right-aligned columns `right` renumbered); nothing on CPU (host_us is None)."""
+    if not any(r.get("host_us") is not None for r in rows):
+        return head, body, right
+    head = head[:at] + ["host", "loop vs torch"] + head[at:]
+    body = [b[:at] + [fmt_time(r.get("host_us")), _ratio(r.get("vs_torch_loop"))] + b[at:]
+            for b, r in zip(body, rows, strict=True)]
+    return head, body, {i + 2 if i >= at else i for i in right} | {at, at + 1}
 
 
 def _grid(head: list[str], body: list[list], right: set[int]) -> str:
@@ -95,7 +112,7 @@ def flops_table(rows: list[dict], peak_tflops: float | None) -> str:
             _f(r.get("tflops"), ".1f"),
             _f(r.get("pct_peak"), ".0f"),
             _f(r.get("pct_copy"), ".0f"),
-            _f(r["vs_torch"], ".2f") + ("x" if r["vs_torch"] else ""),
+            _ratio(r["vs_torch"]),
             _f(r.get("check_s"), ".1f") + " s",
             r["check"] if len(r["check"]) < 30 else r["check"][:27] + "...",
             r.get("variant") or "",
@@ -105,7 +122,7 @@ def flops_table(rows: list[dict], peak_tflops: float | None) -> str:
     peak = f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "not measured on this device"
     return (
         f"compute-bound cases (%peak: of torch's bf16 matmul rate measured in this run, {peak}; %copy: the bytes "
-        "floor, which bounds small-M GEMMs):\n" + _grid(head, body, {3, 4, 5, 6, 7, 8})
+        "floor, which bounds small-M GEMMs):\n" + _grid(*_with_host(head, body, sel, 8, {3, 4, 5, 6, 7, 8}))
     )
 
 
@@ -164,8 +181,11 @@ def geomean_lines(gms: list[dict], device: str) -> list[str]:
 
 
 def write_json(path: str, doc: dict) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary name and renamed: a reader (or a run killed mid-write) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

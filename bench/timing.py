@@ -1,9 +1,12 @@
 """Timing shared by every benchmark case: warm-up first, then many timed calls, and the MEDIAN is what we report.
 The implementations of one case (torch baseline, our backends) are timed interleaved, call by call.
 
-GPU: one pair of CUDA events around each call (device time of that call, including any launch gap the host leaves
-the device idle for, which is real cost for small ops). CPU: time.perf_counter around each call (torch CPU ops
-return when done). Calls rotate over several input sets whose total size is >= 4x the last-level cache, so a small
+GPU: one pair of CUDA events around each call, with the device kept busy by a spin kernel (torch.cuda._sleep) queued
+before the start event, long enough for the host to queue the start event, the call and the end event behind it: so
+the events measure the call's DEVICE time, not the host's launch path (an idle device would record the host's Python
+and dispatch work between the events as time: ~20 us for a Triton launch, more than a small GEMM takes). The host's
+side is reported separately: `host_s`, the median wall time of queuing one call (what a loop of small calls costs when
+the device is faster than the host). CPU: time.perf_counter around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size is >= 4x the last-level cache, so a small
 case cannot be served from a cache warmed by the previous repetition (see `n_sets`).
 """
 
@@ -26,6 +29,7 @@ class Timing:
     min_s: float
     reps: int
     sets: int
+    host_s: float | None = None  # GPU: median host time to queue one call (perf_counter, no sync)
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -36,6 +40,17 @@ def n_sets(bytes_per_set: int, cache_bytes: int, max_sets: int) -> int:
     if bytes_per_set <= 0 or bytes_per_set >= 4 * cache_bytes:
         return 1
     return max(1, min(max_sets, math.ceil(4 * cache_bytes / bytes_per_set)))
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """Clock cycles per second of torch.cuda._sleep's spin loop on `device`, measured with events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)  # warm
+    a.record()
+    torch.cuda._sleep(2_000_000)
+    b.record()
+    torch.cuda.synchronize(device)
+    return 2_000_000 / max(a.elapsed_time(b) * 1e-3, 1e-6)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -59,20 +74,30 @@ def measure(
     the previous call warmed. Stops after `reps` rounds, or once `budget_s` x len(fns) of wall time is spent and
     at least `min_reps` rounds were timed."""
     k, nf = len(inputs), len(fns)
+    host_warm = [0.0] * nf
     for i in range(warmup):
-        for f in fns:
+        for n, f in enumerate(fns):
+            s = time.perf_counter()
             f(inputs[i % k])
+            host_warm[n] = max(host_warm[n], time.perf_counter() - s) if i else 0.0  # the first may compile
     times: list[list[float]] = [[] for _ in fns]
+    host: list[list[float]] = [[] for _ in fns]
     j = 0
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        # Spin long enough for the host to queue start event, call and end event (2x the slowest warm call's host
+        # time, at least 50 us); each spin is queued before the start event, so it is never inside a measurement.
+        spin = int(_sleep_cycles_per_s(device) * max(50e-6, 2 * max(host_warm)))
         events: list[list[tuple]] = [[] for _ in fns]
         for r in range(reps):
             for n, f in enumerate(fns):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(spin)
                 a.record()
+                s = time.perf_counter()
                 f(inputs[j % k])
+                host[n].append(time.perf_counter() - s)
                 b.record()
                 events[n].append((a, b))
                 j += 1
@@ -89,4 +114,5 @@ def measure(
                 j += 1
             if r + 1 >= min_reps and time.perf_counter() - t0 > budget_s * nf:
                 break
-    return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), min(t), len(t), k) for t in times]
+    return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), min(t), len(t), k,
+                   statistics.median(h) if h else None) for t, h in zip(times, host)]

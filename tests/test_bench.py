@@ -174,3 +174,68 @@ def test_gpu_report_reads_test_counts_from_the_log_when_junit_is_missing(tmp_pat
     assert t["failed_tests"] == ["tests/test_b.py::test_y[cuda-cuda]", "tests/test_c.py::test_w"]
     assert "tests.log" in t["source"]
     assert gpu_report.read_junit(str(tmp_path / "nothing")) is None
+
+
+def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):
+    """bench/gpu_check stops the bench step at its time limit: the cases measured by then are in
+    results.partial.json (rewritten after every case), which gpu_report uses, marked PARTIAL, when results.json is
+    missing; a run that ends writes results.json and removes the partial file."""
+    from bench import cli, registry
+    from bench.registry import Case
+
+    def case(i):
+        if i == 2:  # the "time limit": the run dies in its third case
+            def check(impl):
+                raise KeyboardInterrupt
+        else:
+            def check(impl):
+                return None
+        return Case("zz_stop", f"case {i}", 1000, 8000, lambda seed: None, [Impl(BASELINE, lambda d: None)], check)
+
+    monkeypatch.setitem(registry._PROVIDERS, "zz_stop", lambda ctx: [case(i) for i in range(4)])
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--ops", "zz_stop", "--device", "cpu", "--out", str(out)])
+    assert not (out / "results.json").exists()
+    part = json.load(open(out / cli.PARTIAL))
+    assert part["partial"] and [r["case"] for r in part["results"]] == ["case 0", "case 1"]
+    rep = gpu_report.build(str(tmp_path))
+    assert [r["case"] for r in rep["bench"]["results"]] == ["case 0", "case 1"]
+    assert rep["bench"]["notes"][0].startswith("PARTIAL")
+    assert "PARTIAL" in gpu_report.summary_md(rep, None, {})
+
+    monkeypatch.setitem(registry._PROVIDERS, "zz_stop", lambda ctx: [case(i) for i in (0, 1)])
+    assert cli.main(["--quick", "--ops", "zz_stop", "--device", "cpu", "--out", str(out)]) == 0
+    assert (out / "results.json").exists() and not (out / cli.PARTIAL).exists()
+
+
+def test_gpu_timing_queues_a_spin_before_each_start_event(monkeypatch):
+    """bench/timing.measure on a GPU (simulated: torch.cuda's Event, _sleep and synchronize replaced by fakes that
+    log what is queued): every timed call is preceded by a spin kernel queued BEFORE its start event, so the events
+    time the device and not the host's launch path; the host's queueing time is reported as host_s."""
+    from bench import timing
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("event")
+
+        def elapsed_time(self, other):
+            return 2.0 if self.t is not None and other.t is not None else float("nan")  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    fns = [lambda x: (calls.append(x), log.append("call")), lambda x: (calls.append(x), log.append("call"))]
+    out = timing.measure(fns, [0, 1, 2], torch.device("cuda"), reps=4, warmup=2, min_reps=4, budget_s=10.0)
+    assert [t.reps for t in out] == [4, 4] and all(t.median_s == 2e-3 and t.host_s is not None for t in out)
+    body = log[-4 * 2 * 4:]  # the timed part: (sleep, event, call, event) per call, 4 rounds of 2 fns
+    assert [x if isinstance(x, str) else x[0] for x in body] == ["sleep", "event", "call", "event"] * 8, body
+    assert all(x[1] > 0 for x in body if not isinstance(x, str))
+    assert calls[-8:] == [0, 1, 2, 0, 1, 2, 0, 1]  # inputs rotated call by call

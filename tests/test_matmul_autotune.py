@@ -37,6 +37,7 @@ def tune_env(km, tmp_path, monkeypatch):
     from mixprec_ops.triton_kernels.tune_cache import TuneCache
 
     monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(km.AUTOTUNE_ENV, "1")  # on, also where the session turned it off (bench/gpu_check's tests)
     monkeypatch.setattr(km, "_CHOSEN", {})
     monkeypatch.setattr(km, "_CACHE", TuneCache("matmul_autotune.json"))
     return tmp_path
