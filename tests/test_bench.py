@@ -151,7 +151,10 @@ def test_op_time_budget_skips_the_remaining_cases(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.TIME_BUDGET_S, "zz_slow", 0.5)
     assert cli.main(["--quick", "--ops", "zz_slow", "--device", "cpu", "--out", str(tmp_path)]) == 0
     doc = json.load(open(tmp_path / "results.json"))
-    assert [r["case"] for r in doc["results"]] == ["case 0", "case 1"]  # 0.3 + 0.3 > 0.5: cases 2 and 3 skipped
+    # 0.3 + 0.3 > 0.5: cases 2 and 3 skipped, listed as rows without a time (so target groups count them missing)
+    assert [(r["case"], r["check"]) for r in doc["results"]] == [
+        ("case 0", "ok"), ("case 1", "ok"), ("case 2", cli.SKIPPED_BUDGET), ("case 3", cli.SKIPPED_BUDGET)]
+    assert doc["failures"] == 0 and all(r["median_us"] is None for r in doc["results"][2:])
     assert any(s.startswith("zz_slow: 2 case(s) not run") and "case 2, case 3" in s for s in doc["skipped"])
     assert doc["op_seconds"]["zz_slow"] >= 0.6
 
