@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
 
@@ -263,16 +264,25 @@ def main(argv=None) -> int:
         return 1
     print(f"sanitize_subset: mixprec_ops from {mixprec_ops.__file__}, backend {backend}")
     g = torch.Generator().manual_seed(0)
-    bad = check_cast(backend, device, g) + check_unscale(backend, device, a.big) + check_adam(backend, device)
+    sections = [("cast_and_scale", lambda: check_cast(backend, device, g)),
+                ("unscale_", lambda: check_unscale(backend, device, a.big)),
+                ("adam_step_", lambda: check_adam(backend, device))]
     if device.type == "cuda":
-        bad += check_matmul(backend, device)
+        sections.append(("matmul", lambda: check_matmul(backend, device)))
     else:
         print("sanitize_subset: matmul skipped on cpu (no CPU kernel of ours: the reference serves CPU tensors)")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    for b in bad:
-        print(f"MISMATCH {b}")
-    print(f"sanitize_subset: {'OK' if not bad else f'{len(bad)} mismatches'}")
+    bad = []
+    for name, run in sections:  # each section's verdict as soon as it is known (the step may hit its time limit)
+        t = time.perf_counter()
+        got = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        for b in got:
+            print(f"MISMATCH {b}", flush=True)
+        print(f"sanitize_subset: {name}: {'ok' if not got else f'{len(got)} mismatches'} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
+        bad += got
+    print(f"sanitize_subset: {'OK' if not bad else f'{len(bad)} mismatches'}", flush=True)
     return 1 if bad else 0
 
 
