@@ -87,8 +87,10 @@ def measure(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         # Spin long enough for the host to queue start event, call and end event (2x the slowest warm call's host
-        # time, at least 50 us); each spin is queued before the start event, so it is never inside a measurement.
-        spin = int(_sleep_cycles_per_s(device) * max(50e-6, 2 * max(host_warm)))
+        # time, at least 50 us, at most 10 ms: a call whose host side is slower than that, or that syncs, is
+        # host-bound anyway and its host_s says so); each spin is queued before the start event, never inside a
+        # measurement.
+        spin = int(_sleep_cycles_per_s(device) * min(10e-3, max(50e-6, 2 * max(host_warm))))
         events: list[list[tuple]] = [[] for _ in fns]
         for r in range(reps):
             for n, f in enumerate(fns):
