@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     out = args.out or os.path.join(REPO_ROOT, "bench", "out", f"{now:%Y-%m-%d}-{dev_type}")
     os.makedirs(out, exist_ok=True)
+    for stale in ("results.json", "results.csv", PARTIAL):  # an earlier run's, in a reused directory: never mixed
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     reps, warmup, min_reps, budget, max_sets = SETTINGS[(dev_type, args.quick)]
     reps = args.reps or reps
     mach, vers, bk = machine.describe(device), machine.versions(), mixprec_ops.backends.report()
@@ -262,13 +265,15 @@ def main(argv=None) -> int:
             # After every case: what is measured so far, so that a run stopped at a time limit (bench/gpu_check's
             # step) still leaves its rows. %copy against the start's ceiling; replaced by results.json at the end.
             copy0, peak0 = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
+            so_far = [{**r, "pct_copy": 100 * r["gbps"] / copy0 if (r["gbps"] and copy0) else None,
+                       "pct_peak": 100 * r["tflops"] / peak0 if (r["tflops"] and peak0) else None} for r in rows]
             report.write_json(os.path.join(out, PARTIAL), {
                 "schema": 1, "partial": True, "date": now.isoformat(timespec="seconds"), "device": dev_type,
                 "quick": args.quick, "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil,
-                "skipped": skipped, "notes": notes,
-                "results": [{**r, "pct_copy": 100 * r["gbps"] / copy0 if (r["gbps"] and copy0) else None,
-                             "pct_peak": 100 * r["tflops"] / peak0 if (r["tflops"] and peak0) else None}
-                            for r in rows]})
+                "skipped": skipped, "notes": notes, "cases_seconds": round(time.perf_counter() - t_start, 1),
+                "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
+                "failures": sum(r["check"] not in ("ok", SKIPPED_BUDGET) for r in rows),
+                "geomeans": report.geomeans(so_far), "results": so_far})
     bar.close()
     for op, names in over_budget.items():
         skipped.append(f"{op}: {len(names)} case(s) not run, the op's {TIME_BUDGET_S[op]:.0f} s time budget was "

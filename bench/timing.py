@@ -2,12 +2,15 @@
 The implementations of one case (torch baseline, our backends) are timed interleaved, call by call.
 
 GPU: one pair of CUDA events around each call, with the device kept busy by a spin kernel (torch.cuda._sleep) queued
-before the start event, long enough for the host to queue the start event, the call and the end event behind it: so
-the events measure the call's DEVICE time, not the host's launch path (an idle device would record the host's Python
-and dispatch work between the events as time: ~20 us for a Triton launch, more than a small GEMM takes). The host's
-side is reported separately: `host_s`, the median wall time of queuing one call (what a loop of small calls costs when
-the device is faster than the host). CPU: time.perf_counter around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size is >= 4x the last-level cache, so a small
-case cannot be served from a cache warmed by the previous repetition (see `n_sets`).
+before the start event, long enough for the host to queue the start event, the call and the end event behind it
+(twice the slowest host time of the case's warm-up calls, 50 us to 10 ms): so the events measure the call's DEVICE
+time, not the host's launch path (an idle device would record the host's Python and dispatch work between the events
+as time: ~20 us for a Triton launch, more than a small GEMM takes). Each round of calls starts on an idle device (a
+synchronize), so the spins never pile up. The host's side is reported separately: `host_s`, the median wall time of
+queuing one call (what a loop of small calls costs when the device is faster than the host). CPU: time.perf_counter
+around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size is >= 4x
+the last-level cache, so a small case cannot be served from a cache warmed by the previous repetition (see
+`n_sets`).
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def measure(
         spin = int(_sleep_cycles_per_s(device) * min(10e-3, max(50e-6, 2 * max(host_warm))))
         events: list[list[tuple]] = [[] for _ in fns]
         for r in range(reps):
+            # Each round starts on an idle device: every call adds a spin, so without this the device would fall
+            # further behind each round, the launch queue would fill, and host_s would time waiting for a slot.
+            torch.cuda.synchronize(device)
             for n, f in enumerate(fns):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda._sleep(spin)

@@ -2,8 +2,11 @@
 on sys.path), on CPU with the Triton interpreter (TRITON_INTERPRET=1, set by `make test`), and on a GPU through
 bench/gpu_check, where the CUDA-device parameters stop skipping."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # The session's own autotune cache directory (MIXPREC_CACHE_DIR, triton_kernels/tune_cache.py's ENV), set before any
@@ -31,6 +34,14 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")),
 ]
+
+
+def run_fresh_process(code: str, *args: str, cwd) -> dict:
+    """Run `code` in a fresh Python process (-P: the installed package, not the source tree) and return the JSON it
+    printed after "RESULT " (for what only a first call in a process shows, e.g. an op registered on first use)."""
+    r = subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -65,6 +65,16 @@ def run(fn, d, sc, hp, gs, fi, cl, **kw):
     fn(d["p"], d["g"], d["m"], d["v"], d["x"], d["w"], sc, *hp, gs, fi, cl, **kw)
 
 
+def step_and_compare(d, sc, hp, backend, what=""):
+    """One step of `backend` on bucket d against the reference on copies: bit for bit, every list."""
+    ref = {k: [t.clone() for t in v] for k, v in d.items()}
+    run(adam_step_reference, ref, sc, hp, None, None, None)
+    run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+    for k in d:
+        for i, (o, e) in enumerate(zip(d[k], ref[k])):
+            assert_bit_exact(o, e, f"{what}{k}[{i}]")
+
+
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_bit_identical_to_reference(device, backend, combo):
@@ -98,7 +108,8 @@ def test_bit_identical_to_reference(device, backend, combo):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
-@pytest.mark.parametrize("master,ams", [(False, False), (True, False), (True, True)], ids=["depth4", "depth5", "depth6"])
+@pytest.mark.parametrize("master,ams", [(False, False), (True, False), (True, True)],
+                         ids=["depth4", "depth5", "depth6"])
 def test_many_tensors_and_launch_splits(device, backend, master, ams):
     """More tensors than one CUDA launch holds (446 / 377 / 327 per launch at list depth 4 / 5 / 6: params, grads,
     moments, then masters, then max_exp_avg_sq) with mixed sizes."""
@@ -109,12 +120,7 @@ def test_many_tensors_and_launch_splits(device, backend, master, ams):
     steps = [torch.tensor(float(i % 7), device=device) for i in range(n_t)]
     sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
     hp = (0.9, 0.999, 1e-8, 0.01, True, False)
-    ref = {k: [t.clone() for t in v] for k, v in d.items()}
-    run(adam_step_reference, ref, sc, hp, None, None, None)
-    run(adam_step_, d, sc, hp, None, None, None, backend=backend)
-    for k in d:
-        for i, (r, o) in enumerate(zip(ref[k], d[k])):
-            assert_bit_exact(o, r, f"{k}[{i}]")
+    step_and_compare(d, sc, hp, backend)
 
 
 def test_cuda_tensor_spanning_launches():
@@ -139,10 +145,5 @@ def test_cuda_tensor_spanning_launches():
         steps = [torch.tensor(float(s), device="cuda") for s in (3, 250, 9)]
         sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
         hp = (0.9, 0.999, 1e-8, 0.01, True, False)
-        ref = {k: [t.clone() for t in v] for k, v in d.items()}
-        run(adam_step_reference, ref, sc, hp, None, None, None)
-        run(adam_step_, d, sc, hp, None, None, None, backend=backend)
-        for k in d:
-            for i, (o, e) in enumerate(zip(d[k], ref[k])):
-                assert_bit_exact(o, e, f"amsgrad={ams} {k}[{i}]")
-        del d, ref
+        step_and_compare(d, sc, hp, backend, f"amsgrad={ams} ")
+        del d

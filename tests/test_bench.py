@@ -197,15 +197,21 @@ def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):
 
     monkeypatch.setitem(registry._PROVIDERS, "zz_stop", lambda ctx: [case(i) for i in range(4)])
     out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_text('{"results": []}')  # an earlier run's, in a reused directory
     with pytest.raises(KeyboardInterrupt):
         cli.main(["--quick", "--ops", "zz_stop", "--device", "cpu", "--out", str(out)])
-    assert not (out / "results.json").exists()
+    assert not (out / "results.json").exists()  # removed at the start: never shown as this run's
     part = json.load(open(out / cli.PARTIAL))
     assert part["partial"] and [r["case"] for r in part["results"]] == ["case 0", "case 1"]
     rep = gpu_report.build(str(tmp_path))
     assert [r["case"] for r in rep["bench"]["results"]] == ["case 0", "case 1"]
-    assert rep["bench"]["notes"][0].startswith("PARTIAL")
+    assert rep["bench"]["notes"][0].startswith("PARTIAL") and rep["bench"]["failures"] == 0
+    assert rep["bench"]["geomeans"] == [] and rep["bench"]["cases_seconds"] is not None
     assert "PARTIAL" in gpu_report.summary_md(rep, None, {})
+    g = {"group": "matmul M=8192", "backend": "triton", "target": 1.0, "n": 1, "n_cases": 1, "geomean": 1.3,
+         "met": True}
+    assert gpu_report.targets([], [g])[0]["met"] and not gpu_report.targets([], [g], partial=True)[0]["met"]
 
     monkeypatch.setitem(registry._PROVIDERS, "zz_stop", lambda ctx: [case(i) for i in (0, 1)])
     assert cli.main(["--quick", "--ops", "zz_stop", "--device", "cpu", "--out", str(out)]) == 0
@@ -215,7 +221,8 @@ def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):
 def test_gpu_timing_queues_a_spin_before_each_start_event(monkeypatch):
     """bench/timing.measure on a GPU (simulated: torch.cuda's Event, _sleep and synchronize replaced by fakes that
     log what is queued): every timed call is preceded by a spin kernel queued BEFORE its start event, so the events
-    time the device and not the host's launch path; the host's queueing time is reported as host_s."""
+    time the device and not the host's launch path, and every round starts on an idle device (the spins never pile
+    up); the host's queueing time is reported as host_s."""
     from bench import timing
 
     log = []
@@ -233,12 +240,14 @@ def test_gpu_timing_queues_a_spin_before_each_start_event(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
     calls = []
     fns = [lambda x: (calls.append(x), log.append("call")), lambda x: (calls.append(x), log.append("call"))]
     out = timing.measure(fns, [0, 1, 2], torch.device("cuda"), reps=4, warmup=2, min_reps=4, budget_s=10.0)
     assert [t.reps for t in out] == [4, 4] and all(t.median_s == 2e-3 and t.host_s is not None for t in out)
-    body = log[-4 * 2 * 4:]  # the timed part: (sleep, event, call, event) per call, 4 rounds of 2 fns
-    assert [x if isinstance(x, str) else x[0] for x in body] == ["sleep", "event", "call", "event"] * 8, body
+    # the timed part, then the final sync: per round a sync (an idle device), then (sleep, event, call, event) per fn
+    body = log[-(4 * 9 + 1):]
+    want = (["sync"] + ["sleep", "event", "call", "event"] * 2) * 4 + ["sync"]
+    assert [x if isinstance(x, str) else x[0] for x in body] == want, body
     assert all(x[1] > 0 for x in body if not isinstance(x, str))
     assert calls[-8:] == [0, 1, 2, 0, 1, 2, 0, 1]  # inputs rotated call by call

@@ -9,15 +9,12 @@ cast, which the interpreter does exactly; a 1-ulp allowance is therefore not nee
 on a GPU takes the hardware conversion instead: test_saturated_fp8_bits_match_torch_on_device.)
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator,
-                      wide_random)
+                      run_fresh_process, wide_random)
 
 import mixprec_ops
 from mixprec_ops.ops import cast_and_scale_reference
@@ -275,8 +272,5 @@ def test_compile_fullgraph_first_triton_call(device, tmp_path):
     why = mixprec_ops.backends.unavailable_reason("cast_and_scale", "triton", torch.device(device))
     if why is not None:
         pytest.skip(why)
-    r = subprocess.run([sys.executable, "-P", "-c", _COMPILE_FIRST_CALL, device], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_fresh_process(_COMPILE_FIRST_CALL, device, cwd=tmp_path)
     assert res == {"equal": True, "amax": True}, res

@@ -20,12 +20,10 @@ poisoned outputs, graph capture, direct calls with bad inputs) run on a GPU only
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_params, extension_backend, poison_allocator
+from conftest import HAS_CUDA, backend_params, extension_backend, poison_allocator, run_fresh_process
 
 import mixprec_ops
 from mixprec_ops.ops.matmul import apply_activation, matmul_and_rowsum, matmul_reference, matmul_with_preactivation
@@ -299,10 +297,7 @@ def test_compile_fullgraph_first_triton_call(device, tmp_path):
     why = mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device(device))
     if why is not None:
         pytest.skip(why)
-    r = subprocess.run([sys.executable, "-P", "-c", _COMPILE_FIRST_CALL, device], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_fresh_process(_COMPILE_FIRST_CALL, device, cwd=tmp_path)
     assert res["equal"] == [True, True, True], res
     assert res["light"], "import mixprec_ops imported torch._dynamo"
 
@@ -385,6 +380,20 @@ def test_cuda_auto_prefers_cublaslt():
                            backend="cuda")
 
 
+def check_poisoned_both_ways(a, b, bias, act, out_dtype, backend, what):
+    """matmul, then matmul_with_preactivation, each into poisoned memory (an unwritten element is NaN), all three
+    outputs checked (check_any); returns (y, pre) of the second call."""
+    m, n = a.shape[0], b.shape[1]
+    poison_allocator(8 * m * n + 4096, a.device.type)
+    y = mixprec_ops.matmul(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+    check_any(y, a, b, bias, act, out_dtype, what)
+    poison_allocator(8 * m * n + 4096, a.device.type)
+    y2, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
+    check_any(y2, a, b, bias, act, out_dtype, what + " (with pre)")
+    check_any(pre, a, b, bias, None, out_dtype, what + " pre")
+    return y2, pre
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS, ids=str)
 @pytest.mark.parametrize("m,n,k", [(37, 24, 45), (19, 23, 40), (1, 40, 16), (64, 1, 33), (5, 8, 1)])
@@ -399,13 +408,7 @@ def test_cuda_epilogues(dtype, act, m, n, k):
         for bias_dtype in (None, dtype, torch.float32):
             bias = None if bias_dtype is None else rand(n, dtype=bias_dtype, device="cuda")
             what = f"{act} out={out_dtype} bias={bias_dtype}"
-            poison_allocator(8 * m * n + 4096, "cuda")
-            y = mixprec_ops.matmul(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
-            check_any(y, a, b, bias, act, out_dtype, what)
-            poison_allocator(8 * m * n + 4096, "cuda")
-            y2, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
-            check_any(y2, a, b, bias, act, out_dtype, what + " (with pre)")
-            check_any(pre, a, b, bias, None, out_dtype, what + " pre")
+            y2, pre = check_poisoned_both_ways(a, b, bias, act, out_dtype, backend, what)
             assert pre.data_ptr() != y2.data_ptr()
             if act == "relu":  # y = relu(pre) exactly (relu commutes with the one rounding)
                 assert torch.equal(y2, torch.relu(pre)), what
@@ -423,14 +426,7 @@ def test_cuda_large_output_epilogue(act):
     a, b = rand(m, k, dtype=torch.bfloat16, device="cuda"), rand(k, n, dtype=torch.bfloat16, device="cuda")
     bias = rand(n, dtype=torch.bfloat16, device="cuda")
     for out_dtype in (None, torch.float32):
-        what = f"{act} out={out_dtype}"
-        poison_allocator(8 * m * n + 4096, "cuda")
-        y = mixprec_ops.matmul(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
-        check(y, a, b, bias, act, out_dtype, what)
-        poison_allocator(8 * m * n + 4096, "cuda")
-        y2, pre = matmul_with_preactivation(a, b, bias=bias, activation=act, out_dtype=out_dtype, backend=backend)
-        check(y2, a, b, bias, act, out_dtype, what + " (with pre)")
-        check(pre, a, b, bias, None, out_dtype, what + " pre")
+        check_poisoned_both_ways(a, b, bias, act, out_dtype, backend, f"{act} out={out_dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

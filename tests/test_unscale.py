@@ -60,8 +60,9 @@ def test_matches_reference(device, backend, return_norm):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inv", [0.5, 1.0], ids=["scale", "probe"])
 def test_non_finite_sets_found_inf(device, backend, bad, dtype, inv):
-    """inv = 1 is the read-only probe (GradScaler's inf check, the optimizer's norm pass): same flag and norm, and
-    nothing written."""
+    """inv = 1 is the read-only probe path (GradScaler's inf check, the optimizer's norm pass): the same flag and
+    norm, values bit-unchanged. (That the probe writes nothing back is a speed property no value can show: x * 1
+    has x's bits.)"""
     ts = make_list(device)
     victim = torch.randn(5000, device=device).to(dtype)
     victim[torch.randint(0, 5000, (1,)).item()] = bad
