@@ -82,7 +82,8 @@ def measure(
         for n, f in enumerate(fns):
             s = time.perf_counter()
             f(inputs[i % k])
-            host_warm[n] = max(host_warm[n], time.perf_counter() - s) if i else 0.0  # the first may compile
+            if i or warmup == 1:  # the first of several may compile: not a host time to size the spin by
+                host_warm[n] = max(host_warm[n], time.perf_counter() - s)
     times: list[list[float]] = [[] for _ in fns]
     host: list[list[float]] = [[] for _ in fns]
     j = 0
