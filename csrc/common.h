@@ -1,14 +1,18 @@
 // Argument checks and small helpers shared by the CPU and CUDA kernels. Every check names the argument, so a
 // direct torch.ops.mixprec.* call fails as clearly as the Python wrappers (which run the same checks first).
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace mixprec {
 
@@ -50,11 +54,49 @@ struct OverflowAt<c10::BFloat16> {
 
 inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
 
+// t's elements lie inside memory it holds. A tensor whose storage was freed (FSDP frees grads and params with
+// untyped_storage().resize_(0)) or shrunk under it has a null or short buffer, which the kernels, reading raw
+// pointers, would dereference (a crash on the CPU, an illegal address on a GPU). Index i < 0: no index in the name.
+inline bool allocated(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (!t.has_storage() || t.storage().data() == nullptr) return false;
+  int64_t last = t.storage_offset();  // the furthest element, in elements from the storage's start
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return static_cast<uint64_t>(last + 1) * t.element_size() <= t.storage().nbytes();
+}
+
+inline void check_allocated(const at::Tensor& t, const char* name, int64_t i = -1) {
+  if (i < 0) {
+    TORCH_CHECK(allocated(t), name, " has no allocated memory for its elements (a freed or shrunk storage)");
+  } else {
+    TORCH_CHECK(allocated(t), name, "[", i, "] has no allocated memory for its elements (a freed or shrunk storage)");
+  }
+}
+
+// False only when t's elements provably occupy distinct memory: at::has_internal_overlap, and where that cannot tell
+// (a view such as as_strided((4, 4), (1, 1))), the sufficient rule that, dims ordered by stride, each stride exceeds
+// the span of the smaller ones (an exotic non-overlapping view may fail it and is then refused too).
+inline bool may_share_memory(const at::Tensor& t) {
+  const at::MemOverlap o = at::has_internal_overlap(t);
+  if (o != at::MemOverlap::TooHard) return o == at::MemOverlap::Yes;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with more than one element
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // furthest offset reachable with the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
 // A 1-element fp32 tensor on `device` (a device scalar such as scale, inv_scale, amax, found_inf).
 inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be a float32 tensor, got ", t.scalar_type());
   TORCH_CHECK(t.numel() == 1, name, " must have exactly 1 element, got shape ", t.sizes());
   TORCH_CHECK(t.device() == device, name, " must be on ", device, " (the data's device), got ", t.device());
+  check_allocated(t, name);
 }
 
 inline void check_cast_and_scale_args(const at::Tensor& x, at::ScalarType dtype,
@@ -62,6 +104,7 @@ inline void check_cast_and_scale_args(const at::Tensor& x, at::ScalarType dtype,
                                       const std::optional<at::Tensor>& amax) {
   TORCH_CHECK(is_float_source(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(is_cast_target(dtype), "dtype must be float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", dtype);
+  check_allocated(x, "x");
   if (scale.has_value()) check_scalar_tensor(*scale, "scale", x.device());
   if (amax.has_value()) {
     check_scalar_tensor(*amax, "amax", x.device());
@@ -80,6 +123,11 @@ inline void check_unscale_args(at::TensorList tensors, const at::Tensor& inv_sca
     TORCH_CHECK(t.device() == inv_scale.device(), "tensors[", i, "] is on ", t.device(),
                 " but inv_scale is on ", inv_scale.device(), "; all must share one device");
     TORCH_CHECK(!t.is_sparse() && t.layout() == at::kStrided, "tensors[", i, "] must be a dense strided tensor");
+    check_allocated(t, "tensors", static_cast<int64_t>(i));
+    // Written in place: elements sharing memory (an expanded or self-overlapping view) would be scaled more than
+    // once, and the layout fallback would find them only after other tensors were already scaled.
+    TORCH_CHECK(!may_share_memory(t), "tensors[", i,
+                "] has elements that share memory (an expanded or overlapping view); unscale_ writes it in place");
   }
 }
 

@@ -103,3 +103,77 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.mixprec.unscale_(ts, torch.ones(1), torch.zeros(1, dtype=torch.int32), False)
     with pytest.raises(RuntimeError, match=r"tensors\[0\] must be float32"):
         torch.ops.mixprec.unscale_([torch.arange(3)], torch.ones(1), torch.zeros(1), False)
+
+
+def _freed(t):
+    """t with its memory freed under it, as FSDP frees grads and params (untyped_storage().resize_(0)): elements
+    without memory, whose raw data pointer is null."""
+    t.untyped_storage().resize_(0)
+    return t
+
+
+def test_freed_storage_is_an_error_not_a_crash():
+    """A tensor whose storage was freed or shrunk reaches no kernel: the C++ checks name it (the CPU kernels read
+    raw pointers and crashed on these: SIGSEGV, found by fuzzing direct op calls; on a GPU an illegal address).
+    Public calls and direct op calls, every C++ op; nothing else touched."""
+    if mixprec_ops.backends.unavailable_reason("cast_and_scale", "cpu", torch.device("cpu")):
+        pytest.skip("C++ extension unavailable")
+    keep = torch.randn(8)
+    before = keep.clone()
+    found = torch.zeros(1)
+    msg = "has no allocated memory"
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] " + msg):
+        mixprec_ops.unscale_([keep, _freed(torch.randn(16))], torch.full((1,), 0.5), found, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] " + msg):
+        torch.ops.mixprec.unscale_([_freed(torch.randn(4, 4).t())], torch.ones(1), found, False)
+    with pytest.raises(RuntimeError, match="found_inf " + msg):
+        torch.ops.mixprec.unscale_([keep], torch.ones(1), _freed(torch.zeros(1)), False)
+    shrunk = torch.randn(64)
+    shrunk.untyped_storage().resize_(16)  # 4 of its 64 elements still have memory
+    with pytest.raises(RuntimeError, match="x " + msg):
+        mixprec_ops.cast_and_scale(shrunk, torch.float8_e4m3fn, backend="cpu")
+    assert torch.equal(keep, before) and found.item() == 0.0
+
+    def bucket(n=5):
+        ts = [torch.randn(n, dtype=torch.bfloat16), torch.randn(n, dtype=torch.bfloat16), torch.zeros(n),
+              torch.zeros(n), torch.randn(n)]
+        return ts, [t.clone() for t in ts]
+
+    for i, name in enumerate(("params", "grads", "exp_avgs", "exp_avg_sqs", "masters")):
+        (p, g, m, v, w), orig = bucket()
+        args = [[p], [g], [m], [v], [], [w]]
+        args[i if i < 4 else 5][0] = _freed(args[i if i < 4 else 5][0].clone())
+        with pytest.raises(RuntimeError, match=rf"{name}\[0\] " + msg):
+            torch.ops.mixprec.adam_step_(*args, torch.ones(1, 3), 0.9, 0.999, 1e-8, 0.0, True, False, None, None,
+                                         None)
+        assert all(torch.equal(a, b) for a, b in zip((p, g, m, v, w), orig) if a.untyped_storage().nbytes())
+
+
+def test_unscale_rejects_tensors_sharing_memory_before_touching_any():
+    """unscale_ writes in place: an expanded (stride 0) or self-overlapping tensor would be scaled more than once per
+    element; it is refused before any tensor is scaled or found_inf set (the C++ kernels found it only after the
+    others were done)."""
+    if mixprec_ops.backends.unavailable_reason("unscale_", "cpu", torch.device("cpu")):
+        pytest.skip("C++ extension unavailable")
+    for bad in (torch.ones(1).expand(6), torch.randn(20).as_strided((4, 4), (1, 1))):
+        first = torch.tensor([0.5, float("inf")])
+        found = torch.zeros(1)
+        with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
+            mixprec_ops.unscale_([first, bad], torch.full((1,), 0.5), found, backend="cpu")
+        assert first.tolist() == [0.5, float("inf")] and found.item() == 0.0
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused():
+    """One meta tensor among CPU ones routes a direct op call to the fake (meta) implementation; the fakes check
+    devices like the kernels do, so the call raises instead of returning without doing anything."""
+    if mixprec_ops.backends.unavailable_reason("adam_step_", "cpu", torch.device("cpu")):
+        pytest.skip("C++ extension unavailable")
+    p, g, m, v = torch.randn(4), torch.randn(4, device="meta"), torch.zeros(4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+        torch.ops.mixprec.adam_step_([p], [g], [m], [v], [], [], torch.ones(1, 3), 0.9, 0.999, 1e-8, 0.0, True,
+                                     False, None, None, None)
+    with pytest.raises(ValueError, match="found_inf must be on cpu"):
+        torch.ops.mixprec.unscale_([torch.randn(3)], torch.ones(1), torch.zeros(1, device="meta"), False)
+    with pytest.raises(ValueError, match="scale must be on cpu"):
+        torch.ops.mixprec.cast_and_scale(torch.randn(3), torch.float16, torch.ones(1, device="meta"), 1.0, None,
+                                         True)

@@ -250,6 +250,7 @@ void check_walkable(const at::Tensor& t, const char* name, size_t i) {
   TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] must be a dense strided tensor");
   TORCH_CHECK(walkable(t), name, "[", i, "] must be non-overlapping and dense (got sizes ", t.sizes(),
               ", strides ", t.strides(), ")");
+  check_allocated(t, name, static_cast<int64_t>(i));
 }
 
 // t = list[i] must be a CPU tensor of `dtype` laid out like params[i] with as many elements.
@@ -302,6 +303,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == 3,
               "scalars must have shape (len(params), 3) = (", n, ", 3), got ", scalars.sizes());
   TORCH_CHECK(scalars.is_contiguous(), "scalars must be contiguous");
+  check_allocated(scalars, "scalars");
 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];

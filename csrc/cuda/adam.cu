@@ -301,6 +301,7 @@ void check_companion(const at::Tensor& t, const char* name, size_t i, const at::
   if (t.numel() == 0) return;
   TORCH_CHECK(walkable(t), name, "[", i, "] must be non-overlapping and dense");
   TORCH_CHECK(same_layout(t, p), name, "[", i, "] must have the same shape and strides as params[", i, "]");
+  check_allocated(t, name, static_cast<int64_t>(i));
 }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -339,6 +340,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(p.device() == dev, "params[", i, "] is on ", p.device(), " but params[0] is on ", dev,
                 "; all tensors must share one device");
     if (p.numel() > 0) TORCH_CHECK(walkable(p), "params[", i, "] must be non-overlapping and dense");
+    check_allocated(p, "params", static_cast<int64_t>(i));
     check_companion(grads[i], "grads", i, p, gt, "the dtype of grads[0]");
     check_companion(exp_avgs[i], "exp_avgs", i, p, st, "the dtype of exp_avgs[0]");
     check_companion(exp_avg_sqs[i], "exp_avg_sqs", i, p, st, "the dtype of exp_avgs[0]");
@@ -351,6 +353,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
               "scalars must have shape (", n, ", 3) (one row per param), got ", scalars.sizes());
   TORCH_CHECK(scalars.is_contiguous(), "scalars must be contiguous");
   TORCH_CHECK(scalars.device() == dev, "scalars must be on ", dev, " (the params' device), got ", scalars.device());
+  check_allocated(scalars, "scalars");
   if (grad_scale.has_value()) check_scalar_tensor(*grad_scale, "grad_scale", dev);
   if (found_inf.has_value()) check_scalar_tensor(*found_inf, "found_inf", dev);
   if (clip_coef.has_value()) check_scalar_tensor(*clip_coef, "clip_coef", dev);

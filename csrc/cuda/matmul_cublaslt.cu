@@ -436,6 +436,8 @@ void check_args(const at::Tensor& a, const at::Tensor& b, const std::optional<at
   TORCH_CHECK(b.dim() == 2, "b must have shape (K, N), got ", b.sizes());
   TORCH_CHECK(a.size(-1) == b.size(0), "a and b shapes do not match: a ", a.sizes(), ", b ", b.sizes());
   TORCH_CHECK(b.device() == a.device(), "b must be on a's device ", a.device(), ", got ", b.device());
+  check_allocated(a, "a");
+  check_allocated(b, "b");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(1), "bias must have shape (N,) = (", b.size(1),
                 ",), got ", bias->sizes());
@@ -443,6 +445,7 @@ void check_args(const at::Tensor& a, const at::Tensor& b, const std::optional<at
                 a.scalar_type(), " (a's dtype) or float32, got ", bias->scalar_type());
     TORCH_CHECK(bias->layout() == at::kStrided, "bias must be a dense strided tensor");
     TORCH_CHECK(bias->device() == a.device(), "bias must be on a's device ", a.device(), ", got ", bias->device());
+    check_allocated(*bias, "bias");
   }
   TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16 || out_dtype == at::kFloat,
               "out_dtype must be float16, bfloat16 or float32, got ", out_dtype);

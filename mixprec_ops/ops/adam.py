@@ -109,6 +109,21 @@ if _ext.LOADED:
     @torch.library.register_fake("mixprec::adam_step_")
     def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
                         weight_decay, decoupled, maximize, grad_scale, found_inf, clip_coef):
+        # Mixed devices can route a real call here (one meta tensor among CPU ones): refuse it, not a silent no-op.
+        if not params:
+            return None
+        dev = params[0].device
+        lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                 "max_exp_avg_sqs": max_exp_avg_sqs, "masters": masters}
+        for name, lst in lists.items():
+            for i, t in enumerate(lst):
+                if t.device != dev:
+                    raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {dev}; all must share one "
+                                     "device")
+        for name, t in (("scalars", scalars), ("grad_scale", grad_scale), ("found_inf", found_inf),
+                        ("clip_coef", clip_coef)):
+            if t is not None and t.device != dev:
+                raise ValueError(f"{name} must be on {dev} (the params' device), got {t.device}")
         return None
 
 

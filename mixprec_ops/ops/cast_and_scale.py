@@ -46,6 +46,9 @@ if _ext.LOADED:
     def _cast_and_scale_fake(x, dtype, scale, scale_value, amax, saturate):
         _checks.float_tensor(x, "x")
         _checks.cast_target(dtype)
+        # Mixed devices can route a real call here (a meta scale with a CPU x): refuse it, not a silent no-op.
+        _checks.device_scalar(scale, "scale", x.device, allow_none=True)
+        _checks.device_scalar(amax, "amax", x.device, allow_none=True)
         return torch.empty_like(_walkable(x), dtype=dtype)
 
 

@@ -35,7 +35,9 @@ if _ext.LOADED:
 
     @torch.library.register_fake("mixprec::unscale_")
     def _unscale_fake(tensors, inv_scale, found_inf, return_norm):
-        _check_tensors(tensors, inv_scale.device)  # mixed devices can route a call here (e.g. meta + cpu)
+        # Mixed devices can route a real call here (a meta tensor among CPU ones): refuse it, not a silent no-op.
+        _check_tensors(tensors, inv_scale.device)
+        _checks.device_scalar(found_inf, "found_inf", inv_scale.device)
         return inv_scale.new_empty(() if return_norm else (0,))
 
 
