@@ -162,6 +162,26 @@ def main(argv=None) -> int:
         c.impls = keep
 
     rows, notes = [], []
+
+    def failed(r):
+        return r["check"] not in ("ok", SKIPPED_BUDGET)
+
+    def with_shares(rs, copy):
+        """rs with %copy (of `copy` GB/s) and %peak (of torch's bf16 matmul rate, measured at the start) filled in."""
+        peak = ceil.get("matmul_bf16_tflops")
+        for r in rs:
+            r["pct_copy"] = 100 * r["gbps"] / copy if (r["gbps"] and copy) else None
+            r["pct_peak"] = 100 * r["tflops"] / peak if (r["tflops"] and peak) else None
+        return rs
+
+    def document(rs, seconds, **extra):
+        """What results.json holds for rows rs (results.partial.json: the same, with partial=True)."""
+        return {"schema": 1, "date": now.isoformat(timespec="seconds"), "device": dev_type, "quick": args.quick,
+                "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil, **extra, "skipped": skipped,
+                "notes": notes, "cases_seconds": round(seconds, 1),
+                "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
+                "failures": sum(map(failed, rs)), "geomeans": report.geomeans(rs), "results": rs}
+
     bar = _progress(sum(len(c.impls) for c in cases))
     t_start = time.perf_counter()
     op_seconds: dict[str, float] = {}  # wall time spent per op so far (for TIME_BUDGET_S)
@@ -264,16 +284,8 @@ def main(argv=None) -> int:
             op_seconds[c.op] = op_seconds.get(c.op, 0.0) + time.perf_counter() - t_case
             # After every case: what is measured so far, so that a run stopped at a time limit (bench/gpu_check's
             # step) still leaves its rows. %copy against the start's ceiling; replaced by results.json at the end.
-            copy0, peak0 = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
-            so_far = [{**r, "pct_copy": 100 * r["gbps"] / copy0 if (r["gbps"] and copy0) else None,
-                       "pct_peak": 100 * r["tflops"] / peak0 if (r["tflops"] and peak0) else None} for r in rows]
-            report.write_json(os.path.join(out, PARTIAL), {
-                "schema": 1, "partial": True, "date": now.isoformat(timespec="seconds"), "device": dev_type,
-                "quick": args.quick, "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil,
-                "skipped": skipped, "notes": notes, "cases_seconds": round(time.perf_counter() - t_start, 1),
-                "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
-                "failures": sum(r["check"] not in ("ok", SKIPPED_BUDGET) for r in rows),
-                "geomeans": report.geomeans(so_far), "results": so_far})
+            report.write_json(os.path.join(out, PARTIAL), document(with_shares(rows, ceil["copy_gbps"]),
+                                                                   time.perf_counter() - t_start, partial=True))
     bar.close()
     for op, names in over_budget.items():
         skipped.append(f"{op}: {len(names)} case(s) not run, the op's {TIME_BUDGET_S[op]:.0f} s time budget was "
@@ -286,34 +298,14 @@ def main(argv=None) -> int:
     copy_gbps = max(copy_gbps, end["copy_gbps"])  # the denominator of %copy: the best the machine showed
     ceil["copy_gbps_best"] = copy_gbps
     peak = ceil.get("matmul_bf16_tflops")  # torch's own bf16 matmul rate, measured at the start (GPU only)
-    for r in rows:
-        r["pct_copy"] = 100 * r["gbps"] / copy_gbps if r["gbps"] else None
-        r["pct_peak"] = 100 * r["tflops"] / peak if (r["tflops"] and peak) else None
-    geomeans = report.geomeans(rows)
-    failures = [r for r in rows if r["check"] not in ("ok", SKIPPED_BUDGET)]
+    failures = [r for r in rows if failed(r)]
     mach["loadavg_end"] = machine.load()
     mach["parallel_latency_us_end"] = machine.parallel_latency_us()
     lat = max(mach["parallel_latency_us_start"], mach["parallel_latency_us_end"])
     noisy = abs(ceil["copy_gbps"] - ceil["copy_gbps_end"]) > 0.2 * copy_gbps or (dev_type == "cpu" and lat > 300)
-    doc = {
-        "schema": 1,
-        "date": now.isoformat(timespec="seconds"),
-        "device": dev_type,
-        "quick": args.quick,
-        "machine": mach,
-        "versions": vers,
-        "backends": bk,
-        "ceilings": ceil,
-        "settings": {"reps": reps, "warmup": warmup, "min_reps": min_reps, "budget_s": budget, "max_sets": max_sets},
-        "skipped": skipped,
-        "notes": notes,
-        "noisy": noisy,
-        "cases_seconds": round(elapsed, 1),
-        "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
-        "failures": len(failures),
-        "geomeans": geomeans,
-        "results": rows,
-    }
+    settings = {"reps": reps, "warmup": warmup, "min_reps": min_reps, "budget_s": budget, "max_sets": max_sets}
+    doc = document(with_shares(rows, copy_gbps), elapsed, settings=settings, noisy=noisy)
+    geomeans = doc["geomeans"]
     report.write_json(os.path.join(out, "results.json"), doc)
     if os.path.exists(os.path.join(out, PARTIAL)):
         os.remove(os.path.join(out, PARTIAL))
