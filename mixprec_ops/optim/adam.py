@@ -168,23 +168,22 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
-        if self._capturing(p.device):
-            wanted = ("step", *_STATE_KEYS[:2], *(("max_exp_avg_sq",) if group["amsgrad"] else ()),
-                      *(("master_param",) if self._wants_master(group, p) else ()))
-            missing = [k for k in wanted if k not in state]
-            if missing:  # the graph would record the zero-fill / master copy and redo it on every replay
-                raise RuntimeError(
-                    f"mixprec_ops.optim: state {missing} of a {tuple(p.shape)} param would be created inside a CUDA "
-                    "graph capture, where every replay would reset it; run one step outside the capture first (after "
-                    "a param's first grad, load_state_dict of a torch state_dict or turning amsgrad on)")
+        wanted = ("step", *_STATE_KEYS[:3 if group["amsgrad"] else 2],
+                  *(("master_param",) if self._wants_master(group, p) else ()))
+        missing = [k for k in wanted if k not in state]
+        if missing and self._capturing(p.device):  # the graph would record the creation and redo it every replay
+            raise RuntimeError(
+                f"mixprec_ops.optim: state {missing} of a {tuple(p.shape)} param would be created inside a CUDA "
+                "graph capture, where every replay would reset it; run one step outside the capture first (after "
+                "a param's first grad, load_state_dict of a torch state_dict or turning amsgrad on)")
         sd = _STATE_DTYPES[_state_dtype_name(group["state_dtype"])]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for k in _STATE_KEYS[:2] + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-            if k not in state:
+        for k in missing:
+            if k == "step":
+                state[k] = torch.zeros((), dtype=torch.float32, device=p.device)
+            elif k == "master_param":
+                state[k] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            else:  # the moments
                 state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-        if self._wants_master(group, p) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of torch.optim.Adam/AdamW. Unlike torch's policy (which casts
