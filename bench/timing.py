@@ -15,6 +15,7 @@ the last-level cache, so a small case cannot be served from a cache warmed by th
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -45,8 +46,10 @@ def n_sets(bytes_per_set: int, cache_bytes: int, max_sets: int) -> int:
     return max(1, min(max_sets, math.ceil(4 * cache_bytes / bytes_per_set)))
 
 
+@functools.lru_cache(maxsize=None)
 def _sleep_cycles_per_s(device: torch.device) -> float:
-    """Clock cycles per second of torch.cuda._sleep's spin loop on `device`, measured with events."""
+    """Clock cycles per second of torch.cuda._sleep's spin loop on `device`, measured with events once per device
+    (it only sizes the spin, which has a 2x margin)."""
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(1000)  # warm
     a.record()
