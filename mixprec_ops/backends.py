@@ -103,12 +103,33 @@ def requested(backend: str | None) -> str:
 def constant_for_compile(fn):
     """torch.compiler.assume_constant_result(fn), without importing torch._dynamo (and with it triton) at
     `import mixprec_ops` (about 1 s on a CPU machine): the same marker, which Dynamo reads (torch 2.11 to 2.14).
-    For the ops' backend selection (`_select` in mixprec_ops/ops/*.py), which registers an op's Triton version on
-    first use: torch.compile must call it, not trace it (Dynamo refuses to trace torch.library's registration, and
-    the Triton interpreter probe behind availability); tests/test_matmul.py and tests/test_cast_and_scale.py compile
-    a first call through it."""
+    For the ops' backend selection (`selector`), which registers an op's Triton version on first use: torch.compile
+    must call it, not trace it; tests/test_matmul.py, tests/test_cast_and_scale.py and tests/test_adam.py compile a
+    first call through it."""
     fn._dynamo_marked_constant = True
     return fn
+
+
+def selector(op: str, prepare_triton):
+    """The per-op selection function the ops call: `fn(device, backend) -> backend name`, which runs
+    `prepare_triton()` (the op's Triton registration on first use) when it picks Triton.
+
+    Marked as a constant for torch.compile (constant_for_compile), which calls it instead of tracing it: neither an
+    op's registration (Dynamo refuses to trace torch.library: "should not be traced (MOD_SKIPLIST torch/_library)")
+    nor the interpreter probe behind the Triton backend's availability can be traced, and a program's first call of
+    an op may well be inside a compiled function (a compiled model's first matmul, a compiled optimizer step). The
+    choice (and MIXPREC_BACKEND, read here) is then fixed in the compiled code, as any Python-level decision taken
+    while tracing. One function per op (a closure), so that Dynamo's constant call sees only constant arguments."""
+
+    @constant_for_compile
+    def select_backend(device: torch.device, backend: str | None = None) -> str:
+        b = select(op, device, backend)
+        if b == "triton":
+            prepare_triton()
+        return b
+
+    select_backend.__qualname__ = select_backend.__name__ = f"select_backend_{op}"
+    return select_backend
 
 
 def select(op: str, device: torch.device, backend: str | None = None) -> str:

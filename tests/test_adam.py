@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params
+from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params, run_fresh_process
 
 import mixprec_ops
 from mixprec_ops.amp import GradScaler
@@ -781,3 +781,57 @@ def test_params_the_kernels_cannot_walk(device, monkeypatch):
     for p, q in zip(ours, theirs):
         assert rel_diff(p.detach(), q.detach()) <= 1e-6
     assert served[:3] == [(1, None), (1, "torch"), (1, "torch")], served[:3]
+
+
+_COMPILE_FIRST_STEP = r"""
+import json, sys, warnings
+import torch
+import mixprec_ops
+from mixprec_ops.optim import AdamW
+
+dev, bk = sys.argv[1], sys.argv[2]
+
+
+def make():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(37, 5, dtype=torch.bfloat16, device=dev)) for _ in range(3)]
+    return ps, AdamW(ps, lr=1e-2, weight_decay=0.1, master_weights=True, backend=bk)
+
+
+def train_step(ps, opt):
+    inv = torch.full((), 0.5, device=dev)
+    found_inf = torch.zeros(1, device=dev)
+    mixprec_ops.unscale_([p.grad for p in ps], inv, found_inf, backend=bk)
+    opt.step()
+
+
+eager_ps, eager_opt = make()
+comp_ps, comp_opt = make()
+compiled = torch.compile(train_step, backend="aot_eager")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in eager_ps]
+        for p, q, g in zip(eager_ps, comp_ps, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        train_step(eager_ps, eager_opt)
+        compiled(comp_ps, comp_opt)  # the first call: the first unscale_ and adam_step_ of this process, traced
+dynamo = [str(w.message)[:200] for w in caught if "Dynamo" in str(w.message)]
+equal = all(torch.equal(p, q) for p, q in zip(eager_ps, comp_ps)) and all(
+    torch.equal(eager_opt.state[p][k], comp_opt.state[q][k])
+    for p, q in zip(eager_ps, comp_ps) for k in ("step", "exp_avg", "exp_avg_sq", "master_param"))
+print("RESULT " + json.dumps({"equal": equal, "dynamo_warnings": dynamo}))
+"""
+
+
+@pytest.mark.parametrize("device,backend", backend_ids())
+def test_compiled_step_first_call(device, backend, tmp_path):
+    """torch.compile of a training step (unscale_ then optimizer.step()) whose calls are the first of the process:
+    the backend choice is called by Dynamo, not traced (backends.selector), so that a Triton op's registration on
+    first use happens outside the trace, and Dynamo has nothing to warn about (it warned of tracing through the
+    lru_cache of the extension's availability, and of Triton's getenv). Params, masters and moments bit-equal to
+    the eager step's after three steps (same kernels, same order). A fresh process: other tests register the ops
+    earlier in this one."""
+    res = run_fresh_process(_COMPILE_FIRST_STEP, device, backend, cwd=tmp_path)
+    assert res["equal"], res
+    assert res["dynamo_warnings"] == [], res

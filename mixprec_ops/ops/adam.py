@@ -156,13 +156,16 @@ def _get_triton_op():
     return _triton_op
 
 
+_select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
+
+
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
                weight_decay, decoupled, maximize, grad_scale=None, found_inf=None, clip_coef=None, *, backend=None):
     """Dispatch one fused step over a bucket of tensors that share (param dtype, grad dtype, state dtype, masters
     or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend."""
     if not params:
         return
-    b = backends.select(OP, params[0].device, backend)
+    b = _select(params[0].device, backend)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)
     if b == "torch":

@@ -82,14 +82,7 @@ def _get_triton_op():
     return _triton_op
 
 
-@backends.constant_for_compile
-def _select(device: torch.device, backend: str | None) -> str:
-    """backends.select for cast_and_scale; when it picks Triton, the Triton op is registered first. Called, not
-    traced, by torch.compile (see backends.constant_for_compile): a program's first cast may be in compiled code."""
-    b = backends.select(OP, device, backend)
-    if b == "triton":
-        _get_triton_op()
-    return b
+_select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
 
 
 def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=None):

@@ -154,19 +154,7 @@ def _get_triton_ops():
     return _triton_ops
 
 
-@backends.constant_for_compile
-def _select(device: torch.device, backend: str | None) -> str:
-    """backends.select for matmul; when it picks Triton, the Triton ops are registered first (_get_triton_ops).
-
-    Marked as a constant for torch.compile, which calls it instead of tracing it: neither an op's registration
-    (Dynamo refuses to trace torch.library: "should not be traced (MOD_SKIPLIST torch/_library)") nor the
-    interpreter probe behind the Triton backend's availability can be traced, and a program's first matmul may
-    well be inside a compiled function. The choice (and MIXPREC_BACKEND, read here) is then fixed in the compiled
-    code, as any Python-level decision taken while tracing."""
-    bk = backends.select(OP, device, backend)
-    if bk == "triton":
-        _get_triton_ops()
-    return bk
+_select = backends.selector(OP, _get_triton_ops)  # registers the Triton ops when it picks them
 
 
 def _check(a, b, bias, activation, out_dtype):

@@ -77,6 +77,9 @@ _OK_DTYPES = frozenset(_checks.FLOAT_SOURCES)
 _group_by_device_and_dtype = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
 
 
+_select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
+
+
 def _check_tensors(tensors, device):
     """Validate the list in one cheap sweep (thousands of grads per step); find the culprit only on failure.
     torch's C++ grouping by (device, dtype) plus one sweep over the layouts: 0.26 ms for 2,000 tensors on the
@@ -125,7 +128,7 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     _checks.device_scalar(found_inf, "found_inf", inv_scale.device, contiguous=True)
     _checks.boolean(return_norm, "return_norm")
     _check_tensors(tensors, inv_scale.device)
-    b = backends.select(OP, inv_scale.device, backend)
+    b = _select(inv_scale.device, backend)
     if b == "torch":
         return unscale_reference(tensors, inv_scale, found_inf, return_norm)
     if b == "triton":
