@@ -12,7 +12,9 @@ per-step temporaries (grads of another dtype than their param, non-contiguous gr
 and the call raises; the CUDA backend (what "auto" picks when the extension is built) passes addresses as kernel
 parameters and has no such limit. A table is written on the stream current at its first call; a later call on
 another stream reads it after whatever ordering the caller gives that stream against the first one (the same
-ordering its in-place update of those tensors needs).
+ordering its in-place update of those tensors needs). Every other stream that reads a table is recorded on its
+buffer (Tensor.record_stream, once per stream), so that evicting the table never hands its memory to a new
+allocation while a kernel on that stream may still read it.
 """
 
 import collections
@@ -22,6 +24,7 @@ import triton
 
 TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per dtype bucket of each param group)
 _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
+_readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
 
 
@@ -40,6 +43,8 @@ def get_tables(lists, device, chunk, op):
         _tables.move_to_end(key)
         if capturing:
             _captured.add(key)
+        if device.type == "cuda":
+            _note_reader(key, hit[0])
         return hit
     if capturing:
         raise RuntimeError(f"mixprec_ops {op} (triton): a new set of tensors while a CUDA graph is being captured; "
@@ -62,12 +67,28 @@ def get_tables(lists, device, chunk, op):
     buf = host.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else host
     entry = (buf[:off], buf[off:], len(prog) // 2)
     _tables[key] = entry
+    if device.type == "cuda":
+        _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
     if len(_tables) > TABLE_CACHE_SIZE + len(_captured):
-        del _tables[next(k for k in _tables if k not in _captured)]
+        old = next(k for k in _tables if k not in _captured)
+        del _tables[old]
+        _readers.pop(old, None)
     return entry
+
+
+def _note_reader(key, rows):
+    """Record the current stream on the table's buffer the first time that stream reads it (rows is a view of the
+    buffer: record_stream marks the whole block). One current_stream lookup per call; record_stream only for a
+    stream new to this table, which a steady training loop never is."""
+    stream = torch.cuda.current_stream(rows.device)
+    seen = _readers.setdefault(key, set())
+    if stream not in seen:
+        rows.record_stream(stream)
+        seen.add(stream)
 
 
 def clear_table_cache():
     """Drop the cached tables (also those of captured graphs: only when no such graph will be replayed)."""
     _tables.clear()
     _captured.clear()
+    _readers.clear()

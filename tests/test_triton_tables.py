@@ -1,0 +1,96 @@
+"""The device tables of the Triton multi-tensor kernels (mixprec_ops.triton_kernels.tables): their contents, the
+cache that keeps them between calls (hits, LRU eviction, captured tables kept), and on a GPU the streams recorded on
+a table's buffer. The kernels that read them are tested against the reference in test_unscale.py and test_adam.py;
+these tests pin what a wrong cache would break silently (a stale row, a table freed under a running kernel)."""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+tables = pytest.importorskip("mixprec_ops.triton_kernels.tables", reason="triton is not importable",
+                             exc_type=ImportError)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    tables.clear_table_cache()
+    yield
+    tables.clear_table_cache()
+
+
+def test_rows_and_program_map():
+    """One row per non-empty tensor, [address of each list's tensor..., numel, original index]; then one
+    (row, chunk) pair per program, covering every chunk of every tensor once; the map starts at an even offset."""
+    a = [torch.randn(n) for n in (5, 0, 9, 4)]
+    b = [torch.randn(n) for n in (5, 0, 9, 4)]
+    rows, prog, n = tables.get_tables([a, b], torch.device("cpu"), 4, "test")
+    want_rows = [[x.data_ptr(), y.data_ptr(), x.numel(), i] for i, (x, y) in enumerate(zip(a, b)) if x.numel()]
+    assert rows[: 4 * len(want_rows)].view(-1, 4).tolist() == want_rows
+    assert rows.numel() % 2 == 0 and rows.numel() >= 4 * len(want_rows)
+    want_prog = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0)]  # numels 5, 9, 4 in chunks of 4
+    assert n == len(want_prog) and prog.view(-1, 2).tolist() == [list(p) for p in want_prog]
+    rows1, prog1, n1 = tables.get_tables([a], torch.device("cpu"), 8, "test")  # 3 rows of 3: padded to 10
+    assert rows1.numel() == 10 and rows1[:9].view(3, 3)[:, 1:].tolist() == [[5, 0], [9, 2], [4, 3]]
+    assert n1 == 4 and prog1.view(-1, 2).tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
+
+
+def test_cache_hits_misses_and_eviction(monkeypatch):
+    """The same tensors (addresses and sizes) hit: the very same buffers, nothing rebuilt. Another address, another
+    numel at the same address, or another op miss. Beyond TABLE_CACHE_SIZE the least recently used goes first."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 2)
+    x, y, z = torch.randn(8), torch.randn(8), torch.randn(8)
+    first = tables.get_tables([[x]], cpu, 4, "op")
+    assert tables.get_tables([[x]], cpu, 4, "op") is first
+    assert tables.get_tables([[x[:4]]], cpu, 4, "op") is not first  # same address, another numel
+    assert tables.get_tables([[x]], cpu, 4, "other") is not first
+    tables.clear_table_cache()
+    tx = tables.get_tables([[x]], cpu, 4, "op")
+    ty = tables.get_tables([[y]], cpu, 4, "op")
+    assert tables.get_tables([[x]], cpu, 4, "op") is tx  # x is now the most recently used
+    tables.get_tables([[z]], cpu, 4, "op")  # evicts y's, the least recently used
+    assert tables.get_tables([[x]], cpu, 4, "op") is tx
+    assert tables.get_tables([[y]], cpu, 4, "op") is not ty
+
+
+def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
+    """A table hit while a CUDA graph is captured is read by every replay: eviction skips it, whatever else comes.
+    (The capture is simulated: tables._capturing is what get_tables asks.)"""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 1)
+    x = torch.randn(8)
+    kept = tables.get_tables([[x]], cpu, 4, "op")
+    monkeypatch.setattr(tables, "_capturing", lambda device: True)
+    assert tables.get_tables([[x]], cpu, 4, "op") is kept
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        tables.get_tables([[torch.randn(8)]], cpu, 4, "op")
+    monkeypatch.setattr(tables, "_capturing", lambda device: False)
+    others = [torch.randn(8) for _ in range(3)]
+    for t in others:
+        tables.get_tables([[t]], cpu, 4, "op")
+    assert tables.get_tables([[x]], cpu, 4, "op") is kept
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
+def test_cuda_table_read_on_another_stream_is_not_reused_before_that_stream_is_done():
+    """A table built on the default stream, then read by a kernel on a side stream that is still busy (a spin
+    before it), then evicted: its memory must not go to a new allocation on the default stream until the side
+    stream is past the read. The caching allocator would hand the freed block straight back to the next
+    allocation of its size on its stream; the reader's record_stream makes it wait for the side stream instead."""
+    dev = torch.device("cuda")
+    x = [torch.randn(1000, device=dev) for _ in range(3)]
+    rows, _, _ = tables.get_tables([x], dev, 256, "op")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # tens of ms: still running when the cache is cleared below
+        hit, _, _ = tables.get_tables([x], dev, 256, "op")
+        assert hit is rows
+        hit.sum()  # a read of the table on the side stream
+    addr, nbytes = rows.untyped_storage().data_ptr(), rows.untyped_storage().nbytes()
+    del rows, hit
+    tables.clear_table_cache()
+    again = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    assert again.data_ptr() != addr, "the table's block was reused while a stream that reads it was still running"
+    torch.cuda.synchronize()
