@@ -147,3 +147,26 @@ def test_cuda_tensor_spanning_launches():
         hp = (0.9, 0.999, 1e-8, 0.01, True, False)
         step_and_compare(d, sc, hp, backend, f"amsgrad={ams} ")
         del d
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params("adam_step_"))
+@pytest.mark.parametrize("P,G,master,text", [
+    (torch.float16, torch.bfloat16, False, "grads must have the params' dtype"),
+    (torch.bfloat16, torch.float16, True, "grads must have the params' dtype"),
+    (torch.float32, torch.bfloat16, False, "grads must have the params' dtype"),
+    (torch.float32, torch.float32, True, "masters must be empty when params are float32"),
+], ids=["f16-bf16grads", "bf16-f16grads-master", "f32-bf16grads", "f32-master"])
+def test_every_backend_refuses_the_same_combinations(device, backend, P, G, master, text):
+    """One dtype contract for all backends (the module docstring): the CUDA kernel instantiates only grads in the
+    params' dtype or fp32 and masters for 16-bit params; the CPU, Triton and torch backends, which could compute
+    the other combinations, refuse them too, with the same message, before writing anything."""
+    gen = torch.Generator().manual_seed(11)
+    d = make_bucket(P, G, torch.float32, master, False, [5, 33], "plain", device, gen)
+    before = {k: [t.clone() for t in v] for k, v in d.items()}
+    sc = adam_scalars([torch.zeros((), device=device)] * 2, 1e-3, 0.9, 0.999, 0.0)
+    with pytest.raises(RuntimeError, match=text):
+        run(adam_step_, d, sc, (0.9, 0.999, 1e-8, 0.0, True, False), None, None, None, backend=backend)
+    for k in d:
+        for i, (o, e) in enumerate(zip(d[k], before[k])):
+            assert_bit_exact(o, e, f"{k}[{i}]")
+

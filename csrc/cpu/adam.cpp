@@ -298,6 +298,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(is_float_source(pt), "params[0] must be float32, float16 or bfloat16, got ", pt);
   TORCH_CHECK(is_float_source(gt), "grads[0] must be float32, float16 or bfloat16, got ", gt);
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, "exp_avgs[0] must be float32 or bfloat16, got ", st);
+  // The combinations every backend takes (the CUDA kernel instantiates only these; mixprec_ops/ops/adam.py checks
+  // the same for the Triton and torch backends): grads in the params' dtype or float32, masters for 16-bit params.
+  TORCH_CHECK(gt == pt || gt == at::kFloat, "grads must have the params' dtype (", pt, ") or float32, got ", gt);
+  TORCH_CHECK(!(has_master && pt == at::kFloat), "masters must be empty when params are float32");
   TORCH_CHECK(scalars.device().is_cpu(), "scalars must be a CPU tensor, got one on ", scalars.device());
   TORCH_CHECK(scalars.scalar_type() == at::kFloat, "scalars must be float32, got ", scalars.scalar_type());
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == 3,

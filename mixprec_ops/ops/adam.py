@@ -27,6 +27,9 @@ multiply-add, so that the C++, CUDA and Triton kernels match the reference bit f
 Per tensor, [step_size, bc2_sqrt, decay] = fp32 of fp64 [lr / (1 - beta1**t), sqrt(1 - beta2**t), 1 - lr*wd] with
 t = step + 1, computed once per call on the device by `adam_scalars` (so all backends see the same scalars).
 If found_inf holds a non-zero value nothing is written (params, masters, states are left bit-unchanged).
+
+dtypes (one bucket, every backend): params float32, float16 or bfloat16; grads the params' dtype or float32;
+states float32 or bfloat16; masters (float32) only with float16/bfloat16 params.
 """
 
 from __future__ import annotations
@@ -156,6 +159,15 @@ def _get_triton_op():
     return _triton_op
 
 
+def _check_combination(pt, gt, has_master):
+    """The dtype combinations every backend takes (the CUDA kernel instantiates only these): grads in the params'
+    dtype or float32, masters only for 16-bit params. The C++ kernels raise the same messages."""
+    if gt is not None and gt != pt and gt != torch.float32:
+        raise RuntimeError(f"grads must have the params' dtype ({pt}) or float32, got {gt}")
+    if has_master and pt == torch.float32:
+        raise RuntimeError("masters must be empty when params are float32")
+
+
 _select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
 
 
@@ -166,6 +178,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
     if not params:
         return
     b = _select(params[0].device, backend)
+    if b in ("torch", "triton"):  # the C++ kernels check the same (csrc/cpu/adam.cpp, csrc/cuda/adam.cu)
+        _check_combination(params[0].dtype, grads[0].dtype if grads else None, bool(masters))
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)
     if b == "torch":
