@@ -263,3 +263,145 @@ def test_backward_with_broadcast_grad(device, backend):
     # each gradient is a sum of up to 18 exact bf16 values accumulated in fp32, rounded once to bf16
     for g, r in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
         torch.testing.assert_close(g.double().cpu(), r, atol=1e-6, rtol=2 ** -8)
+
+
+def second_order(fn, x, w, b):
+    """(d2/dx2, d2/dxdw) of sum(fn(x, w, b)) as the gradients of sum(d/dx) w.r.t. x and w (float64, on the CPU)."""
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    (gx,) = torch.autograd.grad(fn(x, w, b).float().sum(), x, create_graph=True)
+    hx, hw = torch.autograd.grad(gx.float().sum(), (x, w), allow_unused=True, materialize_grads=True)
+    return hx.double().cpu(), hw.double().cpu()
+
+
+@pytest.mark.parametrize("device,backend", backends_here())
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_double_backward(device, backend, act):
+    """Second derivatives through the fused layer (gradient penalties, Hessian-vector products): the activation's
+    second derivative reaches the op through its saved pre-activation output, whose gradient the backward must add
+    (it was dropped: d2/dx2 came out exactly 0 for gelu/silu), and the products of the first backward must have
+    gradients themselves on every backend (the cuBLASLt and Triton matmul ops have none: the first backward runs
+    them through linear when a graph is being built). Same tolerance as the first-order test: 2x torch's own
+    fp16 error against float64 on the same inputs, plus a floor."""
+    torch.manual_seed(7)
+    dtype = torch.float16
+    x = torch.randn(5, 12).to(dtype).to(device)
+    w = (torch.randn(7, 12) / 3).to(dtype).to(device)
+    b = torch.randn(7).to(dtype).to(device)
+    ours = second_order(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b)
+    exact = second_order(torch_linear(act), x.double().cpu(), w.double().cpu(), b.double().cpu())
+    theirs = second_order(torch_linear(act), x, w, b)
+    for name, o, e, t in zip(("d2/dx2", "d2/dxdw"), ours, exact, theirs):
+        err, base = (o - e).abs().max().item(), (t - e).abs().max().item()
+        floor = 1e-3 * e.abs().max().item() + 1e-6
+        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+    if act in ("gelu", "silu", "gelu_tanh"):
+        assert exact[0].abs().max() > 0.1  # the case tests a non-zero second derivative
+
+
+@pytest.mark.parametrize("act", [None, "gelu"], ids=str)
+def test_torch_func_transforms(act):
+    """torch.func.jvp / jacfwd / grad / vmap and forward-mode AD (the fused op has no jvp or vmap rule: jvp used
+    to return zero tangents through it, grad raised) run the same numerics as plain torch ops. Checked against the
+    same transform of torch's linear in float64, to bf16 accuracy (2**-7 relative to the largest value)."""
+    torch.manual_seed(3)
+    dt = torch.bfloat16
+    x, w, b, t = torch.randn(3, 8).to(dt), (torch.randn(5, 8) / 3).to(dt), torch.randn(5).to(dt), torch.randn(3, 8)
+
+    def ours(x):
+        return linear(x, w, b, act)
+
+    def exact(x):
+        return torch_linear(act)(x, w.double(), b.double())
+
+    def close(got, want):
+        got, want = got.double(), want.double()
+        assert (got - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-6, (got, want)
+        assert want.abs().max() > 0.1
+
+    close(torch.func.jvp(ours, (x,), (t.to(dt),))[1], torch.func.jvp(exact, (x.double(),), (t.double(),))[1])
+    close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(exact)(x.double()))
+    close(torch.func.jacrev(ours)(x), torch.func.jacrev(exact)(x.double()))
+    close(torch.func.grad(lambda x: ours(x).float().sum())(x), torch.func.grad(lambda x: exact(x).sum())(x.double()))
+    per_row = torch.func.vmap(torch.func.grad(lambda r: ours(r).float().sum()))(x)
+    close(per_row, torch.func.vmap(torch.func.grad(lambda r: exact(r).sum()))(x.double()))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x, t.to(dt)))).tangent
+    close(tangent, torch.func.jvp(exact, (x.double(),), (t.double(),))[1])
+
+
+def test_autocast_runs_the_fused_kernel_on_cast_arguments():
+    """Inside torch.autocast a converted float32 model behaves as torch's: every argument is cast to the autocast
+    dtype (a two-layer fp32 model used to fail at its second layer, which got a bf16 input and an fp32 weight);
+    the output is the autocast dtype and equals our kernel on the cast tensors, bit for bit (the pure-torch path
+    keeps its fp32 accumulation inside the region: the fp32 @ is not cast down); grads reach the fp32 params."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.GELU(), torch.nn.Linear(9, 4))
+    convert(model)
+    x = torch.randn(6, 12)
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            y = model(x)
+        assert y.dtype == dt
+        h = torch.nn.functional.gelu(linear(x.to(dt), model[0].weight.to(dt), model[0].bias.to(dt)))
+        assert torch.equal(y, linear(h, model[2].weight.to(dt), model[2].bias.to(dt)))
+        y.float().sum().backward()
+        assert model[0].weight.grad.dtype == torch.float32 and model[0].weight.grad.abs().sum() > 0
+        model.zero_grad()
+    a, bm = torch.randn(5, 40).to(torch.bfloat16), torch.randn(40, 3).to(torch.bfloat16)
+    want = mixprec_ops.matmul(a, bm, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixprec_ops.matmul(a, bm, backend="torch")
+    assert torch.equal(got, want)
+
+
+def test_float64_and_1d_inputs_like_torch():
+    """float64 layers (gradcheck) run torch's linear, as float32 ones do; a 1-D input of a 16-bit layer gives a
+    1-D output equal to the row it is (torch's linear takes 1-D inputs; ours raised for fp16/bf16)."""
+    torch.manual_seed(2)
+    m = Linear(6, 4, dtype=torch.float64, activation="gelu")
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: m(x), (x,))
+    for dt in DTYPES:
+        m = Linear(6, 4, dtype=dt, activation="silu")
+        v = torch.randn(6).to(dt)
+        y = m(v)
+        assert y.shape == (4,) and torch.equal(y, m(v[None])[0])
+
+
+def test_bad_arguments_are_named_as_torch_names_them():
+    """Errors name input / weight / bias with the user's shapes (not the internal matmul's a and b, with the weight
+    transposed); a bias on another device (meta) is refused, not run through the fake kernel into garbage."""
+    bf = torch.bfloat16
+    x, w, b = torch.randn(3, 7).to(bf), torch.randn(4, 6).to(bf), torch.randn(4).to(bf)
+    with pytest.raises(ValueError, match=r"input must have shape \(\.\.\., in_features\) = \(\.\.\., 6\) to match "
+                                         r"weight \(4, 6\), got \(3, 7\)"):
+        linear(x, w, b)
+    with pytest.raises(TypeError, match=r"input \(torch.float32\) and weight \(torch.bfloat16\) must have the same"):
+        linear(torch.randn(3, 6), w, b)
+    with pytest.raises(ValueError, match="bias must be on input's device cpu, got meta"):
+        linear(torch.randn(3, 6).to(bf), w, torch.empty(4, dtype=bf, device="meta"))
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(4,\), got \(5,\)"):
+        linear(torch.randn(3, 6).to(bf), w, torch.randn(5).to(bf))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        linear([1.0] * 6, w, b)
+
+
+def test_convert_warns_about_the_linear_subclasses_it_leaves():
+    """A parametrized Linear (its class becomes ParametrizedLinear) and a LazyLinear not yet run are left as they
+    are, as every subclass is, but no longer silently: one warning names them. MultiheadAttention's out_proj (its
+    forward never runs) and an already converted model give none."""
+    lin = torch.nn.Linear(4, 4)
+    torch.nn.utils.parametrizations.spectral_norm(lin)
+    model = torch.nn.Sequential(lin, torch.nn.LazyLinear(3))
+    with pytest.warns(UserWarning, match=r"left unconverted.*0 \(ParametrizedLinear\), 1 \(LazyLinear\)"):
+        convert(model)
+    assert type(model[1]) is torch.nn.LazyLinear
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2), torch.nn.Linear(8, 8)))
+        convert(convert(torch.nn.Sequential(torch.nn.Linear(8, 8))))

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.matmul import (ACTIVATIONS, _as_2d, activation_grad, apply_activation, matmul, matmul_and_rowsum,
-                          matmul_with_preactivation)
+from torch.autograd import forward_ad
+
+from .. import _checks
+from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_grad, apply_activation, matmul,
+                          matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
 
 
 def _bk(backend: str):
@@ -63,19 +66,29 @@ def _backward(ctx, grad_y, grad_pre):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g = grad_y
     if ctx.activation is not None:
-        g = (g.float() * activation_grad(pre, ctx.activation)).to(x.dtype)
+        g = g.float() * activation_grad(pre, ctx.activation)
+        if grad_pre is not None:  # pre is an output too: reached by a double backward through act'(pre) above
+            g = g + grad_pre.float()
+        g = g.to(x.dtype)
     elif g.dtype != x.dtype:
         g = g.to(x.dtype)
     g2 = _as_2d(g)  # (rows, out); not reshape(-1, out): ambiguous when out_features == 0
     need_b = need_b and ctx.bias_dtype is not None
-    dx = matmul(g, weight, backend=ctx.backend) if need_x else None
     dw = db = None
-    if need_w:
-        x2 = _as_2d(x)
-        if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
-            dw, db = matmul_and_rowsum(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
-        else:
-            dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+    if torch.is_grad_enabled():
+        # create_graph=True (a double backward will follow): every product through linear itself, which has a
+        # gradient on every backend (the matmul ops it would otherwise call have none on cuda and triton)
+        dx = linear(g, weight.t(), backend=ctx.backend) if need_x else None
+        if need_w:
+            dw = linear(g2.t(), _as_2d(x).t(), backend=ctx.backend)
+    else:
+        dx = matmul(g, weight, backend=ctx.backend) if need_x else None
+        if need_w:
+            x2 = _as_2d(x)
+            if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
+                dw, db = matmul_and_rowsum(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+            else:
+                dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
     if need_b and db is None:
         db = g2.float().sum(0).to(ctx.bias_dtype)
     return dx, dw, db, None, None
@@ -84,21 +97,83 @@ def _backward(ctx, grad_y, grad_pre):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast(x, weight, bias):
+    """torch.autocast's policy for linear ("lower precision fp"): inside an enabled autocast region for x's device
+    type, every float16/bfloat16/float32 argument is cast to the region's dtype (float64 is left alone), so a
+    float32 model runs the fused 16-bit kernel and returns the autocast dtype, as torch.nn.functional.linear does.
+    (matmul_reference, the pure-torch path, switches autocast off around its fp32 ops.)"""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t if t is None or t.dtype == dt or t.dtype not in (torch.float32, *OPERAND_DTYPES) else t.to(dt)
+
+    return cast(x), cast(weight), cast(bias)
+
+
+def _under_transform() -> bool:
+    """Inside a torch.func transform (grad, vjp, jvp, vmap, jacfwd, ...) or a forward-mode AD level: the fused op
+    has no vmap or jvp rule (torch.func.jvp would return zero tangents through it), so these run the same numerics
+    in plain torch ops (matmul_reference), which every transform and derivative order supports. Not asked while
+    torch.compile traces (Dynamo runs the transforms its own way)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def _check_args(x, weight, bias):
+    """The fused path's arguments, named as torch.nn.functional.linear names them (x, weight and bias are tensors,
+    checked before the autocast cast)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input must have shape (..., in_features) = (..., {weight.shape[1]}) to match weight "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (inside "
+                        "torch.autocast both are cast to its dtype)")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on input's device {x.device}, got {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on input's device {x.device}, got {bias.device}")
+
+
 def linear(x, weight, bias=None, activation=None, *, backend=None):
     """act(x @ weight.T + bias), like torch.nn.functional.linear followed by the activation, fused.
 
     Args:
-        x: (..., in_features), float16 or bfloat16 (float32 falls back to torch.nn.functional.linear).
+        x: (..., in_features) or (in_features,), float16 or bfloat16 (float32 and float64 fall back to
+            torch.nn.functional.linear). Inside torch.autocast, x, weight and bias are first cast to the autocast
+            dtype, as torch does for linear (a float32 model then runs the fused kernel).
         weight: (out_features, in_features), x's dtype.
         bias: optional (out_features,), x's dtype or float32.
         activation: None, "relu", "gelu", "gelu_tanh" or "silu".
         backend: as for mixprec_ops.matmul (forward and backward).
+
+    Autograd: first and higher-order gradients on every backend (a double backward runs the products of the first
+    backward through linear again). Under torch.func transforms (grad, vmap, jvp, jacfwd, ...) and forward-mode AD
+    the same numerics run as plain torch ops (fp32 product, one rounding), which every transform supports.
     """
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and weight.dtype == torch.float32:
+    _checks.tensor(x, "input")
+    _checks.tensor(weight, "weight")
+    if bias is not None:
+        _checks.tensor(bias, "bias")
+    x, weight, bias = _autocast(x, weight, bias)
+    if x.dtype == weight.dtype and x.dtype not in OPERAND_DTYPES:  # float32, float64: torch's linear (and checks)
         return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
-    if isinstance(weight, torch.Tensor) and weight.dim() != 2:
-        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
-    return _linear_op(x, weight, bias, "none" if activation is None else activation,
-                      "" if backend is None else backend)[0]
+    _check_args(x, weight, bias)
+    if _under_transform():
+        return matmul_reference(x, weight.t(), bias, activation)  # the fused op's numerics, in plain torch ops
+    one_d = x.dim() == 1
+    if one_d:
+        x = x.unsqueeze(0)
+    act = "none" if activation is None else activation
+    y = _linear_op(x, weight, bias, act, "" if backend is None else backend)[0]
+    return y.squeeze(0) if one_d else y

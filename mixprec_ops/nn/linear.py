@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..ops.matmul import ACTIVATIONS
@@ -31,6 +33,8 @@ class Linear(torch.nn.Linear):
 
 
 _CONV1D_CLASSES: dict[type, type] = {}
+# nn.MultiheadAttention's out_proj: its weight and bias feed F.multi_head_attention_forward; its forward never runs
+_NEVER_CALLED = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
 def _is_hf_conv1d(m: torch.nn.Module) -> bool:
@@ -64,13 +68,26 @@ def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
     requires_grad), hooks and state_dict keys. Only exact torch.nn.Linear instances are converted (subclasses may
     override forward). Hugging Face's Conv1D (GPT-2's attention and MLP projections: y = x @ weight + bias) is
     converted too, to a subclass of itself computing the same product with the fused kernel. `activation` is fused
-    into every converted layer (default None: outputs unchanged)."""
+    into every converted layer (default None: outputs unchanged).
+
+    Other subclasses of torch.nn.Linear are left as they are, with one warning naming them: a layer with a
+    parametrization (torch.nn.utils.parametrize, spectral_norm, parametrizations.weight_norm: convert before adding
+    it), a LazyLinear not yet run (run the model once first), or a user subclass. nn.MultiheadAttention's
+    out_proj (NonDynamicallyQuantizableLinear) is skipped silently: attention reads its weight, never its forward."""
     _check_activation(activation)
-    for m in model.modules():
+    skipped = []
+    for name, m in model.named_modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = Linear
             m.activation = activation
         elif _is_hf_conv1d(m):
             m.__class__ = _conv1d_class(type(m))
             m.activation = activation
+        elif isinstance(m, torch.nn.Linear) and not isinstance(m, (Linear, _NEVER_CALLED)):
+            skipped.append(f"{name or '<model>'} ({type(m).__name__})")
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(f"mixprec_ops.nn.convert: left unconverted, not exactly torch.nn.Linear: {', '.join(skipped[:5])}"
+                      f"{more}. Convert before adding parametrizations; run a LazyLinear once first.", UserWarning,
+                      stacklevel=2)
     return model

@@ -61,7 +61,12 @@ def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 def matmul_reference(a, b, bias=None, activation=None, out_dtype=None, return_pre=False):
-    """Pure-torch reference: fp32 product (a.float() @ b.float()), + bias.float(), activation in fp32, one cast."""
+    """Pure-torch reference: fp32 product (a.float() @ b.float()), + bias.float(), activation in fp32, one cast.
+    The same inside a torch.autocast region, which is switched off around it (its fp32 `@` would run in 16 bits
+    and round the accumulator before the bias and the activation)."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return matmul_reference(a, b, bias, activation, out_dtype, return_pre)
     out_dtype = a.dtype if out_dtype is None else out_dtype
     acc = a.float() @ b.float()
     if bias is not None:
