@@ -324,7 +324,39 @@ def _fsdp2_resume(mesh, backend, batches, ckpt_dir, how):
         return dict(error=f"{type(e).__name__}: {e}")
 
 
+def scenario_scaler_fsdp2(rank, backend, out_dir):
+    """GradScaler (torch's, ours) over FSDP2's DTensor grads, with torch.optim.SGD and our AdamW (bf16 params,
+    masters): at the second of three steps an inf appears in rank 1's shard only. Every rank must skip that step
+    and back off the scale (torch's DTensor rule max-reduces found_inf over the mesh; ours raised "no sharding
+    strategy" for its unscale_ op)."""
+    from mixprec_ops.amp import GradScaler
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for opt_name, dtype in (("sgd", torch.float32), ("ours_bf16", torch.bfloat16)):
+        for impl, cls in (("torch", torch.amp.GradScaler), ("ours", GradScaler)):
+            model = _fsdp_model(mesh, dtype)
+            opt = (torch.optim.SGD(model.parameters(), lr=0.1) if opt_name == "sgd"
+                   else ours(model.parameters(), backend, master_weights="auto"))
+            scaler = cls("cpu", init_scale=2.0**10, growth_interval=1)
+            scales, snapshots = [], []
+            for step, (x, y) in enumerate(local_batches(rank, dtype)[:3]):
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss_fn(model, x, y)).backward()
+                if step == 1 and rank == 1:
+                    model[0].weight.grad.to_local()[0, 0] = float("inf")  # rank 1's rows of the first weight
+                scaler.step(opt)
+                scaler.update()
+                scales.append(scaler.get_scale())
+                snapshots.append({n: p.detach().to_local().clone() for n, p in model.named_parameters()})
+            out[(opt_name, impl)] = dict(scales=scales, snapshots=snapshots)
+    return out
+
+
 SCENARIOS = {
+    "scaler_fsdp2": scenario_scaler_fsdp2,
     "ddp": scenario_ddp,
     "fsdp2": scenario_fsdp2,
     "zero": scenario_zero,
@@ -635,3 +667,21 @@ def test_fsdp2_bf16_checkpoint_resume(results, how):
             for n, want in r[k].items():
                 got = res[k][n]
                 assert torch.equal(got, want), f"rank {rank} {k} {n}: resumed run off by {(got - want).abs().max()}"
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "ours_bf16"])
+def test_grad_scaler_over_fsdp2_shards_skips_on_every_rank(results, opt_name):
+    """An inf in one rank's shard skips the step on every rank, with our GradScaler as with torch's: the same scale
+    history (growth, backoff at the inf step, growth), shards unchanged by the skipped step on both ranks, and the
+    same shards as torch's scaler gives after every step (bit for bit: same grads, same optimizer)."""
+    per_rank = results("scaler_fsdp2")
+    for rank, res in enumerate(per_rank):
+        mine, ref = res[(opt_name, "ours")], res[(opt_name, "torch")]
+        assert ref["scales"] == [2.0**11, 2.0**10, 2.0**11], ref["scales"]  # the scenario really skipped a step
+        assert mine["scales"] == ref["scales"], (rank, mine["scales"])
+        for step, (a, b) in enumerate(zip(mine["snapshots"], ref["snapshots"])):
+            for n in a:
+                assert torch.equal(a[n], b[n]), f"rank {rank} step {step} {n}: differs from torch's scaler"
+        for n, t in mine["snapshots"][1].items():
+            assert torch.equal(t, mine["snapshots"][0][n]), f"rank {rank}: {n} changed in the skipped step"
+

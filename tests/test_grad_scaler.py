@@ -94,3 +94,35 @@ def test_unscale_adds_no_host_sync(backend):
         scaler.unscale_(opt)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bad_backend_name_fails_at_construction(monkeypatch):
+    """A misspelt backend is refused by the constructor, not at the first step after a whole forward/backward."""
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GradScaler("cpu", backend="cuBLAS")
+    monkeypatch.setenv("MIXPREC_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MIXPREC_BACKEND must be one of"):
+        GradScaler("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for a machine without CUDA")
+def test_constructor_warning_points_at_the_caller():
+    """torch's "CUDA is not available. Disabling." names the line that built the scaler, with ours as with
+    torch's (warning filters keyed on module or line, and the once-per-location default, depend on it)."""
+    with pytest.warns(UserWarning, match="CUDA is not available") as rec:
+        GradScaler("cuda")
+    assert rec[0].filename == __file__, rec[0].filename
+
+
+def test_overflow_after_unscaling_skips_the_step():
+    """With a scale below 1, a finite grad can overflow when unscaled: ours checks the unscaled values (as stored)
+    and skips the step and backs off (torch's kernel checks the input and steps with an inf; the documented
+    difference). The params stay bit-unchanged."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = GradScaler("cpu", init_scale=0.5)
+    scaler.scale(torch.ones(()))  # creates the scale tensor, as scaling the loss does
+    p.grad = torch.tensor([3e38, 1.0])  # 3e38 / 0.5 overflows fp32
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(2)) and scaler.get_scale() == 0.25

@@ -3,13 +3,21 @@ device that handles float32, float16 AND bfloat16 grads (torch's own kernel reje
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import torch
 from torch.amp.grad_scaler import _MultiDeviceReplicator
 
+from .. import backends
 from .._checks import FLOAT_SOURCES
 from ..ops.unscale import unscale_
+
+try:  # torch.distributed may be absent from a build
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.placement_types import Partial
+except ImportError:
+    DTensor = None
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -20,14 +28,27 @@ class GradScaler(torch.amp.GradScaler):
     load_state_dict, ...) and state_dict keys as torch.amp.GradScaler; a state_dict of either loads into the
     other. Adds no host synchronisation beyond torch's (unscale_ reads inv_scale on the device).
 
-    Extra keyword: backend ("auto", "cuda", "triton", "cpu", "torch") for the unscale kernel.
+    Extra keyword: backend ("auto", "cuda", "triton", "cpu", "torch") for the unscale kernel (the name is checked
+    here; whether it can serve the grads' device, at the first unscale).
+
+    One difference from torch's: inf/NaN is looked for in the unscaled grads, as stored. With a scale below 1
+    (after many backoffs) a finite grad can overflow when unscaled; torch's kernel checks the input and steps with
+    the inf, ours skips that step and backs off, as for any other overflow.
+
+    DTensor grads (FSDP2, tensor parallel) are unscaled shard by shard and found_inf is max-reduced over the mesh,
+    as torch's DTensor rule does for its own kernel: every rank skips the same steps.
     """
 
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True, *,
                  backend: str | None = None) -> None:
-        super().__init__(device, init_scale=init_scale, growth_factor=growth_factor,
-                         backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
+        backends.requested(backend)  # a bad name fails here, not after the first forward and backward
+        with warnings.catch_warnings(record=True) as caught:  # torch's "CUDA is not available. Disabling."
+            warnings.simplefilter("always")
+            super().__init__(device, init_scale=init_scale, growth_factor=growth_factor,
+                             backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
+        for w in caught:  # re-issued at the caller's line, where torch's own class puts it (not at this file's)
+            warnings.warn(w.message, w.category, stacklevel=2)
         self._backend = backend
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
@@ -35,6 +56,7 @@ class GradScaler(torch.amp.GradScaler):
         per_device_found_inf = _MultiDeviceReplicator(found_inf)
         ours: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         others: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)  # e.g. float64
+        sharded: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (mesh, placements, device) -> local grads
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -49,7 +71,10 @@ class GradScaler(torch.amp.GradScaler):
                         g = param.grad._values()
                     else:
                         g = param.grad
-                    if g.dtype in FLOAT_SOURCES:
+                    if DTensor is not None and isinstance(g, DTensor):  # FSDP2, tensor parallel
+                        local = g.to_local()
+                        sharded[(g.device_mesh, g.placements, local.device)].append(local)
+                    elif g.dtype in FLOAT_SOURCES:
                         ours[g.device].append(g)
                     else:
                         others[(g.device, g.dtype)].append(g)
@@ -59,4 +84,23 @@ class GradScaler(torch.amp.GradScaler):
             for (device, _), grads in others.items():
                 torch._amp_foreach_non_finite_check_and_unscale_(
                     grads, per_device_found_inf.get(device), per_device_inv_scale.get(device))
+            for (mesh, placements, device), grads in sharded.items():
+                self._unscale_shards(grads, mesh, placements, per_device_inv_scale.get(device),
+                                     per_device_found_inf.get(device))
         return per_device_found_inf._per_device_tensors
+
+    def _unscale_shards(self, grads, mesh, placements, inv_scale, found_inf):
+        """Unscale the local shards of DTensor grads that share a mesh and placements, then share what any rank
+        found: the flag is max-reduced over the mesh dims along which the grads are not replicated, as torch's
+        DTensor rule for _amp_foreach_non_finite_check_and_unscale_ does, so every rank skips the same steps (a
+        rank that stepped while another skipped would leave the shards of one param out of step)."""
+        found = torch.zeros_like(found_inf)
+        local = [g for g in grads if g.dtype in FLOAT_SOURCES]
+        if local:
+            unscale_(local, inv_scale, found, backend=self._backend)
+        rest = [g for g in grads if g.dtype not in FLOAT_SOURCES]
+        if rest:
+            torch._amp_foreach_non_finite_check_and_unscale_(rest, found, inv_scale)
+        spec = [p if isinstance(p, Replicate) else Partial("max") for p in placements]
+        found = DTensor.from_local(found, mesh, spec, run_check=False).full_tensor()
+        torch.maximum(found_inf, found, out=found_inf)
