@@ -2,8 +2,8 @@
 
 scale = (fp8_max / 2**margin) / amax; the previous scale is kept when amax is 0 or non-finite (or the new scale
 would overflow). All state lives in device tensors, so no step reads anything back to the host, and each class's
-state_dict round-trips through load_state_dict. Quantized values are x * scale; dequantize with 1 / scale
-(`scale_inv`), which is what torch._scaled_mm expects.
+state_dict round-trips through load_state_dict. Quantized values are x * scale; dequantize with `scale_inv`, 1 / the
+scale of the last cast (what torch._scaled_mm expects), which stays right after update() moves the scale on.
 
   CurrentScaling: the scale comes from the tensor being cast (an amax pass, then the cast pass).
   DelayedScaling: the scale comes from a history of earlier amaxes; the cast records the new amax in the same
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks, backends
 from .ops.cast_and_scale import cast_and_scale
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -34,23 +35,50 @@ def _check_dtype(dtype):
 class _Recipe:
     _state_keys: tuple[str, ...] = ()
 
+    def _init_state(self, device):
+        self.scale = torch.ones(1, dtype=torch.float32, device=device)
+        self.amax = torch.zeros(1, dtype=torch.float32, device=device)
+        self._scale_inv = torch.ones(1, dtype=torch.float32, device=device)  # 1 / the scale of the last cast
+
+    def _check_input(self, x, backend):
+        """Before any state changes: a rejected call leaves the recipe as it was."""
+        _checks.float_tensor(x, "x")
+        if x.device != self.scale.device:
+            raise ValueError(f"x must be on the recipe's device {self.scale.device}, got {x.device}")
+        backends.requested(backend)
+
+    def _cast(self, x, amax, backend):
+        torch.reciprocal(self.scale, out=self._scale_inv)  # what dequantizes this cast, whatever update() does next
+        return cast_and_scale(x, self.dtype, self.scale, amax=amax, saturate=True, backend=backend)
+
     def state_dict(self) -> dict:
-        return {k: getattr(self, k).clone() for k in self._state_keys} | {"config": self._config()}
+        return ({k: getattr(self, k).clone() for k in self._state_keys} | {"scale_inv": self._scale_inv.clone()}
+                | {"config": self._config()})
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the state of a recipe with the same configuration (dtype, margin, history length, algorithm:
+        ValueError naming the differences otherwise, since the scales of one would saturate or waste the range of
+        the other). A state_dict without "scale_inv" (saved before it was kept) dequantizes with 1 / scale."""
         missing = [k for k in self._state_keys if k not in state]
         if missing:
             raise KeyError(f"state_dict is missing {missing}")
+        theirs, ours = state.get("config"), self._config()
+        if theirs is not None and theirs != ours:
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} saved, {v!r} here" for k, v in ours.items() if theirs.get(k) != v)
+            raise ValueError(f"state_dict comes from a recipe configured otherwise ({diff})")
         for k in self._state_keys:
             cur = getattr(self, k)
             if state[k].shape != cur.shape:
                 raise ValueError(f"state_dict[{k!r}] has shape {tuple(state[k].shape)}, expected {tuple(cur.shape)}")
-            cur.copy_(state[k])
+        for k in self._state_keys:
+            getattr(self, k).copy_(state[k])
+        self._scale_inv.copy_(state["scale_inv"] if "scale_inv" in state else self.scale.reciprocal())
 
     @property
     def scale_inv(self) -> torch.Tensor:
-        """1 / scale: the dequantization scale of the last cast."""
-        return self.scale.reciprocal()
+        """1 / the scale of the last cast: what dequantizes the last quantize()'s output (torch._scaled_mm's scale
+        argument), also after update() has moved the scale on. A device tensor, updated in place by each cast."""
+        return self._scale_inv
 
 
 class CurrentScaling(_Recipe):
@@ -62,17 +90,17 @@ class CurrentScaling(_Recipe):
         _check_dtype(dtype)
         self.dtype, self.margin = dtype, int(margin)
         self.fp8_max = torch.finfo(dtype).max
-        self.scale = torch.ones(1, dtype=torch.float32, device=device)
-        self.amax = torch.zeros(1, dtype=torch.float32, device=device)
+        self._init_state(device)
 
     def _config(self):
         return {"dtype": str(self.dtype), "margin": self.margin}
 
     def quantize(self, x: torch.Tensor, *, backend=None) -> torch.Tensor:
         """Return fp8 x * scale with scale from max|x| (kept from before when x is all zeros or non-finite)."""
+        self._check_input(x, backend)
         self.amax.copy_(x.detach().abs().amax().float().reshape(1) if x.numel() else self.amax.new_zeros(1))
         self.scale.copy_(compute_scale(self.amax, self.scale, self.fp8_max, self.margin))
-        return cast_and_scale(x, self.dtype, self.scale, saturate=True, backend=backend)
+        return self._cast(x, None, backend)
 
 
 class DelayedScaling(_Recipe):
@@ -93,8 +121,7 @@ class DelayedScaling(_Recipe):
             raise ValueError(f"amax_history_len must be in [1, 1024], got {amax_history_len}")
         self.dtype, self.margin, self.algo = dtype, int(margin), amax_compute_algo
         self.fp8_max = torch.finfo(dtype).max
-        self.scale = torch.ones(1, dtype=torch.float32, device=device)
-        self.amax = torch.zeros(1, dtype=torch.float32, device=device)  # this step's running amax
+        self._init_state(device)  # self.amax: this step's running amax
         self.amax_history = torch.zeros(int(amax_history_len), dtype=torch.float32, device=device)
 
     def _config(self):
@@ -103,7 +130,8 @@ class DelayedScaling(_Recipe):
 
     def quantize(self, x: torch.Tensor, *, backend=None) -> torch.Tensor:
         """Return fp8 x * scale with the current (delayed) scale; max|x| is folded into self.amax."""
-        return cast_and_scale(x, self.dtype, self.scale, amax=self.amax, saturate=True, backend=backend)
+        self._check_input(x, backend)
+        return self._cast(x, self.amax, backend)
 
     def update(self) -> None:
         """Push this step's amax into the history, recompute the scale from it, and reset the running amax.

@@ -93,3 +93,54 @@ def test_bad_arguments():
         DelayedScaling(amax_history_len=0)
     with pytest.raises(ValueError, match="amax_compute_algo"):
         DelayedScaling(amax_compute_algo="mean")
+
+
+def test_scale_inv_dequantizes_the_last_cast_after_update():
+    """README order: quantize, update (the scale moves on), then dequantize with scale_inv: it must be 1 / the scale
+    that cast used (it was 1 / the new scale: errors of 110 on values up to 205). Round trip within e4m3's
+    relative step 2**-3 (values kept above fp8's subnormals)."""
+    torch.manual_seed(0)
+    r = DelayedScaling(torch.float8_e4m3fn, amax_history_len=4)
+    x = (torch.rand(1000) + 0.5) * 200
+    y = r.quantize(x)  # with the initial scale, 1
+    r.update()  # the scale moves to 448 / amax
+    assert r.scale_inv.item() == 1.0 and r.scale.item() != 1.0
+    back = y.float() * r.scale_inv
+    assert ((back - x).abs() / x).max().item() <= 2**-3
+
+
+def test_load_state_dict_refuses_another_configuration():
+    """A state saved by an e5m2 / margin 3 recipe loaded into an e4m3 / margin 0 one: ValueError naming what
+    differs, nothing loaded (its scale would saturate most values). A state_dict saved without scale_inv loads
+    with 1 / scale."""
+    src = DelayedScaling(torch.float8_e5m2, margin=3, amax_history_len=8)
+    src.quantize(torch.randn(50) * 30)
+    src.update()
+    dst = DelayedScaling(torch.float8_e4m3fn, amax_history_len=8)
+    before = dst.state_dict()
+    with pytest.raises(ValueError, match=r"configured otherwise \(dtype: 'torch.float8_e5m2' saved, "
+                                         r"'torch.float8_e4m3fn' here, margin: 3 saved, 0 here\)"):
+        dst.load_state_dict(src.state_dict())
+    for k, v in dst.state_dict().items():
+        assert k == "config" or torch.equal(v, before[k]), k
+    same = DelayedScaling(torch.float8_e5m2, margin=3, amax_history_len=8)
+    sd = src.state_dict()
+    del sd["scale_inv"]
+    same.load_state_dict(sd)
+    assert torch.equal(same.scale_inv, src.scale.reciprocal())
+
+
+@pytest.mark.parametrize("cls", [CurrentScaling, DelayedScaling])
+def test_rejected_input_leaves_the_recipe_unchanged(cls):
+    """A float64 x, an x on another device or a bad backend name raise before any state moves (CurrentScaling had
+    already replaced its amax and scale from the rejected x)."""
+    r = cls(torch.float8_e4m3fn)
+    r.quantize(torch.randn(20))
+    before = r.state_dict()
+    for x, kw, exc in ((torch.randn(20, dtype=torch.float64) * 50, {}, TypeError),
+                       (torch.randn(20, device="meta"), {}, ValueError),
+                       (torch.randn(20) * 50, {"backend": "fastest"}, ValueError)):
+        with pytest.raises(exc):
+            r.quantize(x, **kw)
+        for k, v in r.state_dict().items():
+            assert k == "config" or torch.equal(v, before[k]), (k, x.dtype, kw)
