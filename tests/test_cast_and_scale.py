@@ -274,3 +274,21 @@ def test_compile_fullgraph_first_triton_call(device, tmp_path):
         pytest.skip(why)
     res = run_fresh_process(_COMPILE_FIRST_CALL, device, cwd=tmp_path)
     assert res == {"equal": True, "amax": True}, res
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params(OP))
+@pytest.mark.parametrize("scale", [1e-40, -1e-40, 1e-38, 1e-46, 3.4e38, 3.4028236e38, 1e39, -1e300, -0.0],
+                         ids=lambda s: f"{s!r}")
+def test_python_scale_is_its_fp32_value_on_every_backend(device, backend, scale):
+    """A Python float scale acts as its fp32 rounding (a subnormal, zero, or +-inf beyond fp32's range, as the fp32
+    product x * scale would give) on every backend: the reference raised on overflow, the Triton interpreter on
+    anything fp32 holds only as a subnormal or not at all, and dropped the sign of -0.0. Bit for bit (signed zeros
+    included) against the reference with the same value as an fp32 tensor, which torch rounds the same way."""
+    import numpy as np
+
+    x = make_x(64, torch.float32, device)
+    with np.errstate(over="ignore"):
+        s32 = torch.from_numpy(np.array([scale], dtype=np.float32)).to(device)  # C's double -> float rounding
+    for dst in (torch.bfloat16, torch.float8_e4m3fn):
+        y = run(x, dst, scale, None, True, backend, device)
+        assert_bit_exact(y, expected(x, dst, s32, None, True), f"{dst} scale={scale!r}")

@@ -102,10 +102,10 @@ def _cast_cases():
         ("fp32->e5m2", "float32", "float8_e5m2", False, False, False, 777),
     ]
 
-    def call(x_dt, y_dt, scale, amax, sat, n):
+    def call(x_dt, y_dt, scale, amax, sat, n, scale_value=2.0):
         def go(mod, T):
             x = T((n,), x_dt)
-            mod.launch_cast_and_scale(x, T((n,), y_dt), T((), "float32") if scale else None, 2.0,
+            mod.launch_cast_and_scale(x, T((n,), y_dt), T((), "float32") if scale else None, scale_value,
                                       T((), "float32") if amax else None, sat)
         return go
 
@@ -116,6 +116,9 @@ def _cast_cases():
         # since CI's torch and the GPU machine's differ.
         yield Case("cast_and_scale", "_cast_and_scale_kernel", "fp32->e4m3 amax (other torch's overflow rule)", cap,
                    call("float32", "float8_e4m3fn", False, True, False, 1000), (("E4M3_OVERFLOW_NAN", "flip"),))
+        # A Python scale that fp32 holds only as a subnormal (the interpreter passes it as fp64; compiled: fp32)
+        yield Case("cast_and_scale", "_cast_and_scale_kernel", "fp32->bf16 subnormal python scale", cap,
+                   call("float32", "bfloat16", False, False, True, 1000, 1e-40))
 
 
 def _unscale_cases():

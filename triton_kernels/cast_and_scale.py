@@ -1,5 +1,7 @@
 """Triton kernel of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass."""
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -43,7 +45,7 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
     if HAS_SCALE:
         s = tl.load(scale_ptr)
     else:
-        s = scale_value
+        s = tl.full((), scale_value, tl.float32)  # the interpreter passes Python floats as fp64 scalars
     y = x * s
     if SAT:
         over = tl.abs(y) > fmax
@@ -81,6 +83,9 @@ def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda 
     if n == 0:
         return
     dtype = y.dtype
+    if scale is None and scale_value == 0.0 and math.copysign(1.0, scale_value) < 0:
+        # -0.0 as a scalar argument arrives as +0.0 (seen under the interpreter), and its sign shows in y's zeros
+        scale = torch.full((1,), -0.0, dtype=torch.float32, device=x.device)
     block = 4096
     grid = (triton.cdiv(n, block),)
     wrap(_cast_and_scale_kernel)[grid](

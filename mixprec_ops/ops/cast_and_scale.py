@@ -8,7 +8,9 @@ triton_kernels/cast_and_scale.py), and the public function.
 
 from __future__ import annotations
 
+import math
 import numbers
+import struct
 
 import torch
 
@@ -33,6 +35,16 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
         clamped = y.clamp(-fmax, fmax)  # NaN stays NaN
         y = clamped if dtype in _FP8 else torch.where(y.isinf(), y, clamped)  # 16-bit targets keep inf
     return y.to(dtype)
+
+
+def _fp32_value(v: float) -> float:
+    """v rounded to fp32 (to nearest even), as every backend multiplies by it: a value beyond fp32's range is inf
+    (as the fp32 product x * v would be), a tiny one a subnormal or zero. Done here, once, so that the backends
+    agree (the reference's torch.full raised on overflow, Triton typed such floats as fp64)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # rounds to inf
+        return math.copysign(math.inf, v)
 
 
 def _walkable(x):
@@ -114,7 +126,7 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
         _checks.device_scalar(scale, "scale", x.device)
         scale_t, scale_value = scale, 1.0
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale_t, scale_value = None, float(scale)
+        scale_t, scale_value = None, _fp32_value(float(scale))
     else:
         raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
     _checks.device_scalar(amax, "amax", x.device, allow_none=True, contiguous=True)
