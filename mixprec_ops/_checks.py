@@ -46,3 +46,23 @@ def cast_target(dtype, name: str = "dtype") -> None:
 def boolean(v, name: str) -> None:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+def _byte_span(t):
+    """[first byte, one past the last byte] of t's elements."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def disjoint(a, name_a: str, b, name_b: str) -> None:
+    """a and b must not overlap in memory (a written while b is read). Not checked while torch.compile traces (its
+    fake tensors have no memory to compare)."""
+    if torch.compiler.is_compiling() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{name_a} must not share memory with {name_b} ({name_a} is written while {name_b} is read)")
+

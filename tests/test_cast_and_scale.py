@@ -292,3 +292,46 @@ def test_python_scale_is_its_fp32_value_on_every_backend(device, backend, scale)
     for dst in (torch.bfloat16, torch.float8_e4m3fn):
         y = run(x, dst, scale, None, True, backend, device)
         assert_bit_exact(y, expected(x, dst, s32, None, True), f"{dst} scale={scale!r}")
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params(OP))
+@pytest.mark.parametrize("dst", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_same_on_every_backend(device, backend, dst, src):
+    """cast_and_scale is differentiable on every backend, as the reference's own autograd (the cpu backend's op
+    used to return an output whose backward left x.grad None, with a warning; Triton's raised): straight through
+    the rounding, nothing through a saturated value (torch.clamp's rule). x's gradient bit for bit; the scale's
+    (a sum over x) to fp32 summation-order accuracy. Some values saturate (|x * scale| > dtype's max)."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = (torch.randn(300, generator=gen) * 100).to(src)
+    x0[:4] = torch.tensor([1e6, -1e6, 3e38, 0.5]).to(src)  # 3e38 * 3 overflows: inf (kept by a 16-bit target)
+    g = torch.randn(300, generator=gen).to(dst)
+    for scale_kind in ("tensor", "float"):
+        x = x0.clone().to(device).requires_grad_(True)
+        s = torch.tensor([3.0], device=device, requires_grad=True) if scale_kind == "tensor" else 3.0
+        y = mixprec_ops.cast_and_scale(x, dst, s, saturate=True, backend=backend)
+        y.backward(g.to(device))
+        xr = x0.clone().requires_grad_(True)
+        sr = torch.tensor([3.0], requires_grad=True) if scale_kind == "tensor" else None
+        yr = cast_and_scale_reference(xr, dst, sr, 3.0, None, True)
+        yr.backward(g)
+        assert_bit_exact(y.detach(), yr.detach(), "y")
+        assert_bit_exact(x.grad, xr.grad, f"x.grad ({scale_kind} scale)")
+        if dst == torch.float8_e4m3fn:
+            assert (x.grad[:3] == 0).all() and (x.grad[3:] != 0).any()  # saturated: no gradient
+        if scale_kind == "tensor":
+            torch.testing.assert_close(s.grad.cpu(), sr.grad, rtol=1e-6, atol=0)
+
+
+def test_amax_may_not_alias_x_or_scale():
+    """amax is written while x and scale are read: an overlap gave backend-dependent results (the reference
+    updates amax first); refused, naming both. Disjoint parts of one buffer are fine."""
+    buf = torch.rand(10) + 1
+    with pytest.raises(ValueError, match="amax must not share memory with x"):
+        mixprec_ops.cast_and_scale(buf, torch.bfloat16, amax=buf[:1])
+    s = torch.ones(1)
+    with pytest.raises(ValueError, match="amax must not share memory with scale"):
+        mixprec_ops.cast_and_scale(buf, torch.bfloat16, s, amax=s)
+    amax = buf[9:]
+    y = mixprec_ops.cast_and_scale(buf[:9], torch.bfloat16, amax=amax)
+    assert y.shape == (9,) and amax.item() == max(buf[9].item(), buf[:9].max().item())

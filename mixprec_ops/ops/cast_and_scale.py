@@ -117,6 +117,10 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
 
     Returns:
         A new tensor of `dtype` with x's shape.
+
+    Autograd: differentiable in x and in a tensor scale, identically on every backend, as torch's own
+    x.mul(scale).to(dtype) with the clamp: the rounding passes the gradient straight through, a value saturated
+    to dtype's largest finite value passes none. amax must not share memory with x or scale (ValueError).
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
@@ -130,8 +134,18 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     else:
         raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
     _checks.device_scalar(amax, "amax", x.device, allow_none=True, contiguous=True)
+    if amax is not None:  # the kernels read x and scale while amax is being written
+        _checks.disjoint(amax, "amax", x, "x")
+        if scale_t is not None:
+            _checks.disjoint(amax, "amax", scale_t, "scale")
     _checks.boolean(saturate, "saturate")
     b = _select(x.device, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or (scale_t is not None and scale_t.requires_grad)):
+        return _CastAndScale.apply(x, dtype, scale_t, scale_value, amax, saturate, b)
+    return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)
+
+
+def _forward(x, dtype, scale_t, scale_value, amax, saturate, b):
     if b == "torch":
         return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
     if b == "triton":
@@ -140,3 +154,38 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
         with device_guard(x.device):
             return _get_triton_op()(x, dtype, scale_t, scale_value, amax, saturate)
     return torch.ops.mixprec.cast_and_scale(x, dtype, scale_t, scale_value, amax, saturate)
+
+
+class _CastAndScale(torch.autograd.Function):
+    """The gradient of y = cast(x * scale), the same on every backend (the reference's own autograd, in closed
+    form): rounding passes the gradient straight through, as torch's `.to(dtype)` does; a value saturated to
+    dtype's largest finite value gets none (torch.clamp's rule; an inf kept by a 16-bit target passes it).
+    grad_x = (grad_y * scale * m).to(x.dtype), grad_scale = sum(grad_y * x * m) in fp32, m = 1 where not
+    saturated. amax is a side output, not differentiated."""
+
+    @staticmethod
+    def forward(x, dtype, scale_t, scale_value, amax, saturate, b):
+        return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dtype, scale_t, scale_value, _, saturate, _ = inputs
+        ctx.save_for_backward(x, scale_t)
+        ctx.dtype, ctx.scale_value, ctx.saturate = dtype, scale_value, saturate
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale_t = ctx.saved_tensors
+        s = scale_t.float().reshape(()) if scale_t is not None else ctx.scale_value
+        xf = x.float()
+        g = grad_y.float()
+        if ctx.saturate:
+            y = xf * s
+            fmax = torch.finfo(ctx.dtype).max
+            passes = y.abs() <= fmax
+            if ctx.dtype not in _FP8:
+                passes = passes | y.isinf()
+            g = torch.where(passes, g, 0.0)
+        grad_x = (g * s).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = (g * xf).sum().reshape(scale_t.shape) if scale_t is not None and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_s, None, None, None, None
