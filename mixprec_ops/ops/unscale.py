@@ -107,12 +107,19 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     L2 norm of the unscaled values from the same pass (for fused gradient clipping).
 
     Args:
-        tensors: a tensor or a sequence of float32/float16/bfloat16 tensors, all on inv_scale's device.
+        tensors: a tensor or a sequence of float32/float16/bfloat16 tensors, all on inv_scale's device. They must
+            not overlap one another (nor may one tensor appear twice): the kernels unscale them in parallel, so an
+            element reached twice is scaled once or twice, unpredictably. A tensor overlapping itself (expanded)
+            is refused; overlap across tensors is not looked for (it would cost a sort of every tensor's memory
+            range per call), and optimizers' param lists never have it.
         inv_scale: 1-element float32 tensor (read on the device: no host sync).
         found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value, as stored in its tensor's dtype, is
             inf or NaN (so an fp16 value that overflows when inv_scale > 1 counts too); otherwise left as is.
             With inv_scale == 1 the kernels only read (nothing can change): a pure inf/NaN (and norm) probe.
-        return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor.
+        return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor. The
+            squares are summed in fp32 (as torch.nn.utils.clip_grad_norm_ and torch.linalg.vector_norm do), so
+            finite values beyond ~1e19 give an inf norm, and values below ~1e-19 count as 0 (the reference sums in
+            fp64: the tests hold the kernels to it within that range).
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
     Returns:
