@@ -370,6 +370,11 @@ BAD_CTOR = [
     (dict(norm_across_ranks=True), ValueError, "set max_grad_norm too"),
     # (the tests run without an initialised process group; the distributed tests use it under ZeRO)
     (dict(max_grad_norm=1.0, norm_across_ranks=True), RuntimeError, "needs torch.distributed initialized"),
+    # torch.optim.Adam's own checks, which ours skipped: a negative tensor lr, betas of mixed types or not a pair
+    (dict(lr=torch.tensor(-1.0)), ValueError, "Invalid learning rate"),
+    (dict(betas=(0, 0.99)), ValueError, "betas must be either both floats or both Tensors"),
+    (dict(betas=(0.9, 0.99, 0.5)), ValueError, "betas must be a pair"),
+    (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
 ]
 
 
@@ -835,3 +840,183 @@ def test_compiled_step_first_call(device, backend, tmp_path):
     res = run_fresh_process(_COMPILE_FIRST_STEP, device, backend, cwd=tmp_path)
     assert res["equal"], res
     assert res["dynamo_warnings"] == [], res
+
+
+class _ResyncSpy:
+    """Counts the params whose masters Adam._resync was asked to bring in line with their params."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        real = Adam._resync
+
+        def spy(opt, pairs):
+            self.count += len(pairs)
+            return real(opt, pairs)
+
+        monkeypatch.setattr(Adam, "_resync", spy)
+
+
+def _write_clamp(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.clamp_(-0.01, 0.01)
+
+
+def _write_load(m):
+    m.load_state_dict({k: torch.full_like(v, 0.5) for k, v in m.state_dict().items()})
+
+
+def _write_data(m):
+    for p in m.parameters():
+        p.data = torch.full_like(p, 0.5)
+
+
+def _write_init(m):
+    for p in m.parameters():
+        torch.nn.init.zeros_(p)
+
+
+@pytest.mark.parametrize("device,backend", backend_ids())
+@pytest.mark.parametrize("write", [_write_clamp, _write_load, _write_data, _write_init],
+                         ids=["clamp_", "load_state_dict", "data=", "init.zeros_"])
+def test_writes_to_16bit_params_outside_the_optimizer_are_kept(device, backend, write, monkeypatch):
+    """A master-weight step rebuilds each bf16 param from its fp32 master: a write to the param between steps
+    (weight clipping, a model's load_state_dict, p.data = t, re-init) was silently undone by the next step. Now the
+    masters follow such writes (the param's version counter and data pointer, per element): after one more step
+    with zero grads the params are what torch.optim.AdamW (no masters) leaves, within a bf16 rounding. Steady
+    steps resync nothing (the version count each backend's step adds is right)."""
+    spy = _ResyncSpy(monkeypatch)
+    results = []
+    for cls, kw in ((torch.optim.AdamW, {}), (AdamW, dict(backend=backend))):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(16, 16).to(device, torch.bfloat16)
+        o = cls(m.parameters(), lr=1e-3, **kw)
+        for _ in range(3):
+            for p in m.parameters():
+                p.grad = torch.randn_like(p) * 0.01
+            o.step()
+        if cls is AdamW:
+            assert spy.count == 0, "steady steps resynced masters"
+        write(m)
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        o.step()
+        results.append([p.detach().float().cpu() for p in m.parameters()])
+    for theirs, ours in zip(*results):
+        # a few bf16 ulps apart (torch rounds every update to bf16, ours keeps fp32 masters); undone writes were
+        # off by the write (0.25 vs 0.01 after clamp_)
+        assert (ours - theirs).abs().max() <= 2**-6 * theirs.abs().max() + 1e-6, (ours, theirs)
+    assert spy.count == 2  # weight and bias, once
+
+
+def test_resync_is_per_element_and_keeps_untouched_master_bits():
+    """Only elements whose param no longer holds the master's rounding take the param's value; the rest keep their
+    fp32 bits (a swap to other weights and back changes nothing). lr=0: the step itself moves nothing."""
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(8, 8).bfloat16())
+    o = AdamW([p], lr=0.0, weight_decay=0.0)
+    p.grad = torch.randn_like(p)
+    o.step()
+    master = o.state[p]["master_param"]
+    master.copy_(p.detach().float() * (1 + 2**-12))  # low bits the bf16 param cannot show (half an ulp: 2**-9)
+    assert torch.equal(master.to(p.dtype), p.detach())
+    before = master.clone()
+    with torch.no_grad():
+        p[2, 3] = 7.0
+        saved = p.detach().clone()
+        p.copy_(torch.zeros_like(p))
+        p.copy_(saved)  # swapped away and back: version moved, values are the masters' roundings again
+    o.step()
+    expect = before.clone()
+    expect[2, 3] = 7.0
+    assert torch.equal(master, expect)
+
+
+def test_load_state_dict_hooks_see_and_change_the_state():
+    """torch's load_state_dict contract: pre-hooks get the state_dict with its state (and may return a new one,
+    e.g. reordering param groups), post-hooks see the loaded state and may change it (ours used to call torch's
+    loader with an empty state and fill it in after the hooks)."""
+    a, b = mlp(torch.bfloat16), mlp(torch.bfloat16)
+    oa = AdamW(a.parameters(), lr=1e-3)
+    run_steps(a, oa, data(2))
+    ob = AdamW(b.parameters(), lr=1e-3)
+    seen = {}
+
+    def pre(opt, sd):
+        seen["pre"] = len(sd["state"])
+        sd = dict(sd)
+        sd["param_groups"] = [dict(g, lr=5e-4) for g in sd["param_groups"]]
+        return sd
+
+    def post(opt):
+        seen["post"] = len(opt.state)
+        opt.state[next(iter(b.parameters()))]["exp_avg"].fill_(1.0)
+
+    ob.register_load_state_dict_pre_hook(pre)
+    ob.register_load_state_dict_post_hook(post)
+    ob.load_state_dict(oa.state_dict())
+    n = len(list(b.parameters()))
+    assert seen == {"pre": n, "post": n}
+    assert ob.param_groups[0]["lr"] == 5e-4
+    assert (ob.state[next(iter(b.parameters()))]["exp_avg"] == 1.0).all()
+
+
+def test_older_and_other_state_dicts_load():
+    """As torch's Adam/AdamW: group keys missing from an older state_dict get torch's defaults, an int step becomes
+    a tensor, an Adam state_dict loaded into AdamW decays decoupled; a bf16 run's state loaded for fp32 params
+    drops the masters (an fp32 param is its own; they made every step raise). A torch state_dict leaves each
+    group's master_weights and state_dtype as they were."""
+    m = mlp()
+    o = Adam(m.parameters(), lr=1e-3)
+    run_steps(m, o, data(2))
+    sd = o.state_dict()
+    for g in sd["param_groups"]:
+        for k in ("amsgrad", "decoupled_weight_decay", "master_weights", "state_dtype"):
+            g.pop(k)
+    for st in sd["state"].values():
+        st["step"] = int(st["step"])
+    o2 = AdamW(m.parameters(), lr=1e-3)
+    o2.load_state_dict(sd)
+    g = o2.param_groups[0]
+    assert g["amsgrad"] is False and g["decoupled_weight_decay"] is True
+    assert all(torch.is_tensor(st["step"]) and st["step"].item() == 2 for st in o2.state.values())
+    run_steps(m, o2, data(1))
+    # bf16 -> fp32
+    mb = mlp(torch.bfloat16)
+    ob = AdamW(mb.parameters(), lr=1e-3)
+    run_steps(mb, ob, data(2))
+    mf = mlp()
+    of = AdamW(mf.parameters(), lr=1e-3)
+    of.load_state_dict(ob.state_dict())
+    assert all("master_param" not in st for st in of.state.values())
+    run_steps(mf, of, data(1))
+    # torch's state_dict: the groups' own options stay
+    ours = AdamW(mlp(torch.bfloat16).parameters(), lr=1e-3, master_weights=False, state_dtype=torch.bfloat16)
+    ours.load_state_dict(torch.optim.AdamW(mlp(torch.bfloat16).parameters()).state_dict())
+    assert ours.param_groups[0]["master_weights"] is False and ours.param_groups[0]["state_dtype"] == "bfloat16"
+
+
+def test_group_options_and_duplicates_are_checked_when_added():
+    """A group's master_weights / state_dtype are checked (and state_dtype stored by name) when the group is added,
+    not at its first step; a param twice in one group is refused (torch warns; one fused launch would update it
+    twice, racing); a state of another shape (same numel) is refused before anything is updated."""
+    m = mlp()
+    o = AdamW(m[0].parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        o.add_param_group({"params": m[2].parameters(), "state_dtype": torch.float16})
+    with pytest.raises(ValueError, match="master_weights must be"):
+        o.add_param_group({"params": m[2].parameters(), "master_weights": "yes"})
+    with pytest.raises(ValueError, match="appears twice"):
+        o.add_param_group({"params": [m[2].weight, m[2].weight]})
+    o.add_param_group({"params": m[2].parameters(), "state_dtype": torch.bfloat16})
+    assert len(o.param_groups) == 2 and o.param_groups[1]["state_dtype"] == "bfloat16"
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    q = AdamW([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    q.step()
+    q.state[p]["exp_avg"] = torch.zeros(5, 4)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"state\['exp_avg'\] of a \(4, 5\) param has shape \(5, 4\)"):
+        q.step()
+    assert torch.equal(p.detach(), before) and q.state[p]["step"].item() == 1
+

@@ -4,6 +4,7 @@ tensors sharing dtypes and device); see that module for the exact element-wise m
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
@@ -20,6 +21,14 @@ except ImportError:  # torch built without distributed
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _check_group_options(master_weights, state_dtype) -> None:
+    """The options this class adds to a param group (constructor defaults, add_param_group, loaded groups)."""
+    if master_weights not in ("auto", True, False) or isinstance(master_weights, (int, float)) and \
+            not isinstance(master_weights, bool):
+        raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
+    _state_dtype_name(state_dtype)
 
 
 def _state_dtype_name(v) -> str:
@@ -57,7 +66,10 @@ class Adam(torch.optim.Optimizer):
         master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 params;
             True / False force it on / off for low-precision params. The update is computed in fp32 on the master
             and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
-            ``master_param``.
+            ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a
+            model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so
+            it is not undone; in-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
+            counter): write under torch.no_grad() instead.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
             ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize.
@@ -100,21 +112,34 @@ class Adam(torch.optim.Optimizer):
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights="auto", state_dtype=torch.float32, max_grad_norm=None,
                  norm_across_ranks=False, backend=None):
+        # torch.optim.Adam's checks, in its order and words
         if isinstance(lr, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
-        elif not 0.0 <= lr:
+        if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, b in enumerate(betas):
-            b = float(b)
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
+        for i in (0, 1):
+            if not 0.0 <= betas[i] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if master_weights not in ("auto", True, False):
-            raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
+        if not all(isinstance(b, float) for b in betas) and not all(isinstance(b, torch.Tensor) for b in betas):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            if isinstance(betas[i], torch.Tensor):
+                if not capturable and foreach:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                if betas[i].numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        _check_group_options(master_weights, state_dtype)
         state_dtype = _state_dtype_name(state_dtype)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm}")
@@ -145,20 +170,104 @@ class Adam(torch.optim.Optimizer):
     def __getstate__(self):  # torch's keeps defaults, state and param_groups only
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._EXTRA_ATTRS}}
 
+    # Group keys an older (or another class's) state_dict may lack, filled as torch.optim.Adam's __setstate__ does
+    _GROUP_FALLBACKS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                            decoupled_weight_decay=False, fused=None)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for k in self._EXTRA_ATTRS:
             self.__dict__.setdefault(k, False if k == "norm_across_ranks" else None)
         self.grad_norm = None
         self._plans = {}
+        for group in self.param_groups:
+            for k, v in self._GROUP_FALLBACKS.items():
+                group.setdefault(k, v)
+            group.setdefault("master_weights", self.defaults.get("master_weights", "auto"))
+            group["state_dtype"] = _state_dtype_name(group.get("state_dtype", self.defaults.get("state_dtype",
+                                                                                                  "float32")))
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):  # an int step (torch before 1.12)
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=p.device)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            if p.dtype not in FLOAT_SOURCES:
-                self.param_groups.pop()
-                raise TypeError(f"param {i} of the new group is {p.dtype}: mixprec_ops.optim supports float32, "
-                                "float16 and bfloat16 params")
+        group = self.param_groups[-1]
+        try:
+            seen = set()
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in FLOAT_SOURCES:
+                    raise TypeError(f"param {i} of the new group is {p.dtype}: mixprec_ops.optim supports float32, "
+                                    "float16 and bfloat16 params")
+                if id(p) in seen:  # torch only warns; one fused launch would update it twice, racing
+                    raise ValueError(f"param {i} of the new group appears twice in it; list each param once")
+                seen.add(id(p))
+            _check_group_options(group["master_weights"], group["state_dtype"])
+            group["state_dtype"] = _state_dtype_name(group["state_dtype"])
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class or of torch.optim.Adam/AdamW, as torch's Optimizer.load_state_dict does
+        (its pre-hooks first, the same checks, state not tied to a param kept, its post-hooks last), except for its
+        dtype policy, which casts floating state to the param's dtype: here moments keep the group's state_dtype,
+        masters stay fp32 and step counters are fp32 on the param's device. A torch state_dict's groups lack
+        master_weights and state_dtype: each group keeps its current ones. Masters missing (torch's state) are made
+        from the params at the next step; masters of float32 params (a 16-bit run resumed in fp32) are dropped."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                             "group")
+        for g, sg in zip(groups, saved_groups):
+            sg.setdefault("master_weights", g["master_weights"])
+            sg.setdefault("state_dtype", g["state_dtype"])
+            _check_group_options(sg["master_weights"], sg["state_dtype"])
+            sg["state_dtype"] = _state_dtype_name(sg["state_dtype"])
+        id_map, group_of = {}, {}
+        for g, sg in zip(groups, saved_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                id_map[pid], group_of[pid] = p, sg
+        state = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            state[id_map[k] if k in id_map else k] = self._loaded_state(id_map[k], group_of[k], v) if k in id_map \
+                else v
+        for g, sg in zip(groups, saved_groups):
+            sg["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                sg["param_names"] = g["param_names"]
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    @staticmethod
+    def _loaded_state(p, group, saved):
+        """One param's loaded state, copied (never aliasing the caller's tensors) to the dtypes this class keeps."""
+        if not isinstance(saved, dict):
+            return saved
+        new = {}
+        for k, v in saved.items():
+            if not isinstance(v, torch.Tensor):
+                new[k] = v
+            elif k == "step":
+                new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+            elif k == "master_param":
+                if p.dtype != torch.float32:  # an fp32 param is its own master
+                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+            elif k in _STATE_KEYS:
+                new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
+            else:
+                new[k] = v.to(device=p.device, copy=True)
+        return new
 
     # ----------------------------------------------------------------------------------------------- state
     def _wants_master(self, group, p) -> bool:
@@ -168,6 +277,8 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
+        if p.dtype == torch.float32 and "master_param" in state:  # a 16-bit run resumed in fp32: p is the master
+            del state["master_param"]
         wanted = ("step", *_STATE_KEYS[:3 if group["amsgrad"] else 2],
                   *(("master_param",) if self._wants_master(group, p) else ()))
         missing = [k for k in wanted if k not in state]
@@ -184,36 +295,6 @@ class Adam(torch.optim.Optimizer):
                 state[k] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             else:  # the moments
                 state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-
-    def load_state_dict(self, state_dict):
-        """Load a state_dict of this class or of torch.optim.Adam/AdamW. Unlike torch's policy (which casts
-        floating state to the param's dtype), moments keep the group's state_dtype and masters stay fp32; a state
-        without masters (torch's) gets them from the params at the next step."""
-        state_dict = dict(state_dict)
-        saved_state = state_dict.get("state", {})
-        groups = [dict(g) for g in state_dict["param_groups"]]  # never modify the caller's dicts
-        for g in groups:  # torch's groups lack our keys; older saves may hold a torch.dtype
-            g.setdefault("master_weights", self.defaults["master_weights"])
-            g["state_dtype"] = _state_dtype_name(g.get("state_dtype", self.defaults["state_dtype"]))
-        super().load_state_dict({**state_dict, "state": {}, "param_groups": groups})
-        saved_ids = [i for g in groups for i in g["params"]]
-        params = [(g, p) for g in self.param_groups for p in g["params"]]
-        for pid, (group, p) in zip(saved_ids, params):
-            if pid not in saved_state:
-                continue
-            new = {}
-            for k, v in saved_state[pid].items():
-                if not isinstance(v, torch.Tensor):
-                    new[k] = v
-                elif k == "step":
-                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-                elif k == "master_param":
-                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
-                elif k in _STATE_KEYS:
-                    new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
-                else:
-                    new[k] = v.to(device=p.device, copy=True)
-            self.state[p] = new
 
     # ------------------------------------------------------------------------------------------------ step
     def _collect(self):
@@ -329,7 +410,7 @@ class Adam(torch.optim.Optimizer):
     # A param's plan: what does not change between steps, computed once and reused while it holds (see
     # _bucket_group). A list: the step-buffer fields are updated in place when a bucket's counters are regrouped.
     (_ST, _LEN, _P, _OPTS, _LP, _STATES, _MASTER, _STEP, _WALK, _KEY, _PDTYPE, _PLAIN, _CONTIG, _BUF, _IDX,
-     _HELD, _SHARD) = range(17)
+     _HELD, _SHARD, _VER, _PTR, _BUMP) = range(20)
 
     def _bucket_group(self, group, ps):
         """(buckets, fallback) of one group's params with grads. buckets: {(device, param dtype, state dtype, master
@@ -338,9 +419,10 @@ class Adam(torch.optim.Optimizer):
         amsgrad = group["amsgrad"]
         buckets = defaultdict(list)
         fallback = []
+        resync = []
         n_states = 3 if amsgrad else 2
         plans, state = self._plans, self.state
-        options = (amsgrad, group["master_weights"], group["state_dtype"])
+        options = (amsgrad, group["master_weights"], group["state_dtype"], self.backend)
         for p in ps:
             st = state[p]
             # The plan (local param, states, master, step counter, whether their layouts walk together) is reused
@@ -362,6 +444,7 @@ class Adam(torch.optim.Optimizer):
                         stale = True
                         break
             if stale:
+                old = plan
                 self._init_state(group, p)
                 st = state[p]
                 if st["step"].dim() != 0:  # a 1-element step from elsewhere: 0-dim, as torch keeps it
@@ -369,13 +452,25 @@ class Adam(torch.optim.Optimizer):
                 lp = _local(p)
                 states = [_local(st[k]) for k in _STATE_KEYS[:n_states]]
                 master = _local(st["master_param"]) if "master_param" in st else None
+                for k, t in zip((*_STATE_KEYS[:n_states], "master_param"), (*states, master)):
+                    if t is not None and t.shape != lp.shape:  # a state of another param (same numel or not)
+                        raise ValueError(f"state[{k!r}] of a {tuple(lp.shape)} param has shape {tuple(t.shape)}")
                 walk = all(_dense_like(x, lp) for x in states) and (master is None or _dense_like(master, lp))
                 held = tuple((k, st[k]) for k in (*_STATE_KEYS[:n_states], "master_param") if k in st)
                 plan = [st, len(st), p, options, lp, states, master, st["step"], walk,
                         (lp.device, lp.dtype, states[0].dtype, master is not None), lp.dtype, lp is p,
-                        lp.is_contiguous(), None, -1, held, getattr(p, "_local_tensor", None)]
+                        lp.is_contiguous(), None, -1, held, getattr(p, "_local_tensor", None),
+                        # the param's version and data pointer after our last step (kept across replanning) and
+                        # how much a step moves the version: see _resync
+                        None if old is None else old[self._VER], None if old is None else old[self._PTR],
+                        self._version_bump(lp.device) if master is not None else 0]
                 plans[id(p)] = plan
             lp, states, master, _, walk, pkey, pdtype, plain, contig = plan[4:13]
+            if master is not None:  # written outside the optimizer since our last step? (see _resync)
+                ver, ptr = lp._version, lp.data_ptr()
+                if (ver != plan[17] or ptr != plan[18]) and plan[17] is not None:
+                    resync.append((lp, master))
+                plan[17], plan[18] = ver + (plan[19] if walk else 1), ptr
             g = p.grad if plain else _local(p.grad)
             gdtype = g.dtype
             if gdtype is not pdtype and gdtype is not torch.float32:
@@ -389,7 +484,34 @@ class Adam(torch.optim.Optimizer):
                 fallback.append(entry)
                 continue
             buckets[(pkey, gdtype)].append(entry)
+        self._resync(resync)
         return {k: (entries, self._step_buffer(entries)) for k, entries in buckets.items()}, fallback
+
+    def _version_bump(self, device) -> int:
+        """How much one fused step moves a param's version counter: the C++ ops' (cpu, cuda) writes do not count,
+        the Triton op's and the reference's do, once (a param the reference steps alone: 1). Only a cost if wrong:
+        the param then counts as written every step (tests/test_adam.py checks that steady steps resync nothing,
+        on every backend; the GPU run checks cuda's)."""
+        from ..ops.adam import _select
+
+        return 0 if _select(device, self.backend) in ("cpu", "cuda") else 1
+
+    def _resync(self, pairs):
+        """A 16-bit param written outside the optimizer since its last step (clamp_ under no_grad, nn.init, a
+        model's load_state_dict, p.data = t) must not be overwritten from a master that never saw the write, which
+        a fused master-weight step would do. Such params are found in _bucket_group from the param's version
+        counter and data pointer, compared with what they were after our last step (~0.1 us per param with a
+        master; a write through p.data's own in-place ops is invisible to it: p.data has its own version counter).
+
+        Per element, a master whose param no longer holds the master's rounding takes the param's value: what was
+        written wins, and elements nobody touched keep their fp32 bits (an eval-time swap to other weights and
+        back, or a model's load_state_dict of the checkpoint the masters come from, change nothing). One
+        elementwise pass per such param, no host sync; not inside a CUDA graph capture (the capture's warm-up
+        step has resynced already, and replays must not redo it)."""
+        for lp, master in pairs:
+            if self._capturing(lp.device):
+                continue
+            master.copy_(torch.where(master.to(lp.dtype) == lp, master, lp.float()))
 
     def _step_buffer(self, entries):
         """The bucket's step counters as one 1-D fp32 tensor whose elements ARE the params' state["step"] tensors
@@ -469,3 +591,8 @@ class AdamW(Adam):
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, master_weights=master_weights, state_dtype=state_dtype,
                          max_grad_norm=max_grad_norm, norm_across_ranks=norm_across_ranks, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW: an Adam state_dict loaded here decays decoupled
+            group["decoupled_weight_decay"] = True
