@@ -14,6 +14,7 @@ An explicit request for a backend that cannot serve the call raises ValueError w
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from functools import lru_cache
 
@@ -140,21 +141,38 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
         if why is not None:
             raise ValueError(f"mixprec_ops.{op}: backend {b!r} is unavailable: {why}")
         return b
-    order = _OPS[op]["auto"].get(device.type, ()) + ("torch",)
+    cand, reasons = _auto(op, device)
+    if reasons and (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        warnings.warn(f"mixprec_ops.{op} on {device.type}: using backend {cand!r} because " + "; ".join(reasons),
+                      RuntimeWarning, stacklevel=_caller_level())
+    return cand
+
+
+def _auto(op: str, device: torch.device) -> tuple[str, list[str]]:
+    """"auto"'s choice for `op` on `device`, and why each preferred backend before it was passed over. The Triton
+    interpreter (TRITON_INTERPRET=1) serves explicit requests only, also for CUDA tensors."""
     reasons = []
-    for cand in order:
+    for cand in _OPS[op]["auto"].get(device.type, ()) + ("torch",):
         why = unavailable_reason(op, cand, device)
+        if why is None and cand == "triton" and _triton_status()[1]:
+            why = "the Triton interpreter (TRITON_INTERPRET=1) is never chosen automatically"
         if why is None:
-            if reasons and (op, device.type) not in _warned:
-                _warned.add((op, device.type))
-                warnings.warn(
-                    f"mixprec_ops.{op} on {device.type}: using backend {cand!r} because " + "; ".join(reasons),
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return cand
+            return cand, reasons
         reasons.append(f"{cand!r}: {why}")
     raise AssertionError("unreachable: 'torch' always serves")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside this package, so that a warning names the user's
+    line whichever op (or optimizer, or scaler) led to it."""
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def report() -> dict:
@@ -167,9 +185,9 @@ def report() -> dict:
             ops[op][d.type] = {
                 b: (unavailable_reason(op, b, d) or "ok") for b in ("cuda", "triton", "cpu", "torch")
             }
-            ops[op][d.type]["auto"] = _auto_choice(op, d)
-        if not torch.cuda.is_available():
-            ops[op]["cuda"] = "no CUDA device visible"
+            ops[op][d.type]["auto"] = _auto(op, d)[0]
+        if not torch.cuda.is_available():  # the same shape as a visible device's entry
+            ops[op]["cuda"] = {b: "no CUDA device visible" for b in ("cuda", "triton", "cpu", "torch", "auto")}
     return {
         "extension": "loaded" if _ext.LOADED else f"unavailable: {_ext.LOAD_ERROR}",
         "build": dict(_ext.BUILD_INFO),
@@ -177,13 +195,6 @@ def report() -> dict:
         "triton": _triton_version(),
         "ops": ops,
     }
-
-
-def _auto_choice(op: str, device: torch.device) -> str:
-    for cand in _OPS[op]["auto"].get(device.type, ()) + ("torch",):
-        if unavailable_reason(op, cand, device) is None:
-            return cand
-    return "torch"
 
 
 def _triton_version() -> str | None:

@@ -572,3 +572,52 @@ def test_opcheck_cuda_ops(device):
                                                              torch.bfloat16)),
                      (torch.ops.mixprec.matmul_rowsum.default, (a.t().contiguous().t(), b, torch.float16))]:
         torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape propagation on meta tensors (a model built on "meta"): matmul, linear and a converted Linear give the
+    shapes torch gives (the reference's autocast query raised for "meta")."""
+    from mixprec_ops.nn import convert
+    from mixprec_ops.nn.functional import linear
+
+    a = torch.empty(2, 4, 8, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(8, 6, dtype=torch.bfloat16, device="meta")
+    assert mixprec_ops.matmul(a, b, activation="gelu").shape == (2, 4, 6)
+    y, pre = matmul_with_preactivation(a, b, activation="relu")
+    assert y.shape == pre.shape == (2, 4, 6) and y.device.type == "meta"
+    assert linear(a, b.t()).shape == (2, 4, 6)
+    model = convert(torch.nn.Linear(8, 3, device="meta", dtype=torch.bfloat16))
+    assert model(a).shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_matmul_gradients_on_every_backend(device, backend):
+    """matmul is differentiable on every backend (only the reference was: the cuBLASLt and Triton ops have no
+    autograd, and backward raised there): it runs as linear(a, b.T, bias, activation). Gradients equal linear's,
+    bit for bit. With out_dtype other than a's dtype, inputs that require grad are refused on every backend."""
+    from mixprec_ops.nn.functional import linear
+
+    torch.manual_seed(2)
+    a0 = torch.randn(5, 12).to(torch.bfloat16).to(device)
+    b0 = (torch.randn(12, 7) / 3).to(torch.bfloat16).to(device)
+    bias0 = torch.randn(7).to(device)
+    g = torch.randn(5, 7).to(torch.bfloat16).to(device)
+    got, want = [], []
+    for fn, out in ((lambda a, b, bias: mixprec_ops.matmul(a, b, bias=bias, activation="silu", backend=backend), got),
+                    (lambda a, b, bias: linear(a, b.t(), bias, "silu", backend=backend), want)):
+        a, b, bias = (t.clone().requires_grad_(True) for t in (a0, b0, bias0))
+        fn(a, b, bias).backward(g)
+        out += [a.grad, b.grad, bias.grad]
+    for x, y in zip(got, want):
+        assert x is not None and torch.equal(x, y)
+    with pytest.raises(ValueError, match="gradients need out_dtype=None"):
+        mixprec_ops.matmul(a0.clone().requires_grad_(True), b0, out_dtype=torch.float32, backend=backend)
+
+
+def test_preactivation_never_aliases_the_output():
+    """With an fp32 output and no activation, the reference returned one tensor as both y and pre."""
+    a, b = torch.randn(3, 8).bfloat16(), torch.randn(8, 4).bfloat16()
+    for act in (None, "relu"):
+        y, pre = matmul_with_preactivation(a, b, activation=act, out_dtype=torch.float32, backend="torch")
+        assert y.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr()
+

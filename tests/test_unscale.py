@@ -141,3 +141,17 @@ def test_opcheck_extension_op(device):
         torch.library.opcheck(torch.ops.mixprec.unscale_.default,
                               ([t.clone() for t in ts], torch.tensor([0.5], device=device),
                                torch.zeros(1, device=device), rn))
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_norm_range_does_not_depend_on_the_tensor_size(device, backend):
+    """Every kernel squares in fp32, whatever the size: a finite 1e20 gives an inf norm (found_inf stays 0: the
+    values are finite) and 1e-25 adds nothing, for tensors shorter than one vector too (the CPU kernel squared
+    its tail in fp64: exact below 8 elements, inf from 8 up)."""
+    for n in (1, 5, 7, 8, 9, 33):
+        for v, want in ((1e20, float("inf")), (1e-25, 0.0)):
+            t = torch.full((n,), v, device=device)
+            f = torch.zeros(1, device=device)
+            norm = mixprec_ops.unscale_([t], torch.ones(1, device=device), f, return_norm=True, backend=backend)
+            assert norm.item() == want and f.item() == 0, (n, v, norm.item())
+

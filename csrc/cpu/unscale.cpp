@@ -53,7 +53,7 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
   for (; i < n; ++i) {
     float v = static_cast<float>(p[i]) * inv;
     tail_max = (std::isnan(v) || std::fabs(v) > tail_max) ? std::fabs(v) : tail_max;
-    acc.sumsq += static_cast<double>(v) * v;
+    acc.sumsq += v * v;  // squared in fp32, as the vector body and the other kernels do (same range)
     if constexpr (WRITE) p[i] = static_cast<T>(v);
   }
   vmax.store(lanes);
@@ -107,7 +107,7 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
     at::Tensor v = t.to(at::kFloat).mul_(inv);
     at::Tensor r = v.to(t.scalar_type());
     total.nonfinite |= !r.isfinite().all().item<bool>();
-    if (return_norm) total.sumsq += v.to(at::kDouble).square().sum().item<double>();
+    if (return_norm) total.sumsq += v.square().to(at::kDouble).sum().item<double>();
     t.copy_(r);
   }
   if (total.nonfinite) found_inf.fill_(1.0);

@@ -28,8 +28,8 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import _checks
-from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_grad, apply_activation, matmul,
-                          matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
+from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_grad, apply_activation, autocast_on,
+                          matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
 
 
 def _bk(backend: str):
@@ -102,10 +102,9 @@ def _autocast(x, weight, bias):
     type, every float16/bfloat16/float32 argument is cast to the region's dtype (float64 is left alone), so a
     float32 model runs the fused 16-bit kernel and returns the autocast dtype, as torch.nn.functional.linear does.
     (matmul_reference, the pure-torch path, switches autocast off around its fp32 ops.)"""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not autocast_on(x.device):
         return x, weight, bias
-    dt = torch.get_autocast_dtype(dev)
+    dt = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
         return t if t is None or t.dtype == dt or t.dtype not in (torch.float32, *OPERAND_DTYPES) else t.to(dt)

@@ -10,6 +10,7 @@ gradient from the weight-gradient GEMM, cuBLASLt's BGRADB epilogue on the cuda b
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -60,11 +61,17 @@ def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def autocast_on(device: torch.device) -> bool:
+    """torch.is_autocast_enabled for the device's type; False for a type autocast does not know (meta, whose
+    query raises)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
 def matmul_reference(a, b, bias=None, activation=None, out_dtype=None, return_pre=False):
     """Pure-torch reference: fp32 product (a.float() @ b.float()), + bias.float(), activation in fp32, one cast.
     The same inside a torch.autocast region, which is switched off around it (its fp32 `@` would run in 16 bits
     and round the accumulator before the bias and the activation)."""
-    if torch.is_autocast_enabled(a.device.type):
+    if autocast_on(a.device):
         with torch.autocast(a.device.type, enabled=False):
             return matmul_reference(a, b, bias, activation, out_dtype, return_pre)
     out_dtype = a.dtype if out_dtype is None else out_dtype
@@ -72,7 +79,8 @@ def matmul_reference(a, b, bias=None, activation=None, out_dtype=None, return_pr
     if bias is not None:
         acc = acc + bias.float()
     y = apply_activation(acc, activation).to(out_dtype)
-    return (y, acc.to(out_dtype)) if return_pre else y
+    # copy=True: with an fp32 output and no activation, y is acc itself, and pre must not alias it
+    return (y, acc.to(out_dtype, copy=True)) if return_pre else y
 
 
 def _as_2d(a):
@@ -229,8 +237,28 @@ def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
 
     Returns:
         A new (..., M, N) tensor of out_dtype.
+
+    Autograd: differentiable in a, b and bias on every backend when out_dtype is a's dtype (the call then runs
+    as mixprec_ops.nn.functional.linear(a, b.T, bias, activation), whose backward uses the same kernels); with
+    another out_dtype, inputs that require grad are refused. Not differentiable: matmul_with_preactivation and
+    matmul_and_rowsum (the building blocks of linear's forward and backward).
     """
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, bias)):
+        return _differentiable(a, b, bias, activation, out_dtype, backend)
     return _dispatch(a, b, bias, activation, out_dtype, backend, False)
+
+
+def _differentiable(a, b, bias, activation, out_dtype, backend):
+    _check(a, b, bias, activation, out_dtype)
+    if out_dtype not in (None, a.dtype):
+        raise ValueError(f"mixprec_ops.matmul: gradients need out_dtype=None (a's dtype, {a.dtype}), got "
+                         f"{out_dtype}; cast the result instead, or detach the inputs")
+    from ..nn.functional import linear  # nn.functional imports this module
+
+    # the operands are 16-bit already: no autocast cast (linear would apply one), as without gradients
+    no_autocast = torch.autocast(a.device.type, enabled=False) if autocast_on(a.device) else contextlib.nullcontext()
+    with no_autocast:
+        return linear(a, b.t(), bias, activation, backend=backend)
 
 
 def matmul_with_preactivation(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):

@@ -116,10 +116,12 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
         found_inf: 1-element float32 tensor; set to 1.0 if any unscaled value, as stored in its tensor's dtype, is
             inf or NaN (so an fp16 value that overflows when inv_scale > 1 counts too); otherwise left as is.
             With inv_scale == 1 the kernels only read (nothing can change): a pure inf/NaN (and norm) probe.
-        return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor. The
-            squares are summed in fp32 (as torch.nn.utils.clip_grad_norm_ and torch.linalg.vector_norm do), so
-            finite values beyond ~1e19 give an inf norm, and values below ~1e-19 count as 0 (the reference sums in
-            fp64: the tests hold the kernels to it within that range).
+        return_norm: also return sqrt(sum of squares) of all unscaled values as a 0-dim float32 tensor. Every
+            kernel squares in fp32 (as torch.nn.utils.clip_grad_norm_ and torch.linalg.vector_norm do for fp32),
+            whatever the tensor's size, so a finite value beyond ~1.8e19 gives an inf norm and values below ~1e-23
+            add nothing; partial sums are combined in fp64, in a backend-specific order (norms may differ in the
+            last bit between backends). The reference squares in fp64: the tests hold the kernels to it within
+            that range.
         backend: "auto" (default, or MIXPREC_BACKEND), "cuda", "triton", "cpu" or "torch".
 
     Returns:
