@@ -58,9 +58,11 @@ def _byte_span(t):
 
 
 def disjoint(a, name_a: str, b, name_b: str) -> None:
-    """a and b must not overlap in memory (a written while b is read). Not checked while torch.compile traces (its
-    fake tensors have no memory to compare)."""
-    if torch.compiler.is_compiling() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """a and b must not overlap in memory (a written while b is read). Only for plain tensors with memory: not for
+    meta tensors, tensor subclasses (FakeTensor, DTensor, ...) or while torch.compile traces."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if (torch.compiler.is_compiling() or type(a) not in plain or type(b) not in plain or a.is_meta or b.is_meta
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
         return
     (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     if a0 < b1 and b0 < a1:

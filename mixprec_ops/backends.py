@@ -19,6 +19,7 @@ import warnings
 from functools import lru_cache
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _ext
 
@@ -93,6 +94,16 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     raise AssertionError("unreachable")
 
 
+def transform_active() -> bool:
+    """Inside a torch.func transform (grad, vjp, jvp, vmap, jacfwd, ...) or a forward-mode AD level, where the
+    fused ops' custom autograd has no vmap or jvp rule (torch.func.jvp returned zero tangents through it): the
+    public ops then run their pure-torch reference, the same numerics in plain torch ops, which every transform
+    and derivative order supports. False while torch.compile traces (Dynamo runs the transforms its own way)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
 def requested(backend: str | None) -> str:
     b = backend if backend is not None else os.environ.get("MIXPREC_BACKEND", "auto")
     if not isinstance(b, str) or b not in BACKENDS:
@@ -163,14 +174,16 @@ def _auto(op: str, device: torch.device) -> tuple[str, list[str]]:
     raise AssertionError("unreachable: 'torch' always serves")
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames skipped when a warning names its caller: this package's, and torch's (its no_grad decorator around an
+# optimizer step, its custom-op machinery around linear)
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
 def _caller_level() -> int:
-    """warnings.warn's stacklevel for the first frame outside this package, so that a warning names the user's
-    line whichever op (or optimizer, or scaler) led to it."""
+    """warnings.warn's stacklevel for the first frame outside this package and torch, so that a warning names the
+    user's line whichever op, optimizer, scaler or module led to it."""
     f, level = sys._getframe(1), 1
-    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_INTERNAL_DIRS):
         f, level = f.f_back, level + 1
     return level
 

@@ -45,7 +45,7 @@ class _Recipe:
         _checks.float_tensor(x, "x")
         if x.device != self.scale.device:
             raise ValueError(f"x must be on the recipe's device {self.scale.device}, got {x.device}")
-        backends.requested(backend)
+        backends.select("cast_and_scale", x.device, backend)  # a backend that cannot serve x raises here too
 
     def _cast(self, x, amax, backend):
         torch.reciprocal(self.scale, out=self._scale_inv)  # what dequantizes this cast, whatever update() does next
@@ -77,8 +77,9 @@ class _Recipe:
     @property
     def scale_inv(self) -> torch.Tensor:
         """1 / the scale of the last cast: what dequantizes the last quantize()'s output (torch._scaled_mm's scale
-        argument), also after update() has moved the scale on. A device tensor, updated in place by each cast."""
-        return self._scale_inv
+        argument), also after update() has moved the scale on. A copy (one tiny device op): kept beside its fp8
+        tensor (say, for the backward), it stays right whatever later casts do."""
+        return self._scale_inv.clone()
 
 
 class CurrentScaling(_Recipe):

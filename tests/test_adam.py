@@ -1020,3 +1020,77 @@ def test_group_options_and_duplicates_are_checked_when_added():
         q.step()
     assert torch.equal(p.detach(), before) and q.state[p]["step"].item() == 1
 
+
+
+@pytest.mark.parametrize("device,backend", backend_ids())
+def test_steady_steps_resync_nothing_for_fallback_and_view_params(device, backend, monkeypatch):
+    """No spurious master resync: a transposed bf16 param whose grads come contiguous (stepped by the reference,
+    which moves the version counter) and params that are views of one buffer (one shared counter, moved once per
+    param by the Triton op and the reference) — the versions are read after the step, not predicted."""
+    spy = _ResyncSpy(monkeypatch)
+    flat = torch.randn(3 * 24).to(torch.bfloat16).to(device)
+    views = [torch.nn.Parameter(flat[i * 24:(i + 1) * 24].view(4, 6)) for i in range(3)]
+    transposed = torch.nn.Parameter(torch.randn(5, 7).to(torch.bfloat16).to(device).t())
+    ps = views + [transposed]
+    o = AdamW(ps, lr=1e-3, backend=backend)
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, device=device)  # contiguous, whatever p's strides
+        o.step()
+    assert spy.count == 0
+
+
+def test_compiled_step_fullgraph():
+    """torch.compile(opt.step, fullgraph=True) traces (the version checks of the master resync, which branch on a
+    counter tracing cannot see, are skipped while compiling); the same params and masters as eager."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(9, 5).bfloat16()) for _ in range(2)]
+        o = AdamW(ps, lr=1e-2, backend="torch")
+        step = torch.compile(o.step, fullgraph=True, backend="aot_eager") if compiled else o.step
+        torch.manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            step()
+        results.append([t.clone() for p in ps for t in (p.detach(), o.state[p]["master_param"])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_write_seen_during_capture_raises(monkeypatch):
+    """A param written since the last step, met inside a CUDA graph capture: its master cannot take the write there
+    (it would be recorded and replayed every step), and skipping it let replays overwrite the write. Raises before
+    anything is updated. (The capture is simulated: Adam._capturing is what the step asks.)"""
+    p = torch.nn.Parameter(torch.randn(4, 4).bfloat16())
+    o = AdamW([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    o.step()
+    with torch.no_grad():
+        p.fill_(0.5)
+    master = o.state[p]["master_param"].clone()
+    monkeypatch.setattr(Adam, "_capturing", staticmethod(lambda device: True))
+    with pytest.raises(RuntimeError, match="cannot be recorded in a CUDA graph capture"):
+        o.step()
+    assert torch.equal(o.state[p]["master_param"], master) and (p.detach() == 0.5).all()
+
+
+def test_fallback_warning_from_a_step_names_the_callers_line(monkeypatch):
+    """The backend fallback warning names the line that called opt.step(), not torch's no_grad wrapper."""
+    import warnings
+
+    from mixprec_ops import backends
+
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda op, b, d: "pretend missing" if b == "cpu" else real(op, b, d))
+    monkeypatch.setattr(backends, "_warned", set())
+    p = torch.nn.Parameter(torch.randn(3))
+    o = AdamW([p])
+    p.grad = torch.randn(3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        o.step()
+    mine = [x for x in w if "using backend" in str(x.message)]
+    assert mine and all(x.filename == __file__ for x in mine), [(x.filename, str(x.message)) for x in w]

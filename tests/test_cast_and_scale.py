@@ -335,3 +335,12 @@ def test_amax_may_not_alias_x_or_scale():
     amax = buf[9:]
     y = mixprec_ops.cast_and_scale(buf[:9], torch.bfloat16, amax=amax)
     assert y.shape == (9,) and amax.item() == max(buf[9].item(), buf[:9].max().item())
+
+
+def test_torch_func_transforms_run_the_reference():
+    """Under torch.func (vmap of grad: per-sample gradients) cast_and_scale runs the reference, whose own autograd
+    every transform supports (the autograd.Function has no vmap rule)."""
+    x = torch.randn(4, 6)
+    per_row = torch.func.vmap(torch.func.grad(
+        lambda r: mixprec_ops.cast_and_scale(r, torch.bfloat16, 3.0).float().sum()))(x)
+    assert torch.equal(per_row, torch.full((4, 6), 3.0))

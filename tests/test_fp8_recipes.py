@@ -144,3 +144,31 @@ def test_rejected_input_leaves_the_recipe_unchanged(cls):
             r.quantize(x, **kw)
         for k, v in r.state_dict().items():
             assert k == "config" or torch.equal(v, before[k]), (k, x.dtype, kw)
+
+
+def test_scale_inv_is_a_snapshot():
+    """scale_inv kept beside its fp8 tensor (say, for the backward) stays that cast's, whatever later casts do."""
+    r = CurrentScaling(torch.float8_e4m3fn)
+    q1 = r.quantize(torch.full((4,), 2.0))
+    s1 = r.scale_inv
+    r.quantize(torch.full((4,), 200.0))
+    assert torch.equal(q1.float() * s1, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("cls", [CurrentScaling, DelayedScaling])
+def test_backend_that_cannot_serve_leaves_the_recipe_unchanged(cls):
+    """A valid backend name that cannot serve x's device ("cuda" for a CPU x) is refused before any state moves."""
+    r = cls(torch.float8_e4m3fn)
+    r.quantize(torch.randn(20))
+    before = r.state_dict()
+    with pytest.raises(ValueError, match="unavailable"):
+        r.quantize(torch.randn(20) * 50, backend="cuda")
+    for k, v in r.state_dict().items():
+        assert k == "config" or torch.equal(v, before[k]), k
+
+
+def test_recipes_on_meta_tensors():
+    """Shape propagation through a recipe built on "meta" (the amax overlap check must not compare meta storage)."""
+    r = DelayedScaling(torch.float8_e4m3fn, device="meta")
+    y = r.quantize(torch.empty(3, 5, device="meta"))
+    assert y.shape == (3, 5) and y.dtype == torch.float8_e4m3fn and y.is_meta

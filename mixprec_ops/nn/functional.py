@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from torch.autograd import forward_ad
-
-from .. import _checks
+from .. import _checks, backends
 from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_grad, apply_activation, autocast_on,
                           matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
 
@@ -37,24 +35,25 @@ def _bk(backend: str):
 
 
 @torch.library.custom_op("mixprec::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, backend: str,
+               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     act = None if activation == "none" else activation
     if act is None:
-        y = matmul(x, weight.t(), bias=bias, backend=_bk(backend))
+        y = matmul(x, weight.t(), bias=bias, out_dtype=out_dtype, backend=_bk(backend))
         return y, y.new_empty(0)
-    y, pre = matmul_with_preactivation(x, weight.t(), bias=bias, activation=act, backend=_bk(backend))
+    y, pre = matmul_with_preactivation(x, weight.t(), bias=bias, activation=act, out_dtype=out_dtype,
+                                       backend=_bk(backend))
     return y, pre
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, activation, backend):
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight, bias, activation, backend, out_dtype=None):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype or x.dtype)
     return y, (x.new_empty(0) if activation == "none" else torch.empty_like(y))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, backend = inputs
+    x, weight, bias, activation, backend, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.activation = None if activation == "none" else activation
     ctx.backend = _bk(backend)
@@ -91,7 +90,7 @@ def _backward(ctx, grad_y, grad_pre):
                 dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
     if need_b and db is None:
         db = g2.float().sum(0).to(ctx.bias_dtype)
-    return dx, dw, db, None, None
+    return dx, dw, db, None, None, None
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -110,16 +109,6 @@ def _autocast(x, weight, bias):
         return t if t is None or t.dtype == dt or t.dtype not in (torch.float32, *OPERAND_DTYPES) else t.to(dt)
 
     return cast(x), cast(weight), cast(bias)
-
-
-def _under_transform() -> bool:
-    """Inside a torch.func transform (grad, vjp, jvp, vmap, jacfwd, ...) or a forward-mode AD level: the fused op
-    has no vmap or jvp rule (torch.func.jvp would return zero tangents through it), so these run the same numerics
-    in plain torch ops (matmul_reference), which every transform and derivative order supports. Not asked while
-    torch.compile traces (Dynamo runs the transforms its own way)."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def _check_args(x, weight, bias):
@@ -168,7 +157,7 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
     if x.dtype == weight.dtype and x.dtype not in OPERAND_DTYPES:  # float32, float64: torch's linear (and checks)
         return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
     _check_args(x, weight, bias)
-    if _under_transform():
+    if backends.transform_active():
         return matmul_reference(x, weight.t(), bias, activation)  # the fused op's numerics, in plain torch ops
     one_d = x.dim() == 1
     if one_d:

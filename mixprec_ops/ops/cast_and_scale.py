@@ -140,6 +140,8 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
             _checks.disjoint(amax, "amax", scale_t, "scale")
     _checks.boolean(saturate, "saturate")
     b = _select(x.device, backend)
+    if backends.transform_active():  # torch.func / forward AD: the reference's own autograd serves every transform
+        return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
     if torch.is_grad_enabled() and (x.requires_grad or (scale_t is not None and scale_t.requires_grad)):
         return _CastAndScale.apply(x, dtype, scale_t, scale_value, amax, saturate, b)
     return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)

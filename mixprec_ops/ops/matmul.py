@@ -10,7 +10,6 @@ gradient from the weight-gradient GEMM, cuBLASLt's BGRADB epilogue on the cuda b
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -238,27 +237,22 @@ def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
     Returns:
         A new (..., M, N) tensor of out_dtype.
 
-    Autograd: differentiable in a, b and bias on every backend when out_dtype is a's dtype (the call then runs
-    as mixprec_ops.nn.functional.linear(a, b.T, bias, activation), whose backward uses the same kernels); with
-    another out_dtype, inputs that require grad are refused. Not differentiable: matmul_with_preactivation and
-    matmul_and_rowsum (the building blocks of linear's forward and backward).
+    Autograd: differentiable in a, b and bias on every backend (when inputs need grad the call runs as the op
+    behind mixprec_ops.nn.functional.linear, mixprec::linear(a, b.T, ...), whose backward uses the same kernels;
+    the gradients reaching a and b are rounded to their dtype). Under torch.func transforms and forward-mode AD
+    the reference serves. Not differentiable: matmul_with_preactivation and matmul_and_rowsum (the building
+    blocks of linear's forward and backward).
     """
+    if backends.transform_active():
+        _check(a, b, bias, activation, out_dtype)
+        return matmul_reference(a, b, bias, activation, out_dtype)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, bias)):
-        return _differentiable(a, b, bias, activation, out_dtype, backend)
+        _check(a, b, bias, activation, out_dtype)
+        from ..nn.functional import _linear_op  # nn.functional imports this module
+
+        act = "none" if activation is None else activation
+        return _linear_op(a, b.t(), bias, act, "" if backend is None else backend, out_dtype)[0]
     return _dispatch(a, b, bias, activation, out_dtype, backend, False)
-
-
-def _differentiable(a, b, bias, activation, out_dtype, backend):
-    _check(a, b, bias, activation, out_dtype)
-    if out_dtype not in (None, a.dtype):
-        raise ValueError(f"mixprec_ops.matmul: gradients need out_dtype=None (a's dtype, {a.dtype}), got "
-                         f"{out_dtype}; cast the result instead, or detach the inputs")
-    from ..nn.functional import linear  # nn.functional imports this module
-
-    # the operands are 16-bit already: no autocast cast (linear would apply one), as without gradients
-    no_autocast = torch.autocast(a.device.type, enabled=False) if autocast_on(a.device) else contextlib.nullcontext()
-    with no_autocast:
-        return linear(a, b.t(), bias, activation, backend=backend)
 
 
 def matmul_with_preactivation(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):

@@ -191,6 +191,7 @@ class Adam(torch.optim.Optimizer):
                 if st and "step" in st and not torch.is_tensor(st["step"]):  # an int step (torch before 1.12)
                     st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=p.device)
 
+    @torch._disable_dynamo
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -209,6 +210,7 @@ class Adam(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of torch.optim.Adam/AdamW, as torch's Optimizer.load_state_dict does
         (its pre-hooks first, the same checks, state not tied to a param kept, its post-hooks last), except for its
@@ -405,12 +407,14 @@ class Adam(torch.optim.Optimizer):
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
         for group, buckets, fallback in planned:
             self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
+        if not torch.compiler.is_compiling():
+            self._note_versions(planned)
         return loss
 
     # A param's plan: what does not change between steps, computed once and reused while it holds (see
     # _bucket_group). A list: the step-buffer fields are updated in place when a bucket's counters are regrouped.
     (_ST, _LEN, _P, _OPTS, _LP, _STATES, _MASTER, _STEP, _WALK, _KEY, _PDTYPE, _PLAIN, _CONTIG, _BUF, _IDX,
-     _HELD, _SHARD, _VER, _PTR, _BUMP) = range(20)
+     _HELD, _SHARD, _VER, _PTR) = range(19)
 
     def _bucket_group(self, group, ps):
         """(buckets, fallback) of one group's params with grads. buckets: {(device, param dtype, state dtype, master
@@ -420,6 +424,7 @@ class Adam(torch.optim.Optimizer):
         buckets = defaultdict(list)
         fallback = []
         resync = []
+        watch = not torch.compiler.is_compiling()  # the version checks would not trace (data-dependent)
         n_states = 3 if amsgrad else 2
         plans, state = self._plans, self.state
         options = (amsgrad, group["master_weights"], group["state_dtype"], self.backend)
@@ -460,17 +465,16 @@ class Adam(torch.optim.Optimizer):
                 plan = [st, len(st), p, options, lp, states, master, st["step"], walk,
                         (lp.device, lp.dtype, states[0].dtype, master is not None), lp.dtype, lp is p,
                         lp.is_contiguous(), None, -1, held, getattr(p, "_local_tensor", None),
-                        # the param's version and data pointer after our last step (kept across replanning) and
-                        # how much a step moves the version: see _resync
-                        None if old is None else old[self._VER], None if old is None else old[self._PTR],
-                        self._version_bump(lp.device) if master is not None else 0]
+                        # the param's version counter and data pointer after our last step, kept across
+                        # replanning: see _resync
+                        None if old is None else old[self._VER], None if old is None else old[self._PTR]]
                 plans[id(p)] = plan
             lp, states, master, _, walk, pkey, pdtype, plain, contig = plan[4:13]
-            if master is not None:  # written outside the optimizer since our last step? (see _resync)
-                ver, ptr = lp._version, lp.data_ptr()
-                if (ver != plan[17] or ptr != plan[18]) and plan[17] is not None:
+            if master is not None and watch:  # written outside the optimizer since our last step? (see _resync)
+                ptr = lp.data_ptr()
+                if plan[17] is not None and (lp._version != plan[17] or ptr != plan[18]):
                     resync.append((lp, master))
-                plan[17], plan[18] = ver + (plan[19] if walk else 1), ptr
+                plan[18] = ptr
             g = p.grad if plain else _local(p.grad)
             gdtype = g.dtype
             if gdtype is not pdtype and gdtype is not torch.float32:
@@ -487,30 +491,37 @@ class Adam(torch.optim.Optimizer):
         self._resync(resync)
         return {k: (entries, self._step_buffer(entries)) for k, entries in buckets.items()}, fallback
 
-    def _version_bump(self, device) -> int:
-        """How much one fused step moves a param's version counter: the C++ ops' (cpu, cuda) writes do not count,
-        the Triton op's and the reference's do, once (a param the reference steps alone: 1). Only a cost if wrong:
-        the param then counts as written every step (tests/test_adam.py checks that steady steps resync nothing,
-        on every backend; the GPU run checks cuda's)."""
-        from ..ops.adam import _select
-
-        return 0 if _select(device, self.backend) in ("cpu", "cuda") else 1
+    def _note_versions(self, planned):
+        """After every launch of the step: each master-carrying param's version counter, as our own writes left it
+        (read, not predicted: the C++ ops do not move it, the Triton op and the reference do, and params that are
+        views of one buffer share one counter). ~0.05 us per param."""
+        for _, buckets, fallback in planned:
+            for entries in [e for e, _ in buckets.values()] + [fallback]:
+                for e in entries:
+                    if e[3] is not None:
+                        e[4][17] = e[0]._version
 
     def _resync(self, pairs):
         """A 16-bit param written outside the optimizer since its last step (clamp_ under no_grad, nn.init, a
         model's load_state_dict, p.data = t) must not be overwritten from a master that never saw the write, which
         a fused master-weight step would do. Such params are found in _bucket_group from the param's version
-        counter and data pointer, compared with what they were after our last step (~0.1 us per param with a
-        master; a write through p.data's own in-place ops is invisible to it: p.data has its own version counter).
+        counter and data pointer, compared with what they were after our last step (_note_versions; host cost
+        with the recording ~0.4 us per param with a master, bench/NOTES.md; a write through p.data's own
+        in-place ops is invisible: p.data has its own version counter. Not under torch.compile, whose tracing
+        cannot branch on the counter).
 
         Per element, a master whose param no longer holds the master's rounding takes the param's value: what was
         written wins, and elements nobody touched keep their fp32 bits (an eval-time swap to other weights and
         back, or a model's load_state_dict of the checkpoint the masters come from, change nothing). One
-        elementwise pass per such param, no host sync; not inside a CUDA graph capture (the capture's warm-up
-        step has resynced already, and replays must not redo it)."""
+        elementwise pass per such param, no host sync. Inside a CUDA graph capture it would be recorded and
+        replayed every step: a written param raises there instead (step once eagerly after writing)."""
         for lp, master in pairs:
             if self._capturing(lp.device):
-                continue
+                raise RuntimeError(
+                    f"mixprec_ops.optim: a {tuple(lp.shape)} param was written outside the optimizer since its last "
+                    "step, and its fp32 master must take the write; that cannot be recorded in a CUDA graph "
+                    "capture: run one step outside the capture first")
+        for lp, master in pairs:
             master.copy_(torch.where(master.to(lp.dtype) == lp, master, lp.float()))
 
     def _step_buffer(self, entries):
