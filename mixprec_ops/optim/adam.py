@@ -506,7 +506,7 @@ class Adam(torch.optim.Optimizer):
         model's load_state_dict, p.data = t) must not be overwritten from a master that never saw the write, which
         a fused master-weight step would do. Such params are found in _bucket_group from the param's version
         counter and data pointer, compared with what they were after our last step (_note_versions; host cost
-        with the recording ~0.4 us per param with a master, bench/NOTES.md; a write through p.data's own
+        with the read-back ~0.27 us per param with a master, bench/NOTES.md; a write through p.data's own
         in-place ops is invisible: p.data has its own version counter. Not under torch.compile, whose tracing
         cannot branch on the counter).
 
