@@ -65,25 +65,32 @@ def _torch(kind):
     return fn
 
 
+CHECK_PARAMS = 100_000_000  # the check's size cap (it runs the reference too, on a second copy)
+
+
 def _check(sizes, device):
     def check(impl: Impl):
+        """Two steps of the implementation exactly as timed (impl.fn on an input set's bf16 params), bit for bit
+        against the reference backend: every tensor of the case (more than one launch holds, tensors longer than
+        one chunk), scaled down proportionally past CHECK_PARAMS."""
         if impl.backend.startswith(BASELINE):
             return None  # torch itself
-        small = [min(n, 70001) for n in sizes[:6]]
-        runs = {}
-        for b in (impl.backend, "torch"):
-            ps = _params(small, torch.bfloat16, device, seed=99)
-            o = AdamW(ps, **HP, backend=b)
-            for k in range(3):
-                o.step()
-                for p in ps:  # fresh grads each step
+        f = min(1.0, CHECK_PARAMS / sum(sizes))
+        check_sizes = [max(1, int(n * f)) + (n % 3) for n in sizes]
+        mine = {"bf16": _params(check_sizes, torch.bfloat16, device, seed=99), "opts": {}}
+        ref = _params(check_sizes, torch.bfloat16, device, seed=99)
+        ref_opt = AdamW(ref, **HP, backend="torch")
+        for _ in range(2):
+            impl.fn(mine)
+            ref_opt.step()
+            for ps in (mine["bf16"], ref):
+                for p in ps:  # other grads next step
                     p.grad.mul_(-1.01)
-            runs[b] = (ps, o)
-        (pa, oa), (pb, ob) = runs[impl.backend], runs["torch"]
-        for i, (a, b) in enumerate(zip(pa, pb)):
+        opt = mine["opts"][impl.backend]
+        for i, (a, b) in enumerate(zip(mine["bf16"], ref)):
             bad = bit_mismatch(a.detach(), b.detach(), f"param {i}")
-            for k in oa.state[a]:
-                bad = bad or bit_mismatch(oa.state[a][k], ob.state[b][k], f"param {i} {k}")
+            for k in opt.state[a]:
+                bad = bad or bit_mismatch(opt.state[a][k], ref_opt.state[b][k], f"param {i} {k}")
             if bad:
                 return bad
         return None

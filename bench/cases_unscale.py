@@ -2,9 +2,12 @@
 torch._amp_foreach_non_finite_check_and_unscale_ (what GradScaler.unscale_ calls).
 Honest bytes per call: every grad read once and written once (2 x the bytes of all tensors).
 
-Timing repeats the call on the same tensors with inv_scale = 1.0 (x * 1.0 == x, so values neither drift to 0/inf nor
-change between repetitions); the correctness check first runs each implementation once on fresh data with
-inv_scale = 1/3 (every product rounds) and once more with an inf planted, which must set found_inf."""
+Timing repeats the call on the same tensors with inv_scale alternating 2.0 and 0.5 per input set (exact in every
+dtype, so values neither drift to 0/inf nor lose bits, and every call writes: with inv_scale = 1.0, what an earlier
+version timed, our kernels take their read-only probe path while torch's kernel still writes, and the reported
+bandwidth counted writes that never happened: the H200 run's 183% of copy). The correctness check runs each
+implementation on fresh data with inv_scale = 1/3 (every product rounds), with an inf planted (found_inf must be
+set), and with inv_scale = 1 (the probe path: nothing may change)."""
 
 from __future__ import annotations
 
@@ -39,11 +42,20 @@ def _amp_accepts(dtype: torch.dtype, device: torch.device) -> str | None:
         return str(e).splitlines()[0][:160]
 
 
-def _make(sizes, dtype, device, seed, inv):
+def _make(sizes, dtype, device, seed, inv=None):
+    """An input set. inv=None: a timing set, whose inv_scale alternates 2.0 and 0.5 from call to call (_inv)."""
     g = torch.Generator(device=device).manual_seed(seed)
     flat = torch.randn(sum(sizes), generator=g, device=device, dtype=torch.float32).to(dtype)
     ts = [c.clone() for c in flat.split(sizes)]  # separate allocations, aligned as real grads are
-    return {"ts": ts, "inv": torch.full((1,), inv, device=device), "found": torch.zeros(1, device=device)}
+    invs = [torch.full((1,), v, device=device) for v in ((2.0, 0.5) if inv is None else (inv,))]
+    return {"ts": ts, "invs": invs, "calls": [0], "found": torch.zeros(1, device=device)}
+
+
+def _inv(d):
+    """This call's inv_scale: the set's values alternate (2.0, 0.5, 2.0, ...), the same for every implementation."""
+    k = d["calls"][0]
+    d["calls"][0] = k + 1
+    return d["invs"][k % len(d["invs"])]
 
 
 def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool) -> Case:
@@ -53,13 +65,13 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
     if amp_err is None:
 
         def unscale_base(d):
-            torch._amp_foreach_non_finite_check_and_unscale_(d["ts"], d["found"], d["inv"])
+            torch._amp_foreach_non_finite_check_and_unscale_(d["ts"], d["found"], _inv(d))
 
         desc = "torch._amp_foreach_non_finite_check_and_unscale_"
     else:
 
         def unscale_base(d):
-            torch._foreach_mul_(d["ts"], d["inv"].reshape(()))
+            torch._foreach_mul_(d["ts"], _inv(d).reshape(()))
             m = torch.stack(torch._foreach_norm(d["ts"], math.inf))  # max|t|: inf/NaN propagate, finite stays finite
             d["found"].copy_(torch.where(m.isfinite().all(), d["found"], torch.ones_like(d["found"])))
 
@@ -76,24 +88,25 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
         base = unscale_base
 
     def ours(backend):
-        return lambda d: unscale_(d["ts"], d["inv"], d["found"], return_norm=norm, backend=backend)
+        return lambda d: unscale_(d["ts"], _inv(d), d["found"], return_norm=norm, backend=backend)
 
     def check(impl: Impl):
         if impl.backend == BASELINE and amp_err is not None:
             return None  # the stand-in baseline (_foreach_mul_) rounds x * inv in the tensor's dtype: not the oracle
-        d = _make(sizes, dtype, dev, seed=777, inv=1.0 / 3.0)
-        ref_ts, ref_found = [t.clone() for t in d["ts"]], torch.zeros(1, device=dev)
-        ref_norm = unscale_reference(ref_ts, d["inv"], ref_found, return_norm=norm)
-        out = impl.fn(d)
-        for i, (t, r) in enumerate(zip(d["ts"], ref_ts, strict=True)):
-            bad = bit_mismatch(t, r, f"tensors[{i}]")
-            if bad:
+        for inv in (1.0 / 3.0, 1.0):  # every product rounds; then the read-only probe path
+            d = _make(sizes, dtype, dev, seed=777, inv=inv)
+            ref_ts, ref_found = [t.clone() for t in d["ts"]], torch.zeros(1, device=dev)
+            ref_norm = unscale_reference(ref_ts, d["invs"][0], ref_found, return_norm=norm)
+            out = impl.fn(d)
+            for i, (t, r) in enumerate(zip(d["ts"], ref_ts, strict=True)):
+                bad = bit_mismatch(t, r, f"tensors[{i}] (inv_scale {inv:.3g})")
+                if bad:
+                    return bad
+            if float(d["found"]) != float(ref_found):
+                return f"found_inf is {float(d['found'])} on finite data"
+            if norm and (bad := close_mismatch(out, ref_norm, "norm", rtol=1e-4)):
                 return bad
-        if float(d["found"]) != float(ref_found):
-            return f"found_inf is {float(d['found'])} on finite data"
-        if norm and (bad := close_mismatch(out, ref_norm, "norm", rtol=1e-4)):
-            return bad
-        del d, ref_ts
+            del d, ref_ts
         d = _make(sizes, dtype, dev, seed=778, inv=1.0 / 3.0)
         t = d["ts"][len(sizes) // 2]
         t.view(-1)[t.numel() // 2] = math.inf
@@ -107,7 +120,7 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
         name,
         sum(sizes),
         nbytes,
-        lambda seed: _make(sizes, dtype, dev, seed, 1.0),
+        lambda seed: _make(sizes, dtype, dev, seed),
         impls,
         check,
         set_bytes=nbytes // 2,

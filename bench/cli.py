@@ -33,9 +33,16 @@ def parse_args(argv):
     p.add_argument("--ops", default="", help="ops or prefixes, comma-separated (default: all), e.g. cast,unscale")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the best available")
     p.add_argument("--out", default=None, help="output dir (default bench/out/<date>-<device>)")
-    p.add_argument("--reps", type=int, default=None, help="max timed reps per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--reps", type=_positive, default=None, help="max timed reps per measurement")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's own choice)")
     return p.parse_args(argv)
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return n
 
 
 def _progress(total):
@@ -88,8 +95,8 @@ def main(argv=None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     out = args.out or os.path.join(REPO_ROOT, "bench", "out", f"{now:%Y-%m-%d}-{dev_type}")
     os.makedirs(out, exist_ok=True)
-    for stale in ("results.json", "results.csv", PARTIAL):  # an earlier run's, in a reused directory: never mixed
-        if os.path.exists(os.path.join(out, stale)):
+    for stale in ("results.json", "results.csv", PARTIAL, *report.PLOTS):  # an earlier run's, in a reused
+        if os.path.exists(os.path.join(out, stale)):                         # directory: never mixed
             os.remove(os.path.join(out, stale))
     reps, warmup, min_reps, budget, max_sets = SETTINGS[(dev_type, args.quick)]
     reps = args.reps or reps
@@ -166,6 +173,18 @@ def main(argv=None) -> int:
     def failed(r):
         return r["check"] not in ("ok", SKIPPED_BUDGET)
 
+    def error_text(e, n=160):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:n] if str(e) else ''}"
+
+    def untimed(c, check):
+        """Rows without a time for every implementation of case c (budget spent, inputs that failed)."""
+        for impl in c.impls:
+            rows.append({"op": c.op, "case": c.name, "backend": impl.backend, "numel": c.numel, "bytes": c.bytes,
+                         "tensor_bytes": c.tensor_bytes, "median_us": None, "reps": 0, "gbps": None, "pct_copy": None,
+                         "vs_torch": None, "check": check, "desc": impl.desc, "flops": c.flops, "tflops": None,
+                         "pct_peak": None, **c.tags})
+            bar.update()
+
     def with_shares(rs, copy):
         """rs with %copy (of `copy` GB/s) and %peak (of torch's bf16 matmul rate, measured at the start) filled in."""
         peak = ceil.get("matmul_bf16_tflops")
@@ -191,19 +210,18 @@ def main(argv=None) -> int:
             limit = TIME_BUDGET_S.get(c.op)
             if limit is not None and op_seconds.get(c.op, 0.0) > limit:
                 over_budget.setdefault(c.op, []).append(c.name)
-                for impl in c.impls:  # rows without a time: a target group then counts the case as missing
-                    rows.append({"op": c.op, "case": c.name, "backend": impl.backend, "numel": c.numel,
-                                 "bytes": c.bytes, "tensor_bytes": c.tensor_bytes, "median_us": None, "reps": 0,
-                                 "gbps": None, "pct_copy": None, "vs_torch": None, "check": SKIPPED_BUDGET,
-                                 "desc": impl.desc, "flops": c.flops, "tflops": None, "pct_peak": None, **c.tags})
-                    bar.update()
+                untimed(c, SKIPPED_BUDGET)  # rows without a time: a target group then counts the case as missing
                 continue
             t_case = time.perf_counter()
             for n in c.notes:
                 if n not in notes:
                     notes.append(n)
             k = n_sets(c.set_bytes or c.bytes, mach["cache_bytes"], max_sets)
-            inputs = [c.make(seed) for seed in range(k)]
+            try:
+                inputs = [c.make(seed) for seed in range(k)]
+            except Exception as e:  # noqa: BLE001  (one case's inputs must not end the run)
+                untimed(c, f"ERROR: making the inputs: {error_text(e)}")
+                continue
             checks, timed, check_s = {}, [], {}
             for impl in c.impls:
                 bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M check {impl.backend}")
@@ -211,29 +229,40 @@ def main(argv=None) -> int:
                 try:
                     bad = c.check(impl)
                     checks[impl.backend] = "ok" if bad is None else f"FAIL: {bad}"
-                    timed.append(impl)
+                    if bad is None:  # a wrong result is not timed: no speed, no ratio, no target met
+                        timed.append(impl)
                 except Exception as e:  # noqa: BLE001  (a crashing backend must not hide the others)
-                    checks[impl.backend] = (
-                        f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    )
+                    checks[impl.backend] = f"ERROR: {error_text(e, 200)}"
                 # The check is the first call of this shape: it includes any compilation and autotuning.
                 check_s[impl.backend] = time.perf_counter() - t_check
             bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M timing")
+
+            def time_these(impls):
+                got = measure([i.fn for i in impls], inputs, device, reps=min(reps, c.reps or reps), warmup=warmup,
+                              min_reps=min_reps, budget_s=min(budget, c.budget_s or budget))
+                return {i.backend: t for i, t in zip(impls, got, strict=True)}
+
             try:
-                got = measure(
-                    [i.fn for i in timed],
-                    inputs,
-                    device,
-                    reps=min(reps, c.reps or reps),
-                    warmup=warmup,
-                    min_reps=min_reps,
-                    budget_s=min(budget, c.budget_s or budget),
-                )
-                ts = {i.backend: t for i, t in zip(timed, got, strict=True)}
-            except Exception as e:  # noqa: BLE001
-                ts = {}
+                ts = time_these(timed)
+            except Exception as e:  # noqa: BLE001  (find which implementation failed; time the others)
+                ts, ok = {}, []
                 for i in timed:
-                    checks[i.backend] += f"; timing ERROR: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    try:
+                        i.fn(inputs[0])
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        ok.append(i)
+                    except Exception as e1:  # noqa: BLE001
+                        checks[i.backend] += f"; timing ERROR: {error_text(e1)}"
+                err = e
+                if ok and len(ok) < len(timed):
+                    try:
+                        ts = time_these(ok)
+                    except Exception as e2:  # noqa: BLE001
+                        err = e2
+                if not ts:  # the others could not be timed either (or failed only together): say why
+                    for i in ok:
+                        checks[i.backend] += f"; timing ERROR: {error_text(err)}"
             infos = {}
             for impl in timed:
                 if impl.info is not None and impl.backend in ts:

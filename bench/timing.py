@@ -78,9 +78,11 @@ def measure(
     drifts during the run (other load, a host scheduler) slows all of them alike and their ratios stay fair. Call
     j (counting every call of every fn) uses inputs[j % len(inputs)], so no call finds its data in the cache that
     the previous call warmed. Stops after `reps` rounds, or once `budget_s` x len(fns) of wall time is spent and
-    at least `min_reps` rounds were timed."""
+    at least `min_reps` rounds were timed. The warm-up calls every fn on every input set at least once (what a
+    first call does per set, such as creating an optimizer's state, stays out of the times)."""
     k, nf = len(inputs), len(fns)
     host_warm = [0.0] * nf
+    warmup = max(warmup, k)
     for i in range(warmup):
         for n, f in enumerate(fns):
             s = time.perf_counter()

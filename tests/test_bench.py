@@ -251,3 +251,76 @@ def test_gpu_timing_queues_a_spin_before_each_start_event(monkeypatch):
     assert [x if isinstance(x, str) else x[0] for x in body] == want, body
     assert all(x[1] > 0 for x in body if not isinstance(x, str))
     assert calls[-8:] == [0, 1, 2, 0, 1, 2, 0, 1]  # inputs rotated call by call
+
+
+def test_wrong_or_crashing_implementations_are_not_timed_and_do_not_stop_the_run(tmp_path, monkeypatch):
+    """A failed check leaves its row without a time or a ratio (it used to be timed and shown with a speedup, and
+    counted toward targets); an implementation that crashes while being timed loses its own time only (it erased
+    every implementation's); a case whose inputs cannot be made leaves error rows and the run goes on."""
+    from bench import cli, registry
+    from bench.registry import Case
+
+    def fast(d):
+        return None
+
+    def crash_when_timed(d):
+        if d == "timed":
+            raise RuntimeError("boom")
+
+    def make(seed):
+        return "timed"
+
+    def bad_make(seed):
+        raise MemoryError("no room")
+
+    # (backend names starting with the baseline's: no op registry lookup for this made-up op)
+    wrong, crash, good = (f"{BASELINE}-{n}" for n in ("wrong", "crash", "good"))
+    impls = [Impl(BASELINE, fast), Impl(wrong, fast), Impl(crash, crash_when_timed), Impl(good, fast)]
+    checks = {wrong: "value 3 differs", BASELINE: None, crash: None, good: None}
+    cases = [Case("zz_fail", "case", 1000, 8000, make, impls, lambda impl: checks[impl.backend]),
+             Case("zz_fail", "no inputs", 1000, 8000, bad_make, [Impl(BASELINE, fast)], lambda impl: None)]
+    monkeypatch.setitem(registry._PROVIDERS, "zz_fail", lambda ctx: cases)
+    assert cli.main(["--quick", "--ops", "zz_fail", "--device", "cpu", "--out", str(tmp_path)]) == 1  # failures
+    rows = {(r["case"], r["backend"]): r for r in json.load(open(tmp_path / "results.json"))["results"]}
+    assert rows[("case", wrong)]["median_us"] is None and rows[("case", wrong)]["vs_torch"] is None
+    assert rows[("case", wrong)]["check"].startswith("FAIL")
+    assert rows[("case", crash)]["median_us"] is None and "timing ERROR: RuntimeError: boom" in \
+        rows[("case", crash)]["check"]
+    assert rows[("case", good)]["median_us"] is not None and rows[("case", good)]["vs_torch"] is not None
+    assert rows[("case", BASELINE)]["check"] == "ok" and rows[("case", BASELINE)]["median_us"] is not None
+    assert rows[("no inputs", BASELINE)]["check"].startswith("ERROR: making the inputs: MemoryError")
+
+
+def test_every_input_set_is_warmed_before_timing():
+    """What a first call per input set does (an optimizer creating its state) stays out of the timed calls: the
+    warm-up reaches every set (it covered only the first `warmup` ones)."""
+    from bench.timing import measure
+
+    order = []
+    inputs = list(range(7))
+    measure([order.append], inputs, torch.device("cpu"), reps=5, warmup=2, min_reps=5, budget_s=10.0)
+    assert set(order[:len(inputs)]) == set(inputs) and len(order) == len(inputs) + 5
+
+
+def test_unscale_bench_times_the_writing_path():
+    """The unscale_ timing sets alternate inv_scale 2.0 / 0.5 (every call writes; with 1.0 our kernels took their
+    read-only path while torch's wrote, so the bandwidth counted writes that never happened), and the values come
+    back exactly after an even number of calls; the check also covers inv_scale 1."""
+    from bench import cases_unscale
+    from bench.registry import Ctx
+
+    ctx = Ctx(torch.device("cpu"), True, ["cpu"])
+    case = cases_unscale.cases(ctx)[0]
+    d = case.make(0)
+    before = [t.clone() for t in d["ts"]]
+    ours = next(i for i in case.impls if i.backend != BASELINE)
+    seen = []
+    real = cases_unscale.unscale_
+    cases_unscale.unscale_ = lambda ts, inv, found, **k: (seen.append(float(inv)), real(ts, inv, found, **k))[1]
+    try:
+        for _ in range(4):
+            ours.fn(d)
+    finally:
+        cases_unscale.unscale_ = real
+    assert seen == [2.0, 0.5, 2.0, 0.5]
+    assert all(torch.equal(a, b) for a, b in zip(d["ts"], before))
