@@ -37,17 +37,20 @@ def _params(sizes, dtype, device, seed):
 
 
 def _make(sizes, device, seed):
-    """One input set: bf16 params+grads for ours; fp32 params+grads and bf16 copies for the torch baselines.
-    Optimizers are created lazily per implementation (their state is initialised by the warm-up step)."""
-    return {"bf16": _params(sizes, torch.bfloat16, device, seed), "fp32": _params(sizes, torch.float32, device, seed),
-            "model": [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes], "opts": {}}
+    """One input set: fp32 params+grads and bf16 copies for the torch baselines; bf16 params+grads for each of our
+    backends, its own (made with its optimizer at its first call, in the warm-up): two of our optimizers stepping
+    the same params would each see the other's writes as writes from outside and resync their masters every step
+    (a one-sided cost: the Triton op moves the params' version counters, the C++ ops do not)."""
+    return {"sizes": sizes, "seed": seed, "device": device, "fp32": _params(sizes, torch.float32, device, seed),
+            "model": [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes], "opts": {}, "bf16": {}}
 
 
 def _ours(backend):
     def fn(d):
         o = d["opts"].get(backend)
         if o is None:
-            o = d["opts"][backend] = AdamW(d["bf16"], **HP, backend=backend)
+            ps = d["bf16"][backend] = _params(d["sizes"], torch.bfloat16, d["device"], d["seed"])
+            o = d["opts"][backend] = AdamW(ps, **HP, backend=backend)
         o.step()
 
     return fn
@@ -75,19 +78,19 @@ def _check(sizes, device):
         one chunk), scaled down proportionally past CHECK_PARAMS."""
         if impl.backend.startswith(BASELINE):
             return None  # torch itself
-        f = min(1.0, CHECK_PARAMS / sum(sizes))
-        check_sizes = [max(1, int(n * f)) + (n % 3) for n in sizes]
-        mine = {"bf16": _params(check_sizes, torch.bfloat16, device, seed=99), "opts": {}}
+        f = CHECK_PARAMS / sum(sizes)
+        check_sizes = sizes if f >= 1 else [max(1, int(n * f)) + (n % 3) for n in sizes]
+        mine = {"sizes": check_sizes, "seed": 99, "device": device, "opts": {}, "bf16": {}}
         ref = _params(check_sizes, torch.bfloat16, device, seed=99)
         ref_opt = AdamW(ref, **HP, backend="torch")
         for _ in range(2):
             impl.fn(mine)
             ref_opt.step()
-            for ps in (mine["bf16"], ref):
+            for ps in (mine["bf16"][impl.backend], ref):
                 for p in ps:  # other grads next step
                     p.grad.mul_(-1.01)
         opt = mine["opts"][impl.backend]
-        for i, (a, b) in enumerate(zip(mine["bf16"], ref)):
+        for i, (a, b) in enumerate(zip(mine["bf16"][impl.backend], ref)):
             bad = bit_mismatch(a.detach(), b.detach(), f"param {i}")
             for k in opt.state[a]:
                 bad = bad or bit_mismatch(opt.state[a][k], ref_opt.state[b][k], f"param {i} {k}")

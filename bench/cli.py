@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                 return {i.backend: t for i, t in zip(impls, got, strict=True)}
 
             try:
-                ts = time_these(timed)
+                ts = time_these(timed) if timed else {}
             except Exception as e:  # noqa: BLE001  (find which implementation failed; time the others)
                 ts, ok = {}, []
                 for i in timed:

@@ -147,7 +147,13 @@ def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool 
             }
         )
     for r in rows:
-        if r["backend"] == "torch" or r.get("gbps") is None:
+        if r["backend"] == "torch" or r["backend"].startswith("torch-"):
+            continue
+        if r.get("gbps") is None:  # failed its check, crashed, or never ran: a target it would count for is not met
+            if r["op"] in ("cast_and_scale", "unscale_") and (r["op"] == "unscale_" or
+                                                               (r.get("tensor_bytes") or 0) >= CAST_MIN_BYTES):
+                out.append({"what": f"{r['op']} {r['case']} {r['backend']}", "value": f"no time ({r['check'][:60]})",
+                            "met": False})
             continue
         if r["op"] == "cast_and_scale" and (r.get("tensor_bytes") or 0) >= CAST_MIN_BYTES:
             out.append(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, backends
-from .ops.cast_and_scale import cast_and_scale
+from . import _checks
+from .ops.cast_and_scale import _select, cast_and_scale
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -45,7 +45,7 @@ class _Recipe:
         _checks.float_tensor(x, "x")
         if x.device != self.scale.device:
             raise ValueError(f"x must be on the recipe's device {self.scale.device}, got {x.device}")
-        backends.select("cast_and_scale", x.device, backend)  # a backend that cannot serve x raises here too
+        _select(x.device, backend)  # a backend that cannot serve x raises here too (called, not traced, by Dynamo)
 
     def _cast(self, x, amax, backend):
         torch.reciprocal(self.scale, out=self._scale_inv)  # what dequantizes this cast, whatever update() does next

@@ -324,3 +324,36 @@ def test_unscale_bench_times_the_writing_path():
         cases_unscale.unscale_ = real
     assert seen == [2.0, 0.5, 2.0, 0.5]
     assert all(torch.equal(a, b) for a, b in zip(d["ts"], before))
+
+
+def test_adam_bench_backends_step_their_own_params():
+    """Each of our backends steps its own copy of a set's params: sharing them, each optimizer saw the other's
+    writes as writes from outside and resynced its masters every step (a cost only the C++ backends paid)."""
+    from bench import cases_adam
+    from bench.registry import Ctx
+
+    ctx = Ctx(torch.device("cpu"), True, ["cpu"])
+    case = cases_adam.cases(ctx)[0]
+    d = case.make(0)
+    fns = {"cpu": next(i.fn for i in case.impls if i.backend == "cpu"), "ref": cases_adam._ours("torch")}
+    for _ in range(2):
+        for fn in fns.values():
+            fn(d)
+    a, b = d["bf16"]["cpu"], d["bf16"]["torch"]
+    assert all(x is not y for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert case.check(next(i for i in case.impls if i.backend == "cpu")) is None
+
+
+def test_gpu_targets_count_untimed_rows_as_missed():
+    """A cast or unscale_ row without a time (its check failed, it crashed) shows in the targets as not met,
+    instead of disappearing from them."""
+    from bench import gpu_report
+
+    rows = [{"op": "unscale_", "case": "50 tensors f32", "backend": "cuda", "gbps": None, "vs_torch": None,
+             "check": "FAIL: tensors[3] differs", "tensor_bytes": 1 << 30},
+            {"op": "unscale_", "case": "50 tensors f32", "backend": "triton", "gbps": 3000.0, "vs_torch": 1.2,
+             "check": "ok", "tensor_bytes": 1 << 30}]
+    t = gpu_report.targets(rows)
+    assert [("cuda" in x["what"], "no time" in x["value"], x["met"]) for x in t] == [(True, True, False),
+                                                                                        (False, False, True)]
+

@@ -172,3 +172,19 @@ def test_recipes_on_meta_tensors():
     r = DelayedScaling(torch.float8_e4m3fn, device="meta")
     y = r.quantize(torch.empty(3, 5, device="meta"))
     assert y.shape == (3, 5) and y.dtype == torch.float8_e4m3fn and y.is_meta
+
+
+@pytest.mark.parametrize("cls", [CurrentScaling, DelayedScaling])
+def test_recipes_compile_fullgraph(cls):
+    """quantize traces whole under torch.compile (its backend check is the op's constant-marked choice, which Dynamo
+    calls, not traces); the same fp8 values and state as eager."""
+    x = torch.randn(64) * 20
+    outs = []
+    for compiled in (False, True):
+        r = cls(torch.float8_e4m3fn)
+        q = torch.compile(r.quantize, fullgraph=True, backend="aot_eager") if compiled else r.quantize
+        y = q(x)
+        outs.append((y.float(), r.scale.clone(), r.amax.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+

@@ -49,7 +49,7 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @_linear_op.register_fake
 def _(x, weight, bias, activation, backend, out_dtype=None):
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype or x.dtype)
-    return y, (x.new_empty(0) if activation == "none" else torch.empty_like(y))
+    return y, (y.new_empty(0) if activation == "none" else torch.empty_like(y))
 
 
 def _setup_context(ctx, inputs, output):
@@ -63,14 +63,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    g = grad_y
+    g32 = grad_y  # the gradient at the pre-activation before its rounding to x's dtype (fp32 with an activation)
     if ctx.activation is not None:
-        g = g.float() * activation_grad(pre, ctx.activation)
+        g32 = grad_y.float() * activation_grad(pre, ctx.activation)
         if grad_pre is not None:  # pre is an output too: reached by a double backward through act'(pre) above
-            g = g + grad_pre.float()
-        g = g.to(x.dtype)
-    elif g.dtype != x.dtype:
-        g = g.to(x.dtype)
+            g32 = g32 + grad_pre.float()
+    g = g32.to(x.dtype)  # the GEMMs' operand
     g2 = _as_2d(g)  # (rows, out); not reshape(-1, out): ambiguous when out_features == 0
     need_b = need_b and ctx.bias_dtype is not None
     dw = db = None
@@ -89,7 +87,9 @@ def _backward(ctx, grad_y, grad_pre):
             else:
                 dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
     if need_b and db is None:
-        db = g2.float().sum(0).to(ctx.bias_dtype)
+        # an fp32 bias sums the unrounded gradient (an fp32 output's, or act' * grad in fp32); a 16-bit bias the
+        # GEMM operand, as the BGRADB epilogue does
+        db = _as_2d(g32 if ctx.bias_dtype == torch.float32 else g).float().sum(0).to(ctx.bias_dtype)
     return dx, dw, db, None, None, None
 
 
