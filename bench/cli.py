@@ -139,7 +139,8 @@ def main(argv=None) -> int:
             )
     print(f"  torch {vers['torch']} (CUDA {vers['torch_cuda']}), triton {vers['triton']}, python {vers['python']}")
     print(
-        f"  mixprec_ops {vers['mixprec_ops']} from {os.path.dirname(vers['mixprec_ops_file'])}; "
+        f"  mixprec_ops {vers['mixprec_ops']} (git {vers['git'] or 'unknown'}) from "
+        f"{os.path.dirname(vers['mixprec_ops_file'])}; "
         f"extension {bk['extension']}; build {bk['build']}"
     )
     if not vers["mixprec_ops_installed"]:

@@ -355,9 +355,16 @@ def build(out: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outdir")
+    ap.add_argument("outdir", help="gpu_check's output directory, or a report .json (then: print its summary)")
     ap.add_argument("--commit-results", action="store_true")
     a = ap.parse_args(argv)
+    if os.path.isfile(a.outdir):  # a filed report (bench/results/<date>-<gpu>.json): show it, write nothing
+        if a.commit_results:
+            ap.error("--commit-results files a gpu_check output directory, not a report .json")
+        rep = json.load(open(a.outdir))
+        prev_name, prev_rows = previous(os.path.abspath(a.outdir), slug(rep["gpu"]))
+        print(summary_md(rep, prev_name, prev_rows))
+        return 0
     out = os.path.abspath(a.outdir)
     made = os.path.join(out, "report.json")
     if a.commit_results and os.path.exists(made):  # a returned OUTDIR (maybe read-only): file its report as is

@@ -118,7 +118,25 @@ def versions() -> dict:
         "mixprec_ops_installed": not os.path.realpath(mixprec_ops.__file__).startswith(
             REPO_ROOT + os.sep + "mixprec_ops"
         ),
+        "git": _git_state(),
     }
+
+
+def _git_state() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside a git checkout (the GPU
+    machine gets a copy of the tree without .git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def backend_summary(report: dict, device: torch.device) -> list[str]:

@@ -357,3 +357,19 @@ def test_gpu_targets_count_untimed_rows_as_missed():
     assert [("cuda" in x["what"], "no time" in x["value"], x["met"]) for x in t] == [(True, True, False),
                                                                                         (False, False, True)]
 
+
+def test_gpu_report_prints_a_filed_report_and_runs_record_their_commit(capsys):
+    """gpu_report.py takes a filed report .json too (it printed "no results" for one: it read only output
+    directories), writing nothing; a bench run's versions name the git commit it ran."""
+    from bench import machine
+
+    path = os.path.join(gpu_report.RESULTS_DIR, "2026-11-28-nvidia-h200.json")
+    before = {f: os.path.getmtime(os.path.join(gpu_report.RESULTS_DIR, f)) for f in os.listdir(gpu_report.RESULTS_DIR)}
+    assert gpu_report.main([path]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "adam_step_" in out and "no results" not in out
+    assert before == {f: os.path.getmtime(os.path.join(gpu_report.RESULTS_DIR, f))
+                      for f in os.listdir(gpu_report.RESULTS_DIR)}
+    git = machine.versions()["git"]
+    assert git is None or len(git.split("+")[0]) == 12
+
