@@ -8,7 +8,9 @@ the same learning-rate schedule; only the precision recipe changes:
   2 amp_bf16        float32 model under torch.autocast(bfloat16), torch.optim.AdamW(fused=True).
   3 mixprec_bf16    model cast to bfloat16, mixprec_ops.convert(model) (fused Linear, +GELU in the MLP),
                     mixprec_ops.optim.AdamW keeping fp32 master weights.
-  4 mixprec_fp16    model cast to float16, the same, plus mixprec_ops.amp.GradScaler (dynamic loss scaling).
+  4 mixprec_fp16    model cast to float16, the same, plus mixprec_ops.amp.GradScaler (dynamic loss scaling,
+                    started at --init-scale 2**24 and grown every --growth-interval 100 steps, so that a run of
+                    this length overflows, skips and backs off for real; torch's 2**16 / 2000 would not move).
   5 bf16_no_master  model cast to bfloat16, torch.optim.AdamW updating the bf16 params directly: the failure mode
                     that master weights prevent (small updates round away).
 
@@ -19,12 +21,15 @@ is the same for every mode and after a resume. No network, no tokenizer.
 
 Outputs (--out): log.json (config, machine, per-mode curves, final validation loss, tokens/s, memory) and
 loss.png (validation and smoothed training loss per mode); log.json is rewritten after each mode, so a run cut
-short keeps the modes it finished. --checkpoint-every N writes <out>/<mode>.ckpt; --resume continues from it
-(loaded with torch.load(weights_only=True)). On a CPU the resumed run reproduces the uninterrupted one bit-exactly
-(tests/test_examples.py); on a GPU only up to the device's own nondeterminism (e.g. the attention backward's atomics).
+short keeps the modes it finished. --checkpoint-every N (and --stop-after N) writes <out>/<mode>.ckpt; --resume
+continues from it (loaded with torch.load(weights_only=True)) and refuses a configuration other than the saved one
+(only --stop-after, --threads, --checkpoint-every, --device and progress may change). On a CPU the resumed run
+reproduces the uninterrupted one bit-exactly with the same thread count (tests/test_examples.py; another count
+changes reduction orders, and a note says so); on a GPU only up to the device's own nondeterminism (e.g. the
+attention backward's atomics).
 
     python examples/train_gpt.py --modes 1,2,3 --steps 2000            # defaults: 4 layers, width 256
-    python examples/train_gpt.py --modes mixprec_bf16 --steps 400 --checkpoint-every 200 --stop-after 200
+    python examples/train_gpt.py --modes mixprec_bf16 --steps 400 --stop-after 200
     python examples/train_gpt.py --modes mixprec_bf16 --steps 400 --resume
 """
 
@@ -77,6 +82,15 @@ class Config:
     checkpoint_every: int = 0
     stop_after: int = 0  # stop (after checkpointing) at this step: the first half of a resume test
     progress: bool = True
+    # mixprec_fp16's GradScaler: torch's defaults (2**16, growth every 2000 steps) never move the scale in a run of
+    # this length, so dynamic loss scaling would go unexercised: start high (the first steps overflow and back off)
+    # and grow every 100 good steps (an overflow, a skipped step and a backoff now and then)
+    init_scale: float = 2.0**24
+    growth_interval: int = 100
+
+
+# Fields a resumed run may change (they do not change the trajectory: when to stop, how to run, what to print)
+RESUMABLE_CHANGES = ("stop_after", "threads", "checkpoint_every", "progress", "device")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -205,7 +219,8 @@ def build(cfg: Config, mode: str, device):
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    scaler = GradScaler(device.type) if mode == "mixprec_fp16" else None
+    scaler = (GradScaler(device.type, init_scale=cfg.init_scale, growth_interval=cfg.growth_interval)
+              if mode == "mixprec_fp16" else None)
     return model, opt, sched, scaler
 
 
@@ -248,13 +263,37 @@ def checkpoint_path(out: str, mode: str) -> str:
     return os.path.join(out, f"{mode}.ckpt")
 
 
-def save_checkpoint(path, step, model, opt, sched, scaler, history):
+def save_checkpoint(path, step, model, opt, sched, scaler, history, cfg):
     state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-             "cpu_rng": torch.get_rng_state(), "history": history}
+             "cpu_rng": torch.get_rng_state(), "history": history, "config": _config_record(cfg),
+             "threads": torch.get_num_threads()}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _config_record(cfg: Config) -> dict:
+    """The config as plain values (torch.load(weights_only=True) reads them back)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _check_resume(ckpt: dict, cfg: Config, path: str) -> None:
+    """A resumed run continues the saved one: every field that shapes the trajectory must be as saved (the
+    scheduler's schedule, the optimizer's hyperparameters, the data order come from the checkpoint, so a changed
+    --lr or --steps would be logged but not used). On a CPU, bit-exactness also needs the same thread count."""
+    saved = ckpt.get("config")
+    if saved is None:
+        raise ValueError(f"{path} has no saved config (written by an older train_gpt.py): rerun without --resume")
+    now = _config_record(cfg)
+    diff = [f"{k}: {saved.get(k)!r} saved, {v!r} now" for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diff:
+        raise ValueError(f"--resume from {path} with another configuration ({'; '.join(diff)}); only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change")
+    if ckpt.get("threads") not in (None, torch.get_num_threads()):
+        print(f"note: {path} was written with {ckpt['threads']} threads, this run has {torch.get_num_threads()}: "
+              "on a CPU the resumed run is then not bit-exact (reduction order)", file=sys.stderr)
 
 
 def state_bytes(model, opt) -> int:
@@ -276,6 +315,9 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
     """Train one mode; return its log (curves, final validation loss, tokens/s, memory) and the final model."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name in ("steps", "eval_every", "batch", "context"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     device = resolve_device(cfg.device)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -287,7 +329,15 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
     start = 0
     if resume:
         # On the CPU: load_state_dict copies onto the params' device, and the RNG state must be a CPU tensor.
-        ckpt = torch.load(checkpoint_path(out, mode), map_location="cpu", weights_only=True)
+        path = checkpoint_path(out, mode)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint {path} (write one with --checkpoint-every or "
+                                    "--stop-after and --out)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        _check_resume(ckpt, cfg, path)
+        if ckpt["step"] >= (cfg.stop_after or cfg.steps):
+            raise ValueError(f"--resume: {path} is at step {ckpt['step']}, not before this run's end "
+                             f"({cfg.stop_after or cfg.steps})")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -327,8 +377,9 @@ def train(cfg: Config, mode: str, out: str | None = None, resume: bool = False, 
             history["val"].append([step + 1, evaluate(model, val, mode, device)])
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(train=f"{loss.item():.3f}", val=f"{history['val'][-1][1]:.3f}")
-        if out and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path(out, mode), step + 1, model, opt, sched, scaler, history)
+        if out and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+                    or (cfg.stop_after and step + 1 == end)):  # --stop-after: the checkpoint to resume from
+            save_checkpoint(checkpoint_path(out, mode), step + 1, model, opt, sched, scaler, history, cfg)
     log = {
         "mode": mode, "param_dtype": str(PARAM_DTYPE[mode]).replace("torch.", ""), "steps_run": end - start,
         "train": history["train"], "val": history["val"],
@@ -423,6 +474,8 @@ def main(argv=None) -> dict:
                     if f.name not in ("betas", "progress")}, progress=not args.no_progress)
     os.makedirs(args.out, exist_ok=True)
     device = resolve_device(cfg.device)
+    if cfg.threads and device.type == "cpu":  # before machine_info reads the thread count
+        torch.set_num_threads(cfg.threads)
     data = Data(stdlib_corpus(cfg.corpus_bytes), cfg.context, cfg.batch, cfg.seed, device)
     logs = {}
     report = {"config": dataclasses.asdict(cfg), "machine": machine_info(device),
