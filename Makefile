@@ -33,7 +33,7 @@ bench: install
 	$(VPY) -m bench $(BENCH_ARGS)
 
 # Distribution wheel in dist/: the extension for MIXPREC_CUDA_ARCHS (default 8.0;9.0a;10.0+PTX), tagged
-# cp39-abi3-manylinux_X_Y, requiring exactly the torch it was built against (setup.py, MIXPREC_DIST_WHEEL). Builds
+# cp310-abi3-manylinux_X_Y, requiring exactly the torch it was built against (setup.py, MIXPREC_DIST_WHEEL). Builds
 # in-tree (build/), so after `make install` ninja's objects are reused; nothing is downloaded.
 wheel: venv
 	MIXPREC_DIST_WHEEL=1 $(VPY) -m pip wheel --no-build-isolation --no-deps --disable-pip-version-check -w dist .

@@ -2,7 +2,7 @@
 toolkit is found) and the Python packages (triton_kernels/ is installed as `mixprec_ops.triton_kernels`).
 
 Environment variables (all optional):
-  MIXPREC_BUILD_CUDA=0        CPU-only build even when a CUDA toolkit is present.
+  MIXPREC_BUILD_CUDA=0        CPU-only build even when a CUDA toolkit is present (also false, no, off).
   MIXPREC_CUDA_ARCHS          CUDA archs, ';'-separated, e.g. "8.0;9.0a;10.0+PTX" (the default).
   MIXPREC_CPU_FLAGS           extra C++ flags for the CPU kernels (default on x86-64: -mavx2 -mfma -mf16c).
   MAX_JOBS                    parallel compile jobs (default: sized from cores and RAM).
@@ -96,8 +96,9 @@ def cuda_gencode_flags(archs):
 
 def decide_cuda():
     """(use_cuda, reason). Never fails: no usable toolkit means a CPU-only build with a clear message."""
-    if os.environ.get("MIXPREC_BUILD_CUDA", "1") == "0":
-        return False, "MIXPREC_BUILD_CUDA=0"
+    flag = os.environ.get("MIXPREC_BUILD_CUDA", "1").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False, f"MIXPREC_BUILD_CUDA={os.environ['MIXPREC_BUILD_CUDA']}"
     import torch
 
     if torch.version.cuda is None:
@@ -174,6 +175,9 @@ def write_build_info(use_cuda, archs):
 def extensions():
     use_cuda, why = decide_cuda()
     archs = os.environ.get("MIXPREC_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    if use_cuda and not archs.strip(";, "):  # no -gencode flags: torch would pick archs the build info never names
+        raise SystemExit("setup.py: MIXPREC_CUDA_ARCHS is empty; unset it for the default "
+                         f"({DEFAULT_CUDA_ARCHS}) or list archs, e.g. 9.0a")
     log(f"CUDA kernels: {'yes, archs ' + archs if use_cuda else 'no'} ({why})")
     os.environ["MAX_JOBS"] = max_jobs()
     log(f"parallel jobs: {os.environ['MAX_JOBS']}")
@@ -338,7 +342,8 @@ def main():
         package_dir={"mixprec_ops.triton_kernels": "triton_kernels"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "bdist_wheel": DistWheel},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+        # torch compiles limited-API extensions for CPython 3.10 and up (-DPy_LIMITED_API=0x030A0000)
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
 
 

@@ -1,7 +1,7 @@
 """The distribution wheel (`make wheel`): built from the repo root exactly as the Makefile does (MIXPREC_DIST_WHEEL=1
 pip wheel --no-build-isolation --no-deps), then checked as a user gets it:
 
-1. its size, and its tags (cp39-abi3, manylinux_X_Y no lower than the glibc the extension needs);
+1. its size, and its tags (cp310-abi3, manylinux_X_Y no lower than the glibc the extension needs);
 2. the GPU code in the extension: SASS for every arch of the build's list, PTX for the +PTX ones (CUDA builds only);
 3. its metadata: torch==<the torch it was built against>, Requires-Python, torch/CUDA/archs in the summary (and a
    source install still only asks for torch>=2.11);
@@ -253,8 +253,8 @@ def test_wheel_size_and_tags(wheel, wheel_files, request):
 
     tags = wheel_files["wheel_meta"].get_all("Tag")
     assert len(tags) == 1, tags
-    m = re.fullmatch(r"cp39-abi3-manylinux_(\d+)_(\d+)_(\w+)", tags[0])
-    assert m, f"expected cp39-abi3-manylinux_X_Y_<arch>, got {tags[0]}"
+    m = re.fullmatch(r"cp310-abi3-manylinux_(\d+)_(\d+)_(\w+)", tags[0])
+    assert m, f"expected cp310-abi3-manylinux_X_Y_<arch>, got {tags[0]}"
     tag_glibc, arch = (int(m.group(1)), int(m.group(2))), m.group(3)
     assert arch == platform.machine(), (arch, platform.machine())
     needed = _glibc_needed(wheel_files["so"])
