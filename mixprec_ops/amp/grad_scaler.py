@@ -54,8 +54,7 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         per_device_inv_scale = _MultiDeviceReplicator(inv_scale)
         per_device_found_inf = _MultiDeviceReplicator(found_inf)
-        ours: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        others: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)  # e.g. float64
+        plain: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         sharded: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (mesh, placements, device) -> local grads
         with torch.no_grad():
             for group in optimizer.param_groups:
@@ -74,16 +73,10 @@ class GradScaler(torch.amp.GradScaler):
                     if DTensor is not None and isinstance(g, DTensor):  # FSDP2, tensor parallel
                         local = g.to_local()
                         sharded[(g.device_mesh, g.placements, local.device)].append(local)
-                    elif g.dtype in FLOAT_SOURCES:
-                        ours[g.device].append(g)
                     else:
-                        others[(g.device, g.dtype)].append(g)
-            for device, grads in ours.items():
-                unscale_(grads, per_device_inv_scale.get(device), per_device_found_inf.get(device),
-                         backend=self._backend)
-            for (device, _), grads in others.items():
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    grads, per_device_found_inf.get(device), per_device_inv_scale.get(device))
+                        plain[g.device].append(g)
+            for device, grads in plain.items():
+                self._unscale(grads, per_device_inv_scale.get(device), per_device_found_inf.get(device))
             for (mesh, placements, device), grads in sharded.items():
                 self._unscale_shards(grads, mesh, placements, per_device_inv_scale.get(device),
                                      per_device_found_inf.get(device))
@@ -95,12 +88,19 @@ class GradScaler(torch.amp.GradScaler):
         DTensor rule for _amp_foreach_non_finite_check_and_unscale_ does, so every rank skips the same steps (a
         rank that stepped while another skipped would leave the shards of one param out of step)."""
         found = torch.zeros_like(found_inf)
-        local = [g for g in grads if g.dtype in FLOAT_SOURCES]
-        if local:
-            unscale_(local, inv_scale, found, backend=self._backend)
-        rest = [g for g in grads if g.dtype not in FLOAT_SOURCES]
-        if rest:
-            torch._amp_foreach_non_finite_check_and_unscale_(rest, found, inv_scale)
+        self._unscale(grads, inv_scale, found)
         spec = [p if isinstance(p, Replicate) else Partial("max") for p in placements]
         found = DTensor.from_local(found, mesh, spec, run_check=False).full_tensor()
         torch.maximum(found_inf, found, out=found_inf)
+
+    def _unscale(self, grads, inv_scale, found_inf):
+        """One device's grads: fp32/fp16/bf16 in one unscale_ call, any other dtype (float64) through torch's own
+        kernel, one call per dtype."""
+        others: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        ours = []
+        for g in grads:
+            (ours if g.dtype in FLOAT_SOURCES else others[g.dtype]).append(g)
+        if ours:
+            unscale_(ours, inv_scale, found_inf, backend=self._backend)
+        for group in others.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
