@@ -197,13 +197,40 @@ def main(argv=None) -> int:
     def error_text(e, n=160):
         return f"{type(e).__name__}: {str(e).splitlines()[0][:n] if str(e) else ''}"
 
+    def row(c, impl, check, t=None, base=None, **extra):
+        """One results row: implementation impl of case c, timed t (None: not timed) against the baseline's base."""
+        return {
+            "op": c.op,
+            "case": c.name,
+            "backend": impl.backend,
+            "numel": c.numel,
+            "bytes": c.bytes,
+            "tensor_bytes": c.tensor_bytes,
+            "median_us": t.median_s * 1e6 if t else None,
+            "p20_us": t.p20_s * 1e6 if t else None,
+            "p80_us": t.p80_s * 1e6 if t else None,
+            "reps": t.reps if t else 0,
+            "gbps": c.bytes / t.median_s / 1e9 if t else None,
+            "pct_copy": None,
+            "vs_torch": base.median_s / t.median_s if (t and base) else None,
+            # GPU: the host's time to queue one call, and the ratio for a loop of calls, where each call costs the
+            # longer of its device time and its host time
+            "host_us": t.host_s * 1e6 if (t and t.host_s is not None) else None,
+            "vs_torch_loop": (max(base.median_s, base.host_s) / max(t.median_s, t.host_s)
+                              if (t and base and t.host_s is not None and base.host_s is not None) else None),
+            "check": check,
+            "desc": impl.desc,
+            "flops": c.flops,
+            "tflops": c.flops / t.median_s / 1e12 if (t and c.flops) else None,
+            "pct_peak": None,
+            **extra,
+            **c.tags,
+        }
+
     def untimed(c, check):
         """Rows without a time for every implementation of case c (budget spent, inputs that failed)."""
         for impl in c.impls:
-            rows.append({"op": c.op, "case": c.name, "backend": impl.backend, "numel": c.numel, "bytes": c.bytes,
-                         "tensor_bytes": c.tensor_bytes, "median_us": None, "reps": 0, "gbps": None, "pct_copy": None,
-                         "vs_torch": None, "check": check, "desc": impl.desc, "flops": c.flops, "tflops": None,
-                         "pct_peak": None, **c.tags})
+            rows.append(row(c, impl, check))
             bar.update()
 
     def with_shares(rs, copy):
@@ -293,40 +320,8 @@ def main(argv=None) -> int:
                         infos[impl.backend] = f"info ERROR: {type(e).__name__}: {str(e)[:120]}"
             base = ts.get(BASELINE)
             for impl in c.impls:
-                t = ts.get(impl.backend)
-                gbps = c.bytes / t.median_s / 1e9 if t else None
-                rows.append(
-                    {
-                        "op": c.op,
-                        "case": c.name,
-                        "backend": impl.backend,
-                        "numel": c.numel,
-                        "bytes": c.bytes,
-                        "tensor_bytes": c.tensor_bytes,
-                        "median_us": t.median_s * 1e6 if t else None,
-                        "p20_us": t.p20_s * 1e6 if t else None,
-                        "p80_us": t.p80_s * 1e6 if t else None,
-                        "reps": t.reps if t else 0,
-                        "sets": k,
-                        "gbps": gbps,
-                        "pct_copy": None,
-                        "vs_torch": base.median_s / t.median_s if (t and base) else None,
-                        # GPU: the host's time to queue one call, and the ratio for a loop of calls, where each
-                        # call costs the longer of its device time and its host time
-                        "host_us": t.host_s * 1e6 if (t and t.host_s is not None) else None,
-                        "vs_torch_loop": (max(base.median_s, base.host_s) / max(t.median_s, t.host_s)
-                                          if (t and base and t.host_s is not None and base.host_s is not None)
-                                          else None),
-                        "check": checks[impl.backend],
-                        "desc": impl.desc,
-                        "check_s": round(check_s[impl.backend], 3),
-                        "flops": c.flops,
-                        "tflops": c.flops / t.median_s / 1e12 if (t and c.flops) else None,
-                        "pct_peak": None,
-                        "variant": infos.get(impl.backend, ""),
-                        **c.tags,
-                    }
-                )
+                rows.append(row(c, impl, checks[impl.backend], ts.get(impl.backend), base, sets=k,
+                                check_s=round(check_s[impl.backend], 3), variant=infos.get(impl.backend, "")))
                 bar.update()
             del inputs
             if device.type == "cuda":

@@ -8,9 +8,9 @@ time, not the host's launch path (an idle device would record the host's Python 
 as time: ~20 us for a Triton launch, more than a small GEMM takes). Each round of calls starts on an idle device (a
 synchronize), so the spins never pile up. The host's side is reported separately: `host_s`, the median wall time of
 queuing one call (what a loop of small calls costs when the device is faster than the host). CPU: time.perf_counter
-around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size is >= 4x
-the last-level cache, so a small case cannot be served from a cache warmed by the previous repetition (see
-`n_sets`).
+around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size aims at 4x
+the last-level cache, so a small case cannot be served from a cache warmed by the previous repetition (see `n_sets`:
+at most max_sets sets, so the smallest cases may cover less).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Timing:
 
 
 def n_sets(bytes_per_set: int, cache_bytes: int, max_sets: int) -> int:
-    """Input sets to rotate over: 1 when one set is >= 4x the cache, else enough to cover 4x the cache."""
+    """Input sets to rotate over: 1 when one set is >= 4x the cache, else enough to cover 4x the cache, at most
+    max_sets."""
     if bytes_per_set <= 0 or bytes_per_set >= 4 * cache_bytes:
         return 1
     return max(1, min(max_sets, math.ceil(4 * cache_bytes / bytes_per_set)))
