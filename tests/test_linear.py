@@ -222,9 +222,12 @@ def test_convert_real_hf_gpt2_conv1d():
     torch.testing.assert_close(m(x).float(), before.float(), atol=0.02, rtol=0.02)  # torch's bf16 addmm rounds too
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(monkeypatch):
     """No graph break: dynamo traces through the custom op, and AOTAutograd through its registered backward
-    (aot_eager: the cheapest backend that also traces the backward)."""
+    (aot_eager: the cheapest backend that also traces the backward). The custom op, not the eager route's
+    _LinearFunction (which Dynamo would inline, op by op), is what the compiled graph calls."""
+    from mixprec_ops.nn import functional as F
+
     torch._dynamo.reset()
     model = torch.nn.Sequential(Linear(16, 24, dtype=torch.bfloat16, activation="gelu_tanh"),
                                 Linear(24, 8, dtype=torch.bfloat16))
@@ -235,6 +238,11 @@ def test_compile_fullgraph():
     for p in model.parameters():
         p.grad = None
     x.grad = None
+
+    def refuse(*args):
+        raise AssertionError("_LinearFunction traced by torch.compile")
+
+    monkeypatch.setattr(F._LinearFunction, "apply", refuse)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     out.float().sum().backward()
@@ -425,3 +433,104 @@ def test_convert_warns_about_the_linear_subclasses_it_leaves():
         warnings.simplefilter("error")
         convert(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2), torch.nn.Linear(8, 8)))
         convert(convert(torch.nn.Sequential(torch.nn.Linear(8, 8))))
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: its presence alone sends linear through the custom op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_eager_function_and_custom_op_agree(monkeypatch, act):
+    """linear's two eager routes, the plain autograd.Function (_LinearFunction, no mode active) and the
+    mixprec::linear custom op (taken under any torch function or dispatch mode, by torch.compile, for subclasses):
+    the same outputs, first and second derivatives, bit for bit (they share forward, setup_context and backward).
+    Each route is checked to be taken, so the comparison is not of a route with itself."""
+    from mixprec_ops.nn import functional as F
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 10).to(torch.bfloat16)
+    w = (torch.randn(9, 10) / 3).to(torch.bfloat16)
+    b = torch.randn(9).to(torch.bfloat16)
+    gy = torch.randn(6, 9).to(torch.bfloat16)
+    calls = {"function": 0, "custom_op": 0}
+    apply, op = F._LinearFunction.apply, F._linear_op
+
+    def counting_apply(*args):
+        calls["function"] += 1
+        return apply(*args)
+
+    def counting_op(*args):
+        calls["custom_op"] += 1
+        return op(*args)
+
+    monkeypatch.setattr(F._LinearFunction, "apply", counting_apply)
+    monkeypatch.setattr(F, "_linear_op", counting_op)
+    fn = lambda x, w, b: linear(x, w, b, act)  # noqa: E731
+    got = {}
+    for route in ("function", "custom_op"):
+        before = dict(calls)
+        if route == "custom_op":
+            with _PassThroughMode():
+                got[route] = (grads(fn, x, w, b, gy), second_order(fn, x, w, b))
+        else:
+            got[route] = (grads(fn, x, w, b, gy), second_order(fn, x, w, b))
+        assert calls[route] > before[route], calls
+        if route == "function":  # (under the mode, the double backward's own products may take either route:
+            assert calls["custom_op"] == before["custom_op"], calls  # the engine runs backward outside the mode)
+    flat = {route: [*got[route][0], *got[route][1]] for route in got}
+    for a, c in zip(flat["function"], flat["custom_op"], strict=True):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("route", ["function", "custom_op"])
+def test_unused_pre_activation_gradient_is_not_materialised(monkeypatch, route):
+    """The op's second output (the saved pre-activation) has no gradient in an ordinary backward: it must reach
+    _backward as None, not as a zero tensor (which cost an fp32 allocation and a full add per backward with an
+    activation); a double backward that reaches pre still delivers its gradient (test_double_backward)."""
+    from mixprec_ops.nn import functional as F
+
+    seen = []
+
+    def spy(ctx, grad_y, grad_pre):
+        seen.append(grad_pre)
+        return F._backward.__wrapped__(ctx, grad_y, grad_pre)
+
+    spy.__wrapped__ = F._backward
+    monkeypatch.setattr(F, "_backward", spy)  # what _LinearFunction calls
+    F._linear_op.register_autograd(spy, setup_context=F._setup_context)  # what the custom op calls
+    try:
+        x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+        for act in ("gelu", None):
+            if route == "custom_op":
+                with _PassThroughMode():
+                    linear(x, w, None, act).float().sum().backward()
+            else:
+                linear(x, w, None, act).float().sum().backward()
+    finally:
+        F._linear_op.register_autograd(spy.__wrapped__, setup_context=F._setup_context)
+    assert len(seen) == 2 and all(g is None for g in seen), seen
+
+
+def test_modes_and_fake_tensors_take_the_custom_op(monkeypatch):
+    """Under FakeTensorMode (what torch.compile and torch.export trace with) linear runs the registered op, whose
+    fake implementation gives shapes and dtypes without computing; _LinearFunction, which would hide the op from
+    the mode, must not serve."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mixprec_ops.nn import functional as F
+
+    def refuse(*args):
+        raise AssertionError("_LinearFunction served under a dispatch mode")
+
+    monkeypatch.setattr(F._LinearFunction, "apply", refuse)
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.empty(6, 8, dtype=torch.bfloat16, requires_grad=True)
+        y = linear(x, w, None, "gelu")
+        assert y.shape == (3, 5, 6) and y.dtype == torch.bfloat16
+        y.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape

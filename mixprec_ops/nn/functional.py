@@ -2,9 +2,11 @@
 
 The forward and its gradient are one custom op, mixprec::linear, with torch.library.register_autograd, so
 torch.compile(fullgraph=True) traces through it without a graph break (the op is opaque to the compiler; its fake
-implementation gives the shapes). The op returns (y, pre): pre is the pre-activation x @ weight.T + bias (cast to
-x's dtype, stored by the same kernel launch), saved for the activation's gradient; it is empty when there is no
-activation. Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32
+implementation gives the shapes). Plain eager calls apply the same forward and backward as an autograd.Function
+(_LinearFunction), which skips the custom op's dispatch: 20 us instead of 45 us of host time per forward of a small
+layer (bench/NOTES.md, "linear's host time"). The op returns (y, pre): pre is the pre-activation x @ weight.T + bias
+(cast to x's dtype, stored by the same kernel launch), saved for the activation's gradient; it is empty when there is
+no activation. Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32
 reference on CPU), transposes read in place:
     g     = grad_y * act'(pre)        (in fp32, then rounded to x's dtype, as torch's own autograd does)
     dx    = g @ weight                (..., out) @ (out, in)
@@ -34,16 +36,20 @@ def _bk(backend: str):
     return None if backend == "" else backend
 
 
-@torch.library.custom_op("mixprec::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, backend: str,
-               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_forward(x, weight, bias, activation, backend, out_dtype=None):
+    """mixprec::linear's forward: (y, pre), pre empty without an activation."""
     act = None if activation == "none" else activation
     if act is None:
         y = matmul(x, weight.t(), bias=bias, out_dtype=out_dtype, backend=_bk(backend))
         return y, y.new_empty(0)
-    y, pre = matmul_with_preactivation(x, weight.t(), bias=bias, activation=act, out_dtype=out_dtype,
-                                       backend=_bk(backend))
-    return y, pre
+    return matmul_with_preactivation(x, weight.t(), bias=bias, activation=act, out_dtype=out_dtype,
+                                     backend=_bk(backend))
+
+
+@torch.library.custom_op("mixprec::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, backend: str,
+               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _linear_forward(x, weight, bias, activation, backend, out_dtype)
 
 
 @_linear_op.register_fake
@@ -58,15 +64,26 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = None if activation == "none" else activation
     ctx.backend = _bk(backend)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    # an unused output's gradient arrives as None, not as zeros: without an activation pre is empty, and with one
+    # it is used only by a double backward (zeros would cost an fp32 allocation and an add over the whole output)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    g32 = grad_y  # the gradient at the pre-activation before its rounding to x's dtype (fp32 with an activation)
-    if ctx.activation is not None:
+    # g32: the gradient at the pre-activation before its rounding to x's dtype (fp32 with an activation). grad_y
+    # is None when only pre's gradient arrives (a double backward that reached pre but not y); grad_pre is None
+    # unless pre was reached (by a double backward through act'(pre) in the first backward above)
+    if grad_y is None and grad_pre is None:
+        return None, None, None, None, None, None
+    if ctx.activation is None:
+        g32 = grad_y
+    elif grad_y is None:
+        g32 = grad_pre.float()
+    else:
         g32 = grad_y.float() * activation_grad(pre, ctx.activation)
-        if grad_pre is not None:  # pre is an output too: reached by a double backward through act'(pre) above
+        if grad_pre is not None:
             g32 = g32 + grad_pre.float()
     g = g32.to(x.dtype)  # the GEMMs' operand
     g2 = _as_2d(g)  # (rows, out); not reshape(-1, out): ambiguous when out_features == 0
@@ -94,6 +111,39 @@ def _backward(ctx, grad_y, grad_pre):
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """mixprec::linear in eager mode: the same forward, setup_context and backward as the custom op, applied as a
+    plain autograd.Function, which skips the custom op's two dispatcher trips and its Python autograd wrapper (about
+    half of a small layer's host time: see bench/NOTES.md, "linear's host time"). The custom op stays the op's one
+    schema, and serves whenever something may need to see it: torch.compile, a dispatch or function mode
+    (FakeTensorMode, FlopCounterMode, ...), tensor subclasses, meta tensors."""
+
+    # forward(ctx, ...) rather than a separate setup_context: with setup_context defined, Function.apply binds its
+    # arguments through inspect.signature on every call (~30 us, more than the rest of a small layer's forward)
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, backend, out_dtype):
+        output = _linear_forward(x, weight, bias, activation, backend, out_dtype)
+        _setup_context(ctx, (x, weight, bias, activation, backend, out_dtype), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_pre):
+        return _backward(ctx, grad_y, grad_pre)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
+    """mixprec::linear(x, weight, bias, activation, backend, out_dtype)[0], through _LinearFunction where plain eager
+    execution allows it, else through the custom op."""
+    if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0):
+        return _LinearFunction.apply(x, weight, bias, activation, backend, out_dtype)[0]
+    return _linear_op(x, weight, bias, activation, backend, out_dtype)[0]
 
 
 def _autocast(x, weight, bias):
@@ -163,5 +213,5 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
     if one_d:
         x = x.unsqueeze(0)
     act = "none" if activation is None else activation
-    y = _linear_op(x, weight, bias, act, "" if backend is None else backend)[0]
+    y = _apply_linear(x, weight, bias, act, "" if backend is None else backend)
     return y.squeeze(0) if one_d else y

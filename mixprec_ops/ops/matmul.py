@@ -205,7 +205,11 @@ def _check(a, b, bias, activation, out_dtype):
 def _dispatch(a, b, bias, activation, out_dtype, backend, return_pre):
     _check(a, b, bias, activation, out_dtype)
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    bk = _select(a.device, backend)
+    return _run(_select(a.device, backend), a, b, bias, activation, out_dtype, return_pre)
+
+
+def _run(bk, a, b, bias, activation, out_dtype, return_pre):
+    """The product on backend bk, arguments already checked and out_dtype resolved."""
     if bk == "cuda":
         act = "none" if activation is None else activation
         if return_pre:
@@ -248,10 +252,10 @@ def matmul(a, b, *, bias=None, activation=None, out_dtype=None, backend=None):
         return matmul_reference(a, b, bias, activation, out_dtype)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, bias)):
         _check(a, b, bias, activation, out_dtype)
-        from ..nn.functional import _linear_op  # nn.functional imports this module
+        from ..nn.functional import _apply_linear  # nn.functional imports this module
 
         act = "none" if activation is None else activation
-        return _linear_op(a, b.t(), bias, act, "" if backend is None else backend, out_dtype)[0]
+        return _apply_linear(a, b.t(), bias, act, "" if backend is None else backend, out_dtype)
     return _dispatch(a, b, bias, activation, out_dtype, backend, False)
 
 
@@ -268,7 +272,7 @@ def matmul_and_rowsum(a, b, *, out_dtype=None, backend=None):
     if a.dim() != 2:
         raise ValueError(f"a must have shape (M, K), got {tuple(a.shape)}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    if _select(a.device, backend) == "cuda":
+    bk = _select(a.device, backend)
+    if bk == "cuda":
         return torch.ops.mixprec.matmul_rowsum(a, b, out_dtype)
-    return (_dispatch(a, b, None, None, out_dtype, backend, False),
-            a.float().sum(1).to(out_dtype))
+    return _run(bk, a, b, None, None, out_dtype, False), a.float().sum(1).to(out_dtype)
