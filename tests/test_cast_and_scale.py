@@ -323,6 +323,27 @@ def test_gradients_same_on_every_backend(device, backend, dst, src):
             torch.testing.assert_close(s.grad.cpu(), sr.grad, rtol=1e-6, atol=0)
 
 
+def test_gradients_under_compile_fullgraph():
+    """torch.compile(fullgraph=True) of a differentiable cast (Dynamo traces the autograd.Function's forward(ctx)
+    and backward) gives eager's output and gradients bit for bit."""
+    torch._dynamo.reset()
+    x = (torch.randn(61, generator=torch.Generator().manual_seed(5)) * 300).to(torch.bfloat16)
+    s = torch.tensor([2.0])
+
+    def f(x, s):
+        return mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, s).float().sum()
+
+    out = {}
+    for name, fn in (("eager", f), ("compiled", torch.compile(f, fullgraph=True, backend="aot_eager"))):
+        xg, sg = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        y = fn(xg, sg)
+        y.backward()
+        out[name] = (y.detach(), xg.grad, sg.grad)
+    assert (out["eager"][1] == 0).any() and (out["eager"][1] != 0).any()  # saturated and passing elements
+    for a, b in zip(out["eager"], out["compiled"], strict=True):
+        assert_bit_exact(b, a, "compiled vs eager")
+
+
 def test_amax_may_not_alias_x_or_scale():
     """amax is written while x and scale are read: an overlap gave backend-dependent results (the reference
     updates amax first); refused, naming both. Disjoint parts of one buffer are fine."""
