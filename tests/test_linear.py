@@ -534,3 +534,32 @@ def test_modes_and_fake_tensors_take_the_custom_op(monkeypatch):
         assert y.shape == (3, 5, 6) and y.dtype == torch.bfloat16
         y.sum().backward()
         assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("act,kernel", [("relu", "threshold_backward"), ("gelu", "gelu_backward"),
+                                        ("gelu_tanh", "gelu_backward"), ("silu", "silu_backward")])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_activation_backward_is_one_fused_kernel(act, kernel, bias_dtype):
+    """grad * act'(pre) in the backward is one fused ATen kernel, as in torch's own autograd, not the derivative's
+    formula as separate fp32 ops (~12 passes over the layer's output for gelu: on a GPU as much time as the layer's
+    GEMMs). The ops the backward dispatches are logged; the formula would show erf/tanh/sigmoid/gt."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(6, 10, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(7, 10, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(7, dtype=bias_dtype, requires_grad=True)
+    y = linear(x, w, b, act)
+    log = Log()
+    with log:
+        y.backward(torch.randn_like(y))
+    assert log.names.count(kernel) == 1, log.names
+    assert not {"erf", "tanh", "sigmoid", "gt", "exp"} & set(log.names), log.names

@@ -8,7 +8,7 @@ layer (bench/NOTES.md, "linear's host time"). The op returns (y, pre): pre is th
 (cast to x's dtype, stored by the same kernel launch), saved for the activation's gradient; it is empty when there is
 no activation. Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32
 reference on CPU), transposes read in place:
-    g     = grad_y * act'(pre)        (in fp32, then rounded to x's dtype, as torch's own autograd does)
+    g     = grad_y * act'(pre)        (one fused ATen kernel, fp32 inside, one rounding, as torch's autograd)
     dx    = g @ weight                (..., out) @ (out, in)
     dw    = g2d.T @ x2d               (out, rows) @ (rows, in)
     dbias = g2d.float().sum(0)
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
-from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_grad, apply_activation, autocast_on,
-                          matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
+from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_backward, activation_grad, apply_activation,
+                          autocast_on, matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
 
 
 def _bk(backend: str):
@@ -72,17 +72,25 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    # g32: the gradient at the pre-activation before its rounding to x's dtype (fp32 with an activation). grad_y
-    # is None when only pre's gradient arrives (a double backward that reached pre but not y); grad_pre is None
-    # unless pre was reached (by a double backward through act'(pre) in the first backward above)
+    # g32: the gradient at the pre-activation before its rounding to x's dtype: fp32 where it is used unrounded (an
+    # fp32 bias's gradient, a double backward's graph), else grad_y * act'(pre) computed in fp32 and rounded once to
+    # y's dtype by one fused ATen kernel, as torch's own autograd does. grad_y is None when only pre's gradient
+    # arrives (a double backward that reached pre but not y); grad_pre is None unless pre was reached (by a double
+    # backward through act'(pre) in the first backward above)
     if grad_y is None and grad_pre is None:
         return None, None, None, None, None, None
     if ctx.activation is None:
         g32 = grad_y
     elif grad_y is None:
         g32 = grad_pre.float()
-    else:
+    elif torch.is_grad_enabled():  # create_graph: the derivative as differentiable ops
         g32 = grad_y.float() * activation_grad(pre, ctx.activation)
+        if grad_pre is not None:
+            g32 = g32 + grad_pre.float()
+    elif grad_pre is None and ctx.bias_dtype != torch.float32:
+        g32 = activation_backward(grad_y, pre, ctx.activation)
+    else:
+        g32 = activation_backward(grad_y.float(), pre.float(), ctx.activation)
         if grad_pre is not None:
             g32 = g32 + grad_pre.float()
     g = g32.to(x.dtype)  # the GEMMs' operand

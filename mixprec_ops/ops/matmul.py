@@ -41,7 +41,8 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """d act(p) / dp at p = pre (fp32 in, fp32 out)."""
+    """d act(p) / dp at p = pre (fp32 out), as differentiable torch ops: for a backward whose own graph is built
+    (create_graph=True; aten's silu_backward has no derivative). Otherwise activation_backward is the fused form."""
     p = pre.float()
     if activation is None:
         return torch.ones_like(p)
@@ -58,6 +59,24 @@ def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
         s = torch.sigmoid(p)
         return s * (1.0 + p * (1.0 - s))
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+
+def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(pre), as torch's own autograd computes it: one fused ATen kernel (gelu_backward, silu_backward,
+    threshold_backward: fp32 arithmetic inside for 16-bit inputs, one rounding to grad's dtype; differentiable
+    again, for a double backward). The derivative's formula as separate fp32 ops took ~12 passes over the tensor for
+    gelu (bench/NOTES.md, "The activation's backward"). grad and pre have the same dtype."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        return aten.threshold_backward(grad, pre, 0)
+    if activation == "gelu":
+        return aten.gelu_backward(grad, pre)
+    if activation == "gelu_tanh":
+        return aten.gelu_backward(grad, pre, approximate="tanh")
+    if activation == "silu":
+        return aten.silu_backward(grad, pre)
+    raise ValueError(f"activation must be one of {ACTIVATIONS[1:]}, got {activation!r}")
 
 
 def autocast_on(device: torch.device) -> bool:
