@@ -11,7 +11,7 @@ reference on CPU), transposes read in place:
     g     = grad_y * act'(pre)        (one fused ATen kernel, fp32 inside, one rounding, as torch's autograd)
     dx    = g @ weight                (..., out) @ (out, in)
     dw    = g2d.T @ x2d               (out, rows) @ (rows, in)
-    dbias = g2d.float().sum(0)
+    dbias = g2d.sum(0, dtype=float32)
 When the bias has the weight's dtype, dw and dbias come from one call, matmul_and_rowsum: on the cuda backend a single
 cuBLASLt GEMM with the BGRADB epilogue (the reduction over rows of g is done inside the wgrad GEMM, in fp32, rounded
 once), elsewhere the product and the same fp32 sum. An fp32 bias of a 16-bit layer keeps the separate fp32 sum
@@ -114,7 +114,7 @@ def _backward(ctx, grad_y, grad_pre):
     if need_b and db is None:
         # an fp32 bias sums the unrounded gradient (an fp32 output's, or act' * grad in fp32); a 16-bit bias the
         # GEMM operand, as the BGRADB epilogue does
-        db = _as_2d(g32 if ctx.bias_dtype == torch.float32 else g).float().sum(0).to(ctx.bias_dtype)
+        db = _as_2d(g32 if ctx.bias_dtype == torch.float32 else g).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return dx, dw, db, None, None, None
 
 
