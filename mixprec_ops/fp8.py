@@ -23,7 +23,9 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def compute_scale(amax: torch.Tensor, scale: torch.Tensor, fp8_max: float, margin: int = 0) -> torch.Tensor:
     """(fp8_max / 2**margin) / amax where that is finite and amax > 0, else the old `scale`. No host sync."""
     new = (fp8_max / 2.0**margin) / amax
-    ok = (amax > 0) & torch.isfinite(amax) & torch.isfinite(new)
+    # amax in (0, inf) excludes 0, negatives, inf and NaN; then new is positive, and finite unless it overflowed.
+    # (The same test as isfinite(amax) & isfinite(new) & (amax > 0), in 5 small kernels instead of 12.)
+    ok = (amax > 0) & (amax < float("inf")) & (new < float("inf"))
     return torch.where(ok, new, scale)
 
 
@@ -99,7 +101,12 @@ class CurrentScaling(_Recipe):
     def quantize(self, x: torch.Tensor, *, backend=None) -> torch.Tensor:
         """Return fp8 x * scale with scale from max|x| (kept from before when x is all zeros or non-finite)."""
         self._check_input(x, backend)
-        self.amax.copy_(x.detach().abs().amax().float().reshape(1) if x.numel() else self.amax.new_zeros(1))
+        if x.numel():
+            # max|x| as max(-min(x), max(x)): one read of x, no |x| copy (bit-identical; NaN propagates)
+            lo, hi = torch.aminmax(x.detach())
+            self.amax.copy_(torch.maximum(hi, -lo).float().reshape(1))
+        else:
+            self.amax.zero_()
         self.scale.copy_(compute_scale(self.amax, self.scale, self.fp8_max, self.margin))
         return self._cast(x, None, backend)
 
@@ -140,7 +147,7 @@ class DelayedScaling(_Recipe):
         A non-finite amax (x held inf/NaN) is recorded as 0, i.e. ignored: recorded as is, it would pin the
         history's max, and so the scale, for the history's whole length."""
         self.amax_history.copy_(torch.roll(self.amax_history, 1))
-        self.amax_history[:1].copy_(torch.where(torch.isfinite(self.amax), self.amax, 0.0))
+        self.amax_history[:1].copy_(self.amax.nan_to_num(0.0, 0.0, 0.0))  # NaN, inf, -inf -> 0
         ref = self.amax_history.amax().reshape(1) if self.algo == "max" else self.amax_history[:1]
         self.scale.copy_(compute_scale(ref, self.scale, self.fp8_max, self.margin))
         self.amax.zero_()

@@ -481,13 +481,15 @@ def test_cuda_graph_capture_and_replay(backend):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
-def test_step_adds_no_host_sync(backend):
+@pytest.mark.parametrize("lr_device", ["cuda", "cpu"])
+def test_step_adds_no_host_sync(backend, lr_device):
     """A steady-state step (tensor lr, grad_scale / found_inf on the device, fused clipping, bf16 params with
     masters next to an fp32 one) never synchronizes with the host: torch's sync debug mode turns any sync into an
-    error."""
+    error. A CPU lr tensor (torch's recipe for compiled optimizers: lr=torch.tensor(0.01)) is read on the host, as
+    torch's fused Adam does, not copied to the device (a blocking copy: one stream sync per bucket per step)."""
     model = mlp(torch.bfloat16, "cuda")
     model[0].float()
-    opt = AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), backend=backend, max_grad_norm=1.0)
+    opt = AdamW(model.parameters(), lr=torch.tensor(1e-3, device=lr_device), backend=backend, max_grad_norm=1.0)
     opt.grad_scale = torch.full((), 8.0, device="cuda")
     opt.found_inf = torch.zeros(1, device="cuda")
     for p in model.parameters():

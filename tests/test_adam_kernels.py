@@ -170,3 +170,15 @@ def test_every_backend_refuses_the_same_combinations(device, backend, P, G, mast
         for i, (o, e) in enumerate(zip(d[k], before[k])):
             assert_bit_exact(o, e, f"{k}[{i}]")
 
+
+
+def test_scalars_same_for_a_tensor_lr_and_its_host_value():
+    """The optimizer reads a CPU lr tensor on the host when the params are on a GPU (no blocking copy): the
+    scalars must be those of the tensor, bit for bit, for fp32 and fp64 lr tensors and every step count."""
+    steps = torch.arange(0, 3000, 7, dtype=torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        for v in (1e-3, 3e-4, 0.1 / 3, 7.7e-6, 1.0):
+            lr = torch.tensor(v, dtype=dtype)
+            want = adam_scalars(steps, lr, 0.9, 0.999, 0.1)
+            got = adam_scalars(steps, lr.item(), 0.9, 0.999, 0.1)
+            assert torch.equal(got, want), (dtype, v)

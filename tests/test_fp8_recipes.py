@@ -16,6 +16,33 @@ def test_compute_scale_rules():
         assert compute_scale(torch.tensor([bad]), old, 448.0).item() == 3.0, bad
 
 
+def test_compute_scale_edge_values_as_specified():
+    """The scale rule on every kind of amax, against its plain statement (new where amax > 0 and both amax and new
+    are finite, else the old scale), bit for bit: 0, -0, negatives, subnormals, values whose scale overflows,
+    +-inf, NaN, and ordinary ones, with and without a margin."""
+    amax = torch.tensor([0.0, -0.0, -2.0, 1e-45, 1e-40, 1e-38, 1e-3, 1.0, 448.0, 3e38, float("inf"), float("-inf"),
+                         float("nan")])
+    old = torch.full_like(amax, 3.0)
+    for margin in (0, 1, 4):
+        new = (448.0 / 2.0**margin) / amax
+        want = torch.where((amax > 0) & torch.isfinite(amax) & torch.isfinite(new), new, old)
+        assert torch.equal(compute_scale(amax, old, 448.0, margin), want), margin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_current_scaling_amax_is_max_abs_bit_for_bit(dtype):
+    """CurrentScaling's amax (one min/max pass over x, no |x| copy) equals x.abs().amax() exactly, including
+    negative extremes, -0, inf and NaN."""
+    gen = torch.Generator().manual_seed(9)
+    cases = [torch.randn(1001, generator=gen) * 50, -torch.rand(77, generator=gen) - 5, torch.tensor([-0.0, 0.0]),
+             torch.tensor([1.0, float("-inf"), 2.0]), torch.tensor([1.0, float("nan"), -3.0])]
+    for x in cases:
+        x = x.to(dtype)
+        r = CurrentScaling(torch.float8_e4m3fn)
+        r.quantize(x)
+        assert torch.equal(r.amax, x.abs().amax().float().reshape(1)) or (r.amax.isnan().all() and x.isnan().any())
+
+
 def test_current_scaling_uses_the_tensors_own_amax():
     x = torch.randn(1000) * 7
     r = CurrentScaling(torch.float8_e4m3fn)

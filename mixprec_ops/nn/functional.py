@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
-from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, activation_backward, activation_grad, apply_activation,
-                          autocast_on, matmul, matmul_and_rowsum, matmul_reference, matmul_with_preactivation)
+from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, _rowsum_run, _run, _select, activation_backward,
+                          activation_grad, apply_activation, autocast_on, matmul, matmul_reference,
+                          matmul_with_preactivation)
 
 
 def _bk(backend: str):
@@ -104,13 +105,16 @@ def _backward(ctx, grad_y, grad_pre):
         if need_w:
             dw = linear(g2.t(), _as_2d(x).t(), backend=ctx.backend)
     else:
-        dx = matmul(g, weight, backend=ctx.backend) if need_x else None
+        # the operands were checked by the forward: the products go straight to the backend, selected once for the
+        # three (matmul's own checks and selection cost ~5 us of host time per product)
+        bk = _select(x.device, ctx.backend)
+        dx = _run(bk, g, weight, None, None, x.dtype, False) if need_x else None
         if need_w:
             x2 = _as_2d(x)
             if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
-                dw, db = matmul_and_rowsum(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+                dw, db = _rowsum_run(bk, g2.t(), x2, weight.dtype)
             else:
-                dw = matmul(g2.t(), x2, out_dtype=weight.dtype, backend=ctx.backend)
+                dw = _run(bk, g2.t(), x2, None, None, weight.dtype, False)
     if need_b and db is None:
         # an fp32 bias sums the unrounded gradient (an fp32 output's, or act' * grad in fp32); a 16-bit bias the
         # GEMM operand, as the BGRADB epilogue does

@@ -291,7 +291,11 @@ def matmul_and_rowsum(a, b, *, out_dtype=None, backend=None):
     if a.dim() != 2:
         raise ValueError(f"a must have shape (M, K), got {tuple(a.shape)}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    bk = _select(a.device, backend)
+    return _rowsum_run(_select(a.device, backend), a, b, out_dtype)
+
+
+def _rowsum_run(bk, a, b, out_dtype):
+    """matmul_and_rowsum on backend bk, arguments already checked and out_dtype resolved."""
     if bk == "cuda":
         return torch.ops.mixprec.matmul_rowsum(a, b, out_dtype)
     # sum(dtype=float32): accumulated in fp32 as the inputs are read, no fp32 copy of a (2 bytes read per element

@@ -579,7 +579,14 @@ class Adam(torch.optim.Optimizer):
         dev = params[0].device
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
-            lr = lr.to(dev)
+            if lr.device.type == "cpu" and dev.type != "cpu" and not (torch.compiler.is_compiling()
+                                                                     or self._capturing(dev)):
+                # read on the host, as torch's fused Adam does with a CPU lr: a copy to the device would be a
+                # blocking one (a stream sync per bucket per step). Same fp64 value as lr.double() (bit-identical
+                # scalars). Compiled or captured, the copy stays: a host read would fix lr in the graph.
+                lr = lr.item()
+            else:
+                lr = lr.to(dev)
         scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"])
         on = lambda t: None if t is None else t.to(dev)  # noqa: E731
         adam_step_(
