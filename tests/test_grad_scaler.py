@@ -18,9 +18,10 @@ def batches(n, device, dtype=torch.float32):
             for _ in range(n)]
 
 
-def train(scaler, device, inject_at, steps=12, autocast_dtype=torch.float16, param_dtype=torch.float32):
+def train(scaler, device, inject_at, steps=12, autocast_dtype=torch.float16, param_dtype=torch.float32,
+          make_opt=lambda params: torch.optim.SGD(params, lr=0.05), unscale_first=False):
     model = make_model(device, param_dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = make_opt(model.parameters())
     history = []
     for i, (x, y) in enumerate(batches(steps, device, param_dtype)):
         opt.zero_grad(set_to_none=True)
@@ -30,6 +31,8 @@ def train(scaler, device, inject_at, steps=12, autocast_dtype=torch.float16, par
         if i in inject_at:
             model[0].weight.grad[3, 4] = float("inf") if i % 2 else float("nan")
         before = [p.detach().clone() for p in model.parameters()]
+        if unscale_first:
+            scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()
         skipped = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -126,3 +129,45 @@ def test_overflow_after_unscaling_skips_the_step():
     scaler.step(opt)
     scaler.update()
     assert torch.equal(p.detach(), torch.ones(2)) and scaler.get_scale() == 0.25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])
+def test_clipping_optimizer_takes_over_the_inf_check(device, unscale_first, monkeypatch):
+    """mixprec_ops AdamW with max_grad_norm reads every grad in its norm pass and flags inf/NaN there: our scaler
+    hands it the check instead of running its own read-only pass (one read of the grads per step fewer; the
+    scaler's unscale_ calls are counted), and steps, skips and backs off exactly as torch.amp.GradScaler around the
+    same optimizer, bit for bit. After an explicit scaler.unscale_(opt) the scaler's own pass runs, as before."""
+    from mixprec_ops.amp import grad_scaler as gs
+    from mixprec_ops.optim import AdamW
+
+    calls = []
+    real = gs.unscale_
+    monkeypatch.setattr(gs, "unscale_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    make_opt = lambda params: AdamW(params, lr=1e-2, max_grad_norm=0.5)  # noqa: E731
+    kw = dict(init_scale=2.0**10, growth_interval=3)
+    run = dict(inject_at={2, 7}, steps=10, make_opt=make_opt, unscale_first=unscale_first)
+    ours = train(GradScaler(device, **kw), device, **run)
+    assert len(calls) == (10 if unscale_first else 0)
+    theirs = train(torch.amp.GradScaler(device, **kw), device, **run)
+    for i, ((s1, k1, p1), (s2, k2, p2)) in enumerate(zip(ours, theirs, strict=True)):
+        assert s1 == s2, f"step {i}: scale {s1} vs torch {s2}"
+        assert k1 == k2 == (i in {2, 7}), f"step {i}: skipped {k1} vs torch {k2}"
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True)), f"step {i}: params differ"
+
+
+def test_clipping_optimizer_norm_overflow_backs_off():
+    """Finite grads whose squared norm overflows fp32 make the clipping optimizer skip its step; with the check
+    handed over, the scaler learns of it and backs off (torch's scaler, whose own check sees only finite values,
+    would keep the scale, and every later step would skip again)."""
+    from mixprec_ops.optim import AdamW
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=0.1, max_grad_norm=1.0)
+    scaler = GradScaler("cpu", init_scale=2.0**4)
+    scaler.scale(torch.ones(()))
+    p.grad = torch.full((4,), 3e19)  # each square overflows fp32; every element is finite
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(4)) and scaler.get_scale() == 2.0**3
+    assert not hasattr(opt, "_mixprec_found_inf_out")

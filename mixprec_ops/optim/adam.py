@@ -383,6 +383,11 @@ class Adam(torch.optim.Optimizer):
             dev = torch.device("cuda", torch.cuda.current_device())
         return dev
 
+    def _mixprec_flags_inf_itself(self) -> bool:
+        """True when step() reads every grad before updating anything and flags inf/NaN in that pass (the clipping
+        norm pass): mixprec_ops.amp.GradScaler then skips its own read-only check pass and takes this flag."""
+        return self.max_grad_norm is not None
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step (see the class docstring). Returns the closure's loss, if any."""
@@ -390,6 +395,9 @@ class Adam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # mixprec_ops.amp.GradScaler hands over its inf/NaN check (one read of the grads) when clipping reads them
+        # anyway: this step writes what its norm pass found into found_out (see _mixprec_flags_inf_itself)
+        found_out = self.__dict__.pop("_mixprec_found_inf_out", None)
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
@@ -397,7 +405,9 @@ class Adam(torch.optim.Optimizer):
         collected = self._collect()
         if not collected:
             if self.max_grad_norm is not None and self.norm_across_ranks is not False:
-                self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
+                _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
+                if found_out is not None:  # what the other ranks found: every rank's scaler backs off alike
+                    found_out.copy_(found.reshape(()))
             return loss
         # Every group is planned (missing state created, buckets formed) before any group is updated: an error
         # there (out of memory for new state, say) leaves all params and states as they were.
@@ -405,6 +415,8 @@ class Adam(torch.optim.Optimizer):
         clip = None
         if self.max_grad_norm is not None:
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
+            if found_out is not None:
+                found_out.copy_(found_inf.reshape(()))
         for group, buckets, fallback in planned:
             self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
         if not torch.compiler.is_compiling():
