@@ -104,7 +104,7 @@ class CurrentScaling(_Recipe):
         if x.numel():
             # max|x| as max(-min(x), max(x)): one read of x, no |x| copy (bit-identical; NaN propagates)
             lo, hi = torch.aminmax(x.detach())
-            self.amax.copy_(torch.maximum(hi, -lo).float().reshape(1))
+            self.amax.copy_(torch.maximum(hi, -lo).abs().float().reshape(1))  # abs: +0 for an all-zero x, as |x|
         else:
             self.amax.zero_()
         self.scale.copy_(compute_scale(self.amax, self.scale, self.fp8_max, self.margin))

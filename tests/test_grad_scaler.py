@@ -171,3 +171,41 @@ def test_clipping_optimizer_norm_overflow_backs_off():
     scaler.update()
     assert torch.equal(p.detach(), torch.ones(4)) and scaler.get_scale() == 2.0**3
     assert not hasattr(opt, "_mixprec_found_inf_out")
+
+
+@pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
+def test_clipping_optimizer_with_a_step_pre_hook_keeps_the_scalers_check(scaler_cls):
+    """A step pre-hook runs after the scaler's check and before the optimizer's norm pass, and may change the grads
+    (here it zeroes the NaN): the check is then not handed over, so the scaler sees the NaN the loss produced and
+    skips and backs off, as torch's scaler does."""
+    from mixprec_ops.optim import AdamW
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=0.1, max_grad_norm=1.0)
+
+    def zero_nans(optimizer, args, kwargs):
+        p.grad.nan_to_num_(0.0)
+
+    opt.register_step_pre_hook(zero_nans)
+    scaler = scaler_cls("cpu", init_scale=2.0**4)
+    scaler.scale(torch.ones(()))
+    p.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**3
+
+
+@pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
+def test_clipping_optimizer_without_grads_records_no_check(scaler_cls):
+    """An optimizer with no grads this iteration records no inf check: update() raises as torch's does (a step
+    that checked nothing must not count as a good step towards growing the scale)."""
+    from mixprec_ops.optim import AdamW
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=0.1, max_grad_norm=1.0)
+    scaler = scaler_cls("cpu", init_scale=2.0**4, growth_interval=1)
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)
+    with pytest.raises(AssertionError, match="No inf checks were recorded"):
+        scaler.update()
+    assert torch.equal(p.detach(), torch.ones(4))

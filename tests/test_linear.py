@@ -563,3 +563,53 @@ def test_activation_backward_is_one_fused_kernel(act, kernel, bias_dtype):
         y.backward(torch.randn_like(y))
     assert log.names.count(kernel) == 1, log.names
     assert not {"erf", "tanh", "sigmoid", "gt", "exp"} & set(log.names), log.names
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_first_order_gradients_do_not_depend_on_create_graph(dtype):
+    """create_graph=True (a gradient penalty will follow) must not change the first-order gradients: relu and gelu
+    use the same fused kernel either way (it is differentiable); silu, whose kernel is not, runs its formula, as
+    torch's own silu does, and is compared to a tolerance only."""
+    torch.manual_seed(0)
+    x, w = (torch.randn(64, 48) * 2).to(dtype), (torch.randn(40, 48) / 4).to(dtype)
+    b, g = torch.randn(40).to(dtype), torch.randn(64, 40).to(dtype)
+    for act in ACTS:
+        out = []
+        for create_graph in (False, True):
+            xx, ww, bb = (t.clone().requires_grad_(True) for t in (x, w, b))
+            out.append(torch.autograd.grad(linear(xx, ww, bb, act), (xx, ww, bb), g, create_graph=create_graph))
+        for a, c in zip(*out, strict=True):
+            if act == "silu":
+                torch.testing.assert_close(a, c, rtol=2 ** -7, atol=1e-3)
+            else:
+                assert torch.equal(a, c), act
+
+
+def test_jit_trace_records_the_op_and_saves(tmp_path):
+    """torch.jit.trace records mixprec::linear (the eager route's Python autograd.Function could be traced but not
+    saved: "Could not export Python function call")."""
+    m = torch.nn.Sequential(Linear(8, 6, dtype=torch.bfloat16, activation="gelu"), Linear(6, 4, dtype=torch.bfloat16))
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    traced = torch.jit.trace(m, x)
+    assert "mixprec::linear" in str(traced.inlined_graph)
+    torch.jit.save(traced, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    assert torch.equal(loaded(x), m(x))
+
+
+def test_default_device_context_keeps_the_eager_route(monkeypatch):
+    """torch.set_default_device / `with torch.device(...)` push a torch function mode that only picks where factory
+    functions allocate: linear keeps its cheap eager route under it (other modes take the custom op)."""
+    from mixprec_ops.nn import functional as F
+
+    calls = []
+    apply = F._LinearFunction.apply
+    monkeypatch.setattr(F._LinearFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.device("cpu"):
+        linear(x, w).float().sum().backward()
+    assert calls == [1]
+    with _PassThroughMode():
+        linear(x, w)
+    assert calls == [1]

@@ -54,18 +54,19 @@ class GradScaler(torch.amp.GradScaler):
     def _check_inf_per_device(self, optimizer):
         """torch's step() calls this (for an optimizer whose grads were not unscaled yet) to find inf/NaN with a
         read-only pass over every grad. An optimizer that reads every grad anyway before it steps and flags inf/NaN
-        in that pass (mixprec_ops.optim.Adam/AdamW with max_grad_norm: its norm pass) is handed a zero flag to
-        write its finding into instead: one read of the grads per step fewer, the same skip, and update() backs
-        off on what the optimizer found (which includes a norm that overflowed fp32: a skip the scale must answer,
-        or every later step would skip too)."""
+        in that pass (mixprec_ops.optim.Adam/AdamW with max_grad_norm, and no step pre-hooks, which could change
+        the grads after the check) is handed this optimizer's found-inf dict instead, and puts its flag in it when
+        its pass has run: one read of the grads per step fewer, the same skip, and update() backs off on what the
+        optimizer found (which includes a norm that overflowed fp32: a skip the scale must answer, or every later
+        step would skip too). With no grads the dict stays empty, and update() raises as torch's does."""
         hand_over = getattr(optimizer, "_mixprec_flags_inf_itself", None)
         if hand_over is None or not hand_over():
             return super()._check_inf_per_device(optimizer)
         _scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
-        found_inf = torch.full((), 0.0, dtype=torch.float32, device=_scale.device)
-        optimizer._mixprec_found_inf_out = found_inf  # written by the optimizer's step, read by update()
-        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {found_inf.device: found_inf}
-        return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        found_inf_per_device: dict = {}  # filled by the optimizer's step, read by update()
+        optimizer._mixprec_found_inf_out = (found_inf_per_device, _scale.device)
+        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found_inf_per_device
+        return found_inf_per_device
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         per_device_inv_scale = _MultiDeviceReplicator(inv_scale)

@@ -73,23 +73,25 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    # g32: the gradient at the pre-activation before its rounding to x's dtype: fp32 where it is used unrounded (an
-    # fp32 bias's gradient, a double backward's graph), else grad_y * act'(pre) computed in fp32 and rounded once to
-    # y's dtype by one fused ATen kernel, as torch's own autograd does. grad_y is None when only pre's gradient
-    # arrives (a double backward that reached pre but not y); grad_pre is None unless pre was reached (by a double
-    # backward through act'(pre) in the first backward above)
+    # g32: the gradient at the pre-activation before its rounding to x's dtype: grad_y * act'(pre) by one fused ATen
+    # kernel, as torch's own autograd computes it (fp32 inside, rounded once to y's dtype), on fp32 operands where
+    # the result is used unrounded (an fp32 bias's gradient) or added to (grad_pre). grad_y is None when only pre's
+    # gradient arrives (a double backward that reached pre but not y); grad_pre is None unless pre was reached (by a
+    # double backward through act'(pre) in the first backward above)
     if grad_y is None and grad_pre is None:
         return None, None, None, None, None, None
     if ctx.activation is None:
         g32 = grad_y
     elif grad_y is None:
         g32 = grad_pre.float()
-    elif torch.is_grad_enabled():  # create_graph: the derivative as differentiable ops
+    elif torch.is_grad_enabled() and ctx.activation == "silu":
+        # create_graph: aten's silu_backward has no derivative; its formula as differentiable ops (torch's own silu
+        # gradient differs with create_graph too). relu and gelu's fused kernels are differentiable: below.
         g32 = grad_y.float() * activation_grad(pre, ctx.activation)
         if grad_pre is not None:
             g32 = g32 + grad_pre.float()
     elif grad_pre is None and ctx.bias_dtype != torch.float32:
-        g32 = activation_backward(grad_y, pre, ctx.activation)
+        g32 = activation_backward(grad_y, pre, ctx.activation)  # the same kernel with or without create_graph
     else:
         g32 = activation_backward(grad_y.float(), pre.float(), ctx.activation)
         if grad_pre is not None:
@@ -148,12 +150,23 @@ class _LinearFunction(torch.autograd.Function):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _only_device_modes() -> bool:
+    """Whether every active torch function mode is a default-device context (torch.set_default_device, `with
+    torch.device(...)`), which only picks where factory functions allocate: no reason to leave the eager route."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+
+
 def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
     """mixprec::linear(x, weight, bias, activation, backend, out_dtype)[0], through _LinearFunction where plain eager
-    execution allows it, else through the custom op."""
+    execution allows it, else through the custom op (which torch.jit.trace, too, must record: a traced Python
+    autograd.Function cannot be saved)."""
     if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and x.device.type != "meta" and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0):
+            and x.device.type != "meta" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and (torch._C._len_torch_function_stack() == 0 or _only_device_modes())):
         return _LinearFunction.apply(x, weight, bias, activation, backend, out_dtype)[0]
     return _linear_op(x, weight, bias, activation, backend, out_dtype)[0]
 

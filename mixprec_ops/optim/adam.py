@@ -385,8 +385,12 @@ class Adam(torch.optim.Optimizer):
 
     def _mixprec_flags_inf_itself(self) -> bool:
         """True when step() reads every grad before updating anything and flags inf/NaN in that pass (the clipping
-        norm pass): mixprec_ops.amp.GradScaler then skips its own read-only check pass and takes this flag."""
-        return self.max_grad_norm is not None
+        norm pass), and no step pre-hook (this optimizer's or a global one) runs between a scaler's check and that
+        pass (a hook may change the grads): mixprec_ops.amp.GradScaler then skips its own read-only check pass and
+        takes this flag."""
+        from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+        return self.max_grad_norm is not None and not self._optimizer_step_pre_hooks and not _global_optimizer_pre_hooks
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -396,7 +400,7 @@ class Adam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # mixprec_ops.amp.GradScaler hands over its inf/NaN check (one read of the grads) when clipping reads them
-        # anyway: this step writes what its norm pass found into found_out (see _mixprec_flags_inf_itself)
+        # anyway: (its found-inf dict, its device), which this step's norm pass fills (_mixprec_flags_inf_itself)
         found_out = self.__dict__.pop("_mixprec_found_inf_out", None)
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step()
         found_inf = getattr(self, "found_inf", None)
@@ -407,7 +411,7 @@ class Adam(torch.optim.Optimizer):
             if self.max_grad_norm is not None and self.norm_across_ranks is not False:
                 _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
                 if found_out is not None:  # what the other ranks found: every rank's scaler backs off alike
-                    found_out.copy_(found.reshape(()))
+                    found_out[0][found_out[1]] = found.reshape(()).to(found_out[1])
             return loss
         # Every group is planned (missing state created, buckets formed) before any group is updated: an error
         # there (out of memory for new state, say) leaves all params and states as they were.
@@ -416,7 +420,7 @@ class Adam(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
             if found_out is not None:
-                found_out.copy_(found_inf.reshape(()))
+                found_out[0][found_out[1]] = found_inf.reshape(()).to(found_out[1])
         for group, buckets, fallback in planned:
             self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
         if not torch.compiler.is_compiling():
