@@ -1,6 +1,7 @@
 // The one place where mixprec's operator schemas are defined. Each backend file registers its kernels with
 // TORCH_LIBRARY_IMPL(mixprec, <DispatchKey>, m); fakes (meta) are registered in Python (mixprec_ops/ops/*.py).
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -40,4 +41,18 @@ TORCH_LIBRARY(mixprec, m) {
   // (cast(a @ b), cast(a.sum(1))) for a 2-D a: the product and the fp32-accumulated row sums of a, both rounded once
   // to out_dtype. With a = grad_out^T of a linear layer this is (grad_weight, grad_bias) from one GEMM.
   m.def("matmul_rowsum(Tensor a, Tensor b, ScalarType out_dtype) -> (Tensor, Tensor)");
+}
+
+// The ops' gradients live in Python, around them (mixprec::linear and the autograd.Functions of mixprec_ops.ops).
+// Reached directly with inputs that require grad (say, torch.compile of torch.func.grad, which sees through those
+// wrappers), an op must fail at backward, naming itself, not hand back zero gradients with a warning (torch's
+// default autograd fallback). This kernel only redispatches when nothing requires grad, and bumps the version
+// counters of the tensors the in-place ops write.
+TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
+  m.impl("cast_and_scale", torch::autograd::autogradNotImplementedFallback());
+  m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("adam_step_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("matmul", torch::autograd::autogradNotImplementedFallback());
+  m.impl("matmul_pre", torch::autograd::autogradNotImplementedFallback());
+  m.impl("matmul_rowsum", torch::autograd::autogradNotImplementedFallback());
 }

@@ -344,6 +344,23 @@ def test_gradients_under_compile_fullgraph():
         assert_bit_exact(b, a, "compiled vs eager")
 
 
+def test_compiled_torch_func_grad_and_the_raw_op():
+    """torch.compile of torch.func.grad through cast_and_scale gave a zero gradient, silently (torch's default
+    autograd fallback for the raw op, which the compiled transform reached): the ops now carry an autograd kernel
+    that fails at backward, naming the op, and the compiled transform gives eager's gradient."""
+    x = torch.tensor([1.0, -2.0, 1000.0, 0.5, -3.25])
+    f = lambda x: mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, 3.0, saturate=True).float().sum()  # noqa: E731
+    eager = torch.func.grad(f)(x)
+    assert torch.equal(eager, torch.tensor([3.0, 3.0, 0.0, 3.0, 3.0]))  # 1000 * 3 saturates: no gradient
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(torch.func.grad(f), backend="aot_eager")(x), eager)
+    if mixprec_ops.backends.unavailable_reason(OP, "cpu", torch.device("cpu")) is None:
+        xr = x.clone().requires_grad_(True)
+        y = torch.ops.mixprec.cast_and_scale(xr, torch.bfloat16, None, 2.0, None, False)
+        with pytest.raises(RuntimeError, match="derivative for mixprec::cast_and_scale is not implemented"):
+            y.float().sum().backward()
+
+
 def test_amax_may_not_alias_x_or_scale():
     """amax is written while x and scale are read: an overlap gave backend-dependent results (the reference
     updates amax first); refused, naming both. Disjoint parts of one buffer are fine."""
