@@ -8,6 +8,8 @@ scale of the last cast (what torch._scaled_mm expects), which stays right after 
   CurrentScaling: the scale comes from the tensor being cast (an amax pass, then the cast pass).
   DelayedScaling: the scale comes from a history of earlier amaxes; the cast records the new amax in the same
                   pass (TransformerEngine's recipe: E4M3 forward, E5M2 backward, history up to 1024).
+  update_all(recipes): DelayedScaling.update() of many recipes in a fixed number of kernels (one model's
+                  per-layer recipes, once per step), bit for bit what updating them one by one does.
 """
 
 from __future__ import annotations
@@ -151,3 +153,38 @@ class DelayedScaling(_Recipe):
         ref = self.amax_history.amax().reshape(1) if self.algo == "max" else self.amax_history[:1]
         self.scale.copy_(compute_scale(ref, self.scale, self.fp8_max, self.margin))
         self.amax.zero_()
+
+
+def update_all(recipes) -> None:
+    """Call DelayedScaling.update() on every recipe of `recipes`, in a fixed number of small kernels instead of ~17
+    per recipe: a model with a recipe per tensor per layer has hundreds, and one by one their updates cost more
+    host time (a launch each) than the step's real work. The results are those of the recipes' own update(), bit
+    for bit: the histories roll, the new amax goes in (non-finite as 0), the scale is recomputed and the running
+    amax reset. Recipes are updated together per (device, history length, algorithm, dtype, margin); no host sync.
+    A recipe given twice is updated once, as in a loop over a set; anything but a DelayedScaling raises TypeError
+    before anything changes."""
+    recipes = list(recipes)
+    for i, r in enumerate(recipes):
+        if not isinstance(r, DelayedScaling):
+            raise TypeError(f"recipes[{i}] must be a mixprec_ops.fp8.DelayedScaling, got {type(r).__name__}")
+    groups: dict[tuple, list[DelayedScaling]] = {}
+    seen = set()
+    for r in recipes:
+        if id(r) not in seen:
+            seen.add(id(r))
+            key = (r.amax_history.device, r.amax_history.numel(), r.algo, r.fp8_max, r.margin)
+            groups.setdefault(key, []).append(r)
+    for (_, _, algo, fp8_max, margin), rs in groups.items():
+        if len(rs) == 1:
+            rs[0].update()
+            continue
+        hist = torch.stack([r.amax_history for r in rs])  # (n, history)
+        amax = torch.stack([r.amax for r in rs])  # (n, 1)
+        scale = torch.stack([r.scale for r in rs])  # (n, 1)
+        # update(): roll by one, then the newest (non-finite -> 0) in front
+        hist = torch.cat([amax.nan_to_num(0.0, 0.0, 0.0), hist[:, :-1]], dim=1)
+        ref = hist.amax(dim=1, keepdim=True) if algo == "max" else hist[:, :1]
+        scale = compute_scale(ref, scale, fp8_max, margin)
+        torch._foreach_copy_([r.amax_history for r in rs], list(hist.unbind(0)))
+        torch._foreach_copy_([r.scale for r in rs], list(scale.unbind(0)))
+        torch._foreach_zero_([r.amax for r in rs])

@@ -220,3 +220,52 @@ def test_recipes_compile_fullgraph(cls):
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
+
+
+def _snapshot(rs):
+    return [torch.cat([r.scale, r.amax, r.amax_history, r._scale_inv]).view(torch.int32).clone() for r in rs]
+
+
+def test_update_all_is_each_update_bit_for_bit():
+    """update_all(recipes) == r.update() for each recipe, bit for bit, over several steps: mixed dtypes, margins,
+    history lengths and algorithms (so several groups, one of a single recipe), amaxes that are 0, inf, NaN,
+    subnormal or huge (a scale that overflows keeps the old one), a recipe listed twice (updated once)."""
+    from mixprec_ops.fp8 import update_all
+
+    def make():
+        rs = []
+        for i in range(23):
+            rs.append(DelayedScaling(torch.float8_e4m3fn if i % 3 else torch.float8_e5m2, margin=i % 2,
+                                     amax_history_len=(4, 16)[i % 2],
+                                     amax_compute_algo="most_recent" if i % 5 == 0 else "max"))
+        rs.append(DelayedScaling(torch.float8_e5m2, margin=3, amax_history_len=7))  # a group of its own
+        return rs
+
+    ours, theirs = make(), make()
+    gen = torch.Generator().manual_seed(11)
+    specials = torch.tensor([0.0, float("inf"), float("nan"), 1e-44, 3e38, 1e-30])
+    for step in range(9):
+        for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            x = torch.randn(50, generator=gen) * (10.0 ** (k % 4))
+            if (k + step) % 7 == 0:
+                x[3] = specials[(k + step) % len(specials)]
+            a.quantize(x)
+            b.quantize(x)
+        update_all(ours + ours[:3])
+        for r in theirs:
+            r.update()
+        for k, (a, b) in enumerate(zip(_snapshot(ours), _snapshot(theirs), strict=True)):
+            assert torch.equal(a, b), (step, k)
+    assert any(r.scale.item() != 1.0 for r in ours)  # the scales moved
+
+
+def test_update_all_refuses_other_recipes_before_touching_any():
+    from mixprec_ops.fp8 import update_all
+
+    d = DelayedScaling()
+    d.quantize(torch.randn(10) * 5)
+    before = _snapshot([d])
+    with pytest.raises(TypeError, match=r"recipes\[1\] must be a mixprec_ops.fp8.DelayedScaling"):
+        update_all([d, CurrentScaling()])
+    assert torch.equal(_snapshot([d])[0], before[0])
+    update_all([])  # nothing to do
