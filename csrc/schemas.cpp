@@ -46,8 +46,8 @@ TORCH_LIBRARY(mixprec, m) {
 // The ops' gradients live in Python, around them (mixprec::linear and the autograd.Functions of mixprec_ops.ops).
 // Reached directly with inputs that require grad (say, torch.compile of torch.func.grad, which sees through those
 // wrappers), an op must fail at backward, naming itself, not hand back zero gradients with a warning (torch's
-// default autograd fallback). This kernel only redispatches when nothing requires grad, and bumps the version
-// counters of the tensors the in-place ops write.
+// default autograd fallback). When nothing requires grad this kernel only redispatches (version counters stay as
+// they were: the in-place ops do not move them, as before; the optimizer reads them back after its step).
 TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("cast_and_scale", torch::autograd::autogradNotImplementedFallback());
   m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());

@@ -61,7 +61,6 @@ def activation_grad(pre: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-
 def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
     """grad * act'(pre), as torch's own autograd computes it: one fused ATen kernel (gelu_backward, silu_backward,
     threshold_backward: fp32 arithmetic inside for 16-bit inputs, one rounding to grad's dtype; differentiable
