@@ -347,7 +347,8 @@ def test_gradients_under_compile_fullgraph():
 def test_compiled_torch_func_grad_and_the_raw_op():
     """torch.compile of torch.func.grad through cast_and_scale gave a zero gradient, silently (torch's default
     autograd fallback for the raw op, which the compiled transform reached): the ops now carry an autograd kernel
-    that fails at backward, naming the op, and the compiled transform gives eager's gradient."""
+    that fails at backward, naming the op. The compiled transform then gives eager's gradient (torch 2.14: Dynamo
+    falls back to eager) or raises naming the op (torch 2.11: Dynamo fails while tracing); never zeros."""
     x = torch.tensor([1.0, -2.0, 1000.0, 0.5, -3.25])
     f = lambda x: mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, 3.0, saturate=True).float().sum()  # noqa: E731
     eager = torch.func.grad(f)(x)
@@ -356,7 +357,12 @@ def test_compiled_torch_func_grad_and_the_raw_op():
         pytest.xfail("this build registers no autograd kernel for the raw ops (the stable-ABI build has no way to "
                      "register torch's not-implemented kernel): compiled torch.func.grad still gives zeros there")
     torch._dynamo.reset()
-    assert torch.equal(torch.compile(torch.func.grad(f), backend="aot_eager")(x), eager)
+    try:
+        got = torch.compile(torch.func.grad(f), backend="aot_eager")(x)
+    except Exception as e:  # noqa: BLE001  (torch 2.11's Dynamo traces into the raw op and raises; 2.14 runs eager)
+        assert "derivative for mixprec::cast_and_scale is not implemented" in str(e), e
+    else:
+        assert torch.equal(got, eager)
     if mixprec_ops.backends.unavailable_reason(OP, "cpu", torch.device("cpu")) is None:
         xr = x.clone().requires_grad_(True)
         y = torch.ops.mixprec.cast_and_scale(xr, torch.bfloat16, None, 2.0, None, False)

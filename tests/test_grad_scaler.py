@@ -209,3 +209,24 @@ def test_clipping_optimizer_without_grads_records_no_check(scaler_cls):
     with pytest.raises(AssertionError, match="No inf checks were recorded"):
         scaler.update()
     assert torch.equal(p.detach(), torch.ones(4))
+
+
+def test_clipping_optimizer_with_a_compiled_step_keeps_the_scalers_check():
+    """opt.step replaced by its compiled self (the step cannot take the check over from inside a graph): the
+    scaler keeps its own check, and skips and backs off on an inf grad as torch's scaler does."""
+    from mixprec_ops.optim import AdamW
+
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=0.1, max_grad_norm=1.0)
+    opt.step = torch.compile(opt.step, backend="aot_eager")
+    scaler = GradScaler("cpu", init_scale=2.0**4)
+    for grad, want_scale in (([1.0, 2.0, 3.0, 4.0], 2.0**4), ([1.0, float("inf"), 1.0, 1.0], 2.0**3)):
+        before = p.detach().clone()
+        scaler.scale(torch.ones(()))
+        p.grad = torch.tensor(grad)
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == want_scale
+        assert torch.equal(p.detach(), before) == (want_scale != 2.0**4)
+    assert not hasattr(opt, "_mixprec_found_inf_out")

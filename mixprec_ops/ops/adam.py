@@ -179,7 +179,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
         return
     b = _select(params[0].device, backend)
     if b in ("torch", "triton"):  # the C++ kernels check the same (csrc/cpu/adam.cpp, csrc/cuda/adam.cu)
-        _check_combination(params[0].dtype, grads[0].dtype if grads else None, bool(masters))
+        # len(masters) > 0, not bool(masters): torch 2.11's Dynamo cannot trace bool() of a list (a compiled step)
+        _check_combination(params[0].dtype, grads[0].dtype if grads else None, len(masters) > 0)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)
     if b == "torch":

@@ -162,8 +162,19 @@ class Adam(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.norm_across_ranks = norm_across_ranks
         self.backend = backend
-        self.grad_norm = None
+        self._last = {"grad_norm": None}  # see grad_norm
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
+
+    @property
+    def grad_norm(self):
+        """The global L2 norm of the grads (unscaled) at the last step with max_grad_norm (a 0-dim device tensor),
+        else None. Kept in a dict, which a compiled step may update (torch 2.11's Dynamo refuses to set an
+        attribute on the optimizer)."""
+        return self._last["grad_norm"]
+
+    @grad_norm.setter
+    def grad_norm(self, value):
+        self._last["grad_norm"] = value
 
     _EXTRA_ATTRS = ("max_grad_norm", "backend", "norm_across_ranks")
 
@@ -178,7 +189,7 @@ class Adam(torch.optim.Optimizer):
         super().__setstate__(state)
         for k in self._EXTRA_ATTRS:
             self.__dict__.setdefault(k, False if k == "norm_across_ranks" else None)
-        self.grad_norm = None
+        self._last = {"grad_norm": None}
         self._plans = {}
         for group in self.param_groups:
             for k, v in self._GROUP_FALLBACKS.items():
@@ -361,7 +372,7 @@ class Adam(torch.optim.Optimizer):
         found = found + (~torch.isfinite(norm)).float()
         if found_inf is not None:
             found = found + found_inf.to(dev).reshape(1)
-        self.grad_norm = norm
+        self._last["grad_norm"] = norm
         clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
         return clip, (found > 0).float()
 
@@ -387,10 +398,14 @@ class Adam(torch.optim.Optimizer):
         """True when step() reads every grad before updating anything and flags inf/NaN in that pass (the clipping
         norm pass), and no step pre-hook (this optimizer's or a global one) runs between a scaler's check and that
         pass (a hook may change the grads): mixprec_ops.amp.GradScaler then skips its own read-only check pass and
-        takes this flag."""
+        takes this flag. Not while compiling (a compiled region holding scaler.step: the scaler's own check is
+        traced as usual), nor when this optimizer's step was replaced on the instance (opt.step =
+        torch.compile(opt.step): a compiled step cannot take the flag over)."""
         from torch.optim.optimizer import _global_optimizer_pre_hooks
 
-        return self.max_grad_norm is not None and not self._optimizer_step_pre_hooks and not _global_optimizer_pre_hooks
+        return (self.max_grad_norm is not None and not self._optimizer_step_pre_hooks
+                and not _global_optimizer_pre_hooks and "step" not in self.__dict__
+                and not torch.compiler.is_compiling())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -401,7 +416,8 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         # mixprec_ops.amp.GradScaler hands over its inf/NaN check (one read of the grads) when clipping reads them
         # anyway: (its found-inf dict, its device), which this step's norm pass fills (_mixprec_flags_inf_itself)
-        found_out = self.__dict__.pop("_mixprec_found_inf_out", None)
+        # (Never handed over while compiling: see _mixprec_flags_inf_itself; Dynamo cannot trace the pop.)
+        found_out = None if torch.compiler.is_compiling() else self.__dict__.pop("_mixprec_found_inf_out", None)
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
