@@ -47,7 +47,10 @@ def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> 
     the steps' device (no host sync; lr may be a device tensor). steps: a list of n 0-dim tensors or one 1-D
     tensor of n counters (the optimizer's per-bucket step buffer)."""
     t = (steps if isinstance(steps, torch.Tensor) else torch.stack(steps)).reshape(-1).double() + 1
-    lr_t = lr.double().reshape(()) if isinstance(lr, torch.Tensor) else lr
+    # a float lr as a tensor too (a fill, no copy from the host): float / tensor would be computed as
+    # tensor.reciprocal() * float, two roundings, where torch's Adam divides once; and a CPU lr tensor, which the
+    # optimizer reads on the host, must give the same scalars as the tensor itself
+    lr_t = lr.double().reshape(()) if isinstance(lr, torch.Tensor) else torch.full_like(t, lr)
     step_size = lr_t / (1 - torch.pow(beta1, t))
     bc2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
     decay = (1 - lr_t * weight_decay) * torch.ones_like(t)
