@@ -285,13 +285,13 @@ def main(argv=None) -> int:
                 check_s[impl.backend] = time.perf_counter() - t_check
             bar.note(f"{c.op} {c.name} {c.numel / 1e6:.3g}M timing")
 
-            def time_these(impls):
+            def time_these(impls, inputs):
                 got = measure([i.fn for i in impls], inputs, device, reps=min(reps, c.reps or reps), warmup=warmup,
                               min_reps=min_reps, budget_s=min(budget, c.budget_s or budget))
                 return {i.backend: t for i, t in zip(impls, got, strict=True)}
 
             try:
-                ts = time_these(timed) if timed else {}
+                ts = time_these(timed, inputs) if timed else {}
             except Exception as e:  # noqa: BLE001  (find which implementation failed; time the others)
                 ts, ok = {}, []
                 for i in timed:
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
                 err = e
                 if ok and len(ok) < len(timed):
                     try:
-                        ts = time_these(ok)
+                        ts = time_these(ok, inputs)
                     except Exception as e2:  # noqa: BLE001
                         err = e2
                 if not ts:  # the others could not be timed either (or failed only together): say why
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                     try:
                         infos[impl.backend] = impl.info(inputs[0])
                     except Exception as e:  # noqa: BLE001  (a note must not cost the measurement)
-                        infos[impl.backend] = f"info ERROR: {type(e).__name__}: {str(e)[:120]}"
+                        infos[impl.backend] = f"info ERROR: {error_text(e, 120)}"
             base = ts.get(BASELINE)
             for impl in c.impls:
                 rows.append(row(c, impl, checks[impl.backend], ts.get(impl.backend), base, sets=k,

@@ -48,6 +48,10 @@ def boolean(v, name: str) -> None:
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
 
 
+# Exactly these types are plain tensors with memory of their own (not FakeTensor, DTensor or another subclass)
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _byte_span(t):
     """[first byte, one past the last byte] of t's elements."""
     start = t.data_ptr()
@@ -60,9 +64,8 @@ def _byte_span(t):
 def disjoint(a, name_a: str, b, name_b: str) -> None:
     """a and b must not overlap in memory (a written while b is read). Only for plain tensors with memory: not for
     meta tensors, tensor subclasses (FakeTensor, DTensor, ...) or while torch.compile traces."""
-    plain = (torch.Tensor, torch.nn.Parameter)
-    if (torch.compiler.is_compiling() or type(a) not in plain or type(b) not in plain or a.is_meta or b.is_meta
-            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+    if (torch.compiler.is_compiling() or type(a) not in PLAIN_TYPES or type(b) not in PLAIN_TYPES or a.is_meta
+            or b.is_meta or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
         return
     (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     if a0 < b1 and b0 < a1:

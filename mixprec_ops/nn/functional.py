@@ -147,9 +147,6 @@ class _LinearFunction(torch.autograd.Function):
         return _backward(ctx, grad_y, grad_pre)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _only_device_modes() -> bool:
     """Whether every active torch function mode is a default-device context (torch.set_default_device, `with
     torch.device(...)`), which only picks where factory functions allocate: no reason to leave the eager route."""
@@ -163,7 +160,8 @@ def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
     """mixprec::linear(x, weight, bias, activation, backend, out_dtype)[0], through _LinearFunction where plain eager
     execution allows it, else through the custom op (which torch.jit.trace, too, must record: a traced Python
     autograd.Function cannot be saved)."""
-    if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+    plain = _checks.PLAIN_TYPES
+    if (type(x) in plain and type(weight) in plain and (bias is None or type(bias) in plain)
             and x.device.type != "meta" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and (torch._C._len_torch_function_stack() == 0 or _only_device_modes())):
