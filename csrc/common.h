@@ -131,6 +131,22 @@ inline void check_unscale_args(at::TensorList tensors, const at::Tensor& inv_sca
   }
 }
 
+// adam_scalars: steps a float32 tensor of step counters (any shape, read as a flat list), lr absent or a 1-element
+// float32 / float64 tensor on the steps' device.
+inline void check_adam_scalars_args(const at::Tensor& steps, const std::optional<at::Tensor>& lr) {
+  TORCH_CHECK(steps.scalar_type() == at::kFloat, "steps must be a float32 tensor, got ", steps.scalar_type());
+  TORCH_CHECK(steps.layout() == at::kStrided, "steps must be a dense strided tensor");
+  check_allocated(steps, "steps");
+  if (lr.has_value()) {
+    TORCH_CHECK(lr->scalar_type() == at::kFloat || lr->scalar_type() == at::kDouble,
+                "lr must be a float32 or float64 tensor, got ", lr->scalar_type());
+    TORCH_CHECK(lr->numel() == 1, "lr must have exactly 1 element, got shape ", lr->sizes());
+    TORCH_CHECK(lr->device() == steps.device(), "lr must be on ", steps.device(), " (the steps' device), got ",
+                lr->device());
+    check_allocated(*lr, "lr");
+  }
+}
+
 // Elements of a non-overlapping, dense tensor occupy one contiguous run of memory (in some permuted order), so a
 // kernel can walk [data_ptr, data_ptr + numel) linearly and an output made by empty_like has the same layout.
 inline bool walkable(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }

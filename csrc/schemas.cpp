@@ -31,6 +31,12 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor scalars, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? clip_coef) -> ()");
+  // The (n, 3) fp32 per-tensor scalars [step_size, bias_correction2_sqrt, decay_factor] of an Adam step from n step
+  // counters (float32, the count before this step), computed in fp64: see adam_scalars_reference in
+  // mixprec_ops/ops/adam.py. lr: a 1-element float32/float64 tensor on the steps' device, or None and then lr_value.
+  m.def(
+      "adam_scalars(Tensor steps, Tensor? lr, float lr_value, float beta1, float beta2, float weight_decay) -> "
+      "Tensor");
   // out = cast(act(a @ b + bias)) with fp32 accumulation, the epilogue on the fp32 accumulator and one rounding to
   // out_dtype (see mixprec_ops/ops/matmul.py, matmul_reference). a: (..., M, K) and b: (K, N), both float16 or both
   // bfloat16, any strides; bias: (N,) of a's dtype or float32; activation: "none", "relu", "gelu" (erf),
@@ -52,6 +58,7 @@ TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("cast_and_scale", torch::autograd::autogradNotImplementedFallback());
   m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_step_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("adam_scalars", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_pre", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_rowsum", torch::autograd::autogradNotImplementedFallback());

@@ -50,10 +50,14 @@ def _load() -> None:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.mixprec.<op> has a kernel registered for `dispatch_key` ("CPU" or "CUDA")."""
+    """Whether torch.ops.mixprec.<op> has a kernel registered for `dispatch_key` ("CPU" or "CUDA"); False when the
+    loaded extension does not define the op at all."""
     if not LOADED:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mixprec::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"mixprec::{op}", dispatch_key)
+    except RuntimeError:  # "operator mixprec::<op> does not exist"
+        return False
 
 
 _load()

@@ -12,9 +12,9 @@ import zlib
 
 import pytest
 import torch
-from conftest import assert_bit_exact, backend_params, extension_backend
+from conftest import DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator
 
-from mixprec_ops.ops.adam import adam_scalars, adam_step_, adam_step_reference
+from mixprec_ops.ops.adam import adam_scalars, adam_scalars_reference, adam_step_, adam_step_reference
 
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 3e38, 1e-45, 7e4]
 COMBOS = [(torch.float32, torch.float32, s, False) for s in (torch.float32, torch.bfloat16)] + [
@@ -182,3 +182,103 @@ def test_scalars_same_for_a_tensor_lr_and_its_host_value():
             want = adam_scalars(steps, lr, 0.9, 0.999, 0.1)
             got = adam_scalars(steps, lr.item(), 0.9, 0.999, 0.1)
             assert torch.equal(got, want), (dtype, v)
+
+
+# ---------------------------------------------------------------------------------------------- mixprec::adam_scalars
+SCALAR_BETAS = [(0.9, 0.999), (0.95, 0.98), (0.9, 0.9999), (0.5, 0.6), (0.0, 0.99)]
+
+
+def _scalar_lrs(device):
+    return [1e-3, 3e-4, torch.tensor(0.1 / 3, device=device), torch.tensor(7.7e-6, dtype=torch.float64, device=device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_same_bits_as_reference(device):
+    """mixprec::adam_scalars (one kernel) gives adam_scalars_reference's fp32 bits (about 13 torch kernels) for
+    every step count up to 2e6, several betas, float and tensor lr (fp32 and fp64). Exact, not a tolerance: both
+    compute each fp64 op once, correctly rounded, except pow, whose implementations (glibc, ATen's Sleef vector path
+    on the CPU, libdevice on a GPU) may differ in the last fp64 bit; such a difference is 2^-29 of an fp32 ulp and
+    changes the final rounding only for values within that distance of a rounding boundary (none in this sweep;
+    measured on the CPU: 0.6-1.6% of the fp64 pows differ from glibc's, no fp32 result does). Outputs are poisoned
+    (the freed block the op's allocation reuses holds NaN bytes)."""
+    extension_backend("adam_step_", device)
+    from mixprec_ops import _ext
+
+    assert _ext.has_kernel("adam_scalars", "CPU" if device == "cpu" else "CUDA")
+    steps = torch.arange(0, 2_000_000, dtype=torch.float32, device=device)
+    for b1, b2 in SCALAR_BETAS:
+        for lr in _scalar_lrs(device):
+            want = adam_scalars_reference(steps, lr, b1, b2, 0.1)
+            poison_allocator(want.numel() * 4, device)
+            tensor_lr = isinstance(lr, torch.Tensor)
+            got = torch.ops.mixprec.adam_scalars(steps, lr if tensor_lr else None, 0.0 if tensor_lr else lr, b1, b2,
+                                                 0.1)
+            assert_bit_exact(got, want, f"betas {(b1, b2)} lr {lr}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_layouts_and_sizes(device):
+    """Strided and 0-dim steps, no steps, a 2-D steps tensor (read flat), an lr view with a storage offset."""
+    extension_backend("adam_step_", device)
+    base = torch.tensor([0.0, 5.0, 1.0, 17.0, 2.0, 99999.0, 3.0], device=device)
+    lr_buf = torch.tensor([9.0, 2e-3], device=device)
+    for steps in (base[::2], base[3], base[:0], base[:6].reshape(2, 3), base[:6].reshape(3, 2).t()):
+        want = adam_scalars_reference(steps, lr_buf[1], 0.9, 0.999, 0.01)
+        got = torch.ops.mixprec.adam_scalars(steps, lr_buf[1], 0.0, 0.9, 0.999, 0.01)
+        assert got.shape == (steps.numel(), 3)
+        assert_bit_exact(got, want, f"steps {tuple(steps.shape)} {steps.stride()}")
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (lambda d: (torch.zeros(3, dtype=torch.float64, device=d), None, 1e-3), "steps must be a float32"),
+    (lambda d: (torch.zeros(3, dtype=torch.int32, device=d), None, 1e-3), "steps must be a float32"),
+    (lambda d: (torch.zeros(3, device=d), torch.tensor(1e-3, dtype=torch.bfloat16, device=d), 0.0),
+     "lr must be a float32 or float64"),
+    (lambda d: (torch.zeros(3, device=d), torch.full((2,), 1e-3, device=d), 0.0), "lr must have exactly 1 element"),
+    (lambda d: (torch.zeros(3, device=d), torch.tensor(1e-3, device="meta"), 0.0), "lr must be on"),
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_bad_input(device, args, match):
+    extension_backend("adam_step_", device)
+    steps, lr, lr_value = args(device)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        torch.ops.mixprec.adam_scalars(steps, lr, lr_value, 0.9, 0.999, 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_opcheck(device):
+    extension_backend("adam_step_", device)
+    steps = torch.tensor([0.0, 3.0, 41.0], device=device)
+    for lr, lr_value in ((None, 1e-3), (torch.tensor(3e-4, device=device), 0.0),
+                         (torch.tensor(3e-4, dtype=torch.float64, device=device), 0.0)):
+        torch.library.opcheck(torch.ops.mixprec.adam_scalars.default, (steps, lr, lr_value, 0.9, 0.999, 0.01))
+
+
+def test_scalars_wrapper_routes():
+    """adam_scalars takes the op for float32 steps with a float lr or a float32/float64 lr tensor on the steps'
+    device (one op dispatched, nothing else), and the reference for what the op refuses (a bf16 lr, float64 steps):
+    same values either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    extension_backend("adam_step_", "cpu")
+    steps = torch.tensor([0.0, 3.0, 41.0])
+    for lr in (1e-3, torch.tensor(1e-3), torch.tensor(1e-3, dtype=torch.float64)):
+        with Log() as log:
+            got = adam_scalars(steps, lr, 0.9, 0.999, 0.01)
+        assert log.ops == ["mixprec.adam_scalars.default"], log.ops
+        assert_bit_exact(got, adam_scalars_reference(steps, lr, 0.9, 0.999, 0.01))
+    for s, lr in ((steps, torch.tensor(1e-3, dtype=torch.bfloat16)), (steps.double(), 1e-3),
+                  (list(steps.unbind(0)), torch.tensor(1e-3, dtype=torch.bfloat16))):
+        with Log() as log:
+            got = adam_scalars(s, lr, 0.9, 0.999, 0.01)
+        assert "mixprec.adam_scalars.default" not in log.ops
+        assert_bit_exact(got, adam_scalars_reference(s, lr, 0.9, 0.999, 0.01))

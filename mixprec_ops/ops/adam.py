@@ -25,7 +25,8 @@ multiply-add, so that the C++, CUDA and Triton kernels match the reference bit f
            max_exp_avg_sq = round(vmax) (to the state dtype: fp32, or bf16 with round-to-nearest-even)
 
 Per tensor, [step_size, bc2_sqrt, decay] = fp32 of fp64 [lr / (1 - beta1**t), sqrt(1 - beta2**t), 1 - lr*wd] with
-t = step + 1, computed once per call on the device by `adam_scalars` (so all backends see the same scalars).
+t = step + 1, computed once per call on the device by `adam_scalars` (so all backends see the same scalars; the C++ op
+mixprec::adam_scalars, kernels csrc/cpu/adam_scalars.cpp and csrc/cuda/adam_scalars.cu, one launch per bucket).
 If found_inf holds a non-zero value nothing is written (params, masters, states are left bit-unchanged).
 
 dtypes (one bucket, every backend): params float32, float16 or bfloat16; grads the params' dtype or float32;
@@ -42,10 +43,11 @@ OP = "adam_step_"
 backends.register_op(OP, ("cuda", "triton", "cpu"))
 
 
-def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
+def adam_scalars_reference(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
     """(n, 3) fp32 [step_size, bc2_sqrt, decay] for the step about to be taken (t = step + 1), computed in fp64 on
-    the steps' device (no host sync; lr may be a device tensor). steps: a list of n 0-dim tensors or one 1-D
-    tensor of n counters (the optimizer's per-bucket step buffer)."""
+    the steps' device (no host sync; lr may be a device tensor). steps: a list of n 0-dim tensors or one tensor of n
+    counters (the optimizer's per-bucket step buffer). Pure torch: the definition of mixprec::adam_scalars, and what
+    serves devices the extension does not (about 13 small kernels where the op is one)."""
     t = (steps if isinstance(steps, torch.Tensor) else torch.stack(steps)).reshape(-1).double() + 1
     # a float lr as a tensor too (a fill, no copy from the host): float / tensor would be computed as
     # tensor.reciprocal() * float, two roundings, where torch's Adam divides once; and a CPU lr tensor, which the
@@ -55,6 +57,27 @@ def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> 
     bc2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
     decay = (1 - lr_t * weight_decay) * torch.ones_like(t)
     return torch.stack([step_size, bc2_sqrt, decay], dim=1).float()
+
+
+# Device types whose mixprec::adam_scalars kernel the loaded extension has: looked up once here, not during a call,
+# which torch.compile may be tracing (the dispatcher query does not trace).
+_SCALARS_OP = {t: _ext.has_kernel("adam_scalars", key) for t, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
+    """adam_scalars_reference's values from one op, mixprec::adam_scalars (C++ CPU / CUDA), wherever the extension
+    serves the steps' device and lr is a float or a float32/float64 tensor there; the reference otherwise. The
+    optimizer computes the scalars once per bucket and every backend (the reference included) consumes the same
+    ones, so this choice is not a backend choice: it only saves ~12 kernel launches per bucket and step. Both give
+    the same bits (tests/test_adam_kernels.py)."""
+    s = steps if isinstance(steps, torch.Tensor) else torch.stack(steps)
+    if s.dtype == torch.float32 and _SCALARS_OP.get(s.device.type, False):
+        if not isinstance(lr, torch.Tensor):
+            return torch.ops.mixprec.adam_scalars(s, None, float(lr), float(beta1), float(beta2),
+                                                  float(weight_decay))
+        if lr.dtype in (torch.float32, torch.float64) and lr.numel() == 1 and lr.device == s.device:
+            return torch.ops.mixprec.adam_scalars(s, lr, 0.0, float(beta1), float(beta2), float(weight_decay))
+    return adam_scalars_reference(s, lr, beta1, beta2, weight_decay)
 
 
 def _f32(v, device):
@@ -111,6 +134,12 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, m
 
 
 if _ext.LOADED:
+
+    @torch.library.register_fake("mixprec::adam_scalars")
+    def _adam_scalars_fake(steps, lr, lr_value, beta1, beta2, weight_decay):
+        if lr is not None and lr.device != steps.device:
+            raise ValueError(f"lr must be on {steps.device} (the steps' device), got {lr.device}")
+        return steps.new_empty((steps.numel(), 3), dtype=torch.float32)
 
     @torch.library.register_fake("mixprec::adam_step_")
     def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
