@@ -8,7 +8,7 @@
 // fp32 result only when that bit decides a rounding tie region (~2^-29 of values; none in tests/test_adam_kernels.py's
 // sweep of 2e6 steps x 5 betas).
 #pragma once
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
 
