@@ -164,6 +164,7 @@ class Adam(torch.optim.Optimizer):
         self.backend = backend
         self._last = {"grad_norm": None}  # see grad_norm
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
+        self._ones = {}  # device -> 1-element fp32 1.0 (see _one)
 
     @property
     def grad_norm(self):
@@ -191,6 +192,7 @@ class Adam(torch.optim.Optimizer):
             self.__dict__.setdefault(k, False if k == "norm_across_ranks" else None)
         self._last = {"grad_norm": None}
         self._plans = {}
+        self._ones = {}
         for group in self.param_groups:
             for k, v in self._GROUP_FALLBACKS.items():
                 group.setdefault(k, v)
@@ -347,34 +349,55 @@ class Adam(torch.optim.Optimizer):
         for _, ps in collected:
             for p in ps:
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
-        dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
-               else self._collective_device())
-        found = torch.zeros(1, dtype=torch.float32, device=dev)
-        sumsq = torch.zeros((), dtype=torch.float32, device=dev)
-        for d, grads in per_device.items():
-            f = torch.zeros(1, dtype=torch.float32, device=d)
+        if len(per_device) == 1 and not dtensor_grads and self.norm_across_ranks is False:
+            # The common case, one device: the pass's norm and flag are the answer, without the general path's ~10
+            # small ops (the same bits wherever sqrt is correctly rounded: sqrt(fl(n * n)) == n in binary floating
+            # point; torch's fp32 CPU sqrt misses that for ~1e-5 of inputs, where this one is the exact one).
+            ((dev, grads),) = per_device.items()
+            found = torch.zeros(1, dtype=torch.float32, device=dev)
             # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
-            n = unscale_(grads, torch.ones(1, device=d), f, return_norm=True, backend=self.backend)
-            sumsq = sumsq + n.to(dev).square()
-            found = found + f.to(dev)
-        if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
-            both = torch.stack([sumsq, found.reshape(())]).to(self._collective_device())
-            torch.distributed.all_reduce(both, group=self._norm_group())
-            both = both.to(dev)
-            sumsq, found = both[0], both[1].reshape(1)
-        if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
-            n = torch.nn.utils.get_total_norm(dtensor_grads)
-            n = n.full_tensor() if isinstance(n, DTensor) else n
-            sumsq = sumsq + n.to(dev, torch.float32).square()
-        norm = sumsq.sqrt()
+            norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
+        else:
+            dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
+                   else self._collective_device())
+            found = torch.zeros(1, dtype=torch.float32, device=dev)
+            sumsq = torch.zeros((), dtype=torch.float32, device=dev)
+            for d, grads in per_device.items():
+                f = torch.zeros(1, dtype=torch.float32, device=d)
+                n = unscale_(grads, self._one(d), f, return_norm=True, backend=self.backend)
+                sumsq = sumsq + n.to(dev).square()
+                found = found + f.to(dev)
+            if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
+                both = torch.stack([sumsq, found.reshape(())]).to(self._collective_device())
+                torch.distributed.all_reduce(both, group=self._norm_group())
+                both = both.to(dev)
+                sumsq, found = both[0], both[1].reshape(1)
+            if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
+                n = torch.nn.utils.get_total_norm(dtensor_grads)
+                n = n.full_tensor() if isinstance(n, DTensor) else n
+                sumsq = sumsq + n.to(dev, torch.float32).square()
+            norm = sumsq.sqrt()
+            found = found.clamp(max=1.0)  # a count over devices or ranks: a flag, 0 or 1, as the one-device case
         if grad_scale is not None:
             norm = norm / grad_scale.to(dev).reshape(())
-        found = found + (~torch.isfinite(norm)).float()
+        found = torch.where(norm < float("inf"), found, 1.0)  # a non-finite norm (inf, NaN) flags the step too
         if found_inf is not None:
-            found = found + found_inf.to(dev).reshape(1)
+            found = torch.maximum(found, found_inf.to(dev).reshape(1))
         self._last["grad_norm"] = norm
+        # as torch.nn.utils.clip_grad_norm_: float / tensor (a reciprocal and a product), then at most 1
         clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
-        return clip, (found > 0).float()
+        return clip, found
+
+    def _one(self, device):
+        """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;
+        made anew, not kept, while compiling or capturing (a tensor filled inside a CUDA graph capture holds its
+        value only in replays)."""
+        t = self._ones.get(device)
+        if t is None:
+            t = torch.ones(1, dtype=torch.float32, device=device)
+            if not (torch.compiler.is_compiling() or self._capturing(device)):
+                self._ones[device] = t
+        return t
 
     def _norm_group(self):
         return None if self.norm_across_ranks is True else self.norm_across_ranks
