@@ -17,6 +17,7 @@ os.environ["MIXPREC_CACHE_DIR"] = SESSION_CACHE_DIR
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils._python_dispatch  # noqa: E402
 
 import mixprec_ops  # noqa: E402
 from mixprec_ops import backends
@@ -111,6 +112,20 @@ def poison_allocator(nbytes: int, device: str) -> None:
     a kernel forgets to write then fails the comparison instead of passing by luck."""
     if nbytes > 0:
         torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=device)
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that records the name of every op dispatched inside it ("aten.add_.Tensor",
+    "mixprec.adam_step_.default"; torch's profiler record-function ops left out), in order, in `ops`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith("profiler."):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def wide_random(shape, dtype=torch.float32, device="cpu", lo=-12.0, hi=6.0, generator=None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_bit_exact, backend_params, extension_backend, run_fresh_process
+from conftest import DEVICES, HAS_CUDA, OpLog, assert_bit_exact, backend_params, extension_backend, run_fresh_process
 
 import mixprec_ops
 from mixprec_ops.amp import GradScaler
@@ -1109,27 +1109,14 @@ def test_step_dispatches_few_ops(max_grad_norm):
     exactly the scalars, the fused step and the counters' add; clipping adds its one read pass (unscale_ with the
     norm) and a handful of 1-element ops, not one per param or per grad. Pins the counts measured when they were cut
     (bench/NOTES.md, "The step's scalars"): a regression that adds per-step or per-param ops fails here."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     extension_backend("adam_step_", "cpu")  # the C++ ops (the reference backend is many ops by design)
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not str(func).startswith("profiler."):
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     ps = [torch.nn.Parameter(torch.randn(7, 3).bfloat16()) for _ in range(40)]
     o = AdamW(ps, lr=1e-3, max_grad_norm=max_grad_norm)
     for _ in range(2):  # state made and step buffer formed: the steady state
         for p in ps:
             p.grad = torch.randn_like(p)
         o.step()
-    with Log() as log:
+    with OpLog() as log:
         o.step()
     fused = ["mixprec.adam_scalars.default", "mixprec.adam_step_.default", "aten.add_.Tensor"]
     if max_grad_norm is None:

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator
+from conftest import DEVICES, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator
 
 from mixprec_ops.ops.adam import adam_scalars, adam_scalars_reference, adam_step_, adam_step_reference
 
@@ -258,27 +258,16 @@ def test_scalars_wrapper_routes():
     """adam_scalars takes the op for float32 steps with a float lr or a float32/float64 lr tensor on the steps'
     device (one op dispatched, nothing else), and the reference for what the op refuses (a bf16 lr, float64 steps):
     same values either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     extension_backend("adam_step_", "cpu")
     steps = torch.tensor([0.0, 3.0, 41.0])
     for lr in (1e-3, torch.tensor(1e-3), torch.tensor(1e-3, dtype=torch.float64)):
-        with Log() as log:
+        with OpLog() as log:
             got = adam_scalars(steps, lr, 0.9, 0.999, 0.01)
         assert log.ops == ["mixprec.adam_scalars.default"], log.ops
         assert_bit_exact(got, adam_scalars_reference(steps, lr, 0.9, 0.999, 0.01))
     for s, lr in ((steps, torch.tensor(1e-3, dtype=torch.bfloat16)), (steps.double(), 1e-3),
                   (list(steps.unbind(0)), torch.tensor(1e-3, dtype=torch.bfloat16))):
-        with Log() as log:
+        with OpLog() as log:
             got = adam_scalars(s, lr, 0.9, 0.999, 0.01)
         assert "mixprec.adam_scalars.default" not in log.ops
         assert_bit_exact(got, adam_scalars_reference(s, lr, 0.9, 0.999, 0.01))
