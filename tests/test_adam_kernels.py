@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICES, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator
+from conftest import DEVICES, HAS_CUDA, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator
 
 from mixprec_ops.ops.adam import adam_scalars, adam_scalars_reference, adam_step_, adam_step_reference
 
@@ -265,9 +265,35 @@ def test_scalars_wrapper_routes():
             got = adam_scalars(steps, lr, 0.9, 0.999, 0.01)
         assert log.ops == ["mixprec.adam_scalars.default"], log.ops
         assert_bit_exact(got, adam_scalars_reference(steps, lr, 0.9, 0.999, 0.01))
-    for s, lr in ((steps, torch.tensor(1e-3, dtype=torch.bfloat16)), (steps.double(), 1e-3),
-                  (list(steps.unbind(0)), torch.tensor(1e-3, dtype=torch.bfloat16))):
+    for s, lr, backend in ((steps, torch.tensor(1e-3, dtype=torch.bfloat16), None), (steps.double(), 1e-3, None),
+                           (list(steps.unbind(0)), torch.tensor(1e-3, dtype=torch.bfloat16), None),
+                           (steps, 1e-3, "torch")):  # the reference backend stays pure torch
         with OpLog() as log:
-            got = adam_scalars(s, lr, 0.9, 0.999, 0.01)
+            got = adam_scalars(s, lr, 0.9, 0.999, 0.01, backend=backend)
         assert "mixprec.adam_scalars.default" not in log.ops
         assert_bit_exact(got, adam_scalars_reference(s, lr, 0.9, 0.999, 0.01))
+
+
+def test_scalars_fake_checks_as_the_kernel():
+    """Under FakeTensorMode (torch.compile's tracing) the op refuses what its kernels refuse, so that a compiled
+    graph fails where eager does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    extension_backend("adam_step_", "cpu")
+    with FakeTensorMode():
+        steps = torch.zeros(3)
+        assert torch.ops.mixprec.adam_scalars(steps, None, 1e-3, 0.9, 0.999, 0.0).shape == (3, 3)
+        for st, lr, match in ((steps.double(), None, "steps must be a float32"),
+                              (steps, torch.zeros((), dtype=torch.bfloat16), "lr must be a float32 or float64"),
+                              (steps, torch.zeros(2), "lr must have exactly 1 element")):
+            with pytest.raises(RuntimeError, match=match):
+                torch.ops.mixprec.adam_scalars(st, lr, 0.0, 0.9, 0.999, 0.0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs in bench/gpu_check)")
+def test_scalars_op_cpu_lr_with_cuda_steps_refused():
+    """The CUDA kernel's own device check (a CPU lr with CUDA steps dispatches to it; the optimizer never sends
+    that: it reads a CPU lr on the host)."""
+    extension_backend("adam_step_", "cuda")
+    with pytest.raises(RuntimeError, match="lr must be on cuda"):
+        torch.ops.mixprec.adam_scalars(torch.zeros(3, device="cuda"), torch.tensor(1e-3), 0.0, 0.9, 0.999, 0.0)

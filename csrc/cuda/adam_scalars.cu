@@ -37,6 +37,7 @@ at::Tensor adam_scalars_cuda(const at::Tensor& steps, const std::optional<at::Te
   if (n == 0) return out;
   const int lr_kind = !lr.has_value() ? 0 : lr->scalar_type() == at::kFloat ? 1 : 2;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= 0x7fffffff, "steps has too many elements (", n, ") for one launch");
   adam_scalars_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       s.const_data_ptr<float>(), n, lr.has_value() ? lr->const_data_ptr() : nullptr, lr_kind, lr_value, beta1, beta2,
       weight_decay, out.data_ptr<float>());

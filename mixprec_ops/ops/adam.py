@@ -64,14 +64,17 @@ def adam_scalars_reference(steps, lr, beta1: float, beta2: float, weight_decay: 
 _SCALARS_OP = {t: _ext.has_kernel("adam_scalars", key) for t, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
-def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
-    """adam_scalars_reference's values from one op, mixprec::adam_scalars (C++ CPU / CUDA), wherever the extension
-    serves the steps' device and lr is a float or a float32/float64 tensor there; the reference otherwise. The
-    optimizer computes the scalars once per bucket and every backend (the reference included) consumes the same
-    ones, so this choice is not a backend choice: it only saves ~12 kernel launches per bucket and step. Both give
-    the same bits (tests/test_adam_kernels.py)."""
+def adam_scalars(steps, lr, beta1: float, beta2: float, weight_decay: float, *, backend=None) -> torch.Tensor:
+    """adam_scalars_reference's values for an adam_step_ served by `backend` (a name adam_step_ takes; None /
+    "auto" is resolved as adam_step_ resolves it). The "cpu" and "cuda" backends get them from one op,
+    mixprec::adam_scalars (their extension's C++ / CUDA kernel; float32 steps, lr a float or a float32 / float64
+    tensor on the steps' device), saving ~12 kernel launches per bucket and step; "torch" and "triton" from the
+    reference (pure torch, which also serves a GPU the extension was not built for). Same bits either way
+    (tests/test_adam_kernels.py)."""
     s = steps if isinstance(steps, torch.Tensor) else torch.stack(steps)
-    if s.dtype == torch.float32 and _SCALARS_OP.get(s.device.type, False):
+    if backend not in ("cpu", "cuda", "torch", "triton"):
+        backend = _select(s.device, backend)
+    if backend in ("cpu", "cuda") and s.dtype == torch.float32 and _SCALARS_OP.get(s.device.type, False):
         if not isinstance(lr, torch.Tensor):
             return torch.ops.mixprec.adam_scalars(s, None, float(lr), float(beta1), float(beta2),
                                                   float(weight_decay))
@@ -133,13 +136,24 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, m
         put(p, w)
 
 
-if _ext.LOADED:
+if _ext.LOADED and hasattr(torch.ops.mixprec, "adam_scalars"):  # (an extension built before the op lacks it)
 
     @torch.library.register_fake("mixprec::adam_scalars")
     def _adam_scalars_fake(steps, lr, lr_value, beta1, beta2, weight_decay):
-        if lr is not None and lr.device != steps.device:
-            raise ValueError(f"lr must be on {steps.device} (the steps' device), got {lr.device}")
+        # the C++ checks (csrc/common.h, check_adam_scalars_args), so that a compiled graph fails where eager does
+        if steps.dtype != torch.float32:
+            raise RuntimeError(f"steps must be a float32 tensor, got {steps.dtype}")
+        if lr is not None:
+            if lr.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"lr must be a float32 or float64 tensor, got {lr.dtype}")
+            if lr.numel() != 1:
+                raise RuntimeError(f"lr must have exactly 1 element, got shape {list(lr.shape)}")
+            if lr.device != steps.device:
+                raise ValueError(f"lr must be on {steps.device} (the steps' device), got {lr.device}")
         return steps.new_empty((steps.numel(), 3), dtype=torch.float32)
+
+
+if _ext.LOADED:
 
     @torch.library.register_fake("mixprec::adam_step_")
     def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,

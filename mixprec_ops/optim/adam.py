@@ -10,6 +10,7 @@ from collections import defaultdict
 import torch
 
 from .._checks import FLOAT_SOURCES
+from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
 from ..ops.unscale import unscale_
 
@@ -343,7 +344,9 @@ class Adam(torch.optim.Optimizer):
 
     def _grad_stats(self, collected, grad_scale, found_inf):
         """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
-        Returns (clip_coef, found) as device tensors, on the first grad's device."""
+        Returns (clip_coef, found) as device tensors, on the first grad's device; found is non-zero when the step
+        must be skipped (1, or the scaler's found_inf where that is larger: torch's GradScaler sums its devices'
+        flags)."""
         per_device = defaultdict(list)
         dtensor_grads = []
         for _, ps in collected:
@@ -351,12 +354,17 @@ class Adam(torch.optim.Optimizer):
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
         if len(per_device) == 1 and not dtensor_grads and self.norm_across_ranks is False:
             # The common case, one device: the pass's norm and flag are the answer, without the general path's ~10
-            # small ops (the same bits wherever sqrt is correctly rounded: sqrt(fl(n * n)) == n in binary floating
-            # point; torch's fp32 CPU sqrt misses that for ~1e-5 of inputs, where this one is the exact one).
+            # small ops (the same bits wherever sqrt is correctly rounded and n * n neither overflows, see below,
+            # nor underflows: sqrt(fl(n * n)) == n in binary floating point; torch's fp32 CPU sqrt misses that for
+            # ~1e-5 of inputs, where this one is the exact one; a norm below ~1e-19 is now reported, not 0).
             ((dev, grads),) = per_device.items()
             found = torch.zeros(1, dtype=torch.float32, device=dev)
             # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
             norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
+            # The pass combines its partial sums in fp64, so its norm stays finite where the fp32 sum of squares
+            # (torch's clip_grad_norm_, the general path below, the docstring's rule) overflows: fl(n * n) is inf
+            # exactly when n >= 2^64. NaN stays NaN.
+            norm = norm.masked_fill(norm >= 2.0**64, float("inf"))
         else:
             dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
                    else self._collective_device())
@@ -377,10 +385,10 @@ class Adam(torch.optim.Optimizer):
                 n = n.full_tensor() if isinstance(n, DTensor) else n
                 sumsq = sumsq + n.to(dev, torch.float32).square()
             norm = sumsq.sqrt()
-            found = found.clamp(max=1.0)  # a count over devices or ranks: a flag, 0 or 1, as the one-device case
+            found = found.clamp(max=1.0)  # a count over devices or ranks: 0 or 1, as the one-device case
         if grad_scale is not None:
             norm = norm / grad_scale.to(dev).reshape(())
-        found = torch.where(norm < float("inf"), found, 1.0)  # a non-finite norm (inf, NaN) flags the step too
+        found = torch.where(norm < float("inf"), found, self._one(dev))  # a non-finite norm (inf, NaN) flags it too
         if found_inf is not None:
             found = torch.maximum(found, found_inf.to(dev).reshape(1))
         self._last["grad_norm"] = norm
@@ -392,10 +400,12 @@ class Adam(torch.optim.Optimizer):
         """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;
         made anew, not kept, while compiling or capturing (a tensor filled inside a CUDA graph capture holds its
         value only in replays)."""
+        if torch.compiler.is_compiling():  # not read either: a guard on the dict's contents would recompile
+            return torch.ones(1, dtype=torch.float32, device=device)
         t = self._ones.get(device)
         if t is None:
             t = torch.ones(1, dtype=torch.float32, device=device)
-            if not (torch.compiler.is_compiling() or self._capturing(device)):
+            if not self._capturing(device):
                 self._ones[device] = t
         return t
 
@@ -632,6 +642,7 @@ class Adam(torch.optim.Optimizer):
     def _launch(self, group, entries, steps, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip, backend):
         params = [e[0] for e in entries]
         dev = params[0].device
+        backend = _select_backend(dev, backend)  # once, for the scalars and the step
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device.type == "cpu" and dev.type != "cpu" and not (torch.compiler.is_compiling()
@@ -642,7 +653,7 @@ class Adam(torch.optim.Optimizer):
                 lr = lr.item()
             else:
                 lr = lr.to(dev)
-        scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"])
+        scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"], backend=backend)
         on = lambda t: None if t is None else t.to(dev)  # noqa: E731
         adam_step_(
             params, [e[1] for e in entries], [e[2][0] for e in entries], [e[2][1] for e in entries],
