@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import (DEVICES, assert_bit_exact, backend_params, extension_backend, poison_allocator,
+from conftest import (DEVICES, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator,
                       run_fresh_process, wide_random)
 
 import mixprec_ops
@@ -321,6 +321,21 @@ def test_gradients_same_on_every_backend(device, backend, dst, src):
             assert (x.grad[:3] == 0).all() and (x.grad[3:] != 0).any()  # saturated: no gradient
         if scale_kind == "tensor":
             torch.testing.assert_close(s.grad.cpu(), sr.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.bfloat16], ids=str)
+def test_backward_makes_no_fp32_copies(dst):
+    """The backward computes x * scale and grad * scale in fp32 from x's and the grad's own dtypes and stores
+    grad_x into x's dtype by the product itself: no explicit fp32 copy of x, of a 16-bit grad or of grad_x (the
+    formula's x.float(), grad.float() and .to() were three of its 8-10 passes; an fp8 grad is still widened, few
+    kernels take it). The values are test_gradients_same_on_every_backend's."""
+    x = (torch.randn(64, 33) * 100).bfloat16().requires_grad_(True)
+    y = mixprec_ops.cast_and_scale(x, dst, torch.tensor([3.0]))
+    g = torch.randn(64, 33).to(dst)
+    with OpLog() as log:
+        y.backward(g)
+    assert log.ops.count("aten._to_copy.default") == (1 if dst == torch.float8_e4m3fn else 0), log.ops
+    assert log.ops.count("aten.mul.out") == 1, log.ops
 
 
 def test_gradients_under_compile_fullgraph():
