@@ -375,6 +375,8 @@ BAD_CTOR = [
     (dict(betas=(0, 0.99)), ValueError, "betas must be either both floats or both Tensors"),
     (dict(betas=(0.9, 0.99, 0.5)), ValueError, "betas must be a pair"),
     (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+    # ours: a backend name is checked at construction, not at the first step (after a forward and backward)
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
 ]
 
 
@@ -416,6 +418,35 @@ def test_bad_grads_leave_everything_unchanged(kind, exc, text):
     state_before = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
     _set_bad_grad(kind, model[2].weight)  # the last param: the others were validated first and must stay put
     with pytest.raises(exc, match=text):
+        opt.step()
+    for a, b in zip(params_before, model.parameters()):
+        assert torch.equal(a, b)
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[(i, k)]), k
+
+
+@pytest.mark.parametrize("key,value,text", [
+    ("eps", None, "param group 1: eps must be a float"),
+    ("lr", "0.001", "param group 1: lr must be a float or a 1-element float tensor"),  # a YAML config's string
+    ("lr", torch.tensor([1e-3, 1e-3]), "param group 1: lr must be a float or a 1-element"),
+    ("weight_decay", True, "param group 1: weight_decay must be a float"),
+    ("betas", (0.9,), "param group 1: betas must be a pair"),
+])
+def test_bad_hyperparameters_set_later_leave_everything_unchanged(key, value, text):
+    """A hyperparameter set on a group after construction (a scheduler, a config loader) with an unusable type:
+    the step refuses it naming the group and the key, before any group is updated (group 0, valid, is untouched:
+    params, states, step counts)."""
+    model = mlp(torch.bfloat16)
+    opt = AdamW([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}], lr=1e-2)
+    run_steps(model, opt, data(2, dtype=torch.bfloat16))
+    x, y = data(1, dtype=torch.bfloat16, seed=3)[0]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    opt.param_groups[1][key] = value
+    with pytest.raises(TypeError, match=text):
         opt.step()
     for a, b in zip(params_before, model.parameters()):
         assert torch.equal(a, b)
@@ -1150,3 +1181,62 @@ def test_clipping_norm_overflow_skips_on_every_backend(backend, grads):
     assert all(torch.equal(p.detach(), torch.ones(1)) for p in ps)
     assert torch.isinf(o.grad_norm)
     assert not o.state or all(float(st["step"]) == 0 for st in o.state.values())
+
+
+def test_fresh_optimizer_loading_masters_takes_later_param_writes():
+    """An optimizer that loads a state_dict with masters has no record of the params' versions: its first step
+    checks every master against its param, so a write made after the load (a head re-initialised, other weights
+    loaded into the model) wins over the loaded master, element by element, as it does between steps. Before, the
+    first step wrote the checkpoint's masters back over it. A plain resume (the model loaded from the same
+    checkpoint) is unchanged bit for bit (test_resume_is_bit_exact and friends)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).bfloat16()
+
+    def loss(m):
+        torch.manual_seed(5)
+        return m(torch.randn(16, 8, dtype=torch.bfloat16)).float().square().mean()
+
+    m = make()
+    o = AdamW(m.parameters(), lr=1e-3)
+    for _ in range(3):
+        o.zero_grad()
+        loss(m).backward()
+        o.step()
+    buf = io.BytesIO()
+    torch.save({"opt": o.state_dict(), "model": m.state_dict()}, buf)
+    o.zero_grad()
+    loss(m).backward()
+    o.step()  # the uninterrupted run's next step
+    want = [(p.detach().clone(), o.state[p]["master_param"].clone()) for p in m.parameters()]
+    for order in ("model first", "optimizer first"):
+        buf.seek(0)
+        ck = torch.load(buf)
+        m2 = make()
+        o2 = AdamW(m2.parameters(), lr=1e-3)
+        if order == "model first":
+            m2.load_state_dict(ck["model"])
+            o2.load_state_dict(ck["opt"])
+        else:
+            o2.load_state_dict(ck["opt"])
+            m2.load_state_dict(ck["model"])
+        with torch.no_grad():
+            m2[1].weight.zero_()
+            m2[0].weight[0].fill_(0.5)
+        o2.zero_grad()
+        loss(m2).backward()
+        o2.step()
+        assert m2[1].weight.abs().max() <= 2e-3, order  # one step of lr 1e-3 away from the zeros
+        assert (m2[0].weight[0].float() - 0.5).abs().max() <= 2e-3, order
+    # a plain resume, nothing written after the load: the uninterrupted run's next step, params and masters
+    buf.seek(0)
+    ck = torch.load(buf)
+    m3 = make()
+    m3.load_state_dict(ck["model"])
+    o3 = AdamW(m3.parameters(), lr=1e-3)
+    o3.load_state_dict(ck["opt"])
+    o3.zero_grad()
+    loss(m3).backward()
+    o3.step()
+    for (p, master), q in zip(want, m3.parameters(), strict=True):
+        assert torch.equal(q, p) and torch.equal(o3.state[q]["master_param"], master)

@@ -133,18 +133,28 @@ def test_overflow_after_unscaling_skips_the_step():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])
-def test_clipping_optimizer_takes_over_the_inf_check(device, unscale_first, monkeypatch):
+@pytest.mark.parametrize("scheduler", [False, True], ids=["", "lr_scheduler"])
+def test_clipping_optimizer_takes_over_the_inf_check(device, unscale_first, scheduler, monkeypatch):
     """mixprec_ops AdamW with max_grad_norm reads every grad in its norm pass and flags inf/NaN there: our scaler
     hands it the check instead of running its own read-only pass (one read of the grads per step fewer; the
     scaler's unscale_ calls are counted), and steps, skips and backs off exactly as torch.amp.GradScaler around the
-    same optimizer, bit for bit. After an explicit scaler.unscale_(opt) the scaler's own pass runs, as before."""
+    same optimizer, bit for bit. After an explicit scaler.unscale_(opt) the scaler's own pass runs, as before. An
+    LR scheduler (which wraps opt.step on the instance) does not stop the handover."""
     from mixprec_ops.amp import grad_scaler as gs
     from mixprec_ops.optim import AdamW
 
     calls = []
     real = gs.unscale_
     monkeypatch.setattr(gs, "unscale_", lambda *a, **k: calls.append(1) or real(*a, **k))
-    make_opt = lambda params: AdamW(params, lr=1e-2, max_grad_norm=0.5)  # noqa: E731
+    schedulers = []
+
+    def make_opt(params):
+        o = AdamW(params, lr=1e-2, max_grad_norm=0.5)
+        if scheduler:
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
+            assert "step" in o.__dict__  # the scheduler's wrapper
+        return o
+
     kw = dict(init_scale=2.0**10, growth_interval=3)
     run = dict(inject_at={2, 7}, steps=10, make_opt=make_opt, unscale_first=unscale_first)
     ours = train(GradScaler(device, **kw), device, **run)

@@ -251,6 +251,32 @@ def test_compile_fullgraph(monkeypatch):
         assert torch.equal(g, ge)
 
 
+def test_compile_with_non_contiguous_activations():
+    """Inputs and incoming gradients that are transposed views (a per-token loss over logits.transpose(1, 2),
+    nn.MultiheadAttention's output): compiled, the (..., M, K) -> (rows, K) flattening copies where a view is
+    impossible, as eager does (it used to try a view and catch RuntimeError; a fake tensor raises ValueError, so
+    compiling failed). Output and gradients as eager's, bit for bit."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    head = Linear(32, 10, dtype=torch.bfloat16)
+    h0 = torch.randn(5, 2, 32, dtype=torch.bfloat16).transpose(0, 1)  # (2, 5, 32), strides (32, 64, 1)
+    y = torch.randint(0, 10, (2, 5))
+
+    def loss_fn(h):
+        return torch.nn.functional.cross_entropy(head(h).transpose(1, 2).float(), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager")):
+        h = h0.detach().requires_grad_(True)
+        for p in head.parameters():
+            p.grad = None
+        loss = fn(h)
+        loss.backward()
+        results.append([loss.detach(), h.grad, head.weight.grad, head.bias.grad])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_opcheck_linear_op():
     x = torch.randn(4, 6, dtype=torch.bfloat16)
     w = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)

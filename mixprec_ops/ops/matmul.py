@@ -101,14 +101,12 @@ def matmul_reference(a, b, bias=None, activation=None, out_dtype=None, return_pr
 
 
 def _as_2d(a):
-    """a (..., M, K) as (rows, K): a view when the strides allow it (no copy), else a copy."""
+    """a (..., M, K) as (rows, K): a view when the strides allow it (no copy), else a copy (reshape's rule; not a
+    view attempt caught on failure: a fake tensor, under torch.compile, fails it with another exception type)."""
     if a.dim() == 2:
         return a
     rows = math.prod(a.shape[:-1])  # not -1: ambiguous when K == 0
-    try:
-        return a.view(rows, a.shape[-1])
-    except RuntimeError:
-        return a.reshape(rows, a.shape[-1])
+    return a.reshape(rows, a.shape[-1])
 
 
 if _ext.LOADED:  # the schemas exist whenever the extension loads (CUDA kernels or not)

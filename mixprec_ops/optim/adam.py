@@ -5,10 +5,12 @@ tensors sharing dtypes and device); see that module for the exact element-wise m
 from __future__ import annotations
 
 import copy
+import numbers
 from collections import defaultdict
 
 import torch
 
+from .. import backends
 from .._checks import FLOAT_SOURCES
 from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
@@ -69,7 +71,9 @@ class Adam(torch.optim.Optimizer):
             and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
             ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a
             model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so
-            it is not undone; in-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
+            it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
+            step checks each loaded master against its param: elements the param still holds the rounding of keep
+            their fp32 bits). In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
             counter): write under torch.no_grad() instead.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
@@ -155,6 +159,7 @@ class Adam(torch.optim.Optimizer):
                 raise RuntimeError("norm_across_ranks needs torch.distributed initialized (init_process_group)")
         if differentiable:
             raise ValueError("differentiable=True is not supported: the step runs in fused kernels without autograd")
+        backends.requested(backend)  # a bad name fails here, not at the first step after a forward and backward
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
@@ -332,6 +337,28 @@ class Adam(torch.optim.Optimizer):
             self._plans.clear()
         return out
 
+    def _check_hyperparameters(self, group):
+        """The group's lr, betas, eps and weight_decay have types the step can use (they may have been set after
+        construction: a scheduler, a config loader's strings): checked for every group before any is updated, with
+        a message naming the group and the key."""
+        def bad(key, v, want):
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            raise TypeError(f"param group {gi}: {key} must be {want}, got {v!r}")
+
+        def real(v):
+            return type(v) is float or isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        lr = group["lr"]
+        if not (real(lr) or isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point()):
+            bad("lr", lr, "a float or a 1-element float tensor")
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                real(b) or isinstance(b, torch.Tensor) and b.numel() == 1 for b in betas)):
+            bad("betas", betas, "a pair of floats (or of 1-element tensors)")
+        for key in ("eps", "weight_decay"):
+            if not real(group[key]):
+                bad(key, group[key], "a float")
+
     @staticmethod
     def _bad_grad(where, p, g):
         if g.is_sparse:
@@ -433,12 +460,20 @@ class Adam(torch.optim.Optimizer):
         pass (a hook may change the grads): mixprec_ops.amp.GradScaler then skips its own read-only check pass and
         takes this flag. Not while compiling (a compiled region holding scaler.step: the scaler's own check is
         traced as usual), nor when this optimizer's step was replaced on the instance (opt.step =
-        torch.compile(opt.step): a compiled step cannot take the flag over)."""
+        torch.compile(opt.step): a compiled step cannot take the flag over), an LR scheduler's wrapper excepted."""
         from torch.optim.optimizer import _global_optimizer_pre_hooks
 
         return (self.max_grad_norm is not None and not self._optimizer_step_pre_hooks
-                and not _global_optimizer_pre_hooks and "step" not in self.__dict__
+                and not _global_optimizer_pre_hooks and self._step_is_ours()
                 and not torch.compiler.is_compiling())
+
+    def _step_is_ours(self) -> bool:
+        """opt.step is this class's step: not replaced on the instance, or replaced only by an LR scheduler's
+        wrapper (every torch.optim.lr_scheduler wraps opt.step to note that it was called, then calls the class's
+        step; a compiled step wrapped around that wrapper is not ours: its __wrapped__ is the wrapper)."""
+        s = self.__dict__.get("step")
+        return s is None or (getattr(s, "_wrapped_by_lr_sched", False)
+                             and getattr(s, "__wrapped__", None) is type(self).step)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -464,6 +499,8 @@ class Adam(torch.optim.Optimizer):
             return loss
         # Every group is planned (missing state created, buckets formed) before any group is updated: an error
         # there (out of memory for new state, say) leaves all params and states as they were.
+        for group, _ in collected:
+            self._check_hyperparameters(group)
         planned = [(group, *self._bucket_group(group, ps)) for group, ps in collected]
         clip = None
         if self.max_grad_norm is not None:
@@ -515,6 +552,11 @@ class Adam(torch.optim.Optimizer):
                         break
             if stale:
                 old = plan
+                # A master that exists before this param's first plan here (loaded by load_state_dict, or kept by a
+                # copy of the optimizer) has no version to compare with: the param may have been written since it
+                # was saved (model weights loaded from elsewhere, a head re-initialised), so the first step checks
+                # it against the param (_VER = -1, a version no tensor has; an unchanged param costs one pass).
+                unknown = old is None and "master_param" in st and p.dtype != torch.float32
                 self._init_state(group, p)
                 st = state[p]
                 if st["step"].dim() != 0:  # a 1-element step from elsewhere: 0-dim, as torch keeps it
@@ -532,13 +574,16 @@ class Adam(torch.optim.Optimizer):
                         lp.is_contiguous(), None, -1, held, getattr(p, "_local_tensor", None),
                         # the param's version counter and data pointer after our last step, kept across
                         # replanning: see _resync
-                        None if old is None else old[self._VER], None if old is None else old[self._PTR]]
+                        -1 if unknown else None if old is None else old[self._VER],
+                        None if old is None else old[self._PTR]]
                 plans[id(p)] = plan
             lp, states, master, _, walk, pkey, pdtype, plain, contig = plan[4:13]
             if master is not None and watch:  # written outside the optimizer since our last step? (see _resync)
                 ptr = lp.data_ptr()
                 if plan[17] is not None and (lp._version != plan[17] or ptr != plan[18]):
-                    resync.append((lp, master))
+                    # (a loaded master met first inside a CUDA graph capture is trusted: no check can be recorded)
+                    if not (plan[17] == -1 and self._capturing(lp.device)):
+                        resync.append((lp, master))
                 plan[18] = ptr
             g = p.grad if plain else _local(p.grad)
             gdtype = g.dtype
