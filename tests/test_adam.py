@@ -405,25 +405,32 @@ def _set_bad_grad(kind, p):
         p.grad = torch.zeros(p.shape, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("kind,exc,text", [("sparse", RuntimeError, "does not support sparse"),
-                                           ("float64", TypeError, "grad dtype must be")])
-def test_bad_grads_leave_everything_unchanged(kind, exc, text):
-    model = mlp(torch.bfloat16)
-    opt = AdamW(model.parameters(), lr=1e-2)
+def _refused_step_changes_nothing(model, opt, spoil, exc, text):
+    """Two good steps, grads for a third, then spoil() (a bad grad, a bad hyperparameter): the step must raise
+    (exc matching text) and leave every param and every state tensor (step counts included) bit-unchanged."""
     run_steps(model, opt, data(2, dtype=torch.bfloat16))
     x, y = data(1, dtype=torch.bfloat16, seed=3)[0]
     opt.zero_grad()
     loss_fn(model, x, y).backward()
     params_before = [p.detach().clone() for p in model.parameters()]
     state_before = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
-    _set_bad_grad(kind, model[2].weight)  # the last param: the others were validated first and must stay put
+    spoil()
     with pytest.raises(exc, match=text):
         opt.step()
-    for a, b in zip(params_before, model.parameters()):
+    for a, b in zip(params_before, model.parameters(), strict=True):
         assert torch.equal(a, b)
     for i, p in enumerate(model.parameters()):
         for k, v in opt.state[p].items():
             assert torch.equal(v, state_before[(i, k)]), k
+
+
+@pytest.mark.parametrize("kind,exc,text", [("sparse", RuntimeError, "does not support sparse"),
+                                           ("float64", TypeError, "grad dtype must be")])
+def test_bad_grads_leave_everything_unchanged(kind, exc, text):
+    model = mlp(torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    # the last param: the others were validated first and must stay put
+    _refused_step_changes_nothing(model, opt, lambda: _set_bad_grad(kind, model[2].weight), exc, text)
 
 
 @pytest.mark.parametrize("key,value,text", [
@@ -439,20 +446,7 @@ def test_bad_hyperparameters_set_later_leave_everything_unchanged(key, value, te
     params, states, step counts)."""
     model = mlp(torch.bfloat16)
     opt = AdamW([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}], lr=1e-2)
-    run_steps(model, opt, data(2, dtype=torch.bfloat16))
-    x, y = data(1, dtype=torch.bfloat16, seed=3)[0]
-    opt.zero_grad()
-    loss_fn(model, x, y).backward()
-    params_before = [p.detach().clone() for p in model.parameters()]
-    state_before = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
-    opt.param_groups[1][key] = value
-    with pytest.raises(TypeError, match=text):
-        opt.step()
-    for a, b in zip(params_before, model.parameters()):
-        assert torch.equal(a, b)
-    for i, p in enumerate(model.parameters()):
-        for k, v in opt.state[p].items():
-            assert torch.equal(v, state_before[(i, k)]), k
+    _refused_step_changes_nothing(model, opt, lambda: opt.param_groups[1].__setitem__(key, value), TypeError, text)
 
 
 def test_bad_tensor_lr():
