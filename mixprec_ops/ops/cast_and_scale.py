@@ -176,46 +176,35 @@ class _CastAndScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        """In few passes over the tensor: the scale as an fp32 tensor with x's dims, all of size 1, which (unlike a
+        0-dim tensor or a Python float) takes part in type promotion, so that x * s and grad * s compute in fp32
+        straight from x's and the grad's own dtypes (on a GPU, no fp32 copies of x and of the grad), and grad_x is
+        stored into x's dtype by the product itself (one rounding from fp32, as .to()). For a bf16 x and grad and an
+        fp8 target: 5 elementwise passes (product, abs, compare, select, scaled store) instead of the formula's 8
+        in fp32. On a CPU, TensorIterator still makes the fp32 temporaries: same bits, no gain there."""
         x, scale_t = ctx.saved_tensors
-        if x.dim() > 0 and not torch.is_grad_enabled():  # (create_graph=True: the formula below, differentiable)
-            return _backward_fused(ctx, x, scale_t, grad_y)
-        s = scale_t.float().reshape(()) if scale_t is not None else ctx.scale_value
-        xf = x.float()
-        g = grad_y.float()
+        dims = [1] * x.dim()
+        s = scale_t.reshape(dims) if scale_t is not None else torch.full(dims, ctx.scale_value, dtype=torch.float32,
+                                                                           device=x.device)
+        # a 0-dim x leaves s 0-dim, which does not promote: widen that one element instead; fp8 grads: few kernels
+        # take them
+        xs, g = (x, grad_y) if x.dim() > 0 else (x.float(), grad_y.float())
+        if g.dtype not in _checks.FLOAT_SOURCES:
+            g = g.float()
         if ctx.saturate:
-            y = xf * s
-            fmax = torch.finfo(ctx.dtype).max
-            passes = y.abs() <= fmax
+            y = torch.mul(xs, s)  # fp32: the forward's product
+            passes = y.abs() <= torch.finfo(ctx.dtype).max
             if ctx.dtype not in _FP8:
                 passes = passes | y.isinf()
-            g = torch.where(passes, g, 0.0)
-        grad_x = (g * s).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_s = (g * xf).sum().reshape(scale_t.shape) if scale_t is not None and ctx.needs_input_grad[2] else None
+            g = torch.where(passes, g, 0.0)  # a select in g's dtype: values move unrounded
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph=True: differentiable ops (an out= product is not)
+                grad_x = (g * s).to(x.dtype)
+            else:
+                grad_x = torch.empty_like(x)
+                torch.mul(g, s, out=grad_x)  # fp32 product, rounded once into x's dtype
+        grad_s = None
+        if scale_t is not None and ctx.needs_input_grad[2]:
+            grad_s = (g.float() * x).sum().reshape(scale_t.shape)
         return grad_x, None, grad_s, None, None, None, None
-
-
-def _backward_fused(ctx, x, scale_t, grad_y):
-    """_CastAndScale.backward's values (bit for bit) in fewer passes over the tensor: the scale as a tensor with
-    dims ((1, ..., 1), which takes part in type promotion where a 0-dim tensor or a Python float would not), so that
-    x * s and grad * s compute in fp32 straight from x's and grad's own dtypes (on a GPU, no fp32 copies of x and of
-    the grad), and grad_x is stored into x's dtype by the product itself (one rounding from fp32, as .to()). For a
-    bf16 x and grad and an fp8 target: 5 elementwise passes (product, abs, compare, select, scaled store) instead of
-    8. On a CPU, TensorIterator still makes the fp32 temporaries: same bits, no gain there."""
-    dims = [1] * x.dim()
-    s = scale_t.reshape(dims) if scale_t is not None else torch.full(dims, ctx.scale_value, dtype=torch.float32,
-                                                                       device=x.device)
-    g = grad_y if grad_y.dtype in _checks.FLOAT_SOURCES else grad_y.float()  # fp8 grads: few kernels take them
-    if ctx.saturate:
-        y = torch.mul(x, s)  # fp32: the forward's product
-        passes = y.abs() <= torch.finfo(ctx.dtype).max
-        if ctx.dtype not in _FP8:
-            passes = passes | y.isinf()
-        g = torch.where(passes, g, 0.0)  # a select in g's dtype: values move unrounded
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.empty_like(x)
-        torch.mul(g, s, out=grad_x)  # fp32 product, rounded once into x's dtype
-    grad_s = None
-    if scale_t is not None and ctx.needs_input_grad[2]:
-        grad_s = (g.float() * x).sum().reshape(scale_t.shape)
-    return grad_x, None, grad_s, None, None, None, None
