@@ -338,6 +338,32 @@ def test_backward_makes_no_fp32_copies(dst):
     assert log.ops.count("aten.mul.out") == 1, log.ops
 
 
+@pytest.mark.parametrize("shape", [(), (37,)], ids=["0-dim", "1-D"])
+@pytest.mark.parametrize("dst", [torch.bfloat16, torch.float16], ids=str)
+def test_gradients_with_create_graph_and_0dim(shape, dst):
+    """The paths the bit-exact gradient test does not take: create_graph=True (grad_x as differentiable ops) with
+    second-order gradients, and a 0-dim x (whose 0-dim scale does not promote): the reference's own autograd's
+    values, first and second order. As in test_gradients_same_on_every_backend: x's and grad_y's gradients bit
+    for bit, the scale's (a sum over x; a saturated element's zero may carry the other sign) to rtol 1e-6. Some
+    values saturate."""
+    gen = torch.Generator().manual_seed(6)
+    x0 = (torch.randn(shape, generator=gen) * 3e4).to(torch.bfloat16)
+    g0 = torch.randn(shape, generator=gen).to(dst)
+    results = []
+    for fn in (lambda x, s: mixprec_ops.cast_and_scale(x, dst, s),
+               lambda x, s: cast_and_scale_reference(x, dst, s, 1.0, None, True)):
+        x, s = x0.clone().requires_grad_(True), torch.tensor([3.0], requires_grad=True)
+        g = g0.clone().requires_grad_(True)
+        gx, gs = torch.autograd.grad(fn(x, s), [x, s], g, create_graph=True)
+        ggx, ggs, ggg = torch.autograd.grad((gx.float() * 1.5).sum() + gs.sum(), [x, s, g], allow_unused=True)
+        results.append(dict(gx=gx, gs=gs, ggx=ggx, ggs=ggs, ggg=ggg))
+    ours, ref = results
+    for k in ("gx", "ggx", "ggg"):
+        assert_bit_exact(ours[k].detach(), ref[k].detach(), k)
+    for k in ("gs", "ggs"):
+        torch.testing.assert_close(ours[k].detach(), ref[k].detach(), rtol=1e-6, atol=0)
+
+
 def test_gradients_under_compile_fullgraph():
     """torch.compile(fullgraph=True) of a differentiable cast (Dynamo traces the autograd.Function's forward(ctx)
     and backward) gives eager's output and gradients bit for bit."""
