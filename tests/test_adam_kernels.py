@@ -91,6 +91,8 @@ def test_bit_identical_to_reference(device, backend, combo):
         hp = (b1, b2, eps, wd, rnd.random() < 0.5, rnd.random() < 0.3)
         steps = [torch.tensor(float(rnd.randint(0, 1000)), device=device) for _ in d["p"]]
         sc = adam_scalars(steps, lr, b1, b2, wd)
+        # every row its own decay too (one lr gives every row the same): each tensor must read its own row
+        sc[:, 2] -= torch.arange(len(steps), device=device) * 2.0**-12
         gs = rnd.choice([None, torch.tensor([65536.0], device=device), torch.tensor([3.0], device=device)])
         cl = rnd.choice([None, torch.tensor([0.37], device=device)])
         for fi_val in (None, 0.0, 1.0):
@@ -147,6 +149,28 @@ def test_cuda_tensor_spanning_launches():
         hp = (0.9, 0.999, 1e-8, 0.01, True, False)
         step_and_compare(d, sc, hp, backend, f"amsgrad={ams} ")
         del d
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params("adam_step_"))
+def test_any_nonzero_found_inf_skips(device, backend):
+    """found_inf skips the step when it is non-zero, NaN included (the module docstring; the reference's
+    `found_inf != 0`), not only at GradScaler's 1.0; -0.0 is zero and steps."""
+    gen = torch.Generator().manual_seed(5)
+    for fi_val in (2.0, -1.0, float("nan"), 1e-45, -0.0):
+        d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, [5, 1031], "contig", device, gen)
+        before = {k: [t.clone() for t in v] for k, v in d.items()}
+        ref = {k: [t.clone() for t in v] for k, v in d.items()}
+        sc = adam_scalars([torch.zeros((), device=device)] * 2, 1e-3, 0.9, 0.999, 0.1)
+        hp = (0.9, 0.999, 1e-8, 0.1, True, False)
+        fi = torch.tensor([fi_val], device=device)
+        run(adam_step_, d, sc, hp, None, fi, None, backend=backend)
+        run(adam_step_reference, ref, sc, hp, None, fi, None)
+        for k in d:
+            for i, (o, e, b) in enumerate(zip(d[k], ref[k], before[k])):
+                assert_bit_exact(o, e, f"found_inf={fi_val} {k}[{i}]")
+                if fi_val != 0:
+                    assert_bit_exact(o, b, f"found_inf={fi_val} {k}[{i}] written")
+        assert fi_val != 0 or not torch.equal(d["w"][1], before["w"][1]), "found_inf=-0.0 must step"
 
 
 @pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params("adam_step_"))

@@ -155,3 +155,33 @@ def test_norm_range_does_not_depend_on_the_tensor_size(device, backend):
             norm = mixprec_ops.unscale_([t], torch.ones(1, device=device), f, return_norm=True, backend=backend)
             assert norm.item() == want and f.item() == 0, (n, v, norm.item())
 
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_partial_sums_combine_in_fp64(device, backend):
+    """Squares are summed in fp32 within a block, the block partials in fp64 (the module docstring): two tensors
+    whose squares are each finite in fp32 (1.96e38) but whose sum is not (3.92e38 > 3.4e38) give a finite norm."""
+    ts = [torch.full((1,), 1.4e19, device=device), torch.full((1,), -1.4e19, device=device)]
+    f = torch.zeros(1, device=device)
+    norm = mixprec_ops.unscale_(ts, torch.ones(1, device=device), f, return_norm=True, backend=backend)
+    assert norm.item() == pytest.approx(1.4e19 * math.sqrt(2), rel=1e-6) and f.item() == 0
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dtype,x,below,at", [
+    # x * below rounds to the dtype's largest finite value; x * at is the midpoint above it, a tie that rounds to
+    # the even neighbour: inf. Both products are exact in fp32, so only the store's rounding decides.
+    (torch.float16, 32768.0, 65519.0 / 32768, 65520.0 / 32768),
+    (torch.bfloat16, 2.0**127, 2 - 2**-8 - 2**-22, 2 - 2**-8),
+], ids=["float16", "bfloat16"])
+def test_overflow_boundary_of_the_stored_dtype(device, backend, dtype, x, below, at):
+    """A product counts as non-finite exactly when it rounds to inf in the tensor's dtype: just below the midpoint
+    between the largest finite value and the next power of two it stays finite (no flag), at the midpoint it is inf
+    (flag), for both signs."""
+    for inv, overflows in ((below, False), (at, True)):
+        t = torch.tensor([x, -x, 1.0], dtype=dtype, device=device)
+        f = torch.zeros(1, device=device)
+        mixprec_ops.unscale_([t], torch.tensor([inv], device=device), f, backend=backend)
+        big = torch.finfo(dtype).max
+        want = [float("inf"), -float("inf")] if overflows else [big, -big]
+        assert t[:2].tolist() == want and f.item() == float(overflows), (inv, t.tolist(), f.item())
