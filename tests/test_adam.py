@@ -1177,6 +1177,48 @@ def test_clipping_norm_overflow_skips_on_every_backend(backend, grads):
     assert not o.state or all(float(st["step"]) == 0 for st in o.state.values())
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_clipping_norm_overflow_boundary(backend):
+    """The rule's boundary: fl(n * n) overflows fp32 exactly from n = 2^64 on. A norm of 2^64 skips the step; the
+    float below it is finite and clips (coefficient 1 / n), with that norm reported."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    below = torch.nextafter(torch.tensor(2.0**64), torch.tensor(0.0)).item()  # the fp32 below 2^64
+    for v, skips in ((2.0**64, True), (below, False)):
+        p = torch.nn.Parameter(torch.ones(1))
+        p.grad = torch.full((1,), v)
+        o = AdamW([p], lr=0.1, max_grad_norm=1.0, backend=backend)
+        o.step()
+        assert torch.equal(p.detach(), torch.ones(1)) == skips, v
+        assert (torch.isinf(o.grad_norm).item() if skips else o.grad_norm.item() == v), (v, o.grad_norm)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_clip_coefficient_is_clip_grad_norms(backend):
+    """The clipping coefficient is torch.nn.utils.clip_grad_norm_'s, max_norm / (norm + 1e-6) and at most 1, shown
+    where its 1e-6 matters: grads whose norm is ~1e-4 (the 1e-6 is 1% of it) and Adam's eps = 1, which makes the
+    first update proportional to the clipped grad instead of its sign. Against clip_grad_norm_ then torch's AdamW,
+    on the parameter change; clipping active (max_norm below the norm) and not."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen) * 2e-5 for n in (7, 33, 130)]
+    norm = torch.linalg.vector_norm(torch.cat(grads)).item()
+    for max_norm in (norm / 10, norm * 2):
+        ours = [torch.nn.Parameter(torch.zeros(g.numel())) for g in grads]  # zeros: the change is exact
+        theirs = [torch.nn.Parameter(torch.zeros(g.numel())) for g in grads]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        o = AdamW(ours, lr=1e-2, eps=1.0, weight_decay=0.0, max_grad_norm=max_norm, backend=backend)
+        t = torch.optim.AdamW(theirs, lr=1e-2, eps=1.0, weight_decay=0.0)
+        total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        o.step()
+        t.step()
+        assert o.grad_norm.item() == pytest.approx(total.item(), rel=1e-6)
+        for a, b in zip(ours, theirs):
+            assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4, (max_norm, a[:3], b[:3])
+
+
 def test_fresh_optimizer_loading_masters_takes_later_param_writes():
     """An optimizer that loads a state_dict with masters has no record of the params' versions: its first step
     checks every master against its param, so a write made after the load (a head re-initialised, other weights
@@ -1234,3 +1276,25 @@ def test_fresh_optimizer_loading_masters_takes_later_param_writes():
     o3.step()
     for (p, master), q in zip(want, m3.parameters(), strict=True):
         assert torch.equal(q, p) and torch.equal(o3.state[q]["master_param"], master)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_scalers_found_inf_skips_a_clipped_step_with_finite_grads(backend):
+    """torch.amp.GradScaler.step hands the optimizer grad_scale and found_inf (optimizer attributes): a set
+    found_inf skips the step even when the grads this optimizer reads are finite (the inf was found elsewhere: a
+    shard on another rank, grads unscaled earlier), with clipping on too, whose norm pass makes a flag of its own."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    for clip in (None, 1.0):
+        p = torch.nn.Parameter(torch.randn(37))
+        p.grad = torch.randn(37)
+        before = p.detach().clone()
+        o = AdamW([p], lr=0.1, max_grad_norm=clip, backend=backend)
+        o.grad_scale = torch.full((), 2.0)
+        o.found_inf = torch.ones(())
+        o.step()
+        assert torch.equal(p.detach(), before), clip
+        assert not o.state or float(o.state[p]["step"]) == 0
+        o.found_inf = torch.zeros(())
+        o.step()
+        assert not torch.equal(p.detach(), before) and float(o.state[p]["step"]) == 1

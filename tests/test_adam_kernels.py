@@ -7,9 +7,11 @@ and found_inf set (nothing may be written).
 """
 
 import itertools
+import math
 import random
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, HAS_CUDA, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator
@@ -238,6 +240,43 @@ def test_scalars_op_same_bits_as_reference(device):
             got = torch.ops.mixprec.adam_scalars(steps, lr if tensor_lr else None, 0.0 if tensor_lr else lr, b1, b2,
                                                  0.1)
             assert_bit_exact(got, want, f"betas {(b1, b2)} lr {lr}")
+
+
+def _lrs_at_fp32_midpoints():
+    """(t, lr) with beta1 = 0.5, so that 1 - beta1^t is exact in every pow: lr / (1 - 0.5^t) lies within 3 fp64 ulps of
+    a midpoint between two fp32 numbers, where how the fp64 quotient is computed decides the fp32 rounding."""
+    out = []
+    for t in range(1, 9):
+        d = 1.0 - 0.5**t
+        for k in range(1, 120):
+            q = np.float32(1e-3 * k)
+            lr = (float(q) + float(np.spacing(q)) / 2) * d
+            for _ in range(7):
+                out.append((t, lr))
+                lr = math.nextafter(lr, math.inf)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_divides_once(device):
+    """step_size is ONE correctly rounded fp64 division, lr / (1 - beta1^t), then one rounding to fp32: checked
+    where it matters, on quotients next to fp32 rounding midpoints (the random-looking sweep above almost never
+    lands there: 2^-29 of an fp32 ulp). lr * (1 / d), an FMA or an fp32 division each round some of these the
+    other way, which the test first shows (so it can fail), then requires the op's and the reference's bits to be
+    Python's lr / d, for a float lr and an fp64 lr tensor."""
+    extension_backend("adam_step_", device)
+    cases = _lrs_at_fp32_midpoints()
+    want = {c: np.float32(c[1] / (1.0 - 0.5 ** c[0])) for c in cases}
+    assert sum(np.float32(lr * (1.0 / (1.0 - 0.5**t))) != want[(t, lr)] for t, lr in cases) >= 5
+    steps = torch.arange(0, 8, dtype=torch.float32, device=device)  # t = 1..8
+    for lr in sorted({lr for _, lr in cases}):
+        ts = [t for t, v in cases if v == lr]
+        lr_t = torch.tensor(lr, dtype=torch.float64, device=device)
+        for got in (torch.ops.mixprec.adam_scalars(steps, None, lr, 0.5, 0.999, 0.0),
+                    torch.ops.mixprec.adam_scalars(steps, lr_t, 0.0, 0.5, 0.999, 0.0),
+                    adam_scalars_reference(steps, lr, 0.5, 0.999, 0.0)):
+            for t in ts:
+                assert got[t - 1, 0].item() == want[(t, lr)], (t, lr, got[t - 1, 0].item(), want[(t, lr)])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -240,3 +240,43 @@ def test_clipping_optimizer_with_a_compiled_step_keeps_the_scalers_check():
         assert scaler.get_scale() == want_scale
         assert torch.equal(p.detach(), before) == (want_scale != 2.0**4)
     assert not hasattr(opt, "_mixprec_found_inf_out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_grads_go_through_torchs_kernel(device):
+    """Grads of a dtype our kernel does not take (float64, with any optimizer: torch's SGD here) are unscaled by
+    torch's own kernel in the same unscale_, and their inf/NaN count: the same grads and flags as torch's scaler."""
+    grads = [torch.randn(n, dtype=dt, device=device) * 512 for n, dt in ((5, torch.float64), (9, torch.float32))]
+    for bad in (None, float("inf")):
+        found = {}
+        for name, cls in (("ours", GradScaler), ("torch", torch.amp.GradScaler)):
+            ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            if bad is not None:
+                ps[0].grad[3] = bad
+            opt = torch.optim.SGD(ps, lr=0.1)
+            s = cls(device, init_scale=512.0)
+            s.scale(torch.ones((), device=device))  # (initialises the scale, as a scaled loss does)
+            s.unscale_(opt)
+            found[name] = ([p.grad.clone() for p in ps], sum(v.item() for v in s._found_inf_per_device(opt).values()))
+        (ga, fa), (gb, fb) = found["ours"], found["torch"]
+        assert fa == fb == (0.0 if bad is None else 1.0)
+        for a, b in zip(ga, gb):
+            assert torch.equal(a, b), (a, b)
+
+
+def test_fp16_sparse_grads_are_coalesced_before_the_check():
+    """With allow_fp16 (torch's sharded scalers pass it), a sparse fp16 grad is coalesced first, as torch does:
+    duplicate indices summed in fp16 can overflow (40000 + 40000), and that inf must be found; unscaled one by one
+    the duplicates are finite. Same grads and flag as torch.amp.GradScaler._unscale_grads_."""
+    out = {}
+    for name, cls in (("ours", GradScaler), ("torch", torch.amp.GradScaler)):
+        p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 0, 2]]), torch.tensor([4e4, 4e4, 8.0]).half(), (3,))
+        s = cls("cpu")
+        found = torch.zeros(1)
+        per_dev = s._unscale_grads_(torch.optim.SGD([p], lr=0.1), torch.full((1,), 1 / 512), found, True)
+        out[name] = (p.grad.to_dense(), sum(v.item() for v in per_dev.values()))
+    assert out["ours"][1] == out["torch"][1] == 1.0
+    assert torch.equal(out["ours"][0], out["torch"][0]), out

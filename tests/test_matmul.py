@@ -157,6 +157,28 @@ def test_batched(device, backend, dtype):
         check(y, a, b, bias, "gelu", what=name)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in PARAMS if p.values[1] in ("torch", "triton")])
+@pytest.mark.parametrize("act", ACTS[1:], ids=str)
+def test_activation_formula_on_exact_accumulators(device, backend, act):
+    """The activation itself, free of accumulation error: K = 1 and b = 1, so the fp32 accumulator is x exactly (fp16
+    values over [-8, 8] and a few near 0), fp32 output, against the fp64 activation of x within c u (|x| + |y|)
+    (u = 2^-24). c = 8 for the fp32 reference and the interpreter (a handful of correctly rounded fp32 ops); c = 64
+    on a GPU, where tl.sigmoid's exp and division are the approximate instructions (ex2.approx, div.full: ~2 ulp
+    each, the exponent's rounding scaled by |x| ln 2). The matmul tests above cannot see an error in the formula of
+    1e-5: their fp32 bound is dominated by the accumulation's (K + 2) u |a| @ |b|. Here a wrong constant (erf's
+    1/sqrt(2) to 4 digits, tanh's 0.044715 as 0.0447, silu's argument off by 1e-4) exceeds it. The cuBLASLt backend
+    has its own GELU (not this formula) and is held to the bounds of the other tests."""
+    x = torch.cat([torch.linspace(-8, 8, 301), torch.tensor([1e-3, -1e-3, 0.5, -0.5, 1.4142, -1.4142])])
+    a = x.to(torch.float16)[:, None].to(device)
+    b = torch.ones(1, 16, dtype=torch.float16, device=device)
+    y = mixprec_ops.matmul(a, b, activation=act, out_dtype=torch.float32, backend=backend).cpu().double()
+    xd = a.cpu().double()
+    want = apply_activation(xd, act).expand_as(y)
+    c = 64 if device == "cuda" and backend == "triton" else 8
+    excess = ((y - want).abs() - c * 2.0**-24 * (xd.abs() + want.abs())).max().item()
+    assert excess <= 0, f"{act}: off by {excess:.3g} more than {c} u (|x| + |y|)"
+
+
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("act", ACTS, ids=str)
 def test_nan_propagates(device, backend, act):

@@ -177,11 +177,14 @@ def test_partial_sums_combine_in_fp64(device, backend):
 def test_overflow_boundary_of_the_stored_dtype(device, backend, dtype, x, below, at):
     """A product counts as non-finite exactly when it rounds to inf in the tensor's dtype: just below the midpoint
     between the largest finite value and the next power of two it stays finite (no flag), at the midpoint it is inf
-    (flag), for both signs."""
+    (flag), for both signs. Placed in a kernel's vector body (elements 3 / 12 of 37) or its scalar tail (34 / 35:
+    37 = 4 * 8 + 5), one place at a time, since either check alone would raise the flag."""
+    big = torch.finfo(dtype).max
     for inv, overflows in ((below, False), (at, True)):
-        t = torch.tensor([x, -x, 1.0], dtype=dtype, device=device)
-        f = torch.zeros(1, device=device)
-        mixprec_ops.unscale_([t], torch.tensor([inv], device=device), f, backend=backend)
-        big = torch.finfo(dtype).max
-        want = [float("inf"), -float("inf")] if overflows else [big, -big]
-        assert t[:2].tolist() == want and f.item() == float(overflows), (inv, t.tolist(), f.item())
+        for pos, sign in ((3, 1), (12, -1), (34, 1), (35, -1)):
+            t = torch.ones(37, dtype=dtype, device=device)
+            t[pos] = sign * x
+            f = torch.zeros(1, device=device)
+            mixprec_ops.unscale_([t], torch.tensor([inv], device=device), f, backend=backend)
+            want = sign * (float("inf") if overflows else big)
+            assert t[pos].item() == want and f.item() == float(overflows), (inv, pos, t[pos].item(), f.item())
