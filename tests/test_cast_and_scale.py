@@ -323,6 +323,23 @@ def test_gradients_same_on_every_backend(device, backend, dst, src):
             torch.testing.assert_close(s.grad.cpu(), sr.grad, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params(OP))
+@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16], ids=str)
+def test_gradient_at_the_saturation_boundary(device, backend, dst):
+    """x * scale equal to +-max (a value the saturation leaves unchanged) passes its gradient, the fp32 value just
+    beyond gets none, on every backend and in the reference's autograd, under any torch: torch.clamp's own gradient
+    at a bound is 1 in torch 2.11 and 0 in 2.14, which the reference once followed (ours: always 1)."""
+    fmax = torch.tensor(torch.finfo(dst).max)
+    beyond = torch.nextafter(fmax, torch.tensor(float("inf")))
+    x0 = torch.stack([fmax, -fmax, beyond, -beyond, torch.tensor(1.0)])
+    x = x0.clone().to(device).requires_grad_(True)
+    y = mixprec_ops.cast_and_scale(x, dst, torch.ones(1, device=device), saturate=True, backend=backend)
+    y.backward(torch.ones(5, device=device).to(dst))
+    xr = x0.clone().requires_grad_(True)
+    cast_and_scale_reference(xr, dst, torch.ones(1), 1.0, None, True).backward(torch.ones(5).to(dst))
+    assert x.grad.tolist() == xr.grad.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0], (x.grad, xr.grad)
+
+
 @pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.bfloat16], ids=str)
 def test_backward_makes_no_fp32_copies(dst):
     """The backward computes x * scale and grad * scale in fp32 from x's and the grad's own dtypes and stores

@@ -352,6 +352,37 @@ def test_double_backward(device, backend, act):
         assert exact[0].abs().max() > 0.1  # the case tests a non-zero second derivative
 
 
+def penalty_grads(fn, x, w, b, create_graph):
+    """Gradients w.r.t. (x, w, b) of sum(y) + sum((dsum(y)/dx)^2), a gradient penalty (WGAN-GP): its backward
+    reaches the layer through y AND through the saved pre-activation (both gradients at once); with create_graph
+    that backward builds a graph itself (a third derivative would follow)."""
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = fn(x, w, b)
+    (gx,) = torch.autograd.grad(y.float().sum(), x, create_graph=True)
+    loss = y.float().sum() + gx.float().square().sum()
+    return [g.double().cpu() for g in torch.autograd.grad(loss, (x, w, b), create_graph=create_graph)]
+
+
+@pytest.mark.parametrize("device,backend", backends_here())
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"], ids=str)
+@pytest.mark.parametrize("create_graph", [False, True], ids=["", "create_graph"])
+def test_gradient_penalty(device, backend, act, create_graph):
+    """A backward that receives gradients for both outputs (y and the pre-activation) must add them; the double
+    backward test above only sends the pre-activation's. Same tolerance as there."""
+    torch.manual_seed(8)
+    dtype = torch.float16
+    x = torch.randn(5, 12).to(dtype).to(device)
+    w = (torch.randn(7, 12) / 3).to(dtype).to(device)
+    b = torch.randn(7).to(dtype).to(device)
+    ours = penalty_grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, create_graph)
+    exact = penalty_grads(torch_linear(act), x.double().cpu(), w.double().cpu(), b.double().cpu(), False)
+    theirs = penalty_grads(torch_linear(act), x, w, b, False)
+    for name, o, e, t in zip(("dx", "dw", "db"), ours, exact, theirs):
+        err, base = (o - e).abs().max().item(), (t - e).abs().max().item()
+        floor = 1e-3 * e.abs().max().item() + 1e-6
+        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+
+
 @pytest.mark.parametrize("act", [None, "gelu"], ids=str)
 def test_torch_func_transforms(act):
     """torch.func.jvp / jacfwd / grad / vmap and forward-mode AD (the fused op has no jvp or vmap rule: jvp used

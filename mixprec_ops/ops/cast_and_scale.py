@@ -31,9 +31,14 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
     s = scale.reshape(()) if scale is not None else torch.full((), scale_value, dtype=torch.float32, device=x.device)
     y = xf * s  # fp32 product: one rounding, then one more in the cast
     if saturate:
+        # Values the clamp leaves unchanged pass through (their gradient too: |x * s| == max passes, whatever torch
+        # version: torch.clamp's own backward passes nothing at a bound since 2.14, everything before); 16-bit
+        # targets keep inf. The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
         fmax = torch.finfo(dtype).max
-        clamped = y.clamp(-fmax, fmax)  # NaN stays NaN
-        y = clamped if dtype in _FP8 else torch.where(y.isinf(), y, clamped)  # 16-bit targets keep inf
+        passes = y.abs() <= fmax
+        if dtype not in _FP8:
+            passes = passes | y.isinf()
+        y = torch.where(passes, y, y.clamp(-fmax, fmax))  # NaN stays NaN
     return y.to(dtype)
 
 
@@ -118,9 +123,10 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     Returns:
         A new tensor of `dtype` with x's shape.
 
-    Autograd: differentiable in x and in a tensor scale, identically on every backend, as torch's own
-    x.mul(scale).to(dtype) with the clamp: the rounding passes the gradient straight through, a value saturated
-    to dtype's largest finite value passes none. amax must not share memory with x or scale (ValueError).
+    Autograd: differentiable in x and in a tensor scale, identically on every backend: the rounding passes the
+    gradient straight through, a value the saturation changed (|x * scale| beyond dtype's largest finite value;
+    fp8's inf) or a NaN passes none, one at exactly the largest finite value passes it (torch.clamp's own gradient
+    at a bound changed in torch 2.14, from all of it to none; this rule does not follow it). amax must not share memory with x or scale (ValueError).
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
