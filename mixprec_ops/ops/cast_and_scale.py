@@ -32,8 +32,8 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
     y = xf * s  # fp32 product: one rounding, then one more in the cast
     if saturate:
         # Values the clamp leaves unchanged pass through (their gradient too: |x * s| == max passes, whatever torch
-        # version: torch.clamp's own backward passes nothing at a bound since 2.14, everything before); 16-bit
-        # targets keep inf. The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
+        # version: torch.clamp's own backward passes nothing at a bound in 2.14, all of it in 2.11); 16-bit targets
+        # keep inf. The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
         fmax = torch.finfo(dtype).max
         passes = y.abs() <= fmax
         if dtype not in _FP8:
@@ -126,7 +126,7 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     Autograd: differentiable in x and in a tensor scale, identically on every backend: the rounding passes the
     gradient straight through, a value the saturation changed (|x * scale| beyond dtype's largest finite value;
     fp8's inf) or a NaN passes none, one at exactly the largest finite value passes it (torch.clamp's own gradient
-    at a bound changed in torch 2.14, from all of it to none; this rule does not follow it). amax must not share memory with x or scale (ValueError).
+    at a bound is all of it in torch 2.11 and none in 2.14; this rule does not follow it). amax must not share memory with x or scale (ValueError).
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
@@ -167,7 +167,7 @@ def _forward(x, dtype, scale_t, scale_value, amax, saturate, b):
 class _CastAndScale(torch.autograd.Function):
     """The gradient of y = cast(x * scale), the same on every backend (the reference's own autograd, in closed
     form): rounding passes the gradient straight through, as torch's `.to(dtype)` does; a value saturated to
-    dtype's largest finite value gets none (torch.clamp's rule; an inf kept by a 16-bit target passes it).
+    dtype's largest finite value gets none, one at exactly that value all (an inf kept by a 16-bit target too).
     grad_x = (grad_y * scale * m).to(x.dtype), grad_scale = sum(grad_y * x * m) in fp32, m = 1 where not
     saturated. amax is a side output, not differentiated."""
 
