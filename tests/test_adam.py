@@ -350,7 +350,7 @@ def test_fp32_state_never_downcast_on_load():
     o2 = AdamW(m.parameters(), lr=1e-3)
     o2.load_state_dict(sd)
     for p in m.parameters():
-        for k in ("exp_avg", "exp_avg_sq", "master_param"):
+        for k in ("exp_avg", "exp_avg_sq", "master_param", "step"):
             assert o2.state[p][k].dtype == torch.float32
             assert torch.equal(o2.state[p][k], o.state[p][k])
             assert o2.state[p][k].data_ptr() != o.state[p][k].data_ptr()  # a copy, not an alias
