@@ -1298,3 +1298,43 @@ def test_scalers_found_inf_skips_a_clipped_step_with_finite_grads(backend):
         o.found_inf = torch.zeros(())
         o.step()
         assert not torch.equal(p.detach(), before) and float(o.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_grads_of_any_float_dtype(backend):
+    """Grads may be any of float32, float16, bfloat16 whatever the param's dtype (an FSDP reduce dtype, a grad hook
+    that casts): a grad that is neither the param's dtype nor float32 (which the kernels take as is) is widened to
+    float32 first, exactly, so the step equals the one with that float32 grad, bit for bit."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    dts = (torch.float32, torch.float16, torch.bfloat16)
+    for pdt in dts:
+        for gdt in dts:
+            gen = torch.Generator().manual_seed(11)
+            w0 = torch.randn(37, generator=gen).to(pdt)
+            g = torch.randn(37, generator=gen).to(gdt)
+            a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+            if not hasattr(a, "grad_dtype"):
+                pytest.skip("this torch has no Tensor.grad_dtype")
+            a.grad_dtype = b.grad_dtype = None  # torch's .grad setter accepts other dtypes only then
+            a.grad, b.grad = g.clone(), g.float()
+            oa, ob = AdamW([a], lr=0.1, backend=backend), AdamW([b], lr=0.1, backend=backend)
+            for _ in range(2):
+                oa.step()
+                ob.step()
+            assert_bit_exact(a.detach(), b.detach(), f"param {pdt}, grad {gdt}")
+            assert_bit_exact(oa.state[a]["exp_avg_sq"], ob.state[b]["exp_avg_sq"], f"param {pdt}, grad {gdt}")
+
+
+def test_strided_grad_of_a_contiguous_param_takes_the_fused_kernel():
+    """A grad the kernels cannot walk with its param (a transposed view: what a matmul's backward can hand over)
+    is made contiguous and joins its bucket's fused step; it used to be worth a per-param reference step instead.
+    Checked by which ops run (the same bits either way: the reference is the kernels' definition)."""
+    extension_backend(OP, "cpu")
+    w = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.bfloat16))
+    w.grad = torch.randn(5, 6, dtype=torch.bfloat16).t()
+    o = AdamW([w], lr=0.1, backend="cpu")
+    with OpLog() as log:
+        o.step()
+    assert log.ops.count("mixprec.adam_step_.default") == 1, log.ops
+    assert "aten.sqrt.default" not in log.ops, log.ops  # the reference's square root: no per-param fallback
