@@ -126,7 +126,8 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     Autograd: differentiable in x and in a tensor scale, identically on every backend: the rounding passes the
     gradient straight through, a value the saturation changed (|x * scale| beyond dtype's largest finite value;
     fp8's inf) or a NaN passes none, one at exactly the largest finite value passes it (torch.clamp's own gradient
-    at a bound is all of it in torch 2.11 and none in 2.14; this rule does not follow it). amax must not share memory with x or scale (ValueError).
+    at a bound is all of it in torch 2.11 and none in 2.14; this rule does not follow it). amax must not share
+    memory with x or scale (ValueError).
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
