@@ -373,3 +373,41 @@ def test_gpu_report_prints_a_filed_report_and_runs_record_their_commit(capsys):
     git = machine.versions()["git"]
     assert git is None or len(git.split("+")[0]) == 12
 
+
+
+def test_bit_mismatch_rules():
+    """The bit-for-bit check of the bench's cases (adam, cast, unscale): one ulp anywhere, a NaN where a number is
+    expected, a signed zero, a dtype or shape all fail it; equal bits and any NaN against any NaN pass."""
+    from bench.registry import bit_mismatch
+
+    x = torch.randn(1000).to(torch.bfloat16)
+    assert bit_mismatch(x, x.clone()) is None
+    y = x.clone()
+    y.view(torch.int16)[517] += 1  # one ulp
+    assert "1 of 1000 elements differ, first at 517" in bit_mismatch(y, x, "t")
+    n = x.clone()
+    n[3] = float("nan")
+    assert "NaN positions" in bit_mismatch(n, x)
+    nan_bits = torch.tensor([0x7FC0, -1], dtype=torch.int16).view(torch.bfloat16)  # two different NaN payloads
+    assert bit_mismatch(nan_bits, nan_bits.flip(0)) is None
+    assert bit_mismatch(torch.tensor([-0.0]), torch.tensor([0.0])) is not None
+    assert "expected" in bit_mismatch(x.float(), x) and "expected" in bit_mismatch(x[:-1], x)
+
+
+def test_adam_case_check_compares_every_state_tensor():
+    """The AdamW cases' check (two steps of the timed implementation against the reference backend) fails an
+    implementation that leaves one element of one moment one ulp off, although every param is right."""
+    from bench import cases_adam
+
+    ctx = Ctx(torch.device("cpu"), True, ("cpu",))
+    case = min((c for c in cases_adam.cases(ctx)), key=lambda c: c.numel)
+    ours = next(i for i in case.impls if i.backend == "cpu")
+    assert case.check(ours) is None
+
+    def wrong(d):
+        ours.fn(d)
+        v = d["opts"]["cpu"].state[d["bf16"]["cpu"][5]]["exp_avg_sq"]
+        v[7] = torch.nextafter(v[7], torch.tensor(1.0))
+
+    bad = case.check(Impl("cpu", wrong))
+    assert bad is not None and "param 5 exp_avg_sq" in bad, bad
