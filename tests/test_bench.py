@@ -374,7 +374,6 @@ def test_gpu_report_prints_a_filed_report_and_runs_record_their_commit(capsys):
     assert git is None or len(git.split("+")[0]) == 12
 
 
-
 def test_bit_mismatch_rules():
     """The bit-for-bit check of the bench's cases (adam, cast, unscale): one ulp anywhere, a NaN where a number is
     expected, a signed zero, a dtype or shape all fail it; equal bits and any NaN against any NaN pass."""

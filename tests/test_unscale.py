@@ -156,7 +156,6 @@ def test_norm_range_does_not_depend_on_the_tensor_size(device, backend):
             assert norm.item() == want and f.item() == 0, (n, v, norm.item())
 
 
-
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 def test_partial_sums_combine_in_fp64(device, backend):
     """Squares are summed in fp32 within a block, the block partials in fp64 (the module docstring): two tensors
