@@ -319,6 +319,15 @@ def test_backward_with_broadcast_grad(device, backend):
         torch.testing.assert_close(g.double().cpu(), r, atol=1e-6, rtol=2 ** -8)
 
 
+def assert_within_2x_torchs_error(names, ours, exact, theirs):
+    """Each of ours within 2x the max error of torch's own fp16 computation (theirs) against float64 (exact), plus a
+    floor of 1e-3 of the largest exact value (+1e-6)."""
+    for name, o, e, t in zip(names, ours, exact, theirs):
+        err, base = (o - e).abs().max().item(), (t - e).abs().max().item()
+        floor = 1e-3 * e.abs().max().item() + 1e-6
+        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+
+
 def second_order(fn, x, w, b):
     """(d2/dx2, d2/dxdw) of sum(fn(x, w, b)) as the gradients of sum(d/dx) w.r.t. x and w (float64, on the CPU)."""
     x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
@@ -344,10 +353,7 @@ def test_double_backward(device, backend, act):
     ours = second_order(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b)
     exact = second_order(torch_linear(act), x.double().cpu(), w.double().cpu(), b.double().cpu())
     theirs = second_order(torch_linear(act), x, w, b)
-    for name, o, e, t in zip(("d2/dx2", "d2/dxdw"), ours, exact, theirs):
-        err, base = (o - e).abs().max().item(), (t - e).abs().max().item()
-        floor = 1e-3 * e.abs().max().item() + 1e-6
-        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+    assert_within_2x_torchs_error(("d2/dx2", "d2/dxdw"), ours, exact, theirs)
     if act in ("gelu", "silu", "gelu_tanh"):
         assert exact[0].abs().max() > 0.1  # the case tests a non-zero second derivative
 
@@ -377,10 +383,7 @@ def test_gradient_penalty(device, backend, act, create_graph):
     ours = penalty_grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, create_graph)
     exact = penalty_grads(torch_linear(act), x.double().cpu(), w.double().cpu(), b.double().cpu(), False)
     theirs = penalty_grads(torch_linear(act), x, w, b, False)
-    for name, o, e, t in zip(("dx", "dw", "db"), ours, exact, theirs):
-        err, base = (o - e).abs().max().item(), (t - e).abs().max().item()
-        floor = 1e-3 * e.abs().max().item() + 1e-6
-        assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} (+{floor:.2g})"
+    assert_within_2x_torchs_error(("dx", "dw", "db"), ours, exact, theirs)
 
 
 @pytest.mark.parametrize("act", [None, "gelu"], ids=str)

@@ -31,15 +31,22 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
     s = scale.reshape(()) if scale is not None else torch.full((), scale_value, dtype=torch.float32, device=x.device)
     y = xf * s  # fp32 product: one rounding, then one more in the cast
     if saturate:
-        # Values the clamp leaves unchanged pass through (their gradient too: |x * s| == max passes, whatever torch
-        # version: torch.clamp's own backward passes nothing at a bound in 2.14, all of it in 2.11); 16-bit targets
-        # keep inf. The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
+        # Values the saturation leaves unchanged pass through, and their gradient with them (the backward's rule,
+        # whatever torch version: torch.clamp's own backward passes nothing at a bound in 2.14, all of it in 2.11).
+        # The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
         fmax = torch.finfo(dtype).max
-        passes = y.abs() <= fmax
-        if dtype not in _FP8:
-            passes = passes | y.isinf()
-        y = torch.where(passes, y, y.clamp(-fmax, fmax))  # NaN stays NaN
+        y = torch.where(_unsaturated(y, dtype), y, y.clamp(-fmax, fmax))  # NaN stays NaN
     return y.to(dtype)
+
+
+def _unsaturated(y, dtype):
+    """Where saturating to dtype leaves the fp32 y = x * scale as it is: |y| <= dtype's largest finite value, and
+    inf too for a 16-bit dtype (which keeps it); not NaN. What passes its gradient, in the reference and in
+    _CastAndScale.backward alike."""
+    passes = y.abs() <= torch.finfo(dtype).max
+    if dtype not in _FP8:
+        passes = passes | y.isinf()
+    return passes
 
 
 def _fp32_value(v: float) -> float:
@@ -200,10 +207,7 @@ class _CastAndScale(torch.autograd.Function):
             g = g.float()
         if ctx.saturate:
             y = torch.mul(xs, s)  # fp32: the forward's product
-            passes = y.abs() <= torch.finfo(ctx.dtype).max
-            if ctx.dtype not in _FP8:
-                passes = passes | y.isinf()
-            g = torch.where(passes, g, 0.0)  # a select in g's dtype: values move unrounded
+            g = torch.where(_unsaturated(y, ctx.dtype), g, 0.0)  # a select in g's dtype: values move unrounded
         grad_x = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():  # create_graph=True: differentiable ops (an out= product is not)
