@@ -410,3 +410,22 @@ def test_adam_case_check_compares_every_state_tensor():
 
     bad = case.check(Impl("cpu", wrong))
     assert bad is not None and "param 5 exp_avg_sq" in bad, bad
+
+
+def test_adam_scalars_cases_check_bits():
+    """mixprec::adam_scalars' cases (the step scalars, one op against the ~13-op torch expression): ours passes its
+    check; a result one ulp off in one scalar fails it."""
+    from bench import cases_adam_scalars
+
+    cases = cases_adam_scalars.cases(Ctx(torch.device("cpu"), True, ("cpu",)))
+    assert [c.name for c in cases] == ["40 step counters", "2000 step counters"]
+    for c in cases:
+        ours = next(i for i in c.impls if i.backend == "cpu")
+        assert c.check(ours) is None
+
+        def wrong(d, fn=ours.fn):
+            out = fn(d)
+            out.view(torch.int32)[7, 1] += 1
+            return out
+
+        assert "scalars" in (c.check(Impl("cpu", wrong)) or "")

@@ -41,6 +41,9 @@ from .. import _ext, backends
 
 OP = "adam_step_"
 backends.register_op(OP, ("cuda", "triton", "cpu"))
+# mixprec::adam_scalars has C++ kernels only (Triton steps take the reference's scalars); registered so that
+# backends.report() and the bench can say where it runs.
+backends.register_op("adam_scalars", ("cuda", "cpu"))
 
 
 def adam_scalars_reference(steps, lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
