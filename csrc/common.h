@@ -151,4 +151,27 @@ inline void check_adam_scalars_args(const at::Tensor& steps, const std::optional
 // kernel can walk [data_ptr, data_ptr + numel) linearly and an output made by empty_like has the same layout.
 inline bool walkable(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
 
+inline bool is_grad_of_cast(at::ScalarType t) { return is_float_source(t) || is_fp8(t); }
+
+// cast_and_scale_backward: grad_y (of x's shape; float32, float16, bfloat16 or either fp8) and x on one device.
+inline void check_cast_and_scale_backward_args(const at::Tensor& grad_y, const at::Tensor& x, at::ScalarType dtype,
+                                               const std::optional<at::Tensor>& scale) {
+  check_cast_and_scale_args(x, dtype, scale, std::nullopt);
+  TORCH_CHECK(is_grad_of_cast(grad_y.scalar_type()),
+              "grad_y must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", grad_y.scalar_type());
+  TORCH_CHECK(grad_y.layout() == at::kStrided, "grad_y must be a dense strided tensor");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == x.device(), "grad_y must be on ", x.device(), " (x's device), got ", grad_y.device());
+  check_allocated(grad_y, "grad_y");
+}
+
+// (x, grad_y) as the backward kernels walk them: both linearly, in one memory order. x as it is when walkable and
+// grad_y shares its strides (the usual case: autograd hands back a grad laid out like y, which is laid out like x);
+// otherwise both contiguous (an expanded grad of y.sum(), a transposed one). mixprec_ops/ops/cast_and_scale.py's
+// _backward_layout is the same rule, for the fake.
+inline std::pair<at::Tensor, at::Tensor> backward_layout(const at::Tensor& x, const at::Tensor& grad_y) {
+  if (walkable(x) && walkable(grad_y) && grad_y.strides() == x.strides()) return {x, grad_y};
+  return {x.contiguous(), grad_y.contiguous()};
+}
+
 }  // namespace mixprec

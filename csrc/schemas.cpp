@@ -19,6 +19,13 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "cast_and_scale(Tensor x, ScalarType dtype, Tensor? scale, float scale_value, Tensor(a!)? amax, "
       "bool saturate) -> Tensor");
+  // grad_x of cast_and_scale (x, dtype, scale, scale_value, saturate as its forward had them): grad_y * scale where
+  // the saturation left x * scale unchanged, 0 elsewhere, rounded once into x's dtype. grad_y: y's shape, float32,
+  // float16, bfloat16 or either fp8 (autograd hands back a grad of y's dtype). Returns a new tensor (x's strides when
+  // grad_y shares them, else contiguous).
+  m.def(
+      "cast_and_scale_backward(Tensor grad_y, Tensor x, ScalarType dtype, Tensor? scale, float scale_value, "
+      "bool saturate) -> Tensor");
   // In place: t *= inv_scale for every t; found_inf = 1 if any element is inf/NaN. Returns the global L2 norm of
   // the unscaled values (0-dim fp32) when return_norm, else an empty tensor.
   m.def("unscale_(Tensor(a!)[] tensors, Tensor inv_scale, Tensor(b!) found_inf, bool return_norm) -> Tensor");
@@ -56,6 +63,7 @@ TORCH_LIBRARY(mixprec, m) {
 // they were: the in-place ops do not move them, as before; the optimizer reads them back after its step).
 TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("cast_and_scale", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cast_and_scale_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_step_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_scalars", torch::autograd::autogradNotImplementedFallback());

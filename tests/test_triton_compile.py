@@ -20,7 +20,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
-KERNELS = ["_cast_and_scale_kernel", "_unscale_kernel", "_adam_kernel", "_matmul_kernel", "_matmul_tma_kernel"]
+KERNELS = ["_cast_and_scale_kernel", "_cast_and_scale_backward_kernel", "_unscale_kernel", "_adam_kernel", "_matmul_kernel", "_matmul_tma_kernel"]
 TARGETS = {"sm_80", "sm_90"}
 # Largest shared memory per block (opt-in) of the GPUs behind each target: A100 163 KB, H100/H200 227 KB. A kernel
 # needing more compiles but fails at launch (triton's OutOfResources).
@@ -34,6 +34,10 @@ EXPECTED_VALUES = {
         "HAS_SCALE": {True, False}, "HAS_AMAX": {True, False}, "SAT": {True, False}, "KEEP_INF": {True, False},
         "OUT_KIND": {0, 1, 2, 3}, "OVERFLOW_NAN": {True, False}, "NATIVE_FP8": {True, False},
         "SRC_BF16": {True, False},
+    },
+    "_cast_and_scale_backward_kernel": {
+        "HAS_SCALE": {True, False}, "SAT": {True, False}, "KEEP_INF": {True, False}, "G_KIND": {0, 1, 2, 3, 4},
+        "X_KIND": {0, 1, 2},
     },
     "_unscale_kernel": {"DTYPE": {"fp32", "fp16", "int16"}, "IS_BF16": {True, False}, "NORM": {True, False}},
     "_adam_kernel": {

@@ -121,6 +121,29 @@ def _cast_cases():
                    call("float32", "bfloat16", False, False, True, 1000, 1e-40))
 
 
+def _cast_backward_cases():
+    # (label, grad dtype, x dtype, target, scale tensor?, saturate): every grad kind (G_KIND 0-4) and x kind, with
+    # and without the saturation mask (KEEP_INF: 16-bit targets) and a scale tensor.
+    rows = [
+        ("bf16 grad, fp32 x, ->bf16 scale sat", "bfloat16", "float32", "bfloat16", True, True),
+        ("e4m3 grad, bf16 x, ->e4m3 scale sat", "float8_e4m3fn", "bfloat16", "float8_e4m3fn", True, True),
+        ("e5m2 grad, fp16 x, ->e5m2", "float8_e5m2", "float16", "float8_e5m2", False, False),
+        ("fp16 grad, bf16 x, ->fp16 sat", "float16", "bfloat16", "float16", False, True),
+        ("fp32 grad, fp16 x, ->bf16 scale", "float32", "float16", "bfloat16", True, False),
+    ]
+
+    def call(g_dt, x_dt, target, scale, sat, n=4099):
+        def go(mod, T):
+            x = T((n,), x_dt)
+            mod.launch_cast_and_scale_backward(T((n,), g_dt), x, T((n,), x_dt), getattr(_torch(), target),
+                                               T((), "float32") if scale else None, 2.0, sat)
+        return go
+
+    for cap in TARGETS:
+        for label, *args in rows:
+            yield Case("cast_and_scale", "_cast_and_scale_backward_kernel", label, cap, call(*args))
+
+
 def _unscale_cases():
     def call(dt, norm):
         def go(mod, T):
@@ -236,7 +259,7 @@ def build_cases(pkg) -> list[Case]:
     """All cases; the matmul ones depend on the module's config tables and feature detection."""
     mm = importlib.import_module(f"{pkg}.matmul")
     # Matmul first: the slowest compiles, so that a pool of workers ends evenly.
-    return [*_matmul_cases(mm), *_adam_cases(), *_cast_cases(), *_unscale_cases()]
+    return [*_matmul_cases(mm), *_adam_cases(), *_cast_cases(), *_cast_backward_cases(), *_unscale_cases()]
 
 
 # ------------------------------------------------------------------------------------ recording a launch

@@ -1,4 +1,5 @@
-"""Triton kernel of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass."""
+"""Triton kernels of cast_and_scale: y = cast(x * scale) and amax = max(amax, max|x|) in one pass; and its backward,
+grad_x = (unsaturated ? grad_y : 0) * scale in x's dtype, in one pass."""
 
 import math
 
@@ -7,7 +8,14 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, device_capability as _capability
-from .fp_convert import f32_to_bf16_bits, f32_to_e4m3fn_bits, f32_to_e5m2_bits, f32_to_fp8_bits_native
+from .fp_convert import (
+    e4m3fn_bits_to_f32,
+    e5m2_bits_to_f32,
+    f32_to_bf16_bits,
+    f32_to_e4m3fn_bits,
+    f32_to_e5m2_bits,
+    f32_to_fp8_bits_native,
+)
 
 # Output kinds (constexpr): how the fp32 result is rounded and stored.
 _OUT_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
@@ -96,4 +104,68 @@ def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda 
         KEEP_INF=dtype in (torch.float16, torch.bfloat16), OUT_KIND=_OUT_KIND[dtype],
         OVERFLOW_NAN=E4M3_OVERFLOW_NAN, NATIVE_FP8=_native_fp8(x, dtype, saturate), SRC_BF16=x.dtype == torch.bfloat16,
         BLOCK=block, num_warps=8,
+    )
+
+
+# How the backward reads a tensor (constexpr kind) and the container it is passed through: bf16 and fp8 as bits
+# (the interpreter's bf16 load flushes subnormals, and it has no fp8 type at all).
+_IN_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+_IN_VIEW = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.int16,
+            torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
+    if KIND == 2:
+        b = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        v = (b << 16).to(tl.float32, bitcast=True)
+    elif KIND == 3:
+        v = e4m3fn_bits_to_f32(tl.load(ptr + offs, mask=mask, other=0))
+    elif KIND == 4:
+        v = e5m2_bits_to_f32(tl.load(ptr + offs, mask=mask, other=0))
+    else:
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _cast_and_scale_backward_kernel(g_ptr, x_ptr, out_ptr, n, scale_ptr, scale_value, fmax,
+                                    HAS_SCALE: tl.constexpr, SAT: tl.constexpr, KEEP_INF: tl.constexpr,
+                                    G_KIND: tl.constexpr, X_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+    else:
+        s = tl.full((), scale_value, tl.float32)  # the interpreter passes Python floats as fp64 scalars
+    g = _load_f32(g_ptr, offs, mask, G_KIND)
+    if SAT:
+        a = tl.abs(_load_f32(x_ptr, offs, mask, X_KIND) * s)
+        passes = a <= fmax  # NaN: False
+        if KEEP_INF:
+            passes = passes | (a == float("inf"))
+        g = tl.where(passes, g, 0.0)
+    out = g * s
+    if X_KIND == 1:
+        out = out.to(tl.float16)
+    elif X_KIND == 2:
+        out = f32_to_bf16_bits(out).to(tl.uint16).to(tl.int16, bitcast=True)
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+def launch_cast_and_scale_backward(grad_y, x, out, dtype, scale, scale_value, saturate, wrap=lambda k: k):
+    """grad_y and x walked linearly in one memory order (_backward_layout); out: empty_like(x). `wrap` is
+    torch.library.wrap_triton when called from a triton_op."""
+    n = x.numel()
+    if n == 0:
+        return
+    if scale is None and scale_value == 0.0 and math.copysign(1.0, scale_value) < 0:
+        scale = torch.full((1,), -0.0, dtype=torch.float32, device=x.device)  # the sign of -0.0: see the forward
+    block = 4096
+    wrap(_cast_and_scale_backward_kernel)[(triton.cdiv(n, block),)](
+        grad_y.view(_IN_VIEW[grad_y.dtype]), x.view(_IN_VIEW[x.dtype]), out.view(_IN_VIEW[out.dtype]), n,
+        scale if scale is not None else x, float(scale_value), FINITE_MAX[dtype],
+        HAS_SCALE=scale is not None, SAT=bool(saturate), KEEP_INF=dtype in (torch.float16, torch.bfloat16),
+        G_KIND=_IN_KIND[grad_y.dtype], X_KIND=_IN_KIND[x.dtype], BLOCK=block, num_warps=8,
     )

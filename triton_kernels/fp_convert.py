@@ -75,3 +75,24 @@ def f32_to_fp8_bits_native(y, FP8: tl.constexpr):
     bits = y.to(FP8).to(tl.uint8, bitcast=True).to(tl.uint32)
     nan = (y.to(tl.uint32, bitcast=True) >> 24) | 0x7F  # 0x7F with y's sign
     return tl.where(y != y, nan, bits)
+
+
+@triton.jit
+def e4m3fn_bits_to_f32(b):
+    """fp32 value of e4m3fn bits (any integer tensor holding 0..255): exact, like c10's fp8e4m3fn_to_fp32_value (NaN
+    for 0x7F / 0xFF, no infinities). Integer arithmetic, so the interpreter gives what a GPU gives."""
+    b = b.to(tl.uint32) & 0xFF
+    mag = b & 0x7F
+    # exponent field e >= 1: rebias by 127 - 7 = 120 and move the 3 mantissa bits to the top of fp32's 23
+    normal = ((mag << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    sub = (mag & 7).to(tl.float32) * 0.001953125  # e == 0: mantissa * 2^-9 (exact)
+    v = tl.where(mag < 8, sub, normal)
+    v = tl.where(mag == 0x7F, float("nan"), v)
+    return tl.where(b >= 0x80, -v, v)
+
+
+@triton.jit
+def e5m2_bits_to_f32(b):
+    """fp32 value of e5m2 bits (any integer tensor holding 0..255): e5m2 is the top byte of an fp16, so exact."""
+    h = (b.to(tl.uint32) & 0xFF) << 8
+    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)

@@ -49,6 +49,28 @@ def _unsaturated(y, dtype):
     return passes
 
 
+def cast_and_scale_backward_reference(grad_y, x, dtype, scale=None, scale_value=1.0, saturate=True):
+    """Pure-torch reference of the backward: grad_x of y = cast_and_scale(x, dtype, scale, saturate=saturate) for
+    the gradient grad_y of y, in x's dtype. The rounding passes the gradient straight through (as torch's
+    `.to(dtype)` does); with saturate, an element whose x * scale the saturation changed (or NaN) passes none
+    (_unsaturated): grad_x = (m ? grad_y : 0) * scale, the product in fp32, rounded once into x's dtype.
+    Differentiable (it serves create_graph=True).
+
+    The scale is an fp32 tensor with x's dims, all of size 1, which (unlike a 0-dim tensor or a Python float) takes
+    part in type promotion: x * s and g * s compute in fp32 straight from x's and the grad's own dtypes."""
+    dims = [1] * x.dim()
+    s = scale.reshape(dims) if scale is not None else torch.full(dims, scale_value, dtype=torch.float32,
+                                                                  device=x.device)
+    # a 0-dim x leaves s 0-dim, which does not promote: widen that one element instead; fp8 grads: few kernels
+    # take them
+    xs, g = (x, grad_y) if x.dim() > 0 else (x.float(), grad_y.float())
+    if g.dtype not in _checks.FLOAT_SOURCES:
+        g = g.float()
+    if saturate:
+        g = torch.where(_unsaturated(torch.mul(xs, s), dtype), g, 0.0)  # a select in g's dtype: values unrounded
+    return (g * s).to(x.dtype)
+
+
 def _fp32_value(v: float) -> float:
     """v rounded to fp32 (to nearest even), as every backend multiplies by it: a value beyond fp32's range is inf
     (as the fp32 product x * v would be), a tiny one a subnormal or zero. Done here, once, so that the backends
@@ -64,7 +86,39 @@ def _walkable(x):
     return x if torch.ops.aten.is_non_overlapping_and_dense(x) else x.contiguous()
 
 
+def _backward_layout(x, grad_y):
+    """(x, grad_y) as the backward kernels walk them, both linearly in one memory order: as they are when x is
+    walkable and grad_y shares its strides, else both contiguous. csrc/common.h's backward_layout is the same rule."""
+    dense = torch.ops.aten.is_non_overlapping_and_dense
+    if dense(x) and dense(grad_y) and x.stride() == grad_y.stride():
+        return x, grad_y
+    return x.contiguous(), grad_y.contiguous()
+
+
+_GRAD_DTYPES = (*_checks.FLOAT_SOURCES, *_FP8)
+
+
+def _check_backward_args(grad_y, x, dtype):
+    _checks.float_tensor(x, "x")
+    _checks.cast_target(dtype)
+    _checks.tensor(grad_y, "grad_y")
+    if grad_y.dtype not in _GRAD_DTYPES:
+        raise TypeError(f"grad_y must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got {grad_y.dtype}")
+    if grad_y.layout != torch.strided:
+        raise TypeError(f"grad_y must be a dense strided tensor, got layout {grad_y.layout}")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    if grad_y.device != x.device:
+        raise ValueError(f"grad_y must be on {x.device} (x's device), got {grad_y.device}")
+
+
 if _ext.LOADED:
+
+    @torch.library.register_fake("mixprec::cast_and_scale_backward")
+    def _cast_and_scale_backward_fake(grad_y, x, dtype, scale, scale_value, saturate):
+        _check_backward_args(grad_y, x, dtype)
+        _checks.device_scalar(scale, "scale", x.device, allow_none=True)
+        return torch.empty_like(_backward_layout(x, grad_y)[0])
 
     @torch.library.register_fake("mixprec::cast_and_scale")
     def _cast_and_scale_fake(x, dtype, scale, scale_value, amax, saturate):
@@ -77,6 +131,7 @@ if _ext.LOADED:
 
 
 _triton_op = None
+_triton_backward_op = None
 
 
 def _get_triton_op():
@@ -84,10 +139,10 @@ def _get_triton_op():
     torch.compile trace. On a GPU a triton_op (torch.compile sees through it to the kernel launch); under the Triton
     interpreter, whose kernels are Python functions nothing can trace and which need real storage, a custom op with
     a fake implementation (kept whole by torch.compile, run on real tensors)."""
-    global _triton_op
+    global _triton_op, _triton_backward_op
     if _triton_op is None:
         from ..triton_kernels import INTERPRETED, wrap_triton
-        from ..triton_kernels.cast_and_scale import launch_cast_and_scale
+        from ..triton_kernels.cast_and_scale import launch_cast_and_scale, launch_cast_and_scale_backward
 
         def cast_and_scale_triton(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
                                   scale_value: float, amax: torch.Tensor | None, saturate: bool) -> torch.Tensor:
@@ -96,13 +151,25 @@ def _get_triton_op():
             launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=wrap_triton)
             return y
 
+        def cast_and_scale_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                                           scale: torch.Tensor | None, scale_value: float,
+                                           saturate: bool) -> torch.Tensor:
+            x, grad_y = _backward_layout(x, grad_y)
+            out = torch.empty_like(x)
+            launch_cast_and_scale_backward(grad_y, x, out, dtype, scale, scale_value, saturate, wrap=wrap_triton)
+            return out
+
         name = "mixprec::cast_and_scale_triton"
+        bname = "mixprec::cast_and_scale_backward_triton"
         if INTERPRETED:
             op = torch.library.custom_op(name, mutates_args={"amax"})(cast_and_scale_triton)
             op.register_fake(lambda x, dtype, *rest: torch.empty_like(_walkable(x), dtype=dtype))
+            bop = torch.library.custom_op(bname, mutates_args=())(cast_and_scale_backward_triton)
+            bop.register_fake(lambda grad_y, x, *rest: torch.empty_like(_backward_layout(x, grad_y)[0]))
         else:
             op = torch.library.triton_op(name, mutates_args={"amax"})(cast_and_scale_triton)
-        _triton_op = op
+            bop = torch.library.triton_op(bname, mutates_args=())(cast_and_scale_backward_triton)
+        _triton_op, _triton_backward_op = op, bop
     return _triton_op
 
 
@@ -138,15 +205,7 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
-    if scale is None:
-        scale_t, scale_value = None, 1.0
-    elif isinstance(scale, torch.Tensor):
-        _checks.device_scalar(scale, "scale", x.device)
-        scale_t, scale_value = scale, 1.0
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale_t, scale_value = None, _fp32_value(float(scale))
-    else:
-        raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
+    scale_t, scale_value = _scale_args(scale, x)
     _checks.device_scalar(amax, "amax", x.device, allow_none=True, contiguous=True)
     if amax is not None:  # the kernels read x and scale while amax is being written
         _checks.disjoint(amax, "amax", x, "x")
@@ -159,6 +218,49 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     if torch.is_grad_enabled() and (x.requires_grad or (scale_t is not None and scale_t.requires_grad)):
         return _CastAndScale.apply(x, dtype, scale_t, scale_value, amax, saturate, b)
     return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)
+
+
+def _scale_args(scale, x):
+    """(scale_t, scale_value) of the ops' schema from the public `scale` argument."""
+    if scale is None:
+        return None, 1.0
+    if isinstance(scale, torch.Tensor):
+        _checks.device_scalar(scale, "scale", x.device)
+        return scale, 1.0
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return None, _fp32_value(float(scale))
+    raise TypeError(f"scale must be None, a Python float or a 1-element float32 tensor, got {type(scale).__name__}")
+
+
+def cast_and_scale_backward(grad_y, x, dtype, scale=None, *, saturate=True, backend=None):
+    """grad_x of y = cast_and_scale(x, dtype, scale, saturate=saturate) for the gradient grad_y of y, in one pass:
+    what autograd runs for x's gradient (see cast_and_scale_backward_reference for the rule).
+
+    Args:
+        grad_y: of x's shape and device; float32, float16, bfloat16, float8_e4m3fn or float8_e5m2 (autograd hands
+            back a gradient of y's dtype).
+        x, dtype, scale, saturate: as the forward call had them.
+        backend: as for cast_and_scale.
+
+    Returns:
+        A new tensor of x's dtype and shape (x's strides when grad_y shares them, else contiguous).
+    """
+    _check_backward_args(grad_y, x, dtype)
+    scale_t, scale_value = _scale_args(scale, x)
+    _checks.boolean(saturate, "saturate")
+    return _backward(grad_y, x, dtype, scale_t, scale_value, saturate, _select(x.device, backend))
+
+
+def _backward(grad_y, x, dtype, scale_t, scale_value, saturate, b):
+    if b == "torch":
+        return cast_and_scale_backward_reference(grad_y, x, dtype, scale_t, scale_value, saturate)
+    if b == "triton":
+        from ..triton_kernels import device_guard
+
+        _get_triton_op()
+        with device_guard(x.device):
+            return _triton_backward_op(grad_y, x, dtype, scale_t, scale_value, saturate)
+    return torch.ops.mixprec.cast_and_scale_backward(grad_y, x, dtype, scale_t, scale_value, saturate)
 
 
 def _forward(x, dtype, scale_t, scale_value, amax, saturate, b):
@@ -185,37 +287,21 @@ class _CastAndScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype, scale_t, scale_value, amax, saturate, b):
         ctx.save_for_backward(x, scale_t)
-        ctx.dtype, ctx.scale_value, ctx.saturate = dtype, scale_value, saturate
+        ctx.dtype, ctx.scale_value, ctx.saturate, ctx.backend = dtype, scale_value, saturate, b
         return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)
 
     @staticmethod
     def backward(ctx, grad_y):
-        """In few passes over the tensor: the scale as an fp32 tensor with x's dims, all of size 1, which (unlike a
-        0-dim tensor or a Python float) takes part in type promotion, so that x * s and grad * s compute in fp32
-        straight from x's and the grad's own dtypes (on a GPU, no fp32 copies of x and of the grad), and grad_x is
-        stored into x's dtype by the product itself (one rounding from fp32, as .to()). For a bf16 x and grad and an
-        fp8 target: 5 elementwise passes (product, abs, compare, select, scaled store) instead of the formula's 8
-        in fp32. On a CPU, TensorIterator still makes the fp32 temporaries: same bits, no gain there."""
+        """grad_x in one pass (cast_and_scale_backward, on the forward's backend; with create_graph=True the
+        reference, whose ops are differentiable). grad_scale, rarely wanted, in eager passes."""
         x, scale_t = ctx.saved_tensors
-        dims = [1] * x.dim()
-        s = scale_t.reshape(dims) if scale_t is not None else torch.full(dims, ctx.scale_value, dtype=torch.float32,
-                                                                           device=x.device)
-        # a 0-dim x leaves s 0-dim, which does not promote: widen that one element instead; fp8 grads: few kernels
-        # take them
-        xs, g = (x, grad_y) if x.dim() > 0 else (x.float(), grad_y.float())
-        if g.dtype not in _checks.FLOAT_SOURCES:
-            g = g.float()
-        if ctx.saturate:
-            y = torch.mul(xs, s)  # fp32: the forward's product
-            g = torch.where(_unsaturated(y, ctx.dtype), g, 0.0)  # a select in g's dtype: values move unrounded
-        grad_x = None
+        grad_x = grad_s = None
         if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph=True: differentiable ops (an out= product is not)
-                grad_x = (g * s).to(x.dtype)
-            else:
-                grad_x = torch.empty_like(x)
-                torch.mul(g, s, out=grad_x)  # fp32 product, rounded once into x's dtype
-        grad_s = None
+            b = "torch" if torch.is_grad_enabled() else ctx.backend
+            grad_x = _backward(grad_y, x, ctx.dtype, scale_t, ctx.scale_value, ctx.saturate, b)
         if scale_t is not None and ctx.needs_input_grad[2]:
+            g = grad_y if grad_y.dtype in _checks.FLOAT_SOURCES else grad_y.float()
+            if ctx.saturate:
+                g = torch.where(_unsaturated(x.float() * scale_t.reshape(()), ctx.dtype), g, 0.0)
             grad_s = (g.float() * x).sum().reshape(scale_t.shape)
         return grad_x, None, grad_s, None, None, None, None

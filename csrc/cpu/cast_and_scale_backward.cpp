@@ -1,0 +1,120 @@
+// C++ CPU kernel of mixprec::cast_and_scale_backward: grad_x = (m ? grad_y : 0) * scale, rounded once into x's dtype,
+// with m = "saturation left x * scale as it was" (see cast_and_scale_backward_reference in
+// mixprec_ops/ops/cast_and_scale.py). One pass reading x and grad_y, writing grad_x.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <type_traits>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+
+template <typename G>
+constexpr bool kIsFp8 = std::is_same_v<G, c10::Float8_e4m3fn> || std::is_same_v<G, c10::Float8_e5m2>;
+
+// The 256 fp32 values of an fp8 type, from c10's own conversion: a table lookup per element instead of c10's
+// ~10 integer ops (measured: the bf16 x / e4m3 grad case went from 2.5 GB/s to copy speed on 2 cores).
+template <typename G>
+const float* fp8_table() {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(G(static_cast<uint8_t>(b), G::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+// kLanes grad elements as fp32 (every conversion is exact).
+template <typename G>
+inline fVec load_grad(const G* p) {
+  if constexpr (kIsFp8<G>) {
+    const float* table = fp8_table<G>();
+    const uint8_t* bits = reinterpret_cast<const uint8_t*>(p);
+    alignas(64) float tmp[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) tmp[k] = table[bits[k]];
+    return fVec::loadu(tmp);
+  } else {
+    return load_f32(p);
+  }
+}
+
+template <typename X, typename G, bool SAT, bool KEEP_INF>
+void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    const fVec s(scale), hi_v(fmax), inf(std::numeric_limits<float>::infinity()), zero(0.0f);
+    int64_t i = lo;
+    for (; i + kLanes <= hi; i += kLanes) {
+      fVec gv = load_grad(g + i);
+      if constexpr (SAT) {
+        const fVec a = (load_f32(x + i) * s).abs();
+        fVec pass = a <= hi_v;  // all bits set where true; NaN compares false
+        if constexpr (KEEP_INF) pass = pass | (a == inf);
+        gv = fVec::blendv(zero, gv, pass);
+      }
+      store_from_f32(out + i, gv * s);
+    }
+    for (; i < hi; ++i) {
+      float gv = static_cast<float>(g[i]);
+      if constexpr (SAT) {
+        const float a = std::fabs(static_cast<float>(x[i]) * scale);
+        if (!(a <= fmax || (KEEP_INF && std::isinf(a)))) gv = 0.0f;
+      }
+      out[i] = static_cast<X>(gv * scale);
+    }
+  });
+}
+
+template <typename X, typename G>
+void dispatch_mode(const at::Tensor& x, const at::Tensor& g, at::Tensor& out, float s, bool sat, at::ScalarType dtype) {
+  const X* xp = x.const_data_ptr<X>();
+  const G* gp = static_cast<const G*>(g.const_data_ptr());
+  X* op = out.data_ptr<X>();
+  const int64_t n = x.numel();
+  const float fmax = finite_max(dtype);
+  if (!sat) return run<X, G, false, false>(xp, gp, op, n, s, fmax);
+  if (is_fp8(dtype)) return run<X, G, true, false>(xp, gp, op, n, s, fmax);
+  run<X, G, true, true>(xp, gp, op, n, s, fmax);
+}
+
+template <typename X>
+void dispatch_grad(const at::Tensor& x, const at::Tensor& g, at::Tensor& out, float s, bool sat, at::ScalarType dtype) {
+  switch (g.scalar_type()) {
+    case at::kFloat: return dispatch_mode<X, float>(x, g, out, s, sat, dtype);
+    case at::kHalf: return dispatch_mode<X, at::Half>(x, g, out, s, sat, dtype);
+    case at::kBFloat16: return dispatch_mode<X, at::BFloat16>(x, g, out, s, sat, dtype);
+    case at::kFloat8_e4m3fn: return dispatch_mode<X, c10::Float8_e4m3fn>(x, g, out, s, sat, dtype);
+    case at::kFloat8_e5m2: return dispatch_mode<X, c10::Float8_e5m2>(x, g, out, s, sat, dtype);
+    default: TORCH_CHECK(false, "unreachable");
+  }
+}
+
+at::Tensor cast_and_scale_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, at::ScalarType dtype,
+                                       const std::optional<at::Tensor>& scale, double scale_value, bool saturate) {
+  check_cast_and_scale_backward_args(grad_y, x_in, dtype, scale);
+  auto [x, g] = backward_layout(x_in, grad_y);
+  at::Tensor out = at::empty_like(x);  // x's strides, which g shares: all three walked linearly
+  const float s = scale.has_value() ? scale->item<float>() : static_cast<float>(scale_value);
+  switch (x.scalar_type()) {
+    case at::kFloat: dispatch_grad<float>(x, g, out, s, saturate, dtype); break;
+    case at::kHalf: dispatch_grad<at::Half>(x, g, out, s, saturate, dtype); break;
+    case at::kBFloat16: dispatch_grad<at::BFloat16>(x, g, out, s, saturate, dtype); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("cast_and_scale_backward", &cast_and_scale_backward_cpu); }
+
+}  // namespace mixprec::cpu
