@@ -20,7 +20,8 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
-KERNELS = ["_cast_and_scale_kernel", "_cast_and_scale_backward_kernel", "_unscale_kernel", "_adam_kernel", "_matmul_kernel", "_matmul_tma_kernel"]
+KERNELS = ["_cast_and_scale_kernel", "_cast_and_scale_backward_kernel", "_unscale_kernel", "_adam_kernel",
+           "_matmul_kernel", "_matmul_tma_kernel"]
 TARGETS = {"sm_80", "sm_90"}
 # Largest shared memory per block (opt-in) of the GPUs behind each target: A100 163 KB, H100/H200 227 KB. A kernel
 # needing more compiles but fails at launch (triton's OutOfResources).
