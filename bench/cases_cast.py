@@ -1,6 +1,10 @@
 """cast_and_scale cases: y = cast(x * scale) (+ running amax of |x|) against torch's eager sequence
     a = x.abs().amax(); y = (x * s).clamp(-fmax, fmax).to(dtype)
-Honest bytes per call: x read once + y written once (scale and amax are 4 bytes each)."""
+Honest bytes per call: x read once + y written once (scale and amax are 4 bytes each).
+
+And its backward (what autograd runs for x's gradient), grad_x = (unsaturated ? grad_y : 0) * scale in x's dtype,
+against the same formula in eager torch ops (cast_and_scale_backward_reference: the product, abs, compare, select
+and scaled store, plus a widening copy of an fp8 grad). Honest bytes: x read + grad_y read + grad_x written."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 
 from mixprec_ops import cast_and_scale
 from mixprec_ops.ops import cast_and_scale_reference
+from mixprec_ops.ops.cast_and_scale import cast_and_scale_backward, cast_and_scale_backward_reference
 
 from .registry import BASELINE, Case, Ctx, Impl, bit_mismatch, register
 
@@ -18,8 +23,9 @@ CONFIGS = [
     ("f32->bf16", torch.float32, torch.bfloat16, False),
 ]
 SCALE = 1.5  # with |x| ~ 100*N(0,1), about 0.3% of the products exceed e4m3's 448 and saturate
-# Values added to the check data: zeros, tiny (fp8 subnormal/underflow), saturating, huge-but-finite.
-SPECIALS = [0.0, -0.0, 1e-6, -3e-3, 300.0, -1e4, 65519.0, 1e30]
+# Values added to the check data: zeros, tiny (fp8 subnormal/underflow), saturating, huge-but-finite, and one
+# whose product with SCALE is finite in fp32 but beyond bf16's largest value (saturates a bf16 target).
+SPECIALS = [0.0, -0.0, 1e-6, -3e-3, 300.0, -1e4, 65519.0, 1e30, -2.266e38]
 
 
 def sizes(ctx: Ctx) -> list[int]:
@@ -80,6 +86,42 @@ def _case(ctx: Ctx, name, src, dst, with_amax, n) -> Case:
     )
 
 
+# (name, x dtype, target dtype): the grad arrives in the target's dtype, as autograd hands it back.
+BACKWARD_CONFIGS = [
+    ("backward bf16 x, e4m3 grad", torch.bfloat16, torch.float8_e4m3fn),
+    ("backward f32 x, bf16 grad", torch.float32, torch.bfloat16),
+]
+
+
+def _make_backward(n, src, dst, device, seed, specials=False):
+    d = _make(n, src, device, seed, specials)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    d["g"] = torch.randn(n, generator=g, device=device, dtype=torch.float32).to(dst)
+    return d
+
+
+def _backward_case(ctx: Ctx, name, src, dst, n) -> Case:
+    dev = ctx.device
+
+    def ours(backend):
+        return lambda d: cast_and_scale_backward(d["g"], d["x"], dst, d["scale"], backend=backend)
+
+    def eager(d):
+        return cast_and_scale_backward_reference(d["g"], d["x"], dst, d["scale"])
+
+    def check(impl: Impl):
+        d = _make_backward(n, src, dst, dev, seed=12345, specials=True)
+        return bit_mismatch(impl.fn(d), cast_and_scale_backward_reference(d["g"], d["x"], dst, d["scale"]), "grad_x")
+
+    impls = [Impl(BASELINE, eager, "eager torch ops of the formula (cast_and_scale_backward_reference)")]
+    impls += [Impl(b, ours(b)) for b in ctx.backends]
+    x_bytes = n * torch.finfo(src).bits // 8
+    nbytes = 2 * x_bytes + n * torch.finfo(dst).bits // 8
+    return Case("cast_and_scale", name, n, nbytes, lambda seed: _make_backward(n, src, dst, dev, seed), impls, check,
+                tensor_bytes=x_bytes)
+
+
 @register("cast_and_scale")
 def cases(ctx: Ctx) -> list[Case]:
-    return [_case(ctx, name, src, dst, amax, n) for name, src, dst, amax in CONFIGS for n in sizes(ctx)]
+    out = [_case(ctx, name, src, dst, amax, n) for name, src, dst, amax in CONFIGS for n in sizes(ctx)]
+    return out + [_backward_case(ctx, name, src, dst, n) for name, src, dst in BACKWARD_CONFIGS for n in sizes(ctx)]

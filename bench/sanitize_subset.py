@@ -2,7 +2,8 @@
 
   cast_and_scale: every source (f32, f16, bf16) x target (f16, bf16, e4m3fn, e5m2) pair, on odd sizes, an unaligned
                   storage offset, a non-dense slice and a transpose; with scale tensor + amax + saturate, and with a
-                  Python scale, no amax, saturate=False.
+                  Python scale, no amax, saturate=False. Its backward on the same inputs, the grad laid out like x
+                  and contiguous (and at an unaligned offset), both saturate modes.
   adam_step_:     buckets of several dtype combinations (masters, amsgrad, bf16 states) with odd sizes, an empty
                   tensor and an unaligned storage offset.
   unscale_:       mixed-dtype lists (odd sizes, an unaligned view, a transpose, a non-dense slice, an empty tensor), a
@@ -82,6 +83,33 @@ def check_cast(backend, device, g) -> list[str]:
                 y = cast_and_scale(x, dst, 0.75, saturate=False, backend=backend)
                 if not same_bits(y.cpu(), cast_and_scale_reference(xc, dst, None, 0.75, None, False)):
                     bad.append(f"cast {src}->{dst} {what} float scale, saturate=False")
+    return bad
+
+
+def check_cast_backward(backend, device, g) -> list[str]:
+    """cast_and_scale_backward: each (x dtype, target) pair with the grad in the target's dtype (as autograd hands
+    it back), laid out like x (read in place: x's odd sizes, its unaligned offset, its transpose) and contiguous
+    (a transposed or sliced x is then copied first); plus a grad at an unaligned offset beside an aligned x."""
+    from mixprec_ops.ops.cast_and_scale import cast_and_scale_backward, cast_and_scale_backward_reference
+
+    bad = []
+    for src in SRC:
+        for dst in DST:
+            inputs = list(cast_inputs(src, device, g))
+            inputs.append(("grad offset+1", wide(4096, device, src, g)))
+            for what, x in inputs:
+                gflat = wide(x.numel() + 1, device, dst, g)
+                grads = [("grad contiguous", gflat[:-1].view(x.shape)),
+                         ("grad like x", torch.empty_like(x, dtype=dst).copy_(gflat[:-1].view(x.shape)))]
+                if what == "grad offset+1":
+                    grads = [("grad offset+1", gflat[1:])]
+                for gwhat, gy in grads:
+                    for scale, sat in ((torch.full((1,), 0.37, device=device), True), (0.75, False)):
+                        got = cast_and_scale_backward(gy, x, dst, scale, saturate=sat, backend=backend)
+                        s_t = scale.cpu() if isinstance(scale, torch.Tensor) else None
+                        ref = cast_and_scale_backward_reference(gy.cpu(), x.cpu(), dst, s_t, 0.75, sat)
+                        if not same_bits(got.cpu(), ref):
+                            bad.append(f"cast backward {src}, grad {dst}, {what}, {gwhat}, saturate={sat}")
     return bad
 
 
@@ -265,6 +293,7 @@ def main(argv=None) -> int:
     print(f"sanitize_subset: mixprec_ops from {mixprec_ops.__file__}, backend {backend}")
     g = torch.Generator().manual_seed(0)
     sections = [("cast_and_scale", lambda: check_cast(backend, device, g)),
+                ("cast_and_scale_backward", lambda: check_cast_backward(backend, device, g)),
                 ("unscale_", lambda: check_unscale(backend, device, a.big)),
                 ("adam_step_", lambda: check_adam(backend, device))]
     if device.type == "cuda":

@@ -20,6 +20,7 @@ if REPO not in sys.path:
 
 from bench import cases_matmul, gpu_report, report  # noqa: E402
 from bench.registry import BASELINE, Ctx, Impl, discover  # noqa: E402
+from mixprec_ops.ops.cast_and_scale import cast_and_scale_backward  # noqa: E402
 
 GPU_CTX = Ctx(torch.device("cuda"), False, ("cuda", "triton"))  # building cases allocates nothing
 
@@ -429,3 +430,40 @@ def test_adam_scalars_cases_check_bits():
             return out
 
         assert "scalars" in (c.check(Impl("cpu", wrong)) or "")
+
+
+def test_cast_backward_cases_check_bits():
+    """cast_and_scale's backward cases: ours passes its check; a gradient one ulp off in one element, or one whose
+    saturated elements pass their gradient (the mask dropped), fails it. The check data holds saturating values."""
+    from bench import cases_cast
+
+    cases = [c for c in cases_cast.cases(Ctx(torch.device("cpu"), True, ("cpu",))) if c.name.startswith("backward")]
+    assert {c.name for c in cases} == {name for name, *_ in cases_cast.BACKWARD_CONFIGS}
+    for c in cases:
+        ours = next(i for i in c.impls if i.backend == "cpu")
+        assert c.check(ours) is None
+
+        def one_ulp(d, fn=ours.fn):
+            out = fn(d)
+            out.view(torch.int16 if out.element_size() == 2 else torch.int32)[11] += 1
+            return out
+
+        def no_mask(d, fn=ours.fn):
+            return cast_and_scale_backward(d["g"], d["x"], d["g"].dtype, d["scale"], saturate=False, backend="cpu")
+
+        assert "grad_x" in (c.check(Impl("cpu", one_ulp)) or "")
+        assert "grad_x" in (c.check(Impl("cpu", no_mask)) or "")
+
+
+def test_sanitize_subset_runs_on_the_cpu_kernels(tmp_path):
+    """bench/sanitize_subset.py (the calls bench/gpu_check runs under compute-sanitizer) with --device cpu: the same
+    calls through the C++ CPU kernels, every section compared with the reference. Keeps the script from going stale
+    between GPU sessions (its first failure would otherwise show on the GPU machine)."""
+    if mixprec_ops.backends.unavailable_reason("cast_and_scale", "cpu", torch.device("cpu")):
+        pytest.skip("no C++ CPU kernels in this build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-P", os.path.join(REPO, "bench", "sanitize_subset.py"), "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for section in ("cast_and_scale", "cast_and_scale_backward", "unscale_", "adam_step_"):
+        assert f"sanitize_subset: {section}: ok" in proc.stdout, proc.stdout
