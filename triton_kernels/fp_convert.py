@@ -88,7 +88,8 @@ def e4m3fn_bits_to_f32(b):
     sub = (mag & 7).to(tl.float32) * 0.001953125  # e == 0: mantissa * 2^-9 (exact)
     v = tl.where(mag < 8, sub, normal)
     v = tl.where(mag == 0x7F, float("nan"), v)
-    return tl.where(b >= 0x80, -v, v)
+    # the sign as a bit (Triton 3.6's interpreter negates as 0 - v: -0.0 would come back +0.0)
+    return (v.to(tl.uint32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
