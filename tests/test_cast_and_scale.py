@@ -255,10 +255,16 @@ def f(x, amax):
 
 compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
 a1, a2 = torch.zeros(1, device=dev), torch.zeros(1, device=dev)
-got = compiled(x, a1)  # the first Triton cast of this process, inside the trace
-want = f(x, a2)
+x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+got = compiled(x1, a1)  # the first Triton cast of this process, inside the trace
+want = f(x2, a2)
+g = torch.randn(37, 19, device=dev).to(torch.float8_e4m3fn)
+got.backward(g)  # the Triton backward op, as the compiled graph's backward holds it
+want.backward(g)
 print("RESULT " + json.dumps({"equal": torch.equal(got.view(torch.uint8), want.view(torch.uint8)),
-                              "amax": torch.equal(a1, a2) and a1.item() > 0}))
+                              "amax": torch.equal(a1, a2) and a1.item() > 0,
+                              "grad": torch.equal(x1.grad, x2.grad) and bool((x1.grad == 0).any())
+                              and bool((x1.grad != 0).any())}))
 """
 
 
@@ -266,15 +272,16 @@ print("RESULT " + json.dumps({"equal": torch.equal(got.view(torch.uint8), want.v
 def test_compile_fullgraph_first_triton_call(device, tmp_path):
     """torch.compile(fullgraph=True) of a function whose Triton cast is the first of the process: the op is
     registered by the backend choice, which torch.compile calls instead of tracing (it refuses to trace
-    torch.library's registration). A fresh process; bytes and amax equal to the eager call's. On CPU under the
-    interpreter the op is an opaque custom op; a GPU traces the real triton_op."""
+    torch.library's registration), the backward's op with it. A fresh process; bytes, amax and x's gradient (some
+    elements saturated, some not) equal to the eager call's. On CPU under the interpreter the ops are opaque custom
+    ops; a GPU traces the real triton_ops."""
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)")
     why = mixprec_ops.backends.unavailable_reason("cast_and_scale", "triton", torch.device(device))
     if why is not None:
         pytest.skip(why)
     res = run_fresh_process(_COMPILE_FIRST_CALL, device, cwd=tmp_path)
-    assert res == {"equal": True, "amax": True}, res
+    assert res == {"equal": True, "amax": True, "grad": True}, res
 
 
 @pytest.mark.parametrize("device,backend", [("cpu", "torch")] + backend_params(OP))
