@@ -15,26 +15,29 @@ from .registry import BASELINE, Case, Ctx, Impl, bit_mismatch, register
 HP = (0.9, 0.999, 0.01)  # beta1, beta2, weight_decay
 
 
-def _make(n, device, seed):
+def _make(n, device, seed, equal=False):
+    """n random step counters, or (equal) one random value n times: a bucket whose params all step together, the
+    usual case, which the CPU kernel computes once per run of equal counters."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    steps = torch.randint(0, 100_000, (n,), generator=g).float().to(device)
+    steps = torch.randint(0, 100_000, (1 if equal else n,), generator=g).float().expand(n).contiguous().to(device)
     return {"steps": steps, "lr": torch.full((), 1e-3, dtype=torch.float32, device=device)}
 
 
-def _case(ctx: Ctx, n: int) -> Case:
+def _case(ctx: Ctx, n: int, equal: bool = False) -> Case:
     dev = ctx.device
 
     def ours(d):
         return torch.ops.mixprec.adam_scalars(d["steps"], d["lr"], 0.0, *HP)
 
     def check(impl: Impl):
-        d = _make(n, dev, seed=777)
+        d = _make(n, dev, seed=777, equal=equal)
         return bit_mismatch(impl.fn(d), adam_scalars_reference(d["steps"], d["lr"], *HP), "scalars")
 
     impls = [Impl(BASELINE, lambda d: adam_scalars_reference(d["steps"], d["lr"], *HP),
                   "adam_scalars_reference: the fp64 torch expression (~13 ops)")]
     impls += [Impl(b, ours) for b in ctx.backends if b in ("cpu", "cuda")]
-    return Case("adam_scalars", f"{n} step counters", n, 16 * n, lambda seed: _make(n, dev, seed), impls, check,
+    name = f"{n} equal step counters" if equal else f"{n} step counters"
+    return Case("adam_scalars", name, n, 16 * n, lambda seed: _make(n, dev, seed, equal), impls, check,
                 notes=["adam_scalars: launch-bound; 4 B read + 12 B written per counter"])
 
 
@@ -42,4 +45,4 @@ def _case(ctx: Ctx, n: int) -> Case:
 def cases(ctx: Ctx) -> list[Case]:
     if not hasattr(torch.ops.mixprec, "adam_scalars"):
         return []
-    return [_case(ctx, n) for n in (40, 2000)]
+    return [_case(ctx, 40), _case(ctx, 2000), _case(ctx, 2000, equal=True)]

@@ -280,6 +280,23 @@ def test_scalars_op_divides_once(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_scalars_op_runs_of_equal_counters(device):
+    """The CPU kernel reuses the row of a counter equal to the one before it (a bucket's counters are mostly equal):
+    runs of equal counters, a run broken by one other value, -0.0 after +0.0, NaN after NaN (never equal), inf, and
+    a strided view whose neighbours in memory are not its neighbours, all with the reference's bits. Outputs are
+    poisoned."""
+    extension_backend("adam_step_", device)
+    nan, inf = float("nan"), float("inf")
+    vals = [7.0] * 5 + [8.0, 7.0, 7.0, 0.0, -0.0, -0.0, 0.0, nan, nan, 3.0, inf, inf, 1e6, 1e6, 2.0]
+    steps = torch.tensor(vals, device=device)
+    spread = torch.stack([steps, torch.arange(len(vals), dtype=torch.float32, device=device)], 1).flatten()
+    for s in (steps, spread[::2], spread, steps.flip(0)):
+        want = adam_scalars_reference(s, 1e-3, 0.9, 0.999, 0.01)
+        poison_allocator(want.numel() * 4, device)
+        assert_bit_exact(torch.ops.mixprec.adam_scalars(s, None, 1e-3, 0.9, 0.999, 0.01), want, str(s.tolist()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_scalars_op_layouts_and_sizes(device):
     """Strided and 0-dim steps, no steps, a 2-D steps tensor (read flat), an lr view with a storage offset."""
     extension_backend("adam_step_", device)
