@@ -544,6 +544,40 @@ def test_gradients_under_compile_fullgraph():
         assert_bit_exact(b, a, "compiled vs eager")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_inductor_compiles_casts_without_amax(backend):
+    """torch.compile's default backend, Inductor, failed on every cast without amax ("getitem is not an
+    OpOverload": torch's Inductor mishandles a custom op whose mutable Optional[Tensor] argument is None, torch 2.11
+    and 2.14; bench/NOTES.md has a pure-torch reproduction), so a model casting without amax could not be compiled
+    (tests used backend="aot_eager" only). Compiled with Inductor: y, amax and x's gradient (through the fused
+    backward) equal eager's, bit for bit; with and without amax."""
+    why = mixprec_ops.backends.unavailable_reason(OP, backend, torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    torch._dynamo.reset()
+    x0 = (torch.randn(37, 19, generator=torch.Generator().manual_seed(8)) * 300).to(torch.bfloat16)
+    g = torch.randn(37, 19).to(torch.float8_e4m3fn)
+
+    def f(x, amax):
+        return mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, 0.5, amax=amax, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    for with_amax in (False, True):
+        out = []
+        for fn in (f, compiled):
+            x = x0.clone().requires_grad_(True)
+            amax = torch.zeros(1) if with_amax else None
+            y = fn(x, amax)
+            y.backward(g)
+            out.append((y.detach(), amax, x.grad))
+        (ye, ae, ge), (yc, ac, gc) = out
+        assert_bit_exact(yc, ye, f"y (amax {with_amax})")
+        assert_bit_exact(gc, ge, f"x.grad (amax {with_amax})")
+        assert (ge == 0).any() and (ge != 0).any()  # saturated and passing elements
+        if with_amax:
+            assert torch.equal(ac, ae) and ae.item() > 0
+
+
 def test_compiled_torch_func_grad_and_the_raw_op():
     """torch.compile of torch.func.grad through cast_and_scale gave a zero gradient, silently (torch's default
     autograd fallback for the raw op, which the compiled transform reached): the ops now carry an autograd kernel

@@ -206,15 +206,18 @@ def test_recipes_on_meta_tensors():
     assert y.shape == (3, 5) and y.dtype == torch.float8_e4m3fn and y.is_meta
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("cls", [CurrentScaling, DelayedScaling])
-def test_recipes_compile_fullgraph(cls):
+def test_recipes_compile_fullgraph(cls, compiler):
     """quantize traces whole under torch.compile (its backend check is the op's constant-marked choice, which Dynamo
-    calls, not traces); the same fp8 values and state as eager."""
+    calls, not traces); the same fp8 values and state as eager. Inductor too, torch.compile's default (it failed on
+    the cast without amax: see test_cast_and_scale.py's test_inductor_compiles_casts_without_amax)."""
+    torch._dynamo.reset()
     x = torch.randn(64) * 20
     outs = []
     for compiled in (False, True):
         r = cls(torch.float8_e4m3fn)
-        q = torch.compile(r.quantize, fullgraph=True, backend="aot_eager") if compiled else r.quantize
+        q = torch.compile(r.quantize, fullgraph=True, backend=compiler) if compiled else r.quantize
         y = q(x)
         outs.append((y.float(), r.scale.clone(), r.amax.clone()))
     for a, b in zip(*outs):

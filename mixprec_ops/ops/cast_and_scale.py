@@ -266,6 +266,12 @@ def _backward(grad_y, x, dtype, scale_t, scale_value, saturate, b):
 def _forward(x, dtype, scale_t, scale_value, amax, saturate, b):
     if b == "torch":
         return cast_and_scale_reference(x, dtype, scale_t, scale_value, amax, saturate)
+    if amax is None and torch.compiler.is_compiling():
+        # Inductor (torch.compile's default backend) fails on a custom op whose mutable Optional[Tensor] argument is
+        # None ("AssertionError: <built-in function getitem> is not an OpOverload"; torch 2.11 and 2.14 alike, a
+        # pure-torch reproduction in bench/NOTES.md). A scratch amax avoids it: the kernels' max over |x| costs no
+        # extra memory traffic, and nothing else changes.
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
     if b == "triton":
         from ..triton_kernels import device_guard
 
