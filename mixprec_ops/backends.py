@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from functools import lru_cache
 
@@ -122,6 +123,9 @@ def constant_for_compile(fn):
     return fn
 
 
+_PREPARE_LOCK = threading.RLock()
+
+
 def selector(op: str, prepare_triton):
     """The per-op selection function the ops call: `fn(device, backend) -> backend name`, which runs
     `prepare_triton()` (the op's Triton registration on first use) when it picks Triton.
@@ -137,7 +141,8 @@ def selector(op: str, prepare_triton):
     def select_backend(device: torch.device, backend: str | None = None) -> str:
         b = select(op, device, backend)
         if b == "triton":
-            prepare_triton()
+            with _PREPARE_LOCK:  # first calls from several threads at once (nn.DataParallel): one registration
+                prepare_triton()
         return b
 
     select_backend.__qualname__ = select_backend.__name__ = f"select_backend_{op}"

@@ -227,3 +227,44 @@ def test_interpreter_is_never_chosen_automatically_for_cuda_tensors(monkeypatch)
         assert backends.select("matmul", cuda) == "torch"
     assert backends.select("matmul", cuda, "triton") == "triton"
 
+
+
+_FIRST_CALLS_IN_THREADS = """
+import importlib, json, threading
+import torch
+import mixprec_ops
+
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+mods = [importlib.import_module(f"mixprec_ops.ops.{n}") for n in ("cast_and_scale", "unscale", "adam", "matmul")]
+errors, barrier = [], threading.Barrier(8)
+
+
+def first_calls():
+    barrier.wait()
+    try:
+        for m in mods:
+            m._select(dev, "triton")
+    except Exception as e:  # noqa: BLE001
+        errors.append(repr(e)[:300])
+
+
+threads = [threading.Thread(target=first_calls) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("RESULT " + json.dumps(errors))
+"""
+
+
+def test_first_triton_calls_from_several_threads(tmp_path):
+    """Each op registers its Triton version on first use; 8 threads choosing Triton at once in a fresh process
+    (nn.DataParallel runs its replicas in threads) registered it several times over: 6-7 of 8 raised
+    "Library object has been destroyed". One registration now, under a lock; no thread fails."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = backends.unavailable_reason("cast_and_scale", "triton", dev)
+    if why is not None:
+        pytest.skip(why)
+    from conftest import run_fresh_process
+
+    assert run_fresh_process(_FIRST_CALLS_IN_THREADS, cwd=tmp_path) == []

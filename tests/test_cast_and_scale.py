@@ -308,12 +308,15 @@ def test_python_scale_is_its_fp32_value_on_every_backend(device, backend, scale)
 def test_gradients_same_on_every_backend(device, backend, dst, src):
     """cast_and_scale is differentiable on every backend, as the reference's own autograd (the cpu backend's op
     used to return an output whose backward left x.grad None, with a warning; Triton's raised): straight through
-    the rounding, nothing through a saturated value (torch.clamp's rule). x's gradient bit for bit; the scale's
-    (a sum over x) to fp32 summation-order accuracy. Some values saturate (|x * scale| > dtype's max)."""
+    the rounding, nothing through a saturated value (torch.clamp's rule). x's gradient bit for bit, signed zeros
+    included (-0.0 grads of passing elements stay -0.0); the scale's (a sum over x) to fp32 summation-order
+    accuracy. Some values saturate (|x * scale| > dtype's max)."""
     gen = torch.Generator().manual_seed(4)
     x0 = (torch.randn(300, generator=gen) * 100).to(src)
     x0[:4] = torch.tensor([1e6, -1e6, 3e38, 0.5]).to(src)  # 3e38 * 3 overflows: inf (kept by a 16-bit target)
-    g = torch.randn(300, generator=gen).to(dst)
+    g = torch.randn(300, generator=gen)
+    g[[0, 3, 7, 11]] = -0.0  # a saturated element's and passing elements'
+    g = g.to(dst)
     for scale_kind in ("tensor", "float"):
         x = x0.clone().to(device).requires_grad_(True)
         s = torch.tensor([3.0], device=device, requires_grad=True) if scale_kind == "tensor" else 3.0

@@ -33,9 +33,10 @@ def cast_and_scale_reference(x, dtype, scale=None, scale_value=1.0, amax=None, s
     if saturate:
         # Values the saturation leaves unchanged pass through, and their gradient with them (the backward's rule,
         # whatever torch version: torch.clamp's own backward passes nothing at a bound in 2.14, all of it in 2.11).
-        # The rest (beyond max, fp8's inf, NaN) takes the clamp, whose gradient is 0 there.
+        # The rest (beyond max, fp8's inf, NaN) takes the clamp, and no gradient: the clamped branch is detached, so
+        # autograd does not add its zeros to the passing gradient (which would turn a -0.0 gradient into +0.0).
         fmax = torch.finfo(dtype).max
-        y = torch.where(_unsaturated(y, dtype), y, y.clamp(-fmax, fmax))  # NaN stays NaN
+        y = torch.where(_unsaturated(y, dtype), y, y.detach().clamp(-fmax, fmax))  # NaN stays NaN
     return y.to(dtype)
 
 
@@ -169,7 +170,8 @@ def _get_triton_op():
         else:
             op = torch.library.triton_op(name, mutates_args={"amax"})(cast_and_scale_triton)
             bop = torch.library.triton_op(bname, mutates_args=())(cast_and_scale_backward_triton)
-        _triton_op, _triton_backward_op = op, bop
+        _triton_backward_op = bop
+        _triton_op = op  # last: the `is None` test above then means both are registered
     return _triton_op
 
 
@@ -243,7 +245,8 @@ def cast_and_scale_backward(grad_y, x, dtype, scale=None, *, saturate=True, back
         backend: as for cast_and_scale.
 
     Returns:
-        A new tensor of x's dtype and shape (x's strides when grad_y shares them, else contiguous).
+        A new tensor of x's dtype and shape: on the kernel backends with x's strides when grad_y shares them, else
+        contiguous; on "torch", laid out by torch's own elementwise rules.
     """
     _check_backward_args(grad_y, x, dtype)
     scale_t, scale_value = _scale_args(scale, x)
