@@ -202,8 +202,12 @@ def cast_and_scale(x, dtype, scale=None, *, amax=None, saturate=True, backend=No
     Autograd: differentiable in x and in a tensor scale, identically on every backend: the rounding passes the
     gradient straight through, a value the saturation changed (|x * scale| beyond dtype's largest finite value;
     fp8's inf) or a NaN passes none, one at exactly the largest finite value passes it (torch.clamp's own gradient
-    at a bound is all of it in torch 2.11 and none in 2.14; this rule does not follow it). amax must not share
-    memory with x or scale (ValueError).
+    at a bound is all of it in torch 2.11 and none in 2.14; this rule does not follow it). x's gradient is one
+    fused pass (cast_and_scale_backward). Note that torch's autograd hands every gradient over in its tensor's
+    dtype: the gradient reaching an fp8 y has been rounded to that fp8 format, as for any fp8 tensor in a graph
+    (beyond e4m3fn's +-448 it saturates from torch 2.12 and becomes NaN before: scale the loss, or keep fp8 casts
+    out of the differentiated path and cast gradients explicitly, e.g. to e5m2 with a scale of their own). amax must
+    not share memory with x or scale (ValueError).
     """
     _checks.float_tensor(x, "x")
     _checks.cast_target(dtype)
