@@ -40,12 +40,7 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if SRC_BF16:
-        # bf16 arrives as int16 bits; widen by shifting (exact; the interpreter's bf16 load flushes subnormals).
-        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-        x = (xb << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_f32(x_ptr, offs, mask, 2 if SRC_BF16 else 0)  # bf16 arrives as int16 bits
     if HAS_AMAX:
         # |x| as int32 bits: order-preserving for non-negative floats, NaN above inf (propagates like torch.amax).
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -116,6 +111,8 @@ _IN_VIEW = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bf
 
 @triton.jit
 def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
+    """Elements at ptr + offs as fp32, exactly: KIND 0/1 a float32/float16 pointer; 2 bf16 passed as int16 bits,
+    widened by shifting (the interpreter's bf16 load flushes subnormals); 3/4 e4m3fn/e5m2 passed as uint8 bits."""
     if KIND == 2:
         b = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
         v = (b << 16).to(tl.float32, bitcast=True)
