@@ -1068,18 +1068,22 @@ def test_steady_steps_resync_nothing_for_fallback_and_view_params(device, backen
     assert spy.count == 0
 
 
+@pytest.mark.parametrize("backend,compiler", [("torch", "aot_eager"), ("cpu", "inductor")])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_compiled_step_fullgraph(max_grad_norm):
+def test_compiled_step_fullgraph(max_grad_norm, backend, compiler):
     """torch.compile(opt.step, fullgraph=True) traces (the version checks of the master resync, which branch on a
     counter tracing cannot see, are skipped while compiling), with clipping too (torch 2.11's Dynamo refused
-    bool() of a list and an attribute set on the optimizer); the same params and masters as eager."""
+    bool() of a list and an attribute set on the optimizer); the same params and masters as eager. Also with
+    Inductor, torch.compile's default, around the fused C++ step (an opaque op, so bit-equal too)."""
+    if mixprec_ops.backends.unavailable_reason("adam_step_", backend, torch.device("cpu")):
+        pytest.skip(f"no {backend} backend here")
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(9, 5).bfloat16()) for _ in range(2)]
-        o = AdamW(ps, lr=1e-2, backend="torch", max_grad_norm=max_grad_norm)
-        step = torch.compile(o.step, fullgraph=True, backend="aot_eager") if compiled else o.step
+        o = AdamW(ps, lr=1e-2, backend=backend, max_grad_norm=max_grad_norm)
+        step = torch.compile(o.step, fullgraph=True, backend=compiler) if compiled else o.step
         torch.manual_seed(1)
         for _ in range(3):
             for p in ps:

@@ -221,15 +221,16 @@ def test_clipping_optimizer_without_grads_records_no_check(scaler_cls):
     assert torch.equal(p.detach(), torch.ones(4))
 
 
-def test_clipping_optimizer_with_a_compiled_step_keeps_the_scalers_check():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_clipping_optimizer_with_a_compiled_step_keeps_the_scalers_check(compiler):
     """opt.step replaced by its compiled self (the step cannot take the check over from inside a graph): the
-    scaler keeps its own check, and skips and backs off on an inf grad as torch's scaler does."""
+    scaler keeps its own check, and skips and backs off on an inf grad as torch's scaler does. Inductor too."""
     from mixprec_ops.optim import AdamW
 
     torch._dynamo.reset()
     p = torch.nn.Parameter(torch.ones(4))
     opt = AdamW([p], lr=0.1, max_grad_norm=1.0)
-    opt.step = torch.compile(opt.step, backend="aot_eager")
+    opt.step = torch.compile(opt.step, backend=compiler)
     scaler = GradScaler("cpu", init_scale=2.0**4)
     for grad, want_scale in (([1.0, 2.0, 3.0, 4.0], 2.0**4), ([1.0, float("inf"), 1.0, 1.0], 2.0**3)):
         before = p.detach().clone()
