@@ -68,7 +68,8 @@ class _Recipe:
             raise KeyError(f"state_dict is missing {missing}")
         theirs, ours = state.get("config"), self._config()
         if theirs is not None and theirs != ours:
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} saved, {v!r} here" for k, v in ours.items() if theirs.get(k) != v)
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} saved, {ours.get(k)!r} here"
+                             for k in dict.fromkeys([*ours, *theirs]) if theirs.get(k) != ours.get(k))
             raise ValueError(f"state_dict comes from a recipe configured otherwise ({diff})")
         for k in self._state_keys:
             cur = getattr(self, k)

@@ -584,6 +584,32 @@ def test_inductor_compiles_casts_without_amax(backend):
             assert torch.equal(ac, ae) and ae.item() > 0
 
 
+@pytest.mark.parametrize("compiler", [None, "aot_eager", "inductor"])
+def test_gradient_uses_the_scale_of_its_forward(compiler):
+    """A scale tensor rewritten in place after the cast and before backward (what an fp8 recipe's update() does):
+    x's gradient uses the forward's scale. Eager autograd raised a version-counter error; compiled, the backward
+    read the new scale, silently (torch's partitioner moved the saved copy of the scale into the backward graph,
+    behind the in-place update: hence the opaque mixprec::scale_snapshot). Bit for bit against no rewrite."""
+    torch._dynamo.reset()
+    x0 = (torch.randn(33, generator=torch.Generator().manual_seed(9)) * 1000).to(torch.bfloat16)
+
+    def f(x, s, rewrite):
+        y = mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, s, backend="cpu").float().sum()
+        if rewrite:
+            s.mul_(7.0)
+        return y
+
+    fn = f if compiler is None else torch.compile(f, backend=compiler)
+    grads = []
+    for rewrite in (False, True):
+        x, s = x0.clone().requires_grad_(True), torch.tensor([0.5])
+        fn(x, s, rewrite).backward()
+        assert s.item() == (3.5 if rewrite else 0.5)
+        grads.append(x.grad)
+    assert_bit_exact(grads[1], grads[0], "x.grad")
+    assert (grads[0] == 0).any() and (grads[0] != 0).any()  # saturated and passing elements
+
+
 def test_compiled_torch_func_grad_and_the_raw_op():
     """torch.compile of torch.func.grad through cast_and_scale gave a zero gradient, silently (torch's default
     autograd fallback for the raw op, which the compiled transform reached): the ops now carry an autograd kernel

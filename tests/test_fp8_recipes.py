@@ -155,6 +155,11 @@ def test_load_state_dict_refuses_another_configuration():
         dst.load_state_dict(src.state_dict())
     for k, v in dst.state_dict().items():
         assert k == "config" or torch.equal(v, before[k]), k
+    # another kind of recipe: the keys only the saved one has are named too (the message used to be "()")
+    with pytest.raises(ValueError, match=r"configured otherwise \(amax_history_len: 8 saved, None here, "
+                                         r"amax_compute_algo: 'max' saved, None here\)"):
+        CurrentScaling(torch.float8_e4m3fn).load_state_dict(
+            DelayedScaling(torch.float8_e4m3fn, amax_history_len=8).state_dict())
     same = DelayedScaling(torch.float8_e5m2, margin=3, amax_history_len=8)
     sd = src.state_dict()
     del sd["scale_inv"]
@@ -272,3 +277,48 @@ def test_update_all_refuses_other_recipes_before_touching_any():
         update_all([d, CurrentScaling()])
     assert torch.equal(_snapshot([d])[0], before[0])
     update_all([])  # nothing to do
+
+
+@pytest.mark.parametrize("compiler", [None, "aot_eager", "inductor"])
+def test_scale_changed_before_backward(compiler):
+    """x's gradient uses the scale of its own cast, whatever the recipe does before backward runs: one
+    CurrentScaling shared by two casts (a block applied twice: the second quantize rewrites the scale in place), and
+    DelayedScaling.update() between forward and backward. Eager autograd used to raise a version-counter error
+    naming no recipe, and a compiled graph silently used the later scale (the gradient off by the scales' ratio).
+    Bit for bit against separate recipes / an update after backward."""
+    torch._dynamo.reset()
+    x0 = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    w = torch.arange(16.0).reshape(4, 4)
+
+    def twice(r1, r2, x):
+        y = r1.quantize(x).float() * r1.scale_inv
+        z = r2.quantize(y * 100.0).float() * r2.scale_inv
+        return (z * w).sum()
+
+    def delayed(r, x, update_first):
+        loss = (r.quantize(x).float() * w).sum()
+        if update_first:
+            r.update()
+        return loss
+
+    fn_twice = twice if compiler is None else torch.compile(twice, backend=compiler)
+    grads = []
+    for shared in (False, True):
+        x = x0.clone().requires_grad_(True)
+        r = CurrentScaling()
+        fn_twice(r, r if shared else CurrentScaling(), x).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and (grads[0] != 0).any()
+    fn_delayed = delayed if compiler is None else torch.compile(delayed, backend=compiler)
+    grads = []
+    for update_first in (False, True):
+        torch.manual_seed(0)
+        r = DelayedScaling(amax_history_len=4, amax_compute_algo="most_recent")
+        r.quantize(x0 * 7)  # a scale from 7 max|x0|, which the update() after the next cast changes
+        r.update()
+        before = r.scale.clone()
+        x = x0.clone().requires_grad_(True)
+        fn_delayed(r, x, update_first).backward()
+        assert not update_first or not torch.equal(r.scale, before)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and (grads[0] != 0).any()

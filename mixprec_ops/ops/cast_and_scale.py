@@ -287,6 +287,15 @@ def _forward(x, dtype, scale_t, scale_value, amax, saturate, b):
     return torch.ops.mixprec.cast_and_scale(x, dtype, scale_t, scale_value, amax, saturate)
 
 
+@torch.library.custom_op("mixprec::scale_snapshot", mutates_args=())
+def _scale_snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t that torch.compile's partitioner cannot move into the backward graph (see _CastAndScale.forward)."""
+    return t.clone()
+
+
+_scale_snapshot.register_fake(lambda t: torch.empty_like(t))
+
+
 class _CastAndScale(torch.autograd.Function):
     """The gradient of y = cast(x * scale), the same on every backend (the reference's own autograd, in closed
     form): rounding passes the gradient straight through, as torch's `.to(dtype)` does; a value saturated to
@@ -299,7 +308,17 @@ class _CastAndScale(torch.autograd.Function):
     # form, run the reference instead)
     @staticmethod
     def forward(ctx, x, dtype, scale_t, scale_value, amax, saturate, b):
-        ctx.save_for_backward(x, scale_t)
+        # The scale as it is now: the backward must use the forward's value, and scales are state that changes in
+        # place (a recipe's next quantize() or update() rewrites its scale before this backward runs: saved as is,
+        # eager autograd then raised a version-counter error and a compiled graph used the new value, silently).
+        # Compiled, through an opaque op: torch's partitioner moves an aten copy (clone, s * 1, ...) of a graph input
+        # that the graph later mutates into the backward graph, where it reads the mutated input (torch 2.11 and
+        # 2.14, aot_eager and Inductor alike; a pure-torch reproduction in bench/NOTES.md). A scale that requires grad
+        # (learned, not a recipe's state) is saved as it is, as torch's ops save theirs: double backward needs it.
+        snap = scale_t
+        if scale_t is not None and not scale_t.requires_grad:
+            snap = _scale_snapshot(scale_t) if torch.compiler.is_compiling() else scale_t.clone()
+        ctx.save_for_backward(x, snap)
         ctx.dtype, ctx.scale_value, ctx.saturate, ctx.backend = dtype, scale_value, saturate, b
         return _forward(x, dtype, scale_t, scale_value, amax, saturate, b)
 
