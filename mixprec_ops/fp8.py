@@ -14,6 +14,8 @@ scale of the last cast (what torch._scaled_mm expects), which stays right after 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _checks
@@ -34,6 +36,14 @@ def compute_scale(amax: torch.Tensor, scale: torch.Tensor, fp8_max: float, margi
 def _check_dtype(dtype):
     if dtype not in FP8_DTYPES:
         raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+
+
+def _check_margin(margin) -> int:
+    """margin: a non-negative int (a power-of-two headroom below fp8's max, as TransformerEngine's). int() used to
+    truncate 2.5 to 2 and take -1, a scale that saturates the largest values on purpose."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Integral) or margin < 0:
+        raise ValueError(f"margin must be a non-negative int, got {margin!r}")
+    return int(margin)
 
 
 class _Recipe:
@@ -94,7 +104,7 @@ class CurrentScaling(_Recipe):
 
     def __init__(self, dtype=torch.float8_e4m3fn, margin: int = 0, device=None):
         _check_dtype(dtype)
-        self.dtype, self.margin = dtype, int(margin)
+        self.dtype, self.margin = dtype, _check_margin(margin)
         self.fp8_max = torch.finfo(dtype).max
         self._init_state(device)
 
@@ -130,7 +140,7 @@ class DelayedScaling(_Recipe):
             raise ValueError(f"amax_compute_algo must be 'max' or 'most_recent', got {amax_compute_algo!r}")
         if not 1 <= int(amax_history_len) <= 1024:
             raise ValueError(f"amax_history_len must be in [1, 1024], got {amax_history_len}")
-        self.dtype, self.margin, self.algo = dtype, int(margin), amax_compute_algo
+        self.dtype, self.margin, self.algo = dtype, _check_margin(margin), amax_compute_algo
         self.fp8_max = torch.finfo(dtype).max
         self._init_state(device)  # self.amax: this step's running amax
         self.amax_history = torch.zeros(int(amax_history_len), dtype=torch.float32, device=device)

@@ -125,6 +125,11 @@ def test_bad_arguments():
         DelayedScaling(amax_history_len=0)
     with pytest.raises(ValueError, match="amax_compute_algo"):
         DelayedScaling(amax_compute_algo="mean")
+    for cls in (CurrentScaling, DelayedScaling):
+        for margin in (-1, 2.5, True, "1"):
+            with pytest.raises(ValueError, match="margin must be a non-negative int"):
+                cls(margin=margin)
+        assert cls(margin=3).margin == 3
 
 
 def test_scale_inv_dequantizes_the_last_cast_after_update():
