@@ -79,6 +79,14 @@ def _native_fp8(x, dtype, saturate) -> bool:
             and torch.version.hip is None and _capability(x.device) >= (9, 0))
 
 
+def _signed_zero_as_tensor(scale, scale_value, device):
+    """The scale the launchers pass: a scalar -0.0 as a 1-element tensor, since -0.0 as a scalar argument arrives as
+    +0.0 (seen under the interpreter) and its sign shows in the output's zeros; anything else as it is."""
+    if scale is None and scale_value == 0.0 and math.copysign(1.0, scale_value) < 0:
+        return torch.full((1,), -0.0, dtype=torch.float32, device=device)
+    return scale
+
+
 def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k):
     """x: dense (walkable) tensor; y: empty_like(x, dtype) (same strides). `wrap` is torch.library.wrap_triton
     when called from a triton_op."""
@@ -86,9 +94,7 @@ def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda 
     if n == 0:
         return
     dtype = y.dtype
-    if scale is None and scale_value == 0.0 and math.copysign(1.0, scale_value) < 0:
-        # -0.0 as a scalar argument arrives as +0.0 (seen under the interpreter), and its sign shows in y's zeros
-        scale = torch.full((1,), -0.0, dtype=torch.float32, device=x.device)
+    scale = _signed_zero_as_tensor(scale, scale_value, x.device)
     block = 4096
     grid = (triton.cdiv(n, block),)
     wrap(_cast_and_scale_kernel)[grid](
@@ -157,8 +163,7 @@ def launch_cast_and_scale_backward(grad_y, x, out, dtype, scale, scale_value, sa
     n = x.numel()
     if n == 0:
         return
-    if scale is None and scale_value == 0.0 and math.copysign(1.0, scale_value) < 0:
-        scale = torch.full((1,), -0.0, dtype=torch.float32, device=x.device)  # the sign of -0.0: see the forward
+    scale = _signed_zero_as_tensor(scale, scale_value, x.device)
     block = 4096
     wrap(_cast_and_scale_backward_kernel)[(triton.cdiv(n, block),)](
         grad_y.view(_IN_VIEW[grad_y.dtype]), x.view(_IN_VIEW[x.dtype]), out.view(_IN_VIEW[out.dtype]), n,
