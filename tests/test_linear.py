@@ -222,6 +222,34 @@ def test_convert_real_hf_gpt2_conv1d():
     torch.testing.assert_close(m(x).float(), before.float(), atol=0.02, rtol=0.02)  # torch's bf16 addmm rounds too
 
 
+def test_converted_hf_conv1d_unpickles_where_nothing_was_converted(monkeypatch):
+    """torch.save(model) of a converted GPT-2 pickles its Conv1D subclass by reference (a class made at run time).
+    Loading it in a process that has not converted one failed ("Can't get attribute 'Conv1D_...'"): the module
+    now rebuilds the class from its name. Simulated here by emptying the registry between dumps and loads."""
+    pytest.importorskip("transformers", reason="transformers is a test dependency (make test)")
+    import pickle
+
+    from transformers.pytorch_utils import Conv1D
+
+    from mixprec_ops.nn import linear as linear_module
+
+    torch.manual_seed(0)
+    m = convert(torch.nn.Sequential(Conv1D(16, 8), torch.nn.GELU(), Conv1D(4, 16)).to(torch.bfloat16))
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    before = m(x)
+    name = type(m[0]).__name__
+    blob = pickle.dumps(m)
+    monkeypatch.setattr(linear_module, "_CONV1D_CLASSES", {})
+    monkeypatch.delattr(linear_module, name)
+    loaded = pickle.loads(blob)
+    assert type(loaded[0]) is getattr(linear_module, name) and type(loaded[0]) is not type(m[0])
+    assert isinstance(loaded[2], Conv1D) and type(loaded[2]) is type(loaded[0])
+    assert torch.equal(loaded(x), before)
+    for bad in ("Conv1D__os__path", "Conv1D__transformers__no_such_module_here", "Conv1D_x"):
+        with pytest.raises((AttributeError, ModuleNotFoundError)):
+            getattr(linear_module, bad)
+
+
 def test_compile_fullgraph(monkeypatch):
     """No graph break: dynamo traces through the custom op, and AOTAutograd through its registered backward
     (aot_eager: the cheapest backend that also traces the backward). The custom op, not the eager route's

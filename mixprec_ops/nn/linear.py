@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -50,16 +51,35 @@ def _conv1d_forward(self, x):
     return linear(x, self.weight.t(), self.bias, self.activation)
 
 
+def _conv1d_name(module: str) -> str:
+    """The registered name of the converted subclass of `module`.Conv1D: dots become "__", so that __getattr__
+    can read the module back."""
+    return "Conv1D__" + module.replace(".", "__")
+
+
 def _conv1d_class(base: type) -> type:
-    """A subclass of Hugging Face's Conv1D whose forward is the fused linear (isinstance(m, base) still holds). It
-    is registered in this module under a stable name so that instances pickle within a process that converted."""
+    """A subclass of Hugging Face's Conv1D whose forward is the fused linear (isinstance(m, base) still holds),
+    registered in this module under _conv1d_name(base.__module__), so that instances pickle by reference; a process
+    that has not converted one rebuilds the class on unpickling (__getattr__ below)."""
     if base not in _CONV1D_CLASSES:
-        name = f"Conv1D_{base.__module__.replace('.', '_')}"
+        name = _conv1d_name(base.__module__)
         cls = type(name, (base,), {"forward": _conv1d_forward, "__module__": __name__, "__qualname__": name,
                                    "__doc__": f"{base.__module__}.Conv1D on mixprec_ops.nn.functional.linear."})
         globals()[name] = cls
         _CONV1D_CLASSES[base] = cls
     return _CONV1D_CLASSES[base]
+
+
+def __getattr__(name: str):
+    """Unpickling a converted Hugging Face Conv1D (torch.save(model) of a converted GPT-2) in a process that has not
+    converted one yet: import the Conv1D the name encodes (a transformers module only) and build its subclass."""
+    if name.startswith("Conv1D__"):
+        module = name[len("Conv1D__"):].replace("__", ".")
+        if module.startswith("transformers.") and _conv1d_name(module) == name:
+            base = getattr(importlib.import_module(module), "Conv1D", None)
+            if isinstance(base, type) and issubclass(base, torch.nn.Module):
+                return _conv1d_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
