@@ -7,6 +7,7 @@ magnitude. Across our own backends the math is the same sequence of IEEE fp32 op
 IEEE div/sqrt, no contraction).
 """
 
+import copy
 import io
 import json
 import math
@@ -1016,12 +1017,114 @@ def test_older_and_other_state_dicts_load():
     mf = mlp()
     of = AdamW(mf.parameters(), lr=1e-3)
     of.load_state_dict(ob.state_dict())
-    assert all("master_param" not in st for st in of.state.values())
     run_steps(mf, of, data(1))
+    assert all("master_param" not in st for st in of.state.values())  # taken over (see the test below)
     # torch's state_dict: the groups' own options stay
     ours = AdamW(mlp(torch.bfloat16).parameters(), lr=1e-3, master_weights=False, state_dtype=torch.bfloat16)
     ours.load_state_dict(torch.optim.AdamW(mlp(torch.bfloat16).parameters()).state_dict())
     assert ours.param_groups[0]["master_weights"] is False and ours.param_groups[0]["state_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("run", [torch.bfloat16, torch.float16], ids=["bf16_run", "fp16_run"])
+@pytest.mark.parametrize("device,backend", backend_ids())
+def test_a_change_of_the_model_dtype_keeps_the_masters(device, backend, run):
+    """A 16-bit run's fp32 masters hold bits its params cannot show. A change of the model's dtype is not a write
+    to the params, so those bits must survive it (found by a user trial: the resync took the rounded params as
+    writes): model.half() of a bf16 model (model.bfloat16() of an fp16 one), the checkpoint loaded into a model of
+    the other 16-bit dtype (fresh optimizer), and the checkpoint loaded into an fp32 model or model.float(), where
+    each param takes over its master's value and the run continues exactly as the uninterrupted master-weight run.
+    A param written after the load keeps the write."""
+    other = torch.float16 if run == torch.bfloat16 else torch.bfloat16
+    shapes = [(8, 7), (13,)]
+
+    def bf16_run():
+        torch.manual_seed(3)
+        ps = [torch.nn.Parameter(torch.randn(*sh).to(device, run)) for sh in shapes]
+        o = AdamW(ps, lr=3e-3, backend=backend)
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(device, run)
+            o.step()
+        return ps, o
+
+    def one_step(ps, o, lr, seed=11):
+        for grp in o.param_groups:
+            grp["lr"] = lr
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:  # the same grad values for every dtype of the params (bf16 values, exact in fp16 and fp32)
+            p.grad = torch.randn(p.shape, generator=g).bfloat16().float().to(device, p.dtype)
+        o.step()
+
+    ps, o = bf16_run()
+    saved = copy.deepcopy(o.state_dict())
+    masters = [o.state[p]["master_param"].clone() for p in ps]
+    assert all(not torch.equal(m.to(run).float(), m) for m in masters)  # bits the 16-bit params do not show
+    # the uninterrupted run's next step (lr > 0), the oracle of the fp32 continuation
+    one_step(ps, o, 3e-3)
+    next_masters = [o.state[p]["master_param"].clone() for p in ps]
+
+    # model.half() (or .bfloat16()) with the same optimizer, and the checkpoint in a model of the other 16-bit dtype
+    # with a fresh optimizer: lr=0 moves nothing
+    ps, o = bf16_run()
+    for p in ps:
+        p.data = p.data.to(other)
+    one_step(ps, o, 0.0)
+    for p, m in zip(ps, masters):
+        assert torch.equal(o.state[p]["master_param"], m) and torch.equal(p.detach(), m.to(other))
+    ps = [torch.nn.Parameter(torch.randn(*sh).to(device, other)) for sh in shapes]
+    with torch.no_grad():
+        for p, m in zip(ps, masters):
+            p.copy_(m.to(run))  # a model's load_state_dict of the 16-bit checkpoint
+    o = AdamW(ps, backend=backend)
+    o.load_state_dict(saved)
+    one_step(ps, o, 0.0)
+    for p, m in zip(ps, masters):
+        assert torch.equal(o.state[p]["master_param"], m)
+
+    # the checkpoint in an fp32 model (fresh optimizer), and model.float() (same optimizer): the params take over
+    # the masters, and one step later equal the uninterrupted run's masters, bit for bit
+    for how in ("checkpoint", "float()"):
+        if how == "checkpoint":
+            fp32 = [torch.nn.Parameter(torch.randn(*sh, device=device)) for sh in shapes]
+            with torch.no_grad():
+                for p, m in zip(fp32, masters):
+                    p.copy_(m.to(run))
+            o32 = AdamW(fp32, backend=backend)
+            o32.load_state_dict(saved)
+        else:
+            fp32, o32 = bf16_run()
+            for p in fp32:
+                p.data = p.data.float()
+        one_step(fp32, o32, 3e-3)
+        for p, m in zip(fp32, next_masters):
+            assert "master_param" not in o32.state[p]
+            assert torch.equal(p.detach(), m), how
+    # a param written after the load keeps the write (only elements holding the master's rounding take it over)
+    fp32 = [torch.nn.Parameter(torch.randn(*sh, device=device)) for sh in shapes]
+    with torch.no_grad():
+        fp32[0].copy_(masters[0].to(run))
+        fp32[1].copy_(masters[1].to(run))
+        fp32[1][4] = 0.125  # re-initialised after loading
+    o32 = AdamW(fp32, backend=backend)
+    o32.load_state_dict(saved)
+    one_step(fp32, o32, 0.0)
+    assert torch.equal(fp32[0].detach(), masters[0])
+    expect = masters[1].clone()
+    expect[4] = 0.125
+    assert torch.equal(fp32[1].detach(), expect)
+    # a master of another shape is refused before anything moves
+    p = torch.nn.Parameter(torch.randn(4, 5, device=device))
+    o32 = AdamW([p], backend=backend)
+    bad = copy.deepcopy(saved)
+    bad["state"] = {0: {**saved["state"][0], "master_param": torch.zeros(5, 4, device=device)}}
+    bad["param_groups"][0]["params"] = [0]
+    o32.load_state_dict(bad)
+    p.grad = torch.randn(4, 5, device=device)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"state\['master_param'\] of a \(4, 5\) param has shape \(5, 4\)"):
+        o32.step()
+    assert torch.equal(p.detach(), before)
 
 
 def test_group_options_and_duplicates_are_checked_when_added():

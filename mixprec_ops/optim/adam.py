@@ -73,7 +73,10 @@ class Adam(torch.optim.Optimizer):
             model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so
             it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
             step checks each loaded master against its param: elements the param still holds the rounding of keep
-            their fp32 bits). In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
+            their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
+            masters stay (the param holds their rounding through bf16), and after model.float() (or a 16-bit run's
+            checkpoint loaded into an fp32 model) each fp32 param takes over its master's value at the next step,
+            so training continues from the masters. In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
             counter): write under torch.no_grad() instead.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
@@ -236,7 +239,9 @@ class Adam(torch.optim.Optimizer):
         dtype policy, which casts floating state to the param's dtype: here moments keep the group's state_dtype,
         masters stay fp32 and step counters are fp32 on the param's device. A torch state_dict's groups lack
         master_weights and state_dtype: each group keeps its current ones. Masters missing (torch's state) are made
-        from the params at the next step; masters of float32 params (a 16-bit run resumed in fp32) are dropped."""
+        from the params at the next step. Masters of float32 params (a 16-bit run resumed in fp32) are taken over by
+        their params at the next step: elements that still hold a master's bf16/fp16 rounding continue from its fp32
+        value; then the masters are dropped."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hook_result = pre_hook(self, state_dict)
@@ -281,9 +286,8 @@ class Adam(torch.optim.Optimizer):
                 new[k] = v
             elif k == "step":
                 new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-            elif k == "master_param":
-                if p.dtype != torch.float32:  # an fp32 param is its own master
-                    new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+            elif k == "master_param":  # (an fp32 param's is taken over at its next step: _adopt_master)
+                new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
             elif k in _STATE_KEYS:
                 new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
             else:
@@ -299,7 +303,7 @@ class Adam(torch.optim.Optimizer):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
         if p.dtype == torch.float32 and "master_param" in state:  # a 16-bit run resumed in fp32: p is the master
-            del state["master_param"]
+            self._adopt_master(p, state)
         wanted = ("step", *_STATE_KEYS[:3 if group["amsgrad"] else 2],
                   *(("master_param",) if self._wants_master(group, p) else ()))
         missing = [k for k in wanted if k not in state]
@@ -316,6 +320,23 @@ class Adam(torch.optim.Optimizer):
                 state[k] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             else:  # the moments
                 state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+
+    def _adopt_master(self, p, state):
+        """A master of an fp32 param: a 16-bit run resumed in fp32 (its checkpoint loaded into an fp32 model, or
+        model.float() after 16-bit steps). The param becomes its own master: elements that still hold the master's
+        bf16 or fp16 rounding take its fp32 value, so training continues from the masters, not from their
+        roundings; elements written since (a re-initialised head) keep what was written. Then the master goes."""
+        lp, master = _local(p), _local(state["master_param"])
+        if master.shape != lp.shape:
+            raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape {tuple(master.shape)}")
+        if self._capturing(lp.device):  # the graph would record the copy and redo it every replay
+            raise RuntimeError(
+                f"mixprec_ops.optim: the fp32 master of a {tuple(lp.shape)} float32 param (a 16-bit run resumed in "
+                "fp32) would be taken over inside a CUDA graph capture; run one step outside the capture first")
+        with torch.no_grad():
+            held = (master.to(torch.bfloat16).float() == lp) | (master.to(torch.float16).float() == lp)
+            lp.copy_(torch.where(held, master.to(lp.device), lp))
+        del state["master_param"]
 
     # ------------------------------------------------------------------------------------------------ step
     def _collect(self):
@@ -632,7 +653,12 @@ class Adam(torch.optim.Optimizer):
                     "step, and its fp32 master must take the write; that cannot be recorded in a CUDA graph "
                     "capture: run one step outside the capture first")
         for lp, master in pairs:
-            master.copy_(torch.where(master.to(lp.dtype) == lp, master, lp.float()))
+            held = master.to(lp.dtype) == lp
+            # A model moved between the 16-bit formats (model.half() after bf16 steps, a bf16 run's checkpoint
+            # loaded into an fp16 model) holds the master's rounding through the other format: not a write either.
+            other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
+            held |= master.to(other).to(lp.dtype) == lp
+            master.copy_(torch.where(held, master, lp.float()))
 
     def _step_buffer(self, entries):
         """The bucket's step counters as one 1-D fp32 tensor whose elements ARE the params' state["step"] tensors
