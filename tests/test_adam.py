@@ -1137,8 +1137,10 @@ def test_group_options_and_duplicates_are_checked_when_added():
         o.add_param_group({"params": m[2].parameters(), "state_dtype": torch.float16})
     with pytest.raises(ValueError, match="master_weights must be"):
         o.add_param_group({"params": m[2].parameters(), "master_weights": "yes"})
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="param 1 of param group 1 appears twice"):
         o.add_param_group({"params": [m[2].weight, m[2].weight]})
+    with pytest.raises(ValueError, match="param 2 of param group 0 appears twice"):  # tied weights, by module
+        AdamW([m[0].weight, m[0].bias, m[0].weight])
     o.add_param_group({"params": m[2].parameters(), "state_dtype": torch.bfloat16})
     assert len(o.param_groups) == 2 and o.param_groups[1]["state_dtype"] == "bfloat16"
     p = torch.nn.Parameter(torch.randn(4, 5))

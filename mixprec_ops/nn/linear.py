@@ -19,7 +19,8 @@ def _check_activation(activation):
 class Linear(torch.nn.Linear):
     """torch.nn.Linear (same constructor, parameters and state_dict keys) computing act(x @ weight.T + bias) with
     mixprec_ops.nn.functional.linear: fp32 accumulation, fused bias and activation. float32 modules fall back to
-    torch's linear."""
+    torch's linear. torch.compile, torch.export and torch.jit.trace take it; torch.jit.script does not (the op
+    layer is Python with keyword-only arguments)."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

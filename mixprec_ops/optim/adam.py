@@ -217,14 +217,16 @@ class Adam(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
         try:
             seen = set()
             for i, p in enumerate(group["params"]):
                 if p.dtype not in FLOAT_SOURCES:
-                    raise TypeError(f"param {i} of the new group is {p.dtype}: mixprec_ops.optim supports float32, "
+                    raise TypeError(f"param {i} of {where} is {p.dtype}: mixprec_ops.optim supports float32, "
                                     "float16 and bfloat16 params")
                 if id(p) in seen:  # torch only warns; one fused launch would update it twice, racing
-                    raise ValueError(f"param {i} of the new group appears twice in it; list each param once")
+                    raise ValueError(f"param {i} of {where} appears twice in it (a tied weight collected once per "
+                                     "module?); list each param once, as model.parameters() does")
                 seen.add(id(p))
             _check_group_options(group["master_weights"], group["state_dtype"])
             group["state_dtype"] = _state_dtype_name(group["state_dtype"])
