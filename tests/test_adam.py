@@ -1070,16 +1070,16 @@ def test_a_change_of_the_model_dtype_keeps_the_masters(device, backend, run):
     for p in ps:
         p.data = p.data.to(other)
     one_step(ps, o, 0.0)
-    for p, m in zip(ps, masters):
+    for p, m in zip(ps, masters, strict=True):
         assert torch.equal(o.state[p]["master_param"], m) and torch.equal(p.detach(), m.to(other))
     ps = [torch.nn.Parameter(torch.randn(*sh).to(device, other)) for sh in shapes]
     with torch.no_grad():
-        for p, m in zip(ps, masters):
+        for p, m in zip(ps, masters, strict=True):
             p.copy_(m.to(run))  # a model's load_state_dict of the 16-bit checkpoint
     o = AdamW(ps, backend=backend)
     o.load_state_dict(saved)
     one_step(ps, o, 0.0)
-    for p, m in zip(ps, masters):
+    for p, m in zip(ps, masters, strict=True):
         assert torch.equal(o.state[p]["master_param"], m)
 
     # the checkpoint in an fp32 model (fresh optimizer), and model.float() (same optimizer): the params take over
@@ -1088,7 +1088,7 @@ def test_a_change_of_the_model_dtype_keeps_the_masters(device, backend, run):
         if how == "checkpoint":
             fp32 = [torch.nn.Parameter(torch.randn(*sh, device=device)) for sh in shapes]
             with torch.no_grad():
-                for p, m in zip(fp32, masters):
+                for p, m in zip(fp32, masters, strict=True):
                     p.copy_(m.to(run))
             o32 = AdamW(fp32, backend=backend)
             o32.load_state_dict(saved)
@@ -1097,7 +1097,7 @@ def test_a_change_of_the_model_dtype_keeps_the_masters(device, backend, run):
             for p in fp32:
                 p.data = p.data.float()
         one_step(fp32, o32, 3e-3)
-        for p, m in zip(fp32, next_masters):
+        for p, m in zip(fp32, next_masters, strict=True):
             assert "master_param" not in o32.state[p]
             assert torch.equal(p.detach(), m), how
     # a param written after the load keeps the write (only elements holding the master's rounding take it over)

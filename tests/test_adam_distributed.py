@@ -17,6 +17,7 @@ full params must agree to 1e-6 relative, as in the single-process tests. The bf1
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import sys
@@ -35,7 +36,7 @@ from mixprec_ops.optim import AdamW
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch is built without torch.distributed / gloo", allow_module_level=True)
 
-pytestmark = pytest.mark.slow  # about 40 s on 2 cores: 5 spawned 2-rank scenarios
+pytestmark = pytest.mark.slow  # about 25-40 s on 2 cores: 7 spawned 2-rank scenarios
 
 WORLD = 2
 STEPS = 6
@@ -355,6 +356,63 @@ def scenario_scaler_fsdp2(rank, backend, out_dir):
     return out
 
 
+def scenario_dtensor_edges(rank, backend, out_dir):
+    """DTensor cases the wrapper runs above did not reach (a distributed user trial found each silently wrong):
+    - write: a bf16 FSDP2 param written between steps. DTensor in-place ops move the DTensor's version counter,
+      not its local tensor's, so the write went unseen and the next step restored the stale master.
+    - norm: max_grad_norm over FSDP2 grads. torch's get_total_norm works in the grads' dtype: fp16 shards' partial
+      norms overflowed when squared (every step skipped), bf16 norms were 8-bit precise. Also HSDP (a 2-D mesh,
+      replicated on one dim): the replicas' squares must be counted once.
+    - tp: tensor parallelism, a replicated param whose grad arrives Partial (each rank holds a share of the sum):
+      each rank stepped with its own share and the replicas drifted apart."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    # write
+    model = _fsdp_model(mesh, torch.bfloat16)
+    opt = ours(model.parameters(), backend, master_weights="auto")
+    resyncs, resync = [], opt._resync
+    opt._resync = lambda pairs: (resyncs.append(len(pairs)), resync(pairs))[1]
+    train(model, opt, local_batches(rank, torch.bfloat16)[:3])
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[2].weight.copy_(torch.full_like(model[2].weight, 0.5))
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    train(model, opt, local_batches(rank, torch.bfloat16)[3:4])
+    out["write"] = dict(resyncs=resyncs, params=full_params(model), masters=_full_masters(opt, model))
+    # norm
+    norm = {}
+    hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    for name, m, dtype, scale in (("fp16", mesh, torch.float16, 1000.0), ("bf16", mesh, torch.bfloat16, 1.0),
+                                  ("hsdp_fp32", hsdp, torch.float32, 1.0)):
+        model = _fsdp_model(m, dtype)
+        opt = ours(model.parameters(), backend, max_grad_norm=1.0)
+        x, y = local_batches(rank, dtype)[0]
+        (loss_fn(model, x, y) * scale).backward()
+        exact = sum(p.grad.full_tensor().double().square().sum() for p in model.parameters()).sqrt().item()
+        opt.step()
+        norm[name] = dict(got=float(opt.grad_norm), exact=exact,
+                          steps=[float(opt.state[p]["step"]) for p in model.parameters()])
+    out["norm"] = norm
+    # tp
+    torch.manual_seed(0)
+    full = torch.randn(5, 3)
+    tp = {}
+    for impl in ("ours", "torch"):
+        p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
+        opt = ours([p], backend) if impl == "ours" else theirs([p])
+        for step in range(3):
+            share = torch.randn(5, 3, generator=torch.Generator().manual_seed(10 * step + rank))
+            p.grad = DTensor.from_local(share, mesh, [Partial()], run_check=False)
+            opt.step()
+        tp[impl] = p.detach().to_local().clone()
+    out["tp"] = tp
+    return out
+
+
 SCENARIOS = {
     "scaler_fsdp2": scenario_scaler_fsdp2,
     "ddp": scenario_ddp,
@@ -362,6 +420,7 @@ SCENARIOS = {
     "zero": scenario_zero,
     "bf16_ddp": lambda rank, backend, out_dir: scenario_bf16(rank, backend, out_dir, "ddp"),
     "bf16_fsdp2": lambda rank, backend, out_dir: scenario_bf16(rank, backend, out_dir, "fsdp2"),
+    "dtensor_edges": scenario_dtensor_edges,
 }
 
 
@@ -685,3 +744,39 @@ def test_grad_scaler_over_fsdp2_shards_skips_on_every_rank(results, opt_name):
         for n, t in mine["snapshots"][1].items():
             assert torch.equal(t, mine["snapshots"][0][n]), f"rank {rank}: {n} changed in the skipped step"
 
+
+
+# ------------------------------------------------------------------------------------------------ DTensor edges
+def test_fsdp2_write_between_steps_reaches_the_masters(results):
+    """A write to FSDP2 bf16 params under no_grad (zero_, copy_: DTensor ops) is kept by the next step (lr 0: the
+    params and masters equal what was written, on every rank); the steady steps before it resynced nothing (FSDP2's
+    own traffic does not look like a write)."""
+    for rank, r in enumerate(results("dtensor_edges")):
+        w = r["write"]
+        assert w["resyncs"][:3] == [0, 0, 0] and w["resyncs"][3] >= 2, (rank, w["resyncs"])
+        for name, value in (("0.weight", 0.0), ("2.weight", 0.5)):
+            for k in ("params", "masters"):
+                t = w[k][name]
+                assert torch.equal(t.float(), torch.full_like(t.float(), value)), (rank, k, name, t.abs().max())
+
+
+@pytest.mark.parametrize("case", ["fp16", "bf16", "hsdp_fp32"])
+def test_fsdp2_clip_norm_is_the_fp32_norm_of_the_full_grads(results, case):
+    """max_grad_norm's norm over FSDP2 shards equals the norm of the gathered grads computed in fp64, to fp32
+    precision (the norm pass sums fp32 squares in fp64 partials; 1e-6 relative), on every rank, and the step is
+    taken: with fp16 grads of a loss scaled by 1000 (torch's get_total_norm gave inf: fp16 partial norms squared)
+    and bf16 grads (it gave an 8-bit norm, 1e-3 off). HSDP: replicas counted once (twice would be sqrt(2) off)."""
+    for rank, r in enumerate(results("dtensor_edges")):
+        n = r["norm"][case]
+        assert math.isfinite(n["got"]) and n["exact"] > (256 if case == "fp16" else 0), (rank, n)
+        assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], (rank, case, n)
+        assert all(s == 1.0 for s in n["steps"]), (rank, case, n["steps"])
+
+
+def test_tensor_parallel_partial_grads_keep_replicas_identical(results):
+    """A replicated param with Partial grads (tensor parallelism) steps with the summed grad: both ranks hold the
+    same bits, and the same values as torch.optim.AdamW (which sums them through DTensor's ops), to fp32 rounding
+    order (1e-6 relative, as every fp32 comparison here)."""
+    per_rank = results("dtensor_edges")
+    assert_identical_across_ranks([{"p": r["tp"]["ours"]} for r in per_rank], "tp replicated param")
+    assert_close_rel({"p": per_rank[0]["tp"]["ours"]}, {"p": per_rank[0]["tp"]["torch"]}, 1e-6, "tp vs torch")

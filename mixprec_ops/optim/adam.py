@@ -52,6 +52,14 @@ def _local(t):
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _versions(plan):
+    """The version counter(s) of a planned param that a write moves: the tensor's own; for a DTensor (FSDP2) also
+    the DTensor's, which its in-place ops (p.zero_() under no_grad, a model's load_state_dict) move without moving
+    the local tensor's, while our kernels write the local tensor."""
+    lp = plan[4]
+    return lp._version if plan[11] else (lp._version, plan[2]._version)
+
+
 def _dense_like(t, ref) -> bool:
     """t can be walked in step with ref (same strides, no gaps or overlaps). Contiguous pairs, the common case,
     answer from cached flags; the op call (~ microseconds each, thousands per step) only runs for the others."""
@@ -76,8 +84,8 @@ class Adam(torch.optim.Optimizer):
             their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
             masters stay (the param holds their rounding through bf16), and after model.float() (or a 16-bit run's
             checkpoint loaded into an fp32 model) each fp32 param takes over its master's value at the next step,
-            so training continues from the masters. In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version
-            counter): write under torch.no_grad() instead.
+            so training continues from the masters. In-place ops on ``p.data`` itself are not seen (``p.data``
+            has its own version counter): write under torch.no_grad() instead.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
             ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize.
@@ -87,7 +95,9 @@ class Adam(torch.optim.Optimizer):
             non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
             Squares are summed in fp32, as torch's clip_grad_norm_ does for fp32 grads: a (still loss-scaled) grad
             element beyond ~1.8e19 makes the norm inf and skips the step.
-            The norm covers this optimizer's params: under FSDP2 (DTensor grads) it is the global norm; under
+            The norm covers this optimizer's params: under FSDP2 or tensor parallelism (DTensor grads) it is the
+            global norm (each rank's shards in the same fp32 pass, then summed over the mesh dims they are sharded
+            on; a grad laid out otherwise than its param, e.g. Partial, is first laid out like the param); under
             torch.distributed.optim.ZeroRedundancyOptimizer each rank's optimizer holds only its share of the
             params, so pass norm_across_ranks=True there.
         norm_across_ranks: False (default), True, or a torch.distributed ProcessGroup: this optimizer holds only
@@ -352,6 +362,12 @@ class Adam(torch.optim.Optimizer):
                     continue
                 if g.is_sparse or g.dtype not in FLOAT_SOURCES or g.device != p.device or g.shape != p.shape:
                     self._bad_grad(f"param {i} of param group {gi}", p, g)
+                if DTensor is not None and isinstance(g, DTensor) and isinstance(p, DTensor) \
+                        and g.placements != p.placements:
+                    # Tensor parallelism: a replicated param's grad can arrive Partial (a LayerNorm weight under
+                    # SequenceParallel: each rank holds its own share of a sum). Laid out like the param, as torch's
+                    # DTensor ops do implicitly, or each rank would step with its own share and the replicas drift.
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
                 ps.append(p)
             if ps:
                 out.append((group, ps))
@@ -430,10 +446,9 @@ class Adam(torch.optim.Optimizer):
                 torch.distributed.all_reduce(both, group=self._norm_group())
                 both = both.to(dev)
                 sumsq, found = both[0], both[1].reshape(1)
-            if dtensor_grads:  # FSDP2: the norm needs a collective across shards; torch's helper does it
-                n = torch.nn.utils.get_total_norm(dtensor_grads)
-                n = n.full_tensor() if isinstance(n, DTensor) else n
-                sumsq = sumsq + n.to(dev, torch.float32).square()
+            if dtensor_grads:  # FSDP2, tensor parallelism: the shards' sums, then a collective across the mesh
+                s, f = self._dtensor_grad_stats(dtensor_grads, dev)
+                sumsq, found = sumsq + s, found + f
             norm = sumsq.sqrt()
             found = found.clamp(max=1.0)  # a count over devices or ranks: 0 or 1, as the one-device case
         if grad_scale is not None:
@@ -445,6 +460,32 @@ class Adam(torch.optim.Optimizer):
         # as torch.nn.utils.clip_grad_norm_: float / tensor (a reciprocal and a product), then at most 1
         clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
         return clip, found
+
+    def _dtensor_grad_stats(self, grads, dev):
+        """(sum of squares, inf/NaN count) of DTensor grads on `dev`: each rank's local shards go through the same
+        norm pass as plain grads (fp32 squares, fp64 partial sums, the pass's own inf/NaN flag), then the two
+        numbers are summed over the mesh dims the grads are sharded on (a replicated dim holds the same values on
+        every rank: counted once). One collective per layout (mesh and placements), every rank alike. (torch's
+        get_total_norm, used before, works in the grads' dtype: fp16 shards' partial norms overflowed past ~256 and
+        every step was skipped; bf16 norms were 8-bit precise.)"""
+        from torch.distributed.tensor import Partial, Replicate
+
+        by_layout = defaultdict(list)
+        for g in grads:
+            by_layout[(g.device_mesh, tuple(g.placements))].append(_local(g))
+        sumsq = torch.zeros((), dtype=torch.float32, device=dev)
+        found = torch.zeros(1, dtype=torch.float32, device=dev)
+        for (mesh, placements), local in by_layout.items():
+            d = local[0].device
+            f = torch.zeros(1, dtype=torch.float32, device=d)
+            n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
+            both = torch.stack([n.square(), f.reshape(())])
+            if any(pl.is_shard() for pl in placements):
+                summed = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+                both = DTensor.from_local(both, mesh, summed, run_check=False).full_tensor()
+            sumsq = sumsq + both[0].to(dev)
+            found = found + both[1].to(dev).reshape(1)
+        return sumsq, found
 
     def _one(self, device):
         """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;
@@ -603,7 +644,7 @@ class Adam(torch.optim.Optimizer):
             lp, states, master, _, walk, pkey, pdtype, plain, contig = plan[4:13]
             if master is not None and watch:  # written outside the optimizer since our last step? (see _resync)
                 ptr = lp.data_ptr()
-                if plan[17] is not None and (lp._version != plan[17] or ptr != plan[18]):
+                if plan[17] is not None and (_versions(plan) != plan[17] or ptr != plan[18]):
                     # (a loaded master met first inside a CUDA graph capture is trusted: no check can be recorded)
                     if not (plan[17] == -1 and self._capturing(lp.device)):
                         resync.append((lp, master))
@@ -632,7 +673,7 @@ class Adam(torch.optim.Optimizer):
             for entries in [e for e, _ in buckets.values()] + [fallback]:
                 for e in entries:
                     if e[3] is not None:
-                        e[4][17] = e[0]._version
+                        e[4][17] = _versions(e[4])
 
     def _resync(self, pairs):
         """A 16-bit param written outside the optimizer since its last step (clamp_ under no_grad, nn.init, a
