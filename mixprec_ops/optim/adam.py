@@ -85,7 +85,9 @@ class Adam(torch.optim.Optimizer):
             masters stay (the param holds their rounding through bf16), and after model.float() (or a 16-bit run's
             checkpoint loaded into an fp32 model) each fp32 param takes over its master's value at the next step,
             so training continues from the masters. In-place ops on ``p.data`` itself are not seen (``p.data``
-            has its own version counter): write under torch.no_grad() instead.
+            has its own version counter): write under torch.no_grad() instead. A compiled step
+            (torch.compile(opt.step), or a whole compiled training step) cannot watch version counters: after
+            writing params between compiled steps, or loading a state_dict, call ``resync_masters()`` eagerly.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
             ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize.
@@ -349,6 +351,38 @@ class Adam(torch.optim.Optimizer):
             held = (master.to(torch.bfloat16).float() == lp) | (master.to(torch.float16).float() == lp)
             lp.copy_(torch.where(held, master.to(lp.device), lp))
         del state["master_param"]
+
+    @torch._disable_dynamo
+    def resync_masters(self):
+        """Take what was written to the 16-bit params since the last step into their fp32 masters, element by
+        element (an element whose param no longer holds its master's rounding, through bf16 or fp16, takes the
+        param's value; the rest keep their fp32 bits), and let fp32 params take over masters loaded for them.
+
+        An eager step does this by itself, for the params whose version counter or storage changed. A compiled
+        step cannot (version counters do not trace, so it trusts the masters): after writing params between
+        compiled steps (a model's load_state_dict, an EMA swap, nn.init under torch.no_grad()) or after
+        load_state_dict, call this eagerly before the next step, or the step rebuilds the params from masters
+        that never saw the writes. One elementwise pass per param with a master, no host sync; not inside a CUDA
+        graph capture."""
+        pairs, plans = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or "master_param" not in st:
+                    continue
+                if p.dtype == torch.float32:
+                    self._adopt_master(p, st)
+                    continue
+                lp, master = _local(p), _local(st["master_param"])
+                if master.shape != lp.shape:
+                    raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape "
+                                     f"{tuple(master.shape)}")
+                pairs.append((lp, master))
+                plans.append(self._plans.get(id(p)))
+        self._resync(pairs)
+        for plan in plans:  # in sync now: the next eager step need not check these params again
+            if plan is not None and plan[17] is not None:
+                plan[17], plan[18] = _versions(plan), plan[4].data_ptr()
 
     # ------------------------------------------------------------------------------------------------ step
     def _collect(self):
