@@ -218,7 +218,10 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
 
     Autograd: first and higher-order gradients on every backend (a double backward runs the products of the first
     backward through linear again). Under torch.func transforms (grad, vmap, jvp, jacfwd, ...) and forward-mode AD
-    the same numerics run as plain torch ops (fp32 product, one rounding), which every transform supports.
+    the forward's numerics run as plain torch ops (fp32 product, one rounding), which every transform supports;
+    their gradients are torch autograd's of those ops, which round differently from the fused backward (within
+    about one 16-bit ulp of the largest element). torch.compile of a torch.func transform over it runs eagerly
+    (fullgraph=True fails: torch's custom-op autograd does not compose with torch.func).
     """
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
