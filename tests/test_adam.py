@@ -1354,6 +1354,42 @@ def test_clipping_norm_overflow_boundary(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("path", ["one_device", "general"])
+def test_clipping_rule_applies_to_the_unscaled_norm(backend, path, monkeypatch):
+    """Under a GradScaler the grads arrive scaled. The 2^64 rule (torch's fp32 sum of squares overflows) is about
+    the unscaled norm: grads whose scaled norm passes 2^64 but whose unscaled one is small must step, clipped (they
+    skipped, and torch's GradScaler, which does not see this optimizer's skips, then never backed off: a user trial
+    saw 0 of 25 steps taken). Eight elements of 1.5e19 (each square finite in fp32, their sum not) under a scale of
+    2^60: unscaled norm 8^0.5 * 1.5e19 / 2^60 ~ 36.8. "general": the multi-part path (fp64 sums of the parts)."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    if path == "general":  # the path for several devices, DTensors or ranks, taken here with one CPU part
+        monkeypatch.setattr(AdamW, "norm_across_ranks", True, raising=False)
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: None)
+        monkeypatch.setattr(AdamW, "_collective_device", lambda self: torch.device("cpu"))
+    p = torch.nn.Parameter(torch.ones(8))
+    p.grad = torch.full((8,), 1.5e19)
+    o = AdamW([p], lr=0.1, max_grad_norm=1.0, backend=backend)
+    if path == "general":
+        o.norm_across_ranks = True
+    o.grad_scale = torch.full((), 2.0**60)
+    o.found_inf = torch.zeros(1)
+    o.step()
+    want = (8 ** 0.5 * 1.5e19) / 2.0**60
+    assert abs(o.grad_norm.item() - want) <= 1e-6 * want, o.grad_norm
+    assert float(o.state[p]["step"]) == 1 and not torch.equal(p.detach(), torch.ones(8))
+    # and an unscaled norm of 2^64 still skips (the rule's boundary, now after the division)
+    p2 = torch.nn.Parameter(torch.ones(1))
+    p2.grad = torch.full((1,), 2.0**64 * 4)
+    o2 = AdamW([p2], lr=0.1, max_grad_norm=1.0, backend=backend)
+    if path == "general":
+        o2.norm_across_ranks = True
+    o2.grad_scale, o2.found_inf = torch.full((), 4.0), torch.zeros(1)
+    o2.step()
+    assert torch.isinf(o2.grad_norm) and torch.equal(p2.detach(), torch.ones(1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_clip_coefficient_is_clip_grad_norms(backend):
     """The clipping coefficient is torch.nn.utils.clip_grad_norm_'s, max_norm / (norm + 1e-6) and at most 1, shown
     where its 1e-6 matters: grads whose norm is ~1e-4 (the 1e-6 is 1% of it) and Adam's eps = 1, which makes the

@@ -95,8 +95,11 @@ class Adam(torch.optim.Optimizer):
             unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
             (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
             non-finite norm skips the step (nothing changes). The norm of the last step is ``self.grad_norm``.
-            Squares are summed in fp32, as torch's clip_grad_norm_ does for fp32 grads: a (still loss-scaled) grad
-            element beyond ~1.8e19 makes the norm inf and skips the step.
+            It is the norm of the unscaled grads, inf (step skipped) from 2^64 on, where torch's clip_grad_norm_
+            overflows its fp32 sum of squares; a still-scaled grad element beyond ~1.8e19 (whose fp32 square
+            overflows in the pass) makes it inf too. torch.amp.GradScaler does not see this optimizer's skips (it
+            backs off on its own found_inf only), so a loss scale that keeps scaled grads past that skips every
+            step with it; mixprec_ops.amp.GradScaler takes the optimizer's flag and backs off.
             The norm covers this optimizer's params: under FSDP2 or tensor parallelism (DTensor grads) it is the
             global norm (each rank's shards in the same fp32 pass, then summed over the mesh dims they are sharded
             on; a grad laid out otherwise than its param, e.g. Partial, is first laid out like the param); under
@@ -461,32 +464,35 @@ class Adam(torch.optim.Optimizer):
             found = torch.zeros(1, dtype=torch.float32, device=dev)
             # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
             norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
-            # The pass combines its partial sums in fp64, so its norm stays finite where the fp32 sum of squares
-            # (torch's clip_grad_norm_, the general path below, the docstring's rule) overflows: fl(n * n) is inf
-            # exactly when n >= 2^64. NaN stays NaN.
-            norm = norm.masked_fill(norm >= 2.0**64, float("inf"))
         else:
             dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
                    else self._collective_device())
             found = torch.zeros(1, dtype=torch.float32, device=dev)
-            sumsq = torch.zeros((), dtype=torch.float32, device=dev)
+            # fp64 sums of the parts' squares, as the pass combines its partial sums: finite for any finite parts
+            # (fl(n * n) in fp32 overflows from n = 2^64 on, before the scale is divided out: see below)
+            sumsq = torch.zeros((), dtype=torch.float64, device=dev)
             for d, grads in per_device.items():
                 f = torch.zeros(1, dtype=torch.float32, device=d)
                 n = unscale_(grads, self._one(d), f, return_norm=True, backend=self.backend)
-                sumsq = sumsq + n.to(dev).square()
+                sumsq = sumsq + n.to(dev, torch.float64).square()
                 found = found + f.to(dev)
             if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
-                both = torch.stack([sumsq, found.reshape(())]).to(self._collective_device())
+                both = torch.stack([sumsq, found.reshape(()).double()]).to(self._collective_device())
                 torch.distributed.all_reduce(both, group=self._norm_group())
                 both = both.to(dev)
-                sumsq, found = both[0], both[1].reshape(1)
+                sumsq, found = both[0], both[1].reshape(1).float()
             if dtensor_grads:  # FSDP2, tensor parallelism: the shards' sums, then a collective across the mesh
                 s, f = self._dtensor_grad_stats(dtensor_grads, dev)
                 sumsq, found = sumsq + s, found + f
-            norm = sumsq.sqrt()
+            norm = sumsq.sqrt().float()  # one part: its own norm, exactly (n * n is exact in fp64)
             found = found.clamp(max=1.0)  # a count over devices or ranks: 0 or 1, as the one-device case
         if grad_scale is not None:
             norm = norm / grad_scale.to(dev).reshape(())
+        # The norm of the unscaled grads (torch's recipe: unscale_, then clip_grad_norm_) is inf where torch's fp32
+        # sum of squares overflows, fl(n * n) = inf exactly from n = 2^64 on (the docstring's rule); a still-scaled
+        # norm past 2^64 with a finite unscaled one steps (it skipped, and torch's GradScaler, which does not see
+        # this optimizer's skips, then never backed off: every later step skipped too). NaN stays NaN.
+        norm = norm.masked_fill(norm >= 2.0**64, float("inf"))
         found = torch.where(norm < float("inf"), found, self._one(dev))  # a non-finite norm (inf, NaN) flags it too
         if found_inf is not None:
             found = torch.maximum(found, found_inf.to(dev).reshape(1))
@@ -507,18 +513,18 @@ class Adam(torch.optim.Optimizer):
         by_layout = defaultdict(list)
         for g in grads:
             by_layout[(g.device_mesh, tuple(g.placements))].append(_local(g))
-        sumsq = torch.zeros((), dtype=torch.float32, device=dev)
+        sumsq = torch.zeros((), dtype=torch.float64, device=dev)
         found = torch.zeros(1, dtype=torch.float32, device=dev)
         for (mesh, placements), local in by_layout.items():
             d = local[0].device
             f = torch.zeros(1, dtype=torch.float32, device=d)
             n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
-            both = torch.stack([n.square(), f.reshape(())])
+            both = torch.stack([n.double().square(), f.reshape(()).double()])
             if any(pl.is_shard() for pl in placements):
                 summed = [Partial() if pl.is_shard() else Replicate() for pl in placements]
                 both = DTensor.from_local(both, mesh, summed, run_check=False).full_tensor()
             sumsq = sumsq + both[0].to(dev)
-            found = found + both[1].to(dev).reshape(1)
+            found = found + both[1].to(dev, torch.float32).reshape(1)
         return sumsq, found
 
     def _one(self, device):
