@@ -410,6 +410,36 @@ def scenario_dtensor_edges(rank, backend, out_dir):
             opt.step()
         tp[impl] = p.detach().to_local().clone()
     out["tp"] = tp
+    # layouts: _StridedShard (FSDP2 over a tensor-parallel param; not a Shard subclass: its dim was taken for
+    # replicated), and ranks holding different grads: a grad None on rank 1 only, then no grads at all on rank 1
+    # (the collectives follow the params' layouts, so every rank issues the same ones)
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    lay = {}
+    for name, placements in (("strided", [_StridedShard(0, split_factor=2)]), ("shard1", [Shard(1)])):
+        g = torch.Generator().manual_seed(rank)
+        p = nn.Parameter(DTensor.from_local(torch.randn(4, 3, generator=g), mesh, placements, run_check=False))
+        p.grad = DTensor.from_local(torch.randn(4, 3, generator=g) * (10 if rank else 1), mesh, placements,
+                                    run_check=False)
+        q = nn.Parameter(DTensor.from_local(torch.randn(4, 3, generator=g), mesh, [Shard(0)], run_check=False))
+        q.grad = DTensor.from_local(torch.randn(4, 3, generator=g), mesh, [Shard(0)], run_check=False)
+        own = torch.stack([p.grad.to_local().double().square().sum(), q.grad.to_local().double().square().sum()])
+        if name == "shard1" and rank == 1:
+            p.grad = None
+            own[0] = 0
+        mine = own.clone()
+        dist.all_reduce(own)
+        o = ours([p, q], backend, max_grad_norm=1.0)
+        o.step()
+        lay[name] = dict(got=float(o.grad_norm), exact=own.sum().sqrt().item())
+        # no grads at all on rank 1: rank 0's norm is its own grads' (rank 1 adds 0), and nobody hangs
+        if name == "shard1":
+            if rank == 1:
+                q.grad = None
+            o.step()
+            lay["no_grads_on_rank_1"] = dict(got=None if rank == 1 else float(o.grad_norm),
+                                             exact=(mine[0] + mine[1]).sqrt().item() if rank == 0 else None)
+    out["layouts"] = lay
     return out
 
 
@@ -780,3 +810,16 @@ def test_tensor_parallel_partial_grads_keep_replicas_identical(results):
     per_rank = results("dtensor_edges")
     assert_identical_across_ranks([{"p": r["tp"]["ours"]} for r in per_rank], "tp replicated param")
     assert_close_rel({"p": per_rank[0]["tp"]["ours"]}, {"p": per_rank[0]["tp"]["torch"]}, 1e-6, "tp vs torch")
+
+
+def test_dtensor_norm_layouts_and_ranks_with_different_grads(results):
+    """The clip norm sums over every mesh dim that is not replicated, _StridedShard included (it was taken for a
+    replicated dim: 3.22 on one rank, 49.55 on the other, for 49.66); and a rank whose grads differ from the others'
+    (one grad None, or none at all) still joins every collective, adding 0: no hang, the exact norm."""
+    per_rank = results("dtensor_edges")
+    for rank, r in enumerate(per_rank):
+        for case in ("strided", "shard1"):
+            n = r["layouts"][case]
+            assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], (rank, case, n)
+    n = per_rank[0]["layouts"]["no_grads_on_rank_1"]
+    assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], n

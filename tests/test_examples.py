@@ -146,7 +146,7 @@ def test_hf_trainer_gpt2_with_mixprec(tmp_path):
     hf = _load("train_hf_gpt2")
     res = hf.main(["--steps", "40", "--out", str(tmp_path)])
     # GPT-2's Conv1D projections and its lm_head all went through convert().
-    assert res["converted"] == ["Conv1D_transformers_pytorch_utils", "Linear"], res["converted"]
+    assert res["converted"] == ["Conv1D__transformers__pytorch_utils", "Linear"], res["converted"]
     opt = res["optimizer"]
     # The Trainer stepped our optimizer: every param has state, with an fp32 master, and 40 applied steps.
     assert len(opt.state) == len(list(res["model"].parameters()))

@@ -82,10 +82,11 @@ class Adam(torch.optim.Optimizer):
             it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
             step checks each loaded master against its param: elements the param still holds the rounding of keep
             their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
-            masters stay (the param holds their rounding through bf16), and after model.float() (or a 16-bit run's
-            checkpoint loaded into an fp32 model) each fp32 param takes over its master's value at the next step,
-            so training continues from the masters. In-place ops on ``p.data`` itself are not seen (``p.data``
-            has its own version counter): write under torch.no_grad() instead. A compiled step
+            masters stay (the param holds their rounding through bf16), and after model.float() (at the next step)
+            or when a 16-bit run's checkpoint is loaded into an fp32 model (in load_state_dict, the model loaded
+            first) each fp32 param takes over its master's value, so training continues from the masters.
+            In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version counter): write under
+            torch.no_grad() instead. A compiled step
             (torch.compile(opt.step), or a whole compiled training step) cannot watch version counters: after
             writing params between compiled steps, or loading a state_dict, call ``resync_masters()`` eagerly.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
@@ -130,6 +131,7 @@ class Adam(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    _has_dtensor_params = False  # any DTensor param (FSDP2, TP): kept by add_param_group and __setstate__
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -217,6 +219,8 @@ class Adam(torch.optim.Optimizer):
         self._last = {"grad_norm": None}
         self._plans = {}
         self._ones = {}
+        self._has_dtensor_params = DTensor is not None and any(
+            isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             for k, v in self._GROUP_FALLBACKS.items():
                 group.setdefault(k, v)
@@ -244,6 +248,8 @@ class Adam(torch.optim.Optimizer):
                                      "module?); list each param once, as model.parameters() does")
                 seen.add(id(p))
             _check_group_options(group["master_weights"], group["state_dtype"])
+            self._has_dtensor_params = self._has_dtensor_params or (
+                DTensor is not None and any(isinstance(p, DTensor) for p in group["params"]))
             group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         except Exception:
             self.param_groups.pop()
@@ -257,8 +263,8 @@ class Adam(torch.optim.Optimizer):
         masters stay fp32 and step counters are fp32 on the param's device. A torch state_dict's groups lack
         master_weights and state_dtype: each group keeps its current ones. Masters missing (torch's state) are made
         from the params at the next step. Masters of float32 params (a 16-bit run resumed in fp32) are taken over by
-        their params at the next step: elements that still hold a master's bf16/fp16 rounding continue from its fp32
-        value; then the masters are dropped."""
+        their params here: elements that still hold a master's bf16/fp16 rounding continue from its fp32 value (so
+        load the model's weights first, as torch.distributed.checkpoint does); then the masters are dropped."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hook_result = pre_hook(self, state_dict)
@@ -284,6 +290,16 @@ class Adam(torch.optim.Optimizer):
         for k, v in state_dict["state"].items():
             state[id_map[k] if k in id_map else k] = self._loaded_state(id_map[k], group_of[k], v) if k in id_map \
                 else v
+        # a 16-bit run's masters loaded for fp32 params: taken over now (the model's weights loaded first, as
+        # torch.distributed.checkpoint and Hugging Face load them), every shape checked before any is
+        adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor) and p.dtype == torch.float32
+                 and isinstance(st, dict) and "master_param" in st]
+        for p, st in adopt:
+            if _local(st["master_param"]).shape != _local(p).shape:
+                raise ValueError(f"state['master_param'] of a {tuple(_local(p).shape)} param has shape "
+                                 f"{tuple(_local(st['master_param']).shape)}")
+        for p, st in adopt:
+            self._adopt_master(p, st)
         for g, sg in zip(groups, saved_groups):
             sg["params"] = g["params"]
             if "param_names" in g and "param_names" not in sg:
@@ -303,7 +319,7 @@ class Adam(torch.optim.Optimizer):
                 new[k] = v
             elif k == "step":
                 new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-            elif k == "master_param":  # (an fp32 param's is taken over at its next step: _adopt_master)
+            elif k == "master_param":  # (an fp32 param's is taken over by it in load_state_dict: _adopt_master)
                 new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
             elif k in _STATE_KEYS:
                 new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
@@ -319,7 +335,11 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
-        if p.dtype == torch.float32 and "master_param" in state:  # a 16-bit run resumed in fp32: p is the master
+        if p.dtype == torch.float32 and "master_param" in state:  # model.float() after 16-bit steps: p is the master
+            if torch.compiler.is_compiling():  # Inductor drops the 16-bit round trips _adopt_master compares with
+                raise RuntimeError(
+                    "mixprec_ops.optim: a float32 param still has the fp32 master of its 16-bit past (model.float() "
+                    "after 16-bit steps); call opt.resync_masters() eagerly before compiling the step")
             self._adopt_master(p, state)
         wanted = ("step", *_STATE_KEYS[:3 if group["amsgrad"] else 2],
                   *(("master_param",) if self._wants_master(group, p) else ()))
@@ -380,8 +400,10 @@ class Adam(torch.optim.Optimizer):
                 if master.shape != lp.shape:
                     raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape "
                                      f"{tuple(master.shape)}")
-                pairs.append((lp, master))
-                plans.append(self._plans.get(id(p)))
+                plan = self._plans.get(id(p))
+                # the other 16-bit format's rounding counts as unwritten after a load or a dtype change (_resync)
+                pairs.append((lp, master, plan is None or plan[17] == -1 or plan[10] is not lp.dtype))
+                plans.append(plan)
         self._resync(pairs)
         for plan in plans:  # in sync now: the next eager step need not check these params again
             if plan is not None and plan[17] is not None:
@@ -399,12 +421,18 @@ class Adam(torch.optim.Optimizer):
                     continue
                 if g.is_sparse or g.dtype not in FLOAT_SOURCES or g.device != p.device or g.shape != p.shape:
                     self._bad_grad(f"param {i} of param group {gi}", p, g)
-                if DTensor is not None and isinstance(g, DTensor) and isinstance(p, DTensor) \
-                        and g.placements != p.placements:
-                    # Tensor parallelism: a replicated param's grad can arrive Partial (a LayerNorm weight under
-                    # SequenceParallel: each rank holds its own share of a sum). Laid out like the param, as torch's
-                    # DTensor ops do implicitly, or each rank would step with its own share and the replicas drift.
-                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+                if type(g) is not torch.Tensor and DTensor is not None \
+                        and (isinstance(g, DTensor) or isinstance(p, DTensor)):
+                    if not (isinstance(g, DTensor) and isinstance(p, DTensor)):
+                        raise TypeError(f"param {i} of param group {gi}: the param is "
+                                        f"{'a' if isinstance(p, DTensor) else 'not a'} DTensor but its grad is "
+                                        f"{'one' if isinstance(g, DTensor) else 'not'}")
+                    if g.placements != p.placements:
+                        # Tensor parallelism: a replicated param's grad can arrive Partial (a LayerNorm weight under
+                        # SequenceParallel: each rank holds its own share of a sum). Laid out like the param, as
+                        # torch's DTensor ops do implicitly, or each rank steps with its own share and the replicas
+                        # drift apart.
+                        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
                 ps.append(p)
             if ps:
                 out.append((group, ps))
@@ -455,7 +483,7 @@ class Adam(torch.optim.Optimizer):
         for _, ps in collected:
             for p in ps:
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
-        if len(per_device) == 1 and not dtensor_grads and self.norm_across_ranks is False:
+        if len(per_device) == 1 and not self._has_dtensor_params and self.norm_across_ranks is False:
             # The common case, one device: the pass's norm and flag are the answer, without the general path's ~10
             # small ops (the same bits wherever sqrt is correctly rounded and n * n neither overflows, see below,
             # nor underflows: sqrt(fl(n * n)) == n in binary floating point; torch's fp32 CPU sqrt misses that for
@@ -481,7 +509,7 @@ class Adam(torch.optim.Optimizer):
                 torch.distributed.all_reduce(both, group=self._norm_group())
                 both = both.to(dev)
                 sumsq, found = both[0], both[1].reshape(1).float()
-            if dtensor_grads:  # FSDP2, tensor parallelism: the shards' sums, then a collective across the mesh
+            if self._has_dtensor_params:  # FSDP2, TP: the shards' sums, then collectives across the meshes
                 s, f = self._dtensor_grad_stats(dtensor_grads, dev)
                 sumsq, found = sumsq + s, found + f
             norm = sumsq.sqrt().float()  # one part: its own norm, exactly (n * n is exact in fp64)
@@ -504,24 +532,35 @@ class Adam(torch.optim.Optimizer):
     def _dtensor_grad_stats(self, grads, dev):
         """(sum of squares, inf/NaN count) of DTensor grads on `dev`: each rank's local shards go through the same
         norm pass as plain grads (fp32 squares, fp64 partial sums, the pass's own inf/NaN flag), then the two
-        numbers are summed over the mesh dims the grads are sharded on (a replicated dim holds the same values on
-        every rank: counted once). One collective per layout (mesh and placements), every rank alike. (torch's
-        get_total_norm, used before, works in the grads' dtype: fp16 shards' partial norms overflowed past ~256 and
-        every step was skipped; bf16 norms were 8-bit precise.)"""
+        numbers are summed over the mesh dims the grads are not replicated on (Shard, and _StridedShard, FSDP2's
+        layout over a tensor-parallel param; a replicated dim holds the same values on every rank: counted once).
+        One collective per layout (mesh and placements) of this optimizer's DTensor params, with or without
+        grads, in param-group order: every rank issues the same ones even when its grads differ (a grad None on
+        one rank only). (torch's get_total_norm, used before, works in the grads' dtype: fp16 shards' partial norms
+        overflowed past ~256 and every step was skipped; bf16 norms were 8-bit precise.)"""
         from torch.distributed.tensor import Partial, Replicate
 
-        by_layout = defaultdict(list)
-        for g in grads:
+        by_layout = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if isinstance(p, DTensor):
+                    by_layout.setdefault((p.device_mesh, tuple(p.placements)), [])
+        for g in grads:  # laid out like their params (_collect)
             by_layout[(g.device_mesh, tuple(g.placements))].append(_local(g))
         sumsq = torch.zeros((), dtype=torch.float64, device=dev)
         found = torch.zeros(1, dtype=torch.float32, device=dev)
         for (mesh, placements), local in by_layout.items():
-            d = local[0].device
-            f = torch.zeros(1, dtype=torch.float32, device=d)
-            n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
-            both = torch.stack([n.double().square(), f.reshape(()).double()])
-            if any(pl.is_shard() for pl in placements):
-                summed = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+            if local:
+                d = local[0].device
+                f = torch.zeros(1, dtype=torch.float32, device=d)
+                n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
+                both = torch.stack([n.double().square(), f.reshape(()).double()])
+            else:  # this rank holds no grad of this layout: its share is 0, but the collective is everyone's
+                d = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
+                     else torch.device(mesh.device_type))
+                both = torch.zeros(2, dtype=torch.float64, device=d)
+            if not all(pl.is_replicate() for pl in placements):
+                summed = [Replicate() if pl.is_replicate() else Partial() for pl in placements]
                 both = DTensor.from_local(both, mesh, summed, run_check=False).full_tensor()
             sumsq = sumsq + both[0].to(dev)
             found = found + both[1].to(dev, torch.float32).reshape(1)
@@ -596,7 +635,7 @@ class Adam(torch.optim.Optimizer):
             found_inf = None  # torch.amp.GradScaler sets sum([]) == 0 when this optimizer's params have no grads
         collected = self._collect()
         if not collected:
-            if self.max_grad_norm is not None and self.norm_across_ranks is not False:
+            if self.max_grad_norm is not None and (self.norm_across_ranks is not False or self._has_dtensor_params):
                 _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
                 if found_out is not None:  # what the other ranks found: every rank's scaler backs off alike
                     found_out[0][found_out[1]] = found.reshape(()).to(found_out[1])
@@ -654,6 +693,7 @@ class Adam(torch.optim.Optimizer):
                     if st.get(k) is not v:
                         stale = True
                         break
+            cross = False  # may the param hold the master's rounding through the other 16-bit format? (_resync)
             if stale:
                 old = plan
                 # A master that exists before this param's first plan here (loaded by load_state_dict, or kept by a
@@ -661,6 +701,7 @@ class Adam(torch.optim.Optimizer):
                 # was saved (model weights loaded from elsewhere, a head re-initialised), so the first step checks
                 # it against the param (_VER = -1, a version no tensor has; an unchanged param costs one pass).
                 unknown = old is None and "master_param" in st and p.dtype != torch.float32
+                cross = unknown or (old is not None and old[10] is not p.dtype)  # loaded, or the dtype changed
                 self._init_state(group, p)
                 st = state[p]
                 if st["step"].dim() != 0:  # a 1-element step from elsewhere: 0-dim, as torch keeps it
@@ -687,7 +728,7 @@ class Adam(torch.optim.Optimizer):
                 if plan[17] is not None and (_versions(plan) != plan[17] or ptr != plan[18]):
                     # (a loaded master met first inside a CUDA graph capture is trusted: no check can be recorded)
                     if not (plan[17] == -1 and self._capturing(lp.device)):
-                        resync.append((lp, master))
+                        resync.append((lp, master, cross or plan[17] == -1))
                 plan[18] = ptr
             g = p.grad if plain else _local(p.grad)
             gdtype = g.dtype
@@ -729,18 +770,21 @@ class Adam(torch.optim.Optimizer):
         back, or a model's load_state_dict of the checkpoint the masters come from, change nothing). One
         elementwise pass per such param, no host sync. Inside a CUDA graph capture it would be recorded and
         replayed every step: a written param raises there instead (step once eagerly after writing)."""
-        for lp, master in pairs:
+        for lp, master, _ in pairs:
             if self._capturing(lp.device):
                 raise RuntimeError(
                     f"mixprec_ops.optim: a {tuple(lp.shape)} param was written outside the optimizer since its last "
                     "step, and its fp32 master must take the write; that cannot be recorded in a CUDA graph "
                     "capture: run one step outside the capture first")
-        for lp, master in pairs:
+        for lp, master, cross in pairs:
             held = master.to(lp.dtype) == lp
-            # A model moved between the 16-bit formats (model.half() after bf16 steps, a bf16 run's checkpoint
-            # loaded into an fp16 model) holds the master's rounding through the other format: not a write either.
-            other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
-            held |= master.to(other).to(lp.dtype) == lp
+            if cross:
+                # A model moved between the 16-bit formats (model.half() after bf16 steps, a bf16 run's checkpoint
+                # loaded into an fp16 model) holds the master's rounding through the other format: not a write
+                # either. Only then: otherwise a real write near the master (clamp_(max=1.0) of an fp16 param, a
+                # zeroed bf16 element whose master fp16 flushes to 0) would look like that rounding and be undone.
+                other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
+                held |= master.to(other).to(lp.dtype) == lp
             master.copy_(torch.where(held, master, lp.float()))
 
     def _step_buffer(self, entries):
