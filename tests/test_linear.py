@@ -250,6 +250,22 @@ def test_converted_hf_conv1d_unpickles_where_nothing_was_converted(monkeypatch):
             getattr(linear_module, bad)
 
 
+def test_fx_symbolic_trace_records_the_fused_linear():
+    """torch.fx.symbolic_trace traces into modules outside torch.nn, so it traced into Linear.forward and linear's
+    argument checks met Proxy objects (TypeError; a user trial found FX quantization failing the same way). The
+    fused linear is now an FX leaf function: the traced GraphModule calls it (Linear and a converted HF Conv1D) and
+    gives the module's outputs bit for bit."""
+    torch.manual_seed(0)
+    conv1d = _fake_hf_conv1d_class()
+    model = convert(torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), conv1d(5, 16, torch.bfloat16))
+                    .to(torch.bfloat16))
+    gm = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(mixprec_ops.nn.functional.linear) == 2, calls
+    x = torch.randn(3, 7, 12, dtype=torch.bfloat16)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_compile_fullgraph(monkeypatch):
     """No graph break: dynamo traces through the custom op, and AOTAutograd through its registered backward
     (aot_eager: the cheapest backend that also traces the backward). The custom op, not the eager route's

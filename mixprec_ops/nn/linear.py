@@ -11,6 +11,11 @@ from ..ops.matmul import ACTIVATIONS
 from .functional import linear
 
 
+# torch.fx.symbolic_trace traces into modules outside torch.nn: calls to linear become graph nodes (call_function)
+# instead of being traced into, where its argument checks would meet Proxy objects.
+torch.fx.wrap("linear")
+
+
 def _check_activation(activation):
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -20,7 +25,9 @@ class Linear(torch.nn.Linear):
     """torch.nn.Linear (same constructor, parameters and state_dict keys) computing act(x @ weight.T + bias) with
     mixprec_ops.nn.functional.linear: fp32 accumulation, fused bias and activation. float32 modules fall back to
     torch's linear. torch.compile, torch.export and torch.jit.trace take it; torch.jit.script does not (the op
-    layer is Python with keyword-only arguments)."""
+    layer is Python with keyword-only arguments). torch.fx.symbolic_trace records the fused linear as one
+    call_function node. torch.ao quantization matches modules by exact type and leaves this class alone: quantize
+    an unconverted model."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
