@@ -14,12 +14,10 @@ from .. import backends
 from .._checks import FLOAT_SOURCES
 from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
-from ..ops.unscale import unscale_
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None
+from ._dtensor import DTensor
+from ._dtensor import local as _local
+from ._grad_norm import GradNormMixin
+from ._masters import MasterSyncMixin, _versions
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
@@ -40,24 +38,10 @@ def _state_dtype_name(v) -> str:
     if name not in _STATE_DTYPES:
         raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {v}")
     return name
-_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
 
 
 def _dist_ok() -> bool:
     return torch.distributed.is_available()
-
-
-def _local(t):
-    """The local shard of a DTensor (FSDP2 params, grads and states), else t itself."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _versions(plan):
-    """The version counter(s) of a planned param that a write moves: the tensor's own; for a DTensor (FSDP2) also
-    the DTensor's, which its in-place ops (p.zero_() under no_grad, a model's load_state_dict) move without moving
-    the local tensor's, while our kernels write the local tensor."""
-    lp = plan[4]
-    return lp._version if plan[11] else (lp._version, plan[2]._version)
 
 
 def _dense_like(t, ref) -> bool:
@@ -68,7 +52,7 @@ def _dense_like(t, ref) -> bool:
     return t.stride() == ref.stride() and torch.ops.aten.is_non_overlapping_and_dense(ref)
 
 
-class Adam(torch.optim.Optimizer):
+class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     """Adam with fp32 master weights for fp16/bf16 params, computed by fused kernels (CUDA, Triton, C++ CPU).
 
     Same constructor arguments and defaults as torch.optim.Adam, plus:
@@ -358,57 +342,6 @@ class Adam(torch.optim.Optimizer):
             else:  # the moments
                 state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
 
-    def _adopt_master(self, p, state):
-        """A master of an fp32 param: a 16-bit run resumed in fp32 (its checkpoint loaded into an fp32 model, or
-        model.float() after 16-bit steps). The param becomes its own master: elements that still hold the master's
-        bf16 or fp16 rounding take its fp32 value, so training continues from the masters, not from their
-        roundings; elements written since (a re-initialised head) keep what was written. Then the master goes."""
-        lp, master = _local(p), _local(state["master_param"])
-        if master.shape != lp.shape:
-            raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape {tuple(master.shape)}")
-        if self._capturing(lp.device):  # the graph would record the copy and redo it every replay
-            raise RuntimeError(
-                f"mixprec_ops.optim: the fp32 master of a {tuple(lp.shape)} float32 param (a 16-bit run resumed in "
-                "fp32) would be taken over inside a CUDA graph capture; run one step outside the capture first")
-        with torch.no_grad():
-            held = (master.to(torch.bfloat16).float() == lp) | (master.to(torch.float16).float() == lp)
-            lp.copy_(torch.where(held, master.to(lp.device), lp))
-        del state["master_param"]
-
-    @torch._disable_dynamo
-    def resync_masters(self):
-        """Take what was written to the 16-bit params since the last step into their fp32 masters, element by
-        element (an element whose param no longer holds its master's rounding, through bf16 or fp16, takes the
-        param's value; the rest keep their fp32 bits), and let fp32 params take over masters loaded for them.
-
-        An eager step does this by itself, for the params whose version counter or storage changed. A compiled
-        step cannot (version counters do not trace, so it trusts the masters): after writing params between
-        compiled steps (a model's load_state_dict, an EMA swap, nn.init under torch.no_grad()) or after
-        load_state_dict, call this eagerly before the next step, or the step rebuilds the params from masters
-        that never saw the writes. One elementwise pass per param with a master, no host sync; not inside a CUDA
-        graph capture."""
-        pairs, plans = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st or "master_param" not in st:
-                    continue
-                if p.dtype == torch.float32:
-                    self._adopt_master(p, st)
-                    continue
-                lp, master = _local(p), _local(st["master_param"])
-                if master.shape != lp.shape:
-                    raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape "
-                                     f"{tuple(master.shape)}")
-                plan = self._plans.get(id(p))
-                # the other 16-bit format's rounding counts as unwritten after a load or a dtype change (_resync)
-                pairs.append((lp, master, plan is None or plan[17] == -1 or plan[10] is not lp.dtype))
-                plans.append(plan)
-        self._resync(pairs)
-        for plan in plans:  # in sync now: the next eager step need not check these params again
-            if plan is not None and plan[17] is not None:
-                plan[17], plan[18] = _versions(plan), plan[4].data_ptr()
-
     # ------------------------------------------------------------------------------------------------ step
     def _collect(self):
         """Validate every param with a grad before anything is touched; return [(group, [params])]."""
@@ -472,130 +405,6 @@ class Adam(torch.optim.Optimizer):
         if g.device != p.device:
             raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
         raise ValueError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
-
-    def _grad_stats(self, collected, grad_scale, found_inf):
-        """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
-        Returns (clip_coef, found) as device tensors, on the first grad's device; found is non-zero when the step
-        must be skipped (1, or the scaler's found_inf where that is larger: torch's GradScaler sums its devices'
-        flags)."""
-        per_device = defaultdict(list)
-        dtensor_grads = []
-        for _, ps in collected:
-            for p in ps:
-                (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
-        if len(per_device) == 1 and not self._has_dtensor_params and self.norm_across_ranks is False:
-            # The common case, one device: the pass's norm and flag are the answer, without the general path's ~10
-            # small ops (the same bits wherever sqrt is correctly rounded and n * n neither overflows, see below,
-            # nor underflows: sqrt(fl(n * n)) == n in binary floating point; torch's fp32 CPU sqrt misses that for
-            # ~1e-5 of inputs, where this one is the exact one; a norm below ~1e-19 is now reported, not 0).
-            ((dev, grads),) = per_device.items()
-            found = torch.zeros(1, dtype=torch.float32, device=dev)
-            # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
-            norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
-        else:
-            dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
-                   else self._collective_device())
-            found = torch.zeros(1, dtype=torch.float32, device=dev)
-            # fp64 sums of the parts' squares, as the pass combines its partial sums: finite for any finite parts
-            # (fl(n * n) in fp32 overflows from n = 2^64 on, before the scale is divided out: see below)
-            sumsq = torch.zeros((), dtype=torch.float64, device=dev)
-            for d, grads in per_device.items():
-                f = torch.zeros(1, dtype=torch.float32, device=d)
-                n = unscale_(grads, self._one(d), f, return_norm=True, backend=self.backend)
-                sumsq = sumsq + n.to(dev, torch.float64).square()
-                found = found + f.to(dev)
-            if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
-                both = torch.stack([sumsq, found.reshape(()).double()]).to(self._collective_device())
-                torch.distributed.all_reduce(both, group=self._norm_group())
-                both = both.to(dev)
-                sumsq, found = both[0], both[1].reshape(1).float()
-            if self._has_dtensor_params:  # FSDP2, TP: the shards' sums, then collectives across the meshes
-                s, f = self._dtensor_grad_stats(dtensor_grads, dev)
-                sumsq, found = sumsq + s, found + f
-            norm = sumsq.sqrt().float()  # one part: its own norm, exactly (n * n is exact in fp64)
-            found = found.clamp(max=1.0)  # a count over devices or ranks: 0 or 1, as the one-device case
-        if grad_scale is not None:
-            norm = norm / grad_scale.to(dev).reshape(())
-        # The norm of the unscaled grads (torch's recipe: unscale_, then clip_grad_norm_) is inf where torch's fp32
-        # sum of squares overflows, fl(n * n) = inf exactly from n = 2^64 on (the docstring's rule); a still-scaled
-        # norm past 2^64 with a finite unscaled one steps (it skipped, and torch's GradScaler, which does not see
-        # this optimizer's skips, then never backed off: every later step skipped too). NaN stays NaN.
-        norm = norm.masked_fill(norm >= 2.0**64, float("inf"))
-        found = torch.where(norm < float("inf"), found, self._one(dev))  # a non-finite norm (inf, NaN) flags it too
-        if found_inf is not None:
-            found = torch.maximum(found, found_inf.to(dev).reshape(1))
-        self._last["grad_norm"] = norm
-        # as torch.nn.utils.clip_grad_norm_: float / tensor (a reciprocal and a product), then at most 1
-        clip = torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0).reshape(1)
-        return clip, found
-
-    def _dtensor_grad_stats(self, grads, dev):
-        """(sum of squares, inf/NaN count) of DTensor grads on `dev`: each rank's local shards go through the same
-        norm pass as plain grads (fp32 squares, fp64 partial sums, the pass's own inf/NaN flag), then the two
-        numbers are summed over the mesh dims the grads are not replicated on (Shard, and _StridedShard, FSDP2's
-        layout over a tensor-parallel param; a replicated dim holds the same values on every rank: counted once).
-        One collective per layout (mesh and placements) of this optimizer's DTensor params, with or without
-        grads, in param-group order: every rank issues the same ones even when its grads differ (a grad None on
-        one rank only). (torch's get_total_norm, used before, works in the grads' dtype: fp16 shards' partial norms
-        overflowed past ~256 and every step was skipped; bf16 norms were 8-bit precise.)"""
-        from torch.distributed.tensor import Partial, Replicate
-
-        by_layout = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(p, DTensor):
-                    by_layout.setdefault((p.device_mesh, tuple(p.placements)), [])
-        for g in grads:  # laid out like their params (_collect)
-            by_layout[(g.device_mesh, tuple(g.placements))].append(_local(g))
-        sumsq = torch.zeros((), dtype=torch.float64, device=dev)
-        found = torch.zeros(1, dtype=torch.float32, device=dev)
-        for (mesh, placements), local in by_layout.items():
-            if local:
-                d = local[0].device
-                f = torch.zeros(1, dtype=torch.float32, device=d)
-                n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
-                both = torch.stack([n.double().square(), f.reshape(()).double()])
-            else:  # this rank holds no grad of this layout: its share is 0, but the collective is everyone's
-                d = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
-                     else torch.device(mesh.device_type))
-                both = torch.zeros(2, dtype=torch.float64, device=d)
-            if not all(pl.is_replicate() for pl in placements):
-                summed = [Replicate() if pl.is_replicate() else Partial() for pl in placements]
-                both = DTensor.from_local(both, mesh, summed, run_check=False).full_tensor()
-            sumsq = sumsq + both[0].to(dev)
-            found = found + both[1].to(dev, torch.float32).reshape(1)
-        return sumsq, found
-
-    def _one(self, device):
-        """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;
-        made anew, not kept, while compiling or capturing (a tensor filled inside a CUDA graph capture holds its
-        value only in replays)."""
-        if torch.compiler.is_compiling():  # not read either: a guard on the dict's contents would recompile
-            return torch.ones(1, dtype=torch.float32, device=device)
-        t = self._ones.get(device)
-        if t is None:
-            t = torch.ones(1, dtype=torch.float32, device=device)
-            if not self._capturing(device):
-                self._ones[device] = t
-        return t
-
-    def _norm_group(self):
-        return None if self.norm_across_ranks is True else self.norm_across_ranks
-
-    def _collective_device(self) -> torch.device:
-        """The device of norm_across_ranks' all_reduce, by one rule every rank applies alike whatever grads it
-        holds: the process group's device for collectives (CUDA when it has NCCL, as torch's object collectives
-        choose), else the CPU."""
-        from torch.distributed import distributed_c10d as c10d
-
-        pick = getattr(c10d, "_get_object_coll_device", None)
-        if pick is not None:
-            dev = torch.device(pick(self._norm_group()))
-        else:  # older torch
-            dev = c10d._get_pg_default_device(self._norm_group())
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return dev
 
     def _mixprec_flags_inf_itself(self) -> bool:
         """True when step() reads every grad before updating anything and flags inf/NaN in that pass (the clipping
@@ -746,47 +555,6 @@ class Adam(torch.optim.Optimizer):
             buckets[(pkey, gdtype)].append(entry)
         self._resync(resync)
         return {k: (entries, self._step_buffer(entries)) for k, entries in buckets.items()}, fallback
-
-    def _note_versions(self, planned):
-        """After every launch of the step: each master-carrying param's version counter, as our own writes left it
-        (read, not predicted: the C++ ops do not move it, the Triton op and the reference do, and params that are
-        views of one buffer share one counter). ~0.09 us per param."""
-        for _, buckets, fallback in planned:
-            for entries in [e for e, _ in buckets.values()] + [fallback]:
-                for e in entries:
-                    if e[3] is not None:
-                        e[4][17] = e[0]._version if e[4][11] else _versions(e[4])  # (inline: ~0.1 us per param)
-
-    def _resync(self, pairs):
-        """A 16-bit param written outside the optimizer since its last step (clamp_ under no_grad, nn.init, a
-        model's load_state_dict, p.data = t) must not be overwritten from a master that never saw the write, which
-        a fused master-weight step would do. Such params are found in _bucket_group from the param's version
-        counter and data pointer, compared with what they were after our last step (_note_versions; host cost
-        with the read-back ~0.27 us per param with a master, bench/NOTES.md; a write through p.data's own
-        in-place ops is invisible: p.data has its own version counter. Not under torch.compile, whose tracing
-        cannot branch on the counter).
-
-        Per element, a master whose param no longer holds the master's rounding takes the param's value: what was
-        written wins, and elements nobody touched keep their fp32 bits (an eval-time swap to other weights and
-        back, or a model's load_state_dict of the checkpoint the masters come from, change nothing). One
-        elementwise pass per such param, no host sync. Inside a CUDA graph capture it would be recorded and
-        replayed every step: a written param raises there instead (step once eagerly after writing)."""
-        for lp, master, _ in pairs:
-            if self._capturing(lp.device):
-                raise RuntimeError(
-                    f"mixprec_ops.optim: a {tuple(lp.shape)} param was written outside the optimizer since its last "
-                    "step, and its fp32 master must take the write; that cannot be recorded in a CUDA graph "
-                    "capture: run one step outside the capture first")
-        for lp, master, cross in pairs:
-            held = master.to(lp.dtype) == lp
-            if cross:
-                # A model moved between the 16-bit formats (model.half() after bf16 steps, a bf16 run's checkpoint
-                # loaded into an fp16 model) holds the master's rounding through the other format: not a write
-                # either. Only then: otherwise a real write near the master (clamp_(max=1.0) of an fp16 param, a
-                # zeroed bf16 element whose master fp16 flushes to 0) would look like that rounding and be undone.
-                other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
-                held |= master.to(other).to(lp.dtype) == lp
-            master.copy_(torch.where(held, master, lp.float()))
 
     def _step_buffer(self, entries):
         """The bucket's step counters as one 1-D fp32 tensor whose elements ARE the params' state["step"] tensors

@@ -1,0 +1,13 @@
+"""DTensor (FSDP2, tensor parallelism) support shared by the optimizer's modules."""
+
+from __future__ import annotations
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def local(t):
+    """The local shard of a DTensor (FSDP2 params, grads and states), else t itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
