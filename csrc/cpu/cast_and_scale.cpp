@@ -30,7 +30,10 @@ inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep
     amax_acc = at::vec::maximum(amax_acc, v.abs());
     fVec y = v * s;
     if (sat) {
-      fVec c = at::vec::minimum(at::vec::maximum(y, lo), hi);  // NaN stays NaN
+      // Clamp by comparisons, which are false for NaN: a NaN stays the same NaN (sign and payload; the fp8 byte
+      // keeps its sign). at::vec::maximum/minimum return the all-ones NaN (sign set) instead.
+      fVec c = fVec::blendv(y, hi, y > hi);
+      c = fVec::blendv(c, lo, c < lo);
       y = keep_inf ? fVec::blendv(c, y, y.abs() == inf) : c;
     }
     y.store(buf + i);
