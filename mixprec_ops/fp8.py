@@ -10,6 +10,16 @@ scale of the last cast (what torch._scaled_mm expects), which stays right after 
                   pass (TransformerEngine's recipe: E4M3 forward, E5M2 backward, history up to 1024).
   update_all(recipes): DelayedScaling.update() of many recipes in a fixed number of kernels (one model's
                   per-layer recipes, once per step), bit for bit what updating them one by one does.
+
+Where this differs from TransformerEngine's DelayedScaling: a non-finite amax (an inf or NaN tensor) enters the
+history as 0, so the scale recovers at the next finite step (TE keeps the inf, which holds the scale for the
+history's length); a scale that would overflow keeps the previous one (TE clamps it to the fp32 maximum), which for
+CurrentScaling means that a tensor whose amax is below fp8_max / 3.4e38 is cast with the previous scale; the scale
+is torch's float / tensor, the reciprocal of amax times the constant (within 1 ulp of TE's single division). A
+recipe is not an nn.Module: model.to() and model.state_dict() do not reach it. Save recipe.state_dict() beside the
+model's, and to move a recipe build one on the new device and load_state_dict (it copies across devices). Saturated
+fp8 gradient casts (E5M2 backward) clamp inf gradients to the largest finite value: an overflow there does not
+reach GradScaler's inf check; the recipe's amax records it (inf, entered as 0 by update()).
 """
 
 from __future__ import annotations
