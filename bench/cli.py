@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import REPO_ROOT, ceilings, machine, report
-from .registry import BASELINE, TIME_BUDGET_S, Ctx, discover
+from .registry import BASELINE, TIME_BUDGET_S, UNCHECKED, Ctx, discover
 from .timing import measure, n_sets
 
 SKIPPED_BUDGET = "not run: time budget"  # the check column of a case skipped by its op's TIME_BUDGET_S
@@ -112,10 +112,18 @@ def main(argv=None) -> int:
 
     now = dt.datetime.now(dt.timezone.utc)
     out = args.out or os.path.join(REPO_ROOT, "bench", "out", f"{now:%Y-%m-%d}-{dev_type}")
-    os.makedirs(out, exist_ok=True)
-    for stale in ("results.json", "results.csv", PARTIAL, *report.PLOTS):  # an earlier run's, in a reused
-        if os.path.exists(os.path.join(out, stale)):                         # directory: never mixed
-            os.remove(os.path.join(out, stale))
+    try:  # an unusable --out fails here, before any case runs, not with a traceback after the first one
+        os.makedirs(out, exist_ok=True)
+        for stale in ("results.json", "results.csv", PARTIAL, *report.PLOTS):  # an earlier run's, in a reused
+            if os.path.exists(os.path.join(out, stale)):                         # directory: never mixed
+                os.remove(os.path.join(out, stale))
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        print(f"bench: cannot write results into --out {out!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
     reps, warmup, min_reps, budget, max_sets = SETTINGS[(dev_type, args.quick)]
     reps = args.reps or reps
     mach, vers, bk = machine.describe(device), machine.versions(), mixprec_ops.backends.report()
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
     rows, notes = [], []
 
     def failed(r):
-        return r["check"] not in ("ok", SKIPPED_BUDGET)
+        return r["check"] not in ("ok", SKIPPED_BUDGET, UNCHECKED)
 
     def error_text(e, n=160):
         return f"{type(e).__name__}: {str(e).splitlines()[0][:n] if str(e) else ''}"
@@ -243,7 +251,9 @@ def main(argv=None) -> int:
 
     def document(rs, seconds, **extra):
         """What results.json holds for rows rs (results.partial.json: the same, with partial=True)."""
-        return {"schema": 1, "date": now.isoformat(timespec="seconds"), "device": dev_type, "quick": args.quick,
+        # schema 2: device-only event timing and unscale_ timed with writes (2026-11-29); schema 1 rows (the first
+        # H200 run) timed otherwise and are not compared with (bench/gpu_report.py)
+        return {"schema": 2, "date": now.isoformat(timespec="seconds"), "device": dev_type, "quick": args.quick,
                 "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil, **extra, "skipped": skipped,
                 "notes": notes, "cases_seconds": round(seconds, 1),
                 "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
@@ -276,8 +286,9 @@ def main(argv=None) -> int:
                 t_check = time.perf_counter()
                 try:
                     bad = c.check(impl)
-                    checks[impl.backend] = "ok" if bad is None else f"FAIL: {bad}"
-                    if bad is None:  # a wrong result is not timed: no speed, no ratio, no target met
+                    checks[impl.backend] = ("ok" if bad is None else UNCHECKED if bad == UNCHECKED
+                                            else f"FAIL: {bad}")
+                    if bad is None or bad == UNCHECKED:  # a wrong result is not timed: no speed, no ratio, no target
                         timed.append(impl)
                 except Exception as e:  # noqa: BLE001  (a crashing backend must not hide the others)
                     checks[impl.backend] = f"ERROR: {error_text(e, 200)}"

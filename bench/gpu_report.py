@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import glob
 import json
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -116,19 +117,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def previous(exclude: str, gpu_slug: str) -> tuple[str | None, dict]:
-    """The newest bench/results/*.json other than `exclude`, preferring the same GPU: (its name, {(op, case,
-    backend, numel): row})."""
-    files = sorted(f for f in glob.glob(os.path.join(RESULTS_DIR, "*.json")) if f != exclude)
-    files = [f for f in files if f.endswith(f"-{gpu_slug}.json")] or files
-    if not files:
-        return None, {}
-    try:
-        doc = json.load(open(files[-1]))
-    except (OSError, ValueError):
-        return None, {}
-    rows = ((doc.get("bench") or {}).get("results")) or doc.get("results") or []
-    return os.path.basename(files[-1]), {(r["op"], r["case"], r["backend"], r["numel"]): r for r in rows}
+def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[str | None, dict]:
+    """The newest bench/results/*.json other than `exclude` from the same GPU whose bench rows were timed the same
+    way (bench schema `schema`): (its name, {(op, case, backend, numel): row}); (None, {}) when there is none (a
+    CPU run is never compared with a GPU's figures, nor device-only timing with the first run's)."""
+    files = sorted(f for f in glob.glob(os.path.join(RESULTS_DIR, "*.json"))
+                   if f != exclude and f.endswith(f"-{gpu_slug}.json"))
+    for f in reversed(files):
+        try:
+            doc = json.load(open(f))
+        except (OSError, ValueError):
+            continue
+        bench = doc.get("bench") or doc
+        if schema is not None and bench.get("schema") != schema:
+            continue
+        rows = bench.get("results") or []
+        return os.path.basename(f), {(r["op"], r["case"], r["backend"], r["numel"]): r for r in rows}
+    return None, {}
 
 
 def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool = False) -> list[dict]:
@@ -169,7 +174,8 @@ def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool 
             out.append(
                 {
                     "what": f"unscale_ {r['case']} {r['backend']} >= {UNSCALE_RATIO:.1f}x torch",
-                    "value": f"{ratio:.2f}x",
+                    # truncated to 3 decimals: a ratio under the target never reads as reaching it (0.9995: 1.00x)
+                    "value": f"{math.floor(ratio * 1000) / 1000:.3f}x",
                     "met": ratio >= UNSCALE_RATIO,
                 }
             )
@@ -322,15 +328,22 @@ def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_r
 
 def build(out: str) -> dict:
     bench = None
-    bpath = os.path.join(out, "bench", "results.json")
-    partial = os.path.join(out, "bench", "results.partial.json")  # left by a bench run stopped before its end
+    # gpu_check's layout (OUTDIR/bench/results.json), or a `python -m bench --out DIR` directory itself
+    bdir = os.path.join(out, "bench") if os.path.isdir(os.path.join(out, "bench")) else out
+    bpath = os.path.join(bdir, "results.json")
+    partial = os.path.join(bdir, "results.partial.json")  # left by a bench run stopped before its end
     if not os.path.exists(bpath) and os.path.exists(partial):
         bpath = partial
+    if not os.path.exists(bpath):
+        print(f"gpu_report: no bench results in {out} (looked for bench/results.json and results.json)")
     if os.path.exists(bpath):
         try:
             bench = json.load(open(bpath))
         except ValueError as e:
             print(f"gpu_report: unreadable {bpath}: {e}")
+    if bench and bench.get("noisy"):
+        bench["notes"] = ["machine NOT STEADY during the bench (its copy ceiling or thread wake-up latency moved): "
+                          "'vs torch' ratios are inflated; rerun when idle"] + list(bench.get("notes", []))
     if bench and bench.get("partial"):
         bench["notes"] = [f"PARTIAL bench results: the run stopped before its end (time limit?); "
                           f"{len(bench.get('results', []))} rows of the cases that finished, %copy against the "
@@ -348,8 +361,9 @@ def build(out: str) -> dict:
         "sanitizer": read_sanitizer(out),
         "bench": bench,
         "train_gpt": read_train(out),
+        # the issues' targets are an H200's: a CPU run's rows are not judged against them
         "targets": targets((bench or {}).get("results", []), (bench or {}).get("geomeans"),
-                           bool((bench or {}).get("partial"))),
+                           bool((bench or {}).get("partial"))) if (bench or {}).get("device") == "cuda" else [],
     }
 
 
@@ -362,7 +376,8 @@ def main(argv=None) -> int:
         if a.commit_results:
             ap.error("--commit-results files a gpu_check output directory, not a report .json")
         rep = json.load(open(a.outdir))
-        prev_name, prev_rows = previous(os.path.abspath(a.outdir), slug(rep["gpu"]))
+        prev_name, prev_rows = previous(os.path.abspath(a.outdir), slug(rep["gpu"]),
+                                        (rep.get("bench") or {}).get("schema"))
         print(summary_md(rep, prev_name, prev_rows))
         return 0
     out = os.path.abspath(a.outdir)
@@ -373,7 +388,7 @@ def main(argv=None) -> int:
         rep = build(out)
     name = f"{rep['date'][:10]}-{slug(rep['gpu'])}"
     dest = os.path.join(RESULTS_DIR, name + ".json")
-    prev_name, prev_rows = previous(dest, slug(rep["gpu"]))
+    prev_name, prev_rows = previous(dest, slug(rep["gpu"]), (rep.get("bench") or {}).get("schema"))
     md = summary_md(rep, prev_name, prev_rows)
     if not (a.commit_results and os.path.exists(made)):
         try:

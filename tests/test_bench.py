@@ -292,6 +292,56 @@ def test_wrong_or_crashing_implementations_are_not_timed_and_do_not_stop_the_run
     assert rows[("no inputs", BASELINE)]["check"].startswith("ERROR: making the inputs: MemoryError")
 
 
+def test_unchecked_baselines_say_so_and_are_timed(tmp_path, monkeypatch):
+    """A baseline its case does not compare with the oracle (torch's own AdamW, the unscale_ stand-in) said "ok",
+    so a baseline writing garbage looked checked (a user trial replaced torch's AdamW step with one writing NaN: all
+    rows "ok"). It now says UNCHECKED, is still timed as the ratio's baseline, and is not a failure."""
+    from bench import cli, registry
+    from bench.registry import UNCHECKED, Case
+
+    def fast(d):
+        return None
+
+    good = f"{BASELINE}-good"
+    cases = [Case("zz_unchecked", "case", 1000, 8000, lambda seed: None, [Impl(BASELINE, fast), Impl(good, fast)],
+                  lambda impl: UNCHECKED if impl.backend == BASELINE else None)]
+    monkeypatch.setitem(registry._PROVIDERS, "zz_unchecked", lambda ctx: cases)
+    assert cli.main(["--quick", "--ops", "zz_unchecked", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = {r["backend"]: r for r in json.load(open(tmp_path / "results.json"))["results"]}
+    assert rows[BASELINE]["check"] == UNCHECKED and rows[BASELINE]["median_us"] is not None
+    assert rows[good]["check"] == "ok" and rows[good]["vs_torch"] is not None
+    # the real baselines that are not compared say so
+    from bench import cases_adam
+
+    check = cases_adam._check([64, 33], torch.device("cpu"))
+    assert check(Impl(BASELINE, fast)) == UNCHECKED and check(Impl(BASELINE + "-foreach", fast)) == UNCHECKED
+
+
+def test_gpu_report_compares_like_with_like(tmp_path, monkeypatch, capsys):
+    """gpu_report compared a CPU run with the H200's figures (any file, when none matched the device) and the next
+    H200 run with the first one's rows, timed otherwise (schema 1: host time included, unscale_ without writes).
+    Now only the same GPU and bench schema are compared; a CPU run is not judged against the H200 targets; a bench
+    --out directory is read as well as gpu_check's layout; a run that was not steady says so in the summary."""
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"op": "unscale_", "case": "c", "backend": "cuda", "numel": 10, "gbps": 5.0, "check": "ok"}
+    for name, schema in (("2026-11-28-nvidia-h200", 1), ("2026-11-29-other-gpu", 2)):
+        json.dump({"gpu": "x", "bench": {"schema": schema, "results": [row]}}, open(results / f"{name}.json", "w"))
+    monkeypatch.setattr(gpu_report, "RESULTS_DIR", str(results))
+    assert gpu_report.previous("", "nvidia-h200", 2) == (None, {})
+    assert gpu_report.previous("", "nvidia-h200", 1)[0] == "2026-11-28-nvidia-h200.json"
+    assert gpu_report.previous("", "unknown-gpu", 2) == (None, {})
+    out = tmp_path / "cpu_run"
+    out.mkdir()
+    cpu_row = {**row, "backend": "cpu", "vs_torch": 0.9995, "pct_copy": 50.0}
+    json.dump({"schema": 2, "device": "cpu", "noisy": True, "results": [cpu_row], "notes": []},
+              open(out / "results.json", "w"))
+    rep = gpu_report.build(str(out))
+    assert rep["bench"] is not None and rep["targets"] == []
+    assert any("NOT STEADY" in n for n in rep["bench"]["notes"])
+    assert gpu_report.targets([{**cpu_row, "backend": "cuda"}])[0]["value"] == "0.999x"  # not "1.00x" and missed
+
+
 def test_every_input_set_is_warmed_before_timing():
     """What a first call per input set does (an optimizer creating its state) stays out of the timed calls: the
     warm-up reaches every set (it covered only the first `warmup` ones)."""
