@@ -1271,7 +1271,9 @@ def test_resync_masters_takes_writes_between_compiled_steps(compiler):
         with torch.no_grad():
             ps[0][1:4].fill_(0.5)  # a partial write: the other rows keep their masters' fp32 bits
         if mode == "compiled":
-            o.resync_masters()
+            o.resync_masters()  # eager, outside no_grad: the masters must stay leaves outside autograd
+            assert not o.state[ps[0]]["master_param"].requires_grad
+            copy.deepcopy(o.state_dict())
         grads(7)
         step()
         results[mode] = [ps[0].detach().clone(), o.state[ps[0]]["master_param"].clone(), ps[1].detach().clone()]
@@ -1289,8 +1291,16 @@ def test_resync_masters_takes_writes_between_compiled_steps(compiler):
     with torch.no_grad():
         q.copy_(oq.state[q]["master_param"].bfloat16().float())
         q[2] = -1.0  # written after the load: kept
+    bad = torch.nn.Parameter(torch.zeros(4, 5))
+    oq.add_param_group({"params": [bad]})
+    oq.state[bad]["master_param"] = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match=r"of a \(4, 5\) param has shape \(5, 4\)"):
+        oq.resync_masters()  # every shape checked before anything changes
+    assert "master_param" in oq.state[q] and q[0].item() != 1e-3
+    del oq.state[bad]["master_param"]
     oq.resync_masters()
     assert torch.equal(q.detach(), torch.tensor([1e-3, 2.0, -1.0])) and "master_param" not in oq.state[q]
+    assert not q.grad_fn and q.is_leaf
     oq.resync_masters()
 
 

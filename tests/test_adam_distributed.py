@@ -440,6 +440,14 @@ def scenario_dtensor_edges(rank, backend, out_dir):
             lay["no_grads_on_rank_1"] = dict(got=None if rank == 1 else float(o.grad_norm),
                                              exact=(mine[0] + mine[1]).sqrt().item() if rank == 0 else None)
     out["layouts"] = lay
+    # a DTensor param with a plain grad (or the reverse) is named, not stepped with the wrong shapes
+    p = nn.Parameter(DTensor.from_local(torch.randn(4, 3), mesh, [Shard(0)], run_check=False))
+    p.grad = torch.randn(8, 3)
+    try:
+        ours([p], backend).step()
+        out["mixed_grad"] = "stepped"
+    except TypeError as e:
+        out["mixed_grad"] = str(e)
     return out
 
 
@@ -823,3 +831,8 @@ def test_dtensor_norm_layouts_and_ranks_with_different_grads(results):
             assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], (rank, case, n)
     n = per_rank[0]["layouts"]["no_grads_on_rank_1"]
     assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], n
+
+
+def test_a_dtensor_param_with_a_plain_grad_is_named(results):
+    for r in results("dtensor_edges"):
+        assert "the param is a DTensor but its grad is not" in r["mixed_grad"], r["mixed_grad"]

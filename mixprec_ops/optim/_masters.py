@@ -24,7 +24,9 @@ class MasterSyncMixin:
         """A master of an fp32 param: a 16-bit run resumed in fp32 (its checkpoint loaded into an fp32 model, or
         model.float() after 16-bit steps). The param becomes its own master: elements that still hold the master's
         bf16 or fp16 rounding take its fp32 value, so training continues from the masters, not from their
-        roundings; elements written since (a re-initialised head) keep what was written. Then the master goes."""
+        roundings; elements written since (a re-initialised head) keep what was written, unless the written value
+        happens to equal the master's bf16 or fp16 rounding (e.g. a LayerNorm weight reset to 1.0 whose master is
+        within a 16-bit ulp of 1). Then the master goes."""
         lp, master = _local(p), _local(state["master_param"])
         if master.shape != lp.shape:
             raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape {tuple(master.shape)}")
@@ -40,8 +42,10 @@ class MasterSyncMixin:
     @torch._disable_dynamo
     def resync_masters(self):
         """Take what was written to the 16-bit params since the last step into their fp32 masters, element by
-        element (an element whose param no longer holds its master's rounding, through bf16 or fp16, takes the
-        param's value; the rest keep their fp32 bits), and let fp32 params take over masters loaded for them.
+        element (an element whose param no longer holds its master's rounding takes the param's value; the rest keep
+        their fp32 bits; after a load or a change of the param's dtype the rounding through the other 16-bit format
+        counts as held too), and let fp32 params take over masters loaded for them. Every master's shape is checked
+        before anything changes.
 
         An eager step does this by itself, for the params whose version counter or storage changed. A compiled
         step cannot (version counters do not trace, so it trusts the masters): after writing params between
@@ -49,24 +53,27 @@ class MasterSyncMixin:
         load_state_dict, call this eagerly before the next step, or the step rebuilds the params from masters
         that never saw the writes. One elementwise pass per param with a master, no host sync; not inside a CUDA
         graph capture."""
-        pairs, plans = [], []
+        pairs, plans, adopt = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st or "master_param" not in st:
                     continue
-                if p.dtype == torch.float32:
-                    self._adopt_master(p, st)
-                    continue
                 lp, master = _local(p), _local(st["master_param"])
-                if master.shape != lp.shape:
+                if master.shape != lp.shape:  # before anything changes
                     raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape "
                                      f"{tuple(master.shape)}")
+                if p.dtype == torch.float32:
+                    adopt.append((p, st))
+                    continue
                 plan = self._plans.get(id(p))
                 # the other 16-bit format's rounding counts as unwritten after a load or a dtype change (_resync)
                 pairs.append((lp, master, plan is None or plan[17] == -1 or plan[10] is not lp.dtype))
                 plans.append(plan)
-        self._resync(pairs)
+        with torch.no_grad():  # (a step runs under no_grad; called eagerly, the copies must not join autograd)
+            for p, st in adopt:
+                self._adopt_master(p, st)
+            self._resync(pairs)
         for plan in plans:  # in sync now: the next eager step need not check these params again
             if plan is not None and plan[17] is not None:
                 plan[17], plan[18] = _versions(plan), plan[4].data_ptr()

@@ -354,7 +354,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                     continue
                 if g.is_sparse or g.dtype not in FLOAT_SOURCES or g.device != p.device or g.shape != p.shape:
                     self._bad_grad(f"param {i} of param group {gi}", p, g)
-                if type(g) is not torch.Tensor and DTensor is not None \
+                if (self._has_dtensor_params or type(g) is not torch.Tensor) and DTensor is not None \
                         and (isinstance(g, DTensor) or isinstance(p, DTensor)):
                     if not (isinstance(g, DTensor) and isinstance(p, DTensor)):
                         raise TypeError(f"param {i} of param group {gi}: the param is "
