@@ -366,8 +366,10 @@ def main(argv=None) -> int:
     report.write_json(os.path.join(out, "results.json"), doc)
     if os.path.exists(os.path.join(out, PARTIAL)):
         os.remove(os.path.join(out, PARTIAL))
-    report.write_csv(os.path.join(out, "results.csv"), rows)
     name = mach.get("gpu") or f"{mach['cpu']} x{mach['cpu_cores']}"
+    report.write_csv(os.path.join(out, "results.csv"), rows,
+                     {"date": doc["date"], "device": dev_type, "machine": name, "torch": vers.get("torch"),
+                      "git": vers.get("git"), "noisy": noisy})
     title = f"mixprec_ops {dev_type} {name} {now:%Y-%m-%d}; copy ceiling {copy_gbps:.0f} GB/s"
     if noisy:
         title += "\nmachine NOT STEADY during this run: ratios inflated"

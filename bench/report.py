@@ -46,7 +46,10 @@ def fmt_time(us: float | None) -> str:
 
 
 def fmt_size(numel: int, nbytes: int) -> str:
-    return f"{numel / 1e6:.3g}M el {nbytes / 1e6:.0f} MB"
+    """"1M el 28 MB"; small cases in elements and kB ("40 el 0.6 kB", not "4e-05M el 0 MB")."""
+    el = f"{numel / 1e6:.3g}M" if numel >= 100_000 else f"{numel:,}"
+    size = f"{nbytes / 1e6:.0f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB"
+    return f"{el} el {size}"
 
 
 def _f(v, spec):
@@ -188,11 +191,14 @@ def write_json(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], run: dict | None = None) -> None:
+    """One line per row; `run` (date, device, machine...) is repeated in columns of its own on every line, so that
+    a CSV copied away or concatenated with another run's still says where and when it was measured."""
+    run = run or {}
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        wr = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *run], extrasaction="ignore")
         wr.writeheader()
-        wr.writerows(rows)
+        wr.writerows({**r, **run} for r in rows)
 
 
 PLOTS = ("roofline.png", "speedup.png")

@@ -317,6 +317,21 @@ def test_unchecked_baselines_say_so_and_are_timed(tmp_path, monkeypatch):
     assert check(Impl(BASELINE, fast)) == UNCHECKED and check(Impl(BASELINE + "-foreach", fast)) == UNCHECKED
 
 
+def test_small_sizes_read_and_the_csv_says_where_and_when(tmp_path):
+    """Sizes of small cases read in elements and kB (adam_scalars printed "4e-05M el 0 MB"); the CSV carries the
+    run's date, device and machine on every line (only the JSON had them)."""
+    from bench import report
+
+    assert report.fmt_size(40, 640) == "40 el 0.6 kB" and report.fmt_size(2_000_000, 56_000_000) == "2M el 56 MB"
+    rows = [{"op": "x", "case": "c", "backend": "cpu", "numel": 40}]
+    report.write_csv(str(tmp_path / "r.csv"), rows, {"date": "2026-11-29T00:00:00+00:00", "device": "cpu",
+                                                      "machine": "m x2"})
+    import csv
+
+    (line,) = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert line["op"] == "x" and line["date"].startswith("2026-11-29") and line["machine"] == "m x2"
+
+
 def test_gpu_report_compares_like_with_like(tmp_path, monkeypatch, capsys):
     """gpu_report compared a CPU run with the H200's figures (any file, when none matched the device) and the next
     H200 run with the first one's rows, timed otherwise (schema 1: host time included, unscale_ without writes).
