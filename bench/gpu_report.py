@@ -147,7 +147,8 @@ def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool 
         out.append(
             {
                 "what": f"geomean {g['group']} {g['backend']} >= {g['target']:.2f}x torch",
-                "value": fmt(g.get("geomean"), ".2f", "x") + miss + (" (partial run: not judged)" if partial else ""),
+                "value": fmt(None if g.get("geomean") is None else math.floor(g["geomean"] * 1000) / 1000, ".3f", "x")
+                + miss + (" (partial run: not judged)" if partial else ""),  # truncated, as the unscale_ ratios
                 "met": bool(g.get("met")) and not partial,
             }
         )

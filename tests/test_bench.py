@@ -121,7 +121,7 @@ def test_geomeans_against_targets_and_gpu_report():
     assert not gms["g2", "triton"]["met"] and math.isclose(gms["g2", "triton"]["geomean"], 0.8)
     lines = report.geomean_lines(report.geomeans(rows), "cuda")
     assert any("g1 cuda" in x and "only 1 of 2" in x for x in lines)
-    assert any("g2 triton: 0.80x" in x and "NOT met" in x for x in lines)
+    assert any("g2 triton: 0.800x" in x and "NOT met" in x for x in lines)
 
     tg = gpu_report.targets([], report.geomeans(rows))
     assert {(t["what"].split(" ")[1], t["met"]) for t in tg} == {("g1", True), ("g1", False), ("g2", False)}
@@ -130,7 +130,7 @@ def test_geomeans_against_targets_and_gpu_report():
                      "geomeans": report.geomeans(rows)}}
     md = gpu_report.summary_md(rep, None, {})
     assert "| matmul | a | triton | 10.0 us | 1.0 | 50 |" in md and "tiled 128x128x64 w8 s3 (tuned)" in md
-    assert "| geomean g2 triton >= 0.90x torch | 0.80x | NO |" in md
+    assert "| geomean g2 triton >= 0.90x torch | 0.800x | NO |" in md
     assert "| op | case | backend | size |" not in md  # no memory-bound rows: no GB/s table
 
 
@@ -355,6 +355,8 @@ def test_gpu_report_compares_like_with_like(tmp_path, monkeypatch, capsys):
     assert rep["bench"] is not None and rep["targets"] == []
     assert any("NOT STEADY" in n for n in rep["bench"]["notes"])
     assert gpu_report.targets([{**cpu_row, "backend": "cuda"}])[0]["value"] == "0.999x"  # not "1.00x" and missed
+    g = {"group": "M=8192", "backend": "cuda", "target": 1.0, "n": 3, "n_cases": 3, "geomean": 0.9996, "met": False}
+    assert gpu_report.targets([], [g])[0]["value"] == "0.999x"
 
 
 def test_every_input_set_is_warmed_before_timing():
