@@ -14,15 +14,14 @@ import argparse
 import datetime as dt
 import glob
 import json
-import math
 import os
 import re
 import xml.etree.ElementTree as ET
 
 try:
-    from .report import fmt_time  # imported as bench.gpu_report
+    from .report import fmt_time, trunc3  # imported as bench.gpu_report
 except ImportError:  # run as a script (python3 bench/gpu_report.py): bench/ is sys.path[0]
-    from report import fmt_time
+    from report import fmt_time, trunc3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
@@ -147,8 +146,8 @@ def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool 
         out.append(
             {
                 "what": f"geomean {g['group']} {g['backend']} >= {g['target']:.2f}x torch",
-                "value": fmt(None if g.get("geomean") is None else math.floor(g["geomean"] * 1000) / 1000, ".3f", "x")
-                + miss + (" (partial run: not judged)" if partial else ""),  # truncated, as the unscale_ ratios
+                "value": fmt(None if g.get("geomean") is None else trunc3(g["geomean"]), ".3f", "x")
+                + miss + (" (partial run: not judged)" if partial else ""),
                 "met": bool(g.get("met")) and not partial,
             }
         )
@@ -176,7 +175,7 @@ def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool 
                 {
                     "what": f"unscale_ {r['case']} {r['backend']} >= {UNSCALE_RATIO:.1f}x torch",
                     # truncated to 3 decimals: a ratio under the target never reads as reaching it (0.9995: 1.00x)
-                    "value": f"{math.floor(ratio * 1000) / 1000:.3f}x",
+                    "value": f"{trunc3(ratio):.3f}x",
                     "met": ratio >= UNSCALE_RATIO,
                 }
             )

@@ -45,6 +45,12 @@ def fmt_time(us: float | None) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
 
 
+def trunc3(v: float) -> float:
+    """v truncated (toward -inf) to 3 decimals, for ratios judged against a target: a value under it never prints
+    as reaching it (0.9995 as "1.000"); inf and NaN as they are."""
+    return math.floor(v * 1000) / 1000 if math.isfinite(v) else v
+
+
 def fmt_size(numel: int, nbytes: int) -> str:
     """"1M el 28 MB"; small cases in elements and kB ("40 el 0.6 kB", not "4e-05M el 0 MB")."""
     el = f"{numel / 1e6:.3g}M" if numel >= 100_000 else f"{numel:,}"
@@ -177,7 +183,7 @@ def geomean_lines(gms: list[dict], device: str) -> list[str]:
                          f"{tgt})")
             continue
         # truncated to 3 decimals: a geomean under its target never reads as reaching it (0.996 as "1.00x")
-        gm = "-" if x["geomean"] is None else f"{math.floor(x['geomean'] * 1000) / 1000:.3f}x"
+        gm = "-" if x["geomean"] is None else f"{trunc3(x['geomean']):.3f}x"
         miss = "" if x["n"] == x["n_cases"] else f" (only {x['n']} of {x['n_cases']} cases have a ratio)"
         lines.append(f"geomean {x['group']} {x['backend']}: {gm} vs torch over {x['n']} cases, target {tgt}: "
                      f"{'met' if x['met'] else 'NOT met'}{miss}")
