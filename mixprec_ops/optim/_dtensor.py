@@ -11,3 +11,8 @@ except ImportError:  # torch built without distributed
 def local(t):
     """The local shard of a DTensor (FSDP2 params, grads and states), else t itself."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def any_dtensor(tensors) -> bool:
+    """Whether any of `tensors` is a DTensor (False where torch has no distributed)."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)

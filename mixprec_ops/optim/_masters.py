@@ -17,6 +17,13 @@ def _versions(plan):
     return lp._version if plan[11] else (lp._version, plan[2]._version)
 
 
+def check_state_shape(key, lp, t) -> None:
+    """A param's state tensor (or its local shard) must have the param's shape: a state of another param (same
+    numel or not) is refused, naming both shapes, before anything is updated."""
+    if t.shape != lp.shape:
+        raise ValueError(f"state[{key!r}] of a {tuple(lp.shape)} param has shape {tuple(t.shape)}")
+
+
 class MasterSyncMixin:
     """Adam's master-weight upkeep between steps (this module's docstring)."""
 
@@ -28,8 +35,7 @@ class MasterSyncMixin:
         happens to equal the master's bf16 or fp16 rounding (e.g. a LayerNorm weight reset to 1.0 whose master is
         within a 16-bit ulp of 1). Then the master goes."""
         lp, master = _local(p), _local(state["master_param"])
-        if master.shape != lp.shape:
-            raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape {tuple(master.shape)}")
+        check_state_shape("master_param", lp, master)
         if self._capturing(lp.device):  # the graph would record the copy and redo it every replay
             raise RuntimeError(
                 f"mixprec_ops.optim: the fp32 master of a {tuple(lp.shape)} float32 param (a 16-bit run resumed in "
@@ -60,9 +66,7 @@ class MasterSyncMixin:
                 if not st or "master_param" not in st:
                     continue
                 lp, master = _local(p), _local(st["master_param"])
-                if master.shape != lp.shape:  # before anything changes
-                    raise ValueError(f"state['master_param'] of a {tuple(lp.shape)} param has shape "
-                                     f"{tuple(master.shape)}")
+                check_state_shape("master_param", lp, master)  # every one before anything changes
                 if p.dtype == torch.float32:
                     adopt.append((p, st))
                     continue

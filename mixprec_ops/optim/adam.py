@@ -14,10 +14,10 @@ from .. import backends
 from .._checks import FLOAT_SOURCES
 from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
-from ._dtensor import DTensor
+from ._dtensor import DTensor, any_dtensor
 from ._dtensor import local as _local
 from ._grad_norm import GradNormMixin
-from ._masters import MasterSyncMixin, _versions
+from ._masters import MasterSyncMixin, _versions, check_state_shape
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
@@ -203,8 +203,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         self._last = {"grad_norm": None}
         self._plans = {}
         self._ones = {}
-        self._has_dtensor_params = DTensor is not None and any(
-            isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
+        self._has_dtensor_params = any_dtensor(p for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             for k, v in self._GROUP_FALLBACKS.items():
                 group.setdefault(k, v)
@@ -232,8 +231,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                                      "module?); list each param once, as model.parameters() does")
                 seen.add(id(p))
             _check_group_options(group["master_weights"], group["state_dtype"])
-            self._has_dtensor_params = self._has_dtensor_params or (
-                DTensor is not None and any(isinstance(p, DTensor) for p in group["params"]))
+            self._has_dtensor_params = self._has_dtensor_params or any_dtensor(group["params"])
             group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         except Exception:
             self.param_groups.pop()
@@ -279,9 +277,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor) and p.dtype == torch.float32
                  and isinstance(st, dict) and "master_param" in st]
         for p, st in adopt:
-            if _local(st["master_param"]).shape != _local(p).shape:
-                raise ValueError(f"state['master_param'] of a {tuple(_local(p).shape)} param has shape "
-                                 f"{tuple(_local(st['master_param']).shape)}")
+            check_state_shape("master_param", _local(p), _local(st["master_param"]))
         for p, st in adopt:
             self._adopt_master(p, st)
         for g, sg in zip(groups, saved_groups):
@@ -519,8 +515,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                 states = [_local(st[k]) for k in _STATE_KEYS[:n_states]]
                 master = _local(st["master_param"]) if "master_param" in st else None
                 for k, t in zip((*_STATE_KEYS[:n_states], "master_param"), (*states, master)):
-                    if t is not None and t.shape != lp.shape:  # a state of another param (same numel or not)
-                        raise ValueError(f"state[{k!r}] of a {tuple(lp.shape)} param has shape {tuple(t.shape)}")
+                    if t is not None:
+                        check_state_shape(k, lp, t)
                 walk = all(_dense_like(x, lp) for x in states) and (master is None or _dense_like(master, lp))
                 held = tuple((k, st[k]) for k in (*_STATE_KEYS[:n_states], "master_param") if k in st)
                 plan = [st, len(st), p, options, lp, states, master, st["step"], walk,
