@@ -6,10 +6,12 @@ grads: mixprec_ops.amp.GradScaler. Adam/AdamW with fp32 master weights: mixprec_
 what: mixprec_ops.backends.report().
 """
 
-from . import _ext, backends  # noqa: F401  (_ext loads the compiled kernels, or records why it could not)
+from . import _ext, _flops, backends  # noqa: F401  (_ext loads the compiled kernels, or records why it could not)
 from . import nn  # noqa: F401  (light: Linear, functional.linear, convert; Triton loads on first use)
 from .nn import convert
 from .ops import cast_and_scale, matmul, unscale_
+
+_flops.install()  # FlopCounterMode counts the GEMM ops (registered when torch.utils.flop_counter is imported)
 
 __version__ = "0.1.0"
 __all__ = ["cast_and_scale", "unscale_", "matmul", "convert", "backends", "amp", "fp8", "optim", "nn"]

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import torch
 
+class ValueAndRuntimeError(ValueError, RuntimeError):
+    """A ValueError where the torch op we replace raises RuntimeError for the same bad argument (torch.nn.functional
+    .linear's shape checks): handlers written for either catch it."""
+
+
+class TypeAndRuntimeError(TypeError, RuntimeError):
+    """A TypeError where the torch op we replace raises RuntimeError (linear's dtype mismatch)."""
+
+
 FLOAT_SOURCES = (torch.float32, torch.float16, torch.bfloat16)
 CAST_TARGETS = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 

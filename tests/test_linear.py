@@ -731,3 +731,129 @@ def test_default_device_context_keeps_the_eager_route(monkeypatch):
     with _PassThroughMode():
         linear(x, w)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("route", ["function", "custom_op"])
+@pytest.mark.parametrize("needs", ["x", "w", "x,w", "b"])
+@pytest.mark.parametrize("act", [None, "gelu"], ids=str)
+def test_saves_only_what_the_gradients_need(route, needs, act):
+    """As torch's linear: the input is saved only for the weight's gradient and the weight only for the input's, so a
+    frozen layer keeps no activation alive (prompt tuning, adapters) and an in-place write to what was not saved
+    stays legal before backward. The gradients equal those of the run where everything needs a gradient."""
+    torch.manual_seed(5)
+    bf = torch.bfloat16
+    x0, w0, b0 = torch.randn(6, 8).to(bf), (torch.randn(5, 8) / 3).to(bf), torch.randn(5).to(bf)
+
+    def run(x_grad, w_grad, b_grad):
+        x, w, b = x0.clone(), w0.clone(), b0.clone()
+        x.requires_grad_(x_grad)
+        w.requires_grad_(w_grad)
+        b.requires_grad_(b_grad)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if route == "custom_op":
+                with _PassThroughMode():
+                    y = linear(x * 1, w * 1, b * 1, act)  # (* 1: leaves stay unwritten, writes go to the copies)
+            else:
+                y = linear(x * 1, w * 1, b * 1, act)
+        return x, w, b, y, saved
+
+    x_grad, w_grad, b_grad = "x" in needs.split(","), "w" in needs.split(","), needs == "b"
+    full = run(True, True, True)
+    full[3].float().square().sum().backward()
+    x, w, b, y, saved = run(x_grad, w_grad, b_grad)
+    shapes = sorted(tuple(t.shape) for t in saved if t.numel())
+    expect = sorted([(6, 8)] * w_grad + [(5, 8)] * x_grad + [(6, 5)] * (act is not None))
+    assert shapes == expect, (shapes, expect)
+    y.float().square().sum().backward()
+    for got, want, wanted in ((x, full[0], x_grad), (w, full[1], w_grad), (b, full[2], b_grad)):
+        assert (got.grad is not None) == wanted
+        if wanted:
+            assert torch.equal(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("route", ["function", "custom_op"])
+def test_unsaved_input_may_be_written_before_backward(route):
+    """torch's own rule: with a frozen weight the input is not saved, so writing it in place after the forward is
+    legal (the version-counter check fires only for saved tensors)."""
+    bf = torch.bfloat16
+    w = torch.randn(5, 8).to(bf)
+    h = torch.randn(6, 8).to(bf).requires_grad_(True)
+    x = h * 2
+    if route == "custom_op":
+        with _PassThroughMode():
+            y = linear(x, w, None)
+    else:
+        y = linear(x, w, None)
+    x.add_(1.0)  # no error at backward
+    y.float().sum().backward()
+    torch.testing.assert_close(h.grad, (2 * w.float().sum(0)).to(bf).expand(6, 8), rtol=0, atol=0.02)
+
+
+def test_bad_arguments_raise_what_torch_linear_raises_too():
+    """torch.nn.functional.linear raises RuntimeError for a shape or dtype mismatch: ours are ValueError / TypeError
+    and RuntimeError at once, so `except RuntimeError` written for torch still catches them."""
+    bf = torch.bfloat16
+    layer = Linear(6, 4, dtype=bf)
+    for bad in (torch.randn(3, 6), torch.randn(3, 7).to(bf), torch.tensor(1.0, dtype=bf)):
+        with pytest.raises(RuntimeError) as torch_err:
+            torch.nn.functional.linear(bad, layer.weight, layer.bias)
+        with pytest.raises(RuntimeError) as ours:
+            layer(bad)
+        assert isinstance(ours.value, (ValueError, TypeError)), (torch_err.value, ours.value)
+
+
+_FLOP_SCRIPT = r"""
+import sys
+if sys.argv[1] == "counter_first":
+    import torch.utils.flop_counter
+import torch, mixprec_ops
+from torch.utils.flop_counter import FlopCounterMode
+counts = []
+for cls in (torch.nn.Linear, mixprec_ops.nn.Linear):
+    torch.manual_seed(0)
+    m = cls(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd:
+        m(x)
+    with FlopCounterMode(display=False) as both:
+        m(x).float().sum().backward()
+    counts.append((fwd.get_total_flops(), both.get_total_flops()))
+print(counts)
+"""
+
+
+@pytest.mark.parametrize("order", ["counter_first", "mixprec_first"])
+def test_flop_counter_counts_the_fused_linear_like_torch(order):
+    """FlopCounterMode (Lightning's measure_flops, MFU tools) counted 0 for a 16-bit layer's forward: mixprec::linear
+    was opaque to it. The formulas are registered whichever of torch.utils.flop_counter and mixprec_ops is imported
+    first (the mode copies the registry when created), in a fresh process for each order."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-P", "-c", _FLOP_SCRIPT, order], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    torch_counts, ours = eval(out.stdout.strip().splitlines()[-1])
+    assert torch_counts == (2 * 16 * 64 * 32, 3 * 2 * 16 * 64 * 32)
+    assert ours == torch_counts
+
+
+@pytest.mark.parametrize("device,backend", backends_here())
+def test_flop_counter_counts_every_backends_products(device, backend):
+    """Each product of the forward and backward once, 2 * M * N * K as torch counts mm, whichever op runs it (the
+    fused linear, the cuBLASLt and Triton matmul ops, or the reference's aten.mm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bf = torch.bfloat16
+    x = torch.randn(10, 24, dtype=bf, device=device, requires_grad=True)
+    w = torch.randn(12, 24, dtype=bf, device=device, requires_grad=True)
+    b = torch.randn(12, dtype=bf, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd:
+        linear(x, w, b, "gelu", backend=backend)
+    with FlopCounterMode(display=False) as both:
+        linear(x, w, b, "gelu", backend=backend).float().sum().backward()
+    with FlopCounterMode(display=False) as plain:
+        mixprec_ops.matmul(x.detach(), w.detach().t(), backend=backend)
+    assert (fwd.get_total_flops(), both.get_total_flops(), plain.get_total_flops()) == (
+        2 * 10 * 12 * 24, 3 * 2 * 10 * 12 * 24, 2 * 10 * 12 * 24)

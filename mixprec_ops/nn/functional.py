@@ -61,7 +61,11 @@ def _(x, weight, bias, activation, backend, out_dtype=None):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, backend, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    # as torch's linear: x only for weight's gradient, weight only for x's (a frozen layer keeps no input alive, and
+    # an in-place write to what is not saved stays legal); pre for the activation's gradient
+    need_x, need_w = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None, output[1])
+    ctx.x_dtype, ctx.x_device = x.dtype, x.device
     ctx.activation = None if activation == "none" else activation
     ctx.backend = _bk(backend)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -96,7 +100,7 @@ def _backward(ctx, grad_y, grad_pre):
         g32 = activation_backward(grad_y.float(), pre.float(), ctx.activation)
         if grad_pre is not None:
             g32 = g32 + grad_pre.float()
-    g = g32.to(x.dtype)  # the GEMMs' operand
+    g = g32.to(ctx.x_dtype)  # the GEMMs' operand
     g2 = _as_2d(g)  # (rows, out); not reshape(-1, out): ambiguous when out_features == 0
     need_b = need_b and ctx.bias_dtype is not None
     dw = db = None
@@ -109,14 +113,14 @@ def _backward(ctx, grad_y, grad_pre):
     else:
         # the operands were checked by the forward: the products go straight to the backend, selected once for the
         # three (matmul's own checks and selection cost ~5 us of host time per product)
-        bk = _select(x.device, ctx.backend)
-        dx = _run(bk, g, weight, None, None, x.dtype, False) if need_x else None
+        bk = _select(ctx.x_device, ctx.backend)
+        dx = _run(bk, g, weight, None, None, ctx.x_dtype, False) if need_x else None
         if need_w:
             x2 = _as_2d(x)
-            if need_b and ctx.bias_dtype == weight.dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
-                dw, db = _rowsum_run(bk, g2.t(), x2, weight.dtype)
+            if need_b and ctx.bias_dtype == ctx.x_dtype:  # dbias from the wgrad GEMM (BGRADB on cuda)
+                dw, db = _rowsum_run(bk, g2.t(), x2, ctx.x_dtype)
             else:
-                dw = _run(bk, g2.t(), x2, None, None, weight.dtype, False)
+                dw = _run(bk, g2.t(), x2, None, None, ctx.x_dtype, False)
     if need_b and db is None:
         # an fp32 bias sums the unrounded gradient (an fp32 output's, or act' * grad in fp32); a 16-bit bias the
         # GEMM operand, as the BGRADB epilogue does
@@ -186,22 +190,23 @@ def _autocast(x, weight, bias):
 
 def _check_args(x, weight, bias):
     """The fused path's arguments, named as torch.nn.functional.linear names them (x, weight and bias are tensors,
-    checked before the autocast cast)."""
+    checked before the autocast cast). The errors are also RuntimeErrors, which torch's linear raises for them."""
+    value_error, type_error = _checks.ValueAndRuntimeError, _checks.TypeAndRuntimeError
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+        raise value_error(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input must have shape (..., in_features) = (..., {weight.shape[1]}) to match weight "
-                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+        raise value_error(f"input must have shape (..., in_features) = (..., {weight.shape[1]}) to match weight "
+                          f"{tuple(weight.shape)}, got {tuple(x.shape)}")
     if x.dtype != weight.dtype:
-        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (inside "
-                        "torch.autocast both are cast to its dtype)")
+        raise type_error(f"input ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (inside "
+                         "torch.autocast both are cast to its dtype)")
     if weight.device != x.device:
-        raise ValueError(f"weight must be on input's device {x.device}, got {weight.device}")
+        raise value_error(f"weight must be on input's device {x.device}, got {weight.device}")
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise value_error(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != x.device:
-            raise ValueError(f"bias must be on input's device {x.device}, got {bias.device}")
+            raise value_error(f"bias must be on input's device {x.device}, got {bias.device}")
 
 
 def linear(x, weight, bias=None, activation=None, *, backend=None):

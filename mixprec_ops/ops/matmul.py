@@ -179,6 +179,10 @@ def _get_triton_ops():
             define("mixprec::matmul_pre_triton", matmul_pre_triton,
                    lambda a, b, bias, act, od: (_new_out(a, b, od), _new_out(a, b, od))),
         )
+        from .._flops import count_flops, matmul_flops
+
+        count_flops("matmul_triton", matmul_flops)
+        count_flops("matmul_pre_triton", matmul_flops)
     return _triton_ops
 
 
