@@ -243,6 +243,66 @@ def test_clipping_optimizer_with_a_compiled_step_keeps_the_scalers_check(compile
     assert not hasattr(opt, "_mixprec_found_inf_out")
 
 
+@pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
+def test_handed_over_check_that_the_step_never_took_runs_after_it(scaler_cls):
+    """A subclass whose step() reaches AdamW.step only every other call: on the call that does not, nobody filled
+    the handed-over flag; the scaler then checks the grads itself after the step, and backs off on the inf as
+    torch's scaler does (update() used to raise "No inf checks were recorded"). Nothing is left on the optimizer."""
+    from mixprec_ops.optim import AdamW
+
+    class EveryOther(AdamW):
+        calls = 0
+
+        def step(self, closure=None):
+            self.calls += 1
+            return super().step(closure) if self.calls % 2 == 0 else None
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = EveryOther([p], lr=0.1, max_grad_norm=1.0)
+    scaler = scaler_cls("cpu", init_scale=2.0**4)
+    scales = []
+    for grad in ([1.0, float("inf"), 1.0, 1.0], [1.0, float("inf"), 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]):
+        scaler.scale(torch.ones(()))
+        p.grad = torch.tensor(grad)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales == [2.0**3, 2.0**2, 2.0**2]
+    assert not hasattr(opt, "_mixprec_found_inf_out")
+
+
+@pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
+def test_compiled_loop_with_two_optimizers_backs_off_like_torch(scaler_cls):
+    """torch.compile of a whole training step (scale, backward, scaler.step of two AdamWs, update): Dynamo runs
+    the scaler's hand-over decision eagerly but compiles the clipping optimizer's step, which therefore never took
+    the flag; the scale stayed at its start while every step skipped (a stalled run, no error). The scaler now
+    checks the grads after such a step: the scale backs off on every overflow, as torch's."""
+    from mixprec_ops.optim import AdamW
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    opts = [AdamW(m[0].parameters(), lr=1e-2), AdamW(m[1].parameters(), lr=1e-2, max_grad_norm=1.0)]
+    scaler = scaler_cls("cpu", init_scale=1024.0)
+
+    @torch.compile(backend="eager")
+    def train(x):
+        for o in opts:
+            o.zero_grad()
+        scaler.scale(m(x).pow(2).sum()).backward()
+        m[1].weight.grad[0, 0] = float("inf")
+        for o in opts:
+            scaler.step(o)
+        scaler.update()
+
+    scales = []
+    for _ in range(3):
+        train(torch.randn(2, 4))
+        scales.append(scaler.get_scale())
+    assert scales == [512.0, 256.0, 128.0]
+    assert not any(hasattr(o, "_mixprec_found_inf_out") for o in opts)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_grads_go_through_torchs_kernel(device):
     """Grads of a dtype our kernel does not take (float64, with any optimizer: torch's SGD here) are unscaled by

@@ -65,8 +65,24 @@ class GradScaler(torch.amp.GradScaler):
         _scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         found_inf_per_device: dict = {}  # filled by the optimizer's step, read by update()
         optimizer._mixprec_found_inf_out = (found_inf_per_device, _scale.device)
-        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found_inf_per_device
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = found_inf_per_device
+        state["mixprec_handed_over"] = True  # step() checks that the flag arrived
         return found_inf_per_device
+
+    def step(self, optimizer, *args, **kwargs):
+        """torch.amp.GradScaler.step. When the inf/NaN check was handed over (_check_inf_per_device) but the step
+        did not fill the flag, the read-only check runs after the step instead, on the grads as the step left them
+        (our optimizers only read grads): a step that never reached the optimizer's own (a subclass stepping every
+        other call), or one compiled apart from the decision (torch.compile of a loop holding scaler.step, whose
+        frames Dynamo compiles or runs eagerly one by one), would otherwise leave update() without a flag (an
+        AssertionError) or with none from this optimizer (a scale that never backs off while every step skips)."""
+        retval = super().step(optimizer, *args, **kwargs)
+        optimizer.__dict__.pop("_mixprec_found_inf_out", None)  # (left there when the step did not take it)
+        state = self._per_optimizer_states[id(optimizer)]
+        if state.pop("mixprec_handed_over", False) and not state["found_inf_per_device"]:
+            super()._check_inf_per_device(optimizer)
+        return retval
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         per_device_inv_scale = _MultiDeviceReplicator(inv_scale)
