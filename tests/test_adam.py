@@ -367,6 +367,10 @@ BAD_CTOR = [
     (dict(state_dtype=torch.float16), ValueError, "state_dtype must be"),
     (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be"),
     (dict(differentiable=True), ValueError, "differentiable=True is not supported"),
+    (dict(differentiable=True, fused=True), RuntimeError, "`fused` does not support `differentiable`"),  # torch's
+    # eps and weight_decay as tensors (which torch takes): refused here, not at the first step
+    (dict(eps=torch.tensor(1e-8)), TypeError, "param group 0: eps must be a float"),
+    (dict(weight_decay=torch.tensor(0.1)), TypeError, "param group 0: weight_decay must be a float"),
     (dict(max_grad_norm=1.0, norm_across_ranks="world"), TypeError, "norm_across_ranks must be False, True or"),
     (dict(norm_across_ranks=True), ValueError, "set max_grad_norm too"),
     # (the tests run without an initialised process group; the distributed tests use it under ZeRO)
@@ -387,11 +391,32 @@ def test_bad_constructor_arguments(kw, exc, text):
         AdamW(mlp().parameters(), **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64], ids=str)
 def test_unsupported_param_dtypes(dtype):
-    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=dtype != torch.int32)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
     with pytest.raises(TypeError, match="supports float32, float16 and bfloat16 params"):
         Adam([p])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.float64], ids=str)
+def test_frozen_params_of_other_dtypes_are_skipped_like_torch(dtype):
+    """model.parameters() may hold frozen params of any dtype (a float64 table, an integer buffer made a
+    Parameter): torch accepts and skips them, and so do we; one that later gets a grad is refused at the step,
+    naming it, before anything changes."""
+    model = mlp(torch.bfloat16)
+    frozen = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=False)
+    opt = AdamW([*model.parameters(), frozen], lr=1e-2)
+    run_steps(model, opt, data(2, dtype=torch.bfloat16))
+    assert frozen not in opt.state and torch.equal(frozen, torch.zeros(3, dtype=dtype))
+    if dtype is torch.int64:
+        return  # (an integer tensor cannot have a grad)
+
+    def spoil():
+        frozen.requires_grad_(True)
+        frozen.grad = torch.ones_like(frozen)
+
+    _refused_step_changes_nothing(model, opt, spoil, TypeError, rf"param 4 of param group 0 is {dtype}: "
+                                  "mixprec_ops.optim supports float32")
 
 
 def _set_bad_grad(kind, p):
@@ -1586,3 +1611,34 @@ def test_strided_grad_of_a_contiguous_param_takes_the_fused_kernel():
         o.step()
     assert log.ops.count("mixprec.adam_step_.default") == 1, log.ops
     assert "aten.sqrt.default" not in log.ops, log.ops  # the reference's square root: no per-param fallback
+
+
+@pytest.mark.parametrize("how", ["del_state", "drop_param"])
+def test_dropped_state_is_freed_at_the_next_step(how):
+    """Freeing a frozen layer's state (del opt.state[p]) or dropping a param and its state from the optimizer
+    (model surgery) frees the tensors, as with torch.optim.AdamW: the optimizer's per-param plans held the param,
+    its state dict and its state tensors, and were dropped only when 64 more plans than params had piled up. They
+    are forgotten at the next step (torch frees at once: its optimizer keeps nothing else)."""
+    import gc
+    import weakref
+
+    model = mlp(torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, data(1, dtype=torch.bfloat16))
+    frozen = model[0].weight
+    refs = [weakref.ref(t) for t in opt.state[frozen].values()]
+    frozen.requires_grad_(False)
+    if how == "del_state":
+        del opt.state[frozen]
+    else:
+        opt.param_groups[0]["params"].remove(frozen)
+        del opt.state[frozen]
+    frozen_ref = weakref.ref(frozen)
+    del frozen
+    run_steps(model, opt, data(1, dtype=torch.bfloat16, seed=4))
+    if how == "drop_param":
+        model[0].weight = None  # the model's reference too
+    gc.collect()
+    assert all(r() is None for r in refs), "state tensors still alive"
+    if how == "drop_param":
+        assert frozen_ref() is None, "param still alive"

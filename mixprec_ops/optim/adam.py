@@ -106,12 +106,19 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     Arguments kept for compatibility with torch.optim.Adam: ``foreach`` and ``fused`` are accepted and ignored
     (every step is fused here); ``capturable`` is accepted: steps, lr (when a tensor), grad scale and found_inf
     are always read on the device, so a step never syncs with the host and can be captured in a CUDA graph
-    after a warm-up step; ``differentiable=True`` is not supported (raises).
+    after a warm-up step; ``differentiable=True`` is not supported (raises). Unlike torch.optim.Adam: a param
+    listed twice in one group raises (torch warns; one fused launch would update it twice), lr may be a float or a
+    1-element tensor but eps and weight_decay must be floats (checked at construction and at each step), and
+    params other than float32/float16/bfloat16 are accepted only while they do not require grad (a frozen float64
+    or integer tensor is skipped, as torch skips it; one that gets a grad raises at the step).
 
     With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
     by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
-    moments and step counters stay bit-unchanged. Params may be float32, float16 and bfloat16, mixed in one
-    group; grads may be any of those dtypes.
+    moments and step counters stay bit-unchanged. The grads are only read: after scaler.step(opt) they still hold
+    the scaled values (torch's fused Adam writes the unscaled grads back, its for-each Adam steps after the scaler
+    unscaled them in place); to log or reuse unscaled grads, call scaler.unscale_(opt) before the step (fp32 and
+    bf16 grads; torch's rule refuses fp16 ones there) or read ``grad_norm``. Params may be float32, float16 and
+    bfloat16, mixed in one group; grads may be any of those dtypes.
     """
 
     _step_supports_amp_scaling = True
@@ -162,6 +169,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             if not (_dist_ok() and torch.distributed.is_initialized()):
                 raise RuntimeError("norm_across_ranks needs torch.distributed initialized (init_process_group)")
         if differentiable:
+            if fused:  # torch's check, in its words (it is checked before the one below there too)
+                raise RuntimeError("`fused` does not support `differentiable`")
             raise ValueError("differentiable=True is not supported: the step runs in fused kernels without autograd")
         backends.requested(backend)  # a bad name fails here, not at the first step after a forward and backward
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -174,6 +183,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         self.backend = backend
         self._last = {"grad_norm": None}  # see grad_norm
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
+        self._plan_sizes = (0, 0)  # (params in the groups, len(state)) after the last step (_forget_dropped_plans)
         self._ones = {}  # device -> 1-element fp32 1.0 (see _one)
 
     @property
@@ -202,6 +212,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             self.__dict__.setdefault(k, False if k == "norm_across_ranks" else None)
         self._last = {"grad_norm": None}
         self._plans = {}
+        self._plan_sizes = (0, 0)
         self._ones = {}
         self._has_dtensor_params = any_dtensor(p for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
@@ -223,7 +234,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         try:
             seen = set()
             for i, p in enumerate(group["params"]):
-                if p.dtype not in FLOAT_SOURCES:
+                if p.dtype not in FLOAT_SOURCES and p.requires_grad:  # a frozen one is skipped, as by torch's
                     raise TypeError(f"param {i} of {where} is {p.dtype}: mixprec_ops.optim supports float32, "
                                     "float16 and bfloat16 params")
                 if id(p) in seen:  # torch only warns; one fused launch would update it twice, racing
@@ -231,6 +242,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                                      "module?); list each param once, as model.parameters() does")
                 seen.add(id(p))
             _check_group_options(group["master_weights"], group["state_dtype"])
+            self._check_hyperparameters(group)  # here, not only at the first step after a forward and backward
             self._has_dtensor_params = self._has_dtensor_params or any_dtensor(group["params"])
             group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         except Exception:
@@ -365,10 +377,21 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                 ps.append(p)
             if ps:
                 out.append((group, ps))
-        n = sum(len(g["params"]) for g in self.param_groups)
-        if len(self._plans) > n + 64:  # params dropped from the groups (or swapped) since: forget the old plans
-            self._plans.clear()
         return out
+
+    def _forget_dropped_plans(self):
+        """After a step: forget the plans of params whose state is gone (deleted to free a frozen layer's memory,
+        or the param dropped from the groups with its state), which would keep the param and its state tensors
+        alive. Looked at only when the number of params or of states has changed since the last step."""
+        n = sum(len(g["params"]) for g in self.param_groups)
+        sizes = (n, len(self.state))
+        if sizes != self._plan_sizes:
+            if len(self._plans) > n + 64:  # many params dropped from the groups (or swapped)
+                self._plans.clear()
+            elif sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1]:
+                state = self.state
+                self._plans = {k: v for k, v in self._plans.items() if state.get(v[self._P]) is v[self._ST]}
+            self._plan_sizes = sizes
 
     def _check_hyperparameters(self, group):
         """The group's lr, betas, eps and weight_decay have types the step can use (they may have been set after
@@ -394,6 +417,9 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
 
     @staticmethod
     def _bad_grad(where, p, g):
+        if p.dtype not in FLOAT_SOURCES:  # accepted while frozen (add_param_group); now it has a grad
+            raise TypeError(f"{where} is {p.dtype}: mixprec_ops.optim supports float32, float16 and bfloat16 "
+                            "params")
         if g.is_sparse:
             raise RuntimeError(f"{where}: Adam does not support sparse gradients")
         if g.dtype not in FLOAT_SOURCES:
@@ -459,6 +485,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
         if not torch.compiler.is_compiling():
             self._note_versions(planned)
+        self._forget_dropped_plans()
         return loss
 
     # A param's plan: what does not change between steps, computed once and reused while it holds (see
