@@ -126,6 +126,28 @@ def test_layouts(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", [(17, 19, 21), (5, 33, 3), (33, 5, 40), (16, 16, 16)])
+def test_operands_inside_nan_padding(device, backend, dtype, m, n, k):
+    """a and b are views into NaN-filled buffers, row- and column-major: every element just past K (a's columns,
+    b's rows) and past M / N is NaN, so a kernel that reads one element past an operand's end (a K-tail mask
+    dropped on one side, a wrong stride) turns its output NaN, deterministically (past the end of a plain tensor
+    lies whatever memory held before, which caught such slips only by luck)."""
+    nan = float("nan")
+
+    def padded(rows, cols, col_major):
+        buf = torch.full((cols + 16, rows + 16) if col_major else (rows + 16, cols + 16), nan, dtype=dtype,
+                         device=device)
+        view = buf[:cols, :rows].t() if col_major else buf[:rows, :cols]
+        view.copy_(rand(rows, cols, dtype=dtype, device=device))
+        return view
+
+    for a_cm, b_cm in ((False, False), (True, True), (False, True)):
+        a, b = padded(m, k, a_cm), padded(k, n, b_cm)
+        check(mixprec_ops.matmul(a, b, backend=backend), a, b, what=f"a col-major {a_cm}, b col-major {b_cm}")
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 def test_bias_strides(device, backend):
     """A bias that is not contiguous: a strided slice, an expanded scalar (stride 0, one element of storage) and an
     expanded element of a larger tensor (stride 0, the elements after it are other values). The Triton kernels read
