@@ -382,7 +382,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     def _forget_dropped_plans(self):
         """After a step: forget the plans of params whose state is gone (deleted to free a frozen layer's memory,
         or the param dropped from the groups with its state), which would keep the param and its state tensors
-        alive. Looked at only when the number of params or of states has changed since the last step."""
+        alive. Looked at only when the number of params or of states has changed since the last step. Eager steps
+        only (torch 2.11's Dynamo refuses to set attributes on the optimizer; a compiled step keeps the plans)."""
         n = sum(len(g["params"]) for g in self.param_groups)
         sizes = (n, len(self.state))
         if sizes != self._plan_sizes:
@@ -485,7 +486,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
         if not torch.compiler.is_compiling():
             self._note_versions(planned)
-        self._forget_dropped_plans()
+            self._forget_dropped_plans()
         return loss
 
     # A param's plan: what does not change between steps, computed once and reused while it holds (see
