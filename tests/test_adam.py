@@ -1613,6 +1613,29 @@ def test_strided_grad_of_a_contiguous_param_takes_the_fused_kernel():
     assert "aten.sqrt.default" not in log.ops, log.ops  # the reference's square root: no per-param fallback
 
 
+def test_state_freed_while_another_param_gets_its_first_is_freed_too():
+    """Progressive unfreezing: layer A frozen and its state deleted while layer B, frozen until now, gets its first
+    state in the same step. The number of params and of states is unchanged, and A's state must still be freed."""
+    import gc
+    import weakref
+
+    model = mlp(torch.bfloat16)
+    a, b = model[0], model[2]
+    b.requires_grad_(False)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, data(1, dtype=torch.bfloat16))
+    assert len(opt.state) == 2
+    refs = [weakref.ref(t) for p in a.parameters() for t in opt.state[p].values()]
+    a.requires_grad_(False)
+    for p in a.parameters():
+        del opt.state[p]
+    b.requires_grad_(True)
+    run_steps(model, opt, data(1, dtype=torch.bfloat16, seed=4))
+    assert len(opt.state) == 2 and all(p in opt.state for p in b.parameters())
+    gc.collect()
+    assert all(r() is None for r in refs), "state tensors still alive"
+
+
 @pytest.mark.parametrize("how", ["del_state", "drop_param"])
 def test_dropped_state_is_freed_at_the_next_step(how):
     """Freeing a frozen layer's state (del opt.state[p]) or dropping a param and its state from the optimizer

@@ -271,6 +271,24 @@ def test_handed_over_check_that_the_step_never_took_runs_after_it(scaler_cls):
     assert not hasattr(opt, "_mixprec_found_inf_out")
 
 
+@pytest.mark.parametrize("opt_cls", ["mixprec", "sgd"])
+def test_disabled_scaler_steps_like_torch(opt_cls):
+    """GradScaler(enabled=False) (AMP off by a flag, or CUDA missing): step() just steps, as torch's does (torch
+    keeps no per-optimizer states then, which the step's hand-over check must not read)."""
+    from mixprec_ops.optim import AdamW
+
+    out = {}
+    for name, cls in (("ours", GradScaler), ("torch", torch.amp.GradScaler)):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = AdamW([p], lr=0.1, max_grad_norm=1.0) if opt_cls == "mixprec" else torch.optim.SGD([p], lr=0.1)
+        scaler = cls("cpu", enabled=False)
+        p.grad = torch.ones(3)
+        scaler.step(opt)
+        scaler.update()
+        out[name] = p.detach().clone()
+    assert torch.equal(out["ours"], out["torch"]) and not torch.equal(out["ours"], torch.ones(3))
+
+
 @pytest.mark.parametrize("scaler_cls", [GradScaler, torch.amp.GradScaler], ids=["ours", "torch"])
 def test_compiled_loop_with_two_optimizers_backs_off_like_torch(scaler_cls):
     """torch.compile of a whole training step (scale, backward, scaler.step of two AdamWs, update): Dynamo runs

@@ -776,6 +776,7 @@ def test_saves_only_what_the_gradients_need(route, needs, act):
 def test_unsaved_input_may_be_written_before_backward(route):
     """torch's own rule: with a frozen weight the input is not saved, so writing it in place after the forward is
     legal (the version-counter check fires only for saved tensors)."""
+    torch.manual_seed(6)
     bf = torch.bfloat16
     w = torch.randn(5, 8).to(bf)
     h = torch.randn(6, 8).to(bf).requires_grad_(True)
@@ -795,19 +796,26 @@ def test_bad_arguments_raise_what_torch_linear_raises_too():
     and RuntimeError at once, so `except RuntimeError` written for torch still catches them."""
     bf = torch.bfloat16
     layer = Linear(6, 4, dtype=bf)
-    for bad in (torch.randn(3, 6), torch.randn(3, 7).to(bf), torch.tensor(1.0, dtype=bf)):
+    x = torch.randn(3, 6).to(bf)
+    for bad, bias in ((torch.randn(3, 6), layer.bias), (torch.randn(3, 7).to(bf), layer.bias),
+                      (torch.tensor(1.0, dtype=bf), layer.bias), (x, layer.bias.detach().half())):
         with pytest.raises(RuntimeError) as torch_err:
-            torch.nn.functional.linear(bad, layer.weight, layer.bias)
+            torch.nn.functional.linear(bad, layer.weight, bias)
         with pytest.raises(RuntimeError) as ours:
-            layer(bad)
+            linear(bad, layer.weight, bias)
         assert isinstance(ours.value, (ValueError, TypeError)), (torch_err.value, ours.value)
 
 
 _FLOP_SCRIPT = r"""
-import sys
+import importlib, importlib.util, sys
 if sys.argv[1] == "counter_first":
     import torch.utils.flop_counter
 import torch, mixprec_ops
+if sys.argv[1] == "probe_first":  # a find_spec probe that imports nothing must not use the hook up
+    assert importlib.util.find_spec("torch.utils.flop_counter") is not None
+import torch.utils.flop_counter
+if sys.argv[1] == "reload":  # a reload rebuilds the registry: the formulas are registered again
+    importlib.reload(torch.utils.flop_counter)
 from torch.utils.flop_counter import FlopCounterMode
 counts = []
 for cls in (torch.nn.Linear, mixprec_ops.nn.Linear):
@@ -823,11 +831,12 @@ print(counts)
 """
 
 
-@pytest.mark.parametrize("order", ["counter_first", "mixprec_first"])
+@pytest.mark.parametrize("order", ["counter_first", "mixprec_first", "probe_first", "reload"])
 def test_flop_counter_counts_the_fused_linear_like_torch(order):
     """FlopCounterMode (Lightning's measure_flops, MFU tools) counted 0 for a 16-bit layer's forward: mixprec::linear
     was opaque to it. The formulas are registered whichever of torch.utils.flop_counter and mixprec_ops is imported
-    first (the mode copies the registry when created), in a fresh process for each order."""
+    first (the mode copies the registry when created), also after a find_spec probe or a reload of
+    torch.utils.flop_counter, in a fresh process for each case."""
     import subprocess
     import sys
 

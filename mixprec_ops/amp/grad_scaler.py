@@ -77,8 +77,12 @@ class GradScaler(torch.amp.GradScaler):
         other call), or one compiled apart from the decision (torch.compile of a loop holding scaler.step, whose
         frames Dynamo compiles or runs eagerly one by one), would otherwise leave update() without a flag (an
         AssertionError) or with none from this optimizer (a scale that never backs off while every step skips)."""
-        retval = super().step(optimizer, *args, **kwargs)
-        optimizer.__dict__.pop("_mixprec_found_inf_out", None)  # (left there when the step did not take it)
+        if not self._enabled:  # (torch keeps no per-optimizer states then)
+            return super().step(optimizer, *args, **kwargs)
+        try:
+            retval = super().step(optimizer, *args, **kwargs)
+        finally:
+            optimizer.__dict__.pop("_mixprec_found_inf_out", None)  # (left there when the step did not take it)
         state = self._per_optimizer_states[id(optimizer)]
         if state.pop("mixprec_handed_over", False) and not state["found_inf_per_device"]:
             super()._check_inf_per_device(optimizer)

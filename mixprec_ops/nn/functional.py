@@ -207,6 +207,8 @@ def _check_args(x, weight, bias):
             raise value_error(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise value_error(f"bias must be on input's device {x.device}, got {bias.device}")
+        if bias.dtype not in (x.dtype, torch.float32):
+            raise type_error(f"bias must be {x.dtype} (input's dtype) or float32, got {bias.dtype}")
 
 
 def linear(x, weight, bias=None, activation=None, *, backend=None):

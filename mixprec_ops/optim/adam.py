@@ -108,9 +108,9 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     are always read on the device, so a step never syncs with the host and can be captured in a CUDA graph
     after a warm-up step; ``differentiable=True`` is not supported (raises). Unlike torch.optim.Adam: a param
     listed twice in one group raises (torch warns; one fused launch would update it twice), lr may be a float or a
-    1-element tensor but eps and weight_decay must be floats (checked at construction and at each step), and
-    params other than float32/float16/bfloat16 are accepted only while they do not require grad (a frozen float64
-    or integer tensor is skipped, as torch skips it; one that gets a grad raises at the step).
+    1-element tensor but eps and weight_decay must be real numbers, not tensors (checked at construction and at
+    each step), and params other than float32/float16/bfloat16 are accepted only while they do not require grad
+    (a frozen float64 or integer tensor is skipped, as torch skips it; one that gets a grad raises at the step).
 
     With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
     by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
@@ -386,10 +386,11 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         only (torch 2.11's Dynamo refuses to set attributes on the optimizer; a compiled step keeps the plans)."""
         n = sum(len(g["params"]) for g in self.param_groups)
         sizes = (n, len(self.state))
-        if sizes != self._plan_sizes:
+        # (a plan without a state: one deleted while another param got its first state in the same step)
+        if sizes != self._plan_sizes or len(self._plans) > sizes[1]:
             if len(self._plans) > n + 64:  # many params dropped from the groups (or swapped)
                 self._plans.clear()
-            elif sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1]:
+            elif sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1] or len(self._plans) > sizes[1]:
                 state = self.state
                 self._plans = {k: v for k, v in self._plans.items() if state.get(v[self._P]) is v[self._ST]}
             self._plan_sizes = sizes
