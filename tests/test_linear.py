@@ -866,3 +866,37 @@ def test_flop_counter_counts_every_backends_products(device, backend):
         mixprec_ops.matmul(x.detach(), w.detach().t(), backend=backend)
     assert (fwd.get_total_flops(), both.get_total_flops(), plain.get_total_flops()) == (
         2 * 10 * 12 * 24, 3 * 2 * 10 * 12 * 24, 2 * 10 * 12 * 24)
+
+
+@pytest.mark.parametrize("route", ["function", "custom_op"])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_saved_bytes_equal_torchs(route, act):
+    """What the layer keeps alive, its output and what it saves for backward, is what torch's linear + activation
+    keeps: y, x, the weight and the activation's input (gelu, silu) or its result (relu: y itself, no second
+    output-sized tensor), counted as distinct bytes of memory."""
+    torch.manual_seed(8)
+    bf = torch.bfloat16
+    x0, w0, b0 = torch.randn(12, 16).to(bf), torch.randn(24, 16).to(bf), torch.randn(24).to(bf)
+
+    def saved_bytes(fn):
+        x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(x, w, b)
+        pack(y)
+        return sum(seen.values()), y
+
+    def ours(x, w, b):
+        if route == "custom_op":
+            with _PassThroughMode():
+                return linear(x, w, b, act)
+        return linear(x, w, b, act)
+
+    theirs, _ = saved_bytes(torch_linear(act))
+    mine, y = saved_bytes(ours)
+    assert mine == theirs, (mine, theirs)

@@ -53,6 +53,28 @@ def test_cache_hits_misses_and_eviction(monkeypatch):
     assert tables.get_tables([[y]], cpu, 4, "op") is not ty
 
 
+def test_new_addresses_each_step_keep_few_tables_per_bucket():
+    """zero_grad(set_to_none=True) gives new grads every step; where their addresses differ each step, each call
+    built one more table of the same bucket, kept up to TABLE_CACHE_SIZE (256). Now at most TABLES_PER_SHAPE per
+    bucket shape (op, device, chunk, numels) are kept, the newest ones, and other shapes are not touched."""
+    cpu = torch.device("cpu")
+    tables.clear_table_cache()
+    keep = [torch.randn(6), torch.randn(5)]  # another shape
+    other = tables.get_tables([keep], cpu, 4, "op")
+    made = []
+    for _ in range(12):
+        grads = [torch.randn(8), torch.randn(5)]  # the same numels at new addresses
+        made.append((grads, tables.get_tables([grads], cpu, 4, "op")))
+    assert len(tables._tables) == 1 + tables.TABLES_PER_SHAPE
+    for grads, entry in made[-tables.TABLES_PER_SHAPE:]:
+        assert tables.get_tables([grads], cpu, 4, "op") is entry  # the newest still hit
+    assert tables.get_tables([[torch.randn(8)]], cpu, 4, "op") is not None  # another shape: a table of its own
+    assert len(tables._tables) == 2 + tables.TABLES_PER_SHAPE
+    assert tables.get_tables([keep], cpu, 4, "op") is other
+    tables.clear_table_cache()
+    del other
+
+
 def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     """A table hit while a CUDA graph is captured is read by every replay: eviction skips it, whatever else comes.
     (The capture is simulated: tables._capturing is what get_tables asks.)"""

@@ -23,7 +23,13 @@ import torch
 import triton
 
 TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per dtype bucket of each param group)
+# Tables kept per bucket shape (op, device, chunk, numels), whatever the addresses: with zero_grad(set_to_none=True)
+# the grads are new tensors each step, and where the allocator does not hand back the same addresses every step
+# made one more table for the same bucket (a program map of 16 bytes per chunk of the bucket's elements), up to
+# TABLE_CACHE_SIZE of them. A loop that alternates between a few address sets still hits.
+TABLES_PER_SHAPE = 4
 _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
+_by_shape = {}  # (op, device, chunk, numels) -> the keys of its tables, oldest first
 _readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
 
@@ -35,8 +41,8 @@ def _capturing(device):
 def get_tables(lists, device, chunk, op):
     """(rows, prog_map, n_programs) for parallel `lists` of tensors (lists[0][i], lists[1][i], ... share numel),
     each program covering `chunk` elements of one tensor. Rows are len(lists) + 2 int64 wide."""
-    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-           tuple(t.numel() for t in lists[0]))
+    numels = tuple(t.numel() for t in lists[0])
+    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists), numels)
     capturing = _capturing(device)
     hit = _tables.get(key)
     if hit is not None:
@@ -69,11 +75,24 @@ def get_tables(lists, device, chunk, op):
     _tables[key] = entry
     if device.type == "cuda":
         _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
+    same_shape = _by_shape.setdefault((op, device, chunk, numels), [])
+    same_shape.append(key)
+    stale = [k for k in same_shape if k not in _captured][:-TABLES_PER_SHAPE]
     if len(_tables) > TABLE_CACHE_SIZE + len(_captured):
-        old = next(k for k in _tables if k not in _captured)
-        del _tables[old]
-        _readers.pop(old, None)
+        stale.append(next(k for k in _tables if k not in _captured))
+    for old in dict.fromkeys(stale):
+        _evict(old)
     return entry
+
+
+def _evict(key):
+    del _tables[key]
+    _readers.pop(key, None)
+    shape = (key[0], key[1], key[2], key[4])
+    same_shape = _by_shape[shape]
+    same_shape.remove(key)
+    if not same_shape:
+        del _by_shape[shape]
 
 
 def _note_reader(key, rows):
@@ -92,3 +111,4 @@ def clear_table_cache():
     _tables.clear()
     _captured.clear()
     _readers.clear()
+    _by_shape.clear()

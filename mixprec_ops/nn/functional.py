@@ -6,8 +6,9 @@ implementation gives the shapes). Plain eager calls apply the same forward and b
 (_LinearFunction), which skips the custom op's dispatch: 20 us instead of 45 us of host time per forward of a small
 layer (bench/NOTES.md, "linear's host time"). The op returns (y, pre): pre is the pre-activation x @ weight.T + bias
 (cast to x's dtype, stored by the same kernel launch), saved for the activation's gradient; it is empty when there is
-no activation. Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32
-reference on CPU), transposes read in place:
+no activation, and for relu, whose gradient reads y instead (as torch's relu saves its result: no second tensor).
+Backward, every product accumulated in fp32 by the matmul op (cuBLASLt or Triton on a GPU, the fp32 reference on
+CPU), transposes read in place:
     g     = grad_y * act'(pre)        (one fused ATen kernel, fp32 inside, one rounding, as torch's autograd)
     dx    = g @ weight                (..., out) @ (out, in)
     dw    = g2d.T @ x2d               (out, rows) @ (rows, in)
@@ -37,11 +38,17 @@ def _bk(backend: str):
     return None if backend == "" else backend
 
 
+def _pre_unneeded(activation: str) -> bool:
+    """No pre-activation output: without an activation, and for relu, whose gradient reads y itself (y > 0 exactly
+    where pre > 0: both are the same rounding of a positive value; as torch's relu saves its result)."""
+    return activation in ("none", "relu")
+
+
 def _linear_forward(x, weight, bias, activation, backend, out_dtype=None):
-    """mixprec::linear's forward: (y, pre), pre empty without an activation."""
+    """mixprec::linear's forward: (y, pre), pre empty where _pre_unneeded."""
     act = None if activation == "none" else activation
-    if act is None:
-        y = matmul(x, weight.t(), bias=bias, out_dtype=out_dtype, backend=_bk(backend))
+    if _pre_unneeded(activation):
+        y = matmul(x, weight.t(), bias=bias, activation=act, out_dtype=out_dtype, backend=_bk(backend))
         return y, y.new_empty(0)
     return matmul_with_preactivation(x, weight.t(), bias=bias, activation=act, out_dtype=out_dtype,
                                      backend=_bk(backend))
@@ -56,15 +63,16 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @_linear_op.register_fake
 def _(x, weight, bias, activation, backend, out_dtype=None):
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype or x.dtype)
-    return y, (y.new_empty(0) if activation == "none" else torch.empty_like(y))
+    return y, (y.new_empty(0) if _pre_unneeded(activation) else torch.empty_like(y))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, backend, _ = inputs
     # as torch's linear: x only for weight's gradient, weight only for x's (a frozen layer keeps no input alive, and
-    # an in-place write to what is not saved stays legal); pre for the activation's gradient
+    # an in-place write to what is not saved stays legal); pre for the activation's gradient (y itself for relu)
     need_x, need_w = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(x if need_w else None, weight if need_x else None, output[1])
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None,
+                          output[0] if activation == "relu" else output[1])
     ctx.x_dtype, ctx.x_device = x.dtype, x.device
     ctx.activation = None if activation == "none" else activation
     ctx.backend = _bk(backend)

@@ -299,6 +299,6 @@ def _rowsum_run(bk, a, b, out_dtype):
     """matmul_and_rowsum on backend bk, arguments already checked and out_dtype resolved."""
     if bk == "cuda":
         return torch.ops.mixprec.matmul_rowsum(a, b, out_dtype)
-    # sum(dtype=float32): accumulated in fp32 as the inputs are read, no fp32 copy of a (2 bytes read per element
-    # of a 16-bit a instead of 2 + 4 written + 4 read)
+    # sum(dtype=float32): on a GPU accumulated in fp32 as the inputs are read, no fp32 copy of a (2 bytes read per
+    # element of a 16-bit a instead of 2 + 4 written + 4 read); ATen's CPU sum makes that fp32 copy first
     return _run(bk, a, b, None, None, out_dtype, False), a.sum(1, dtype=torch.float32).to(out_dtype)

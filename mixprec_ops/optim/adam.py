@@ -250,6 +250,21 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             raise
 
     @torch._disable_dynamo
+    def state_dict(self):
+        """torch.optim.Optimizer.state_dict, with each step counter a tensor of its own: the live counters are views
+        of one buffer per bucket (_step_buffer), and a view pickles its whole buffer (pickle.dumps of the
+        state_dict, which all_gather_object and broadcast_object_list use, grew with the square of the number of
+        params: 67.6 MB for 4,000 params, 3.6 MB with torch's AdamW; torch.save of one param's state wrote every
+        counter). The live state is not changed."""
+        sd = super().state_dict()
+        state = sd["state"]
+        for k, st in state.items():
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step._base is not None:
+                state[k] = {**st, "step": step.clone()}  # (a new dict: st is the live state's)
+        return sd
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of torch.optim.Adam/AdamW, as torch's Optimizer.load_state_dict does
         (its pre-hooks first, the same checks, state not tied to a param kept, its post-hooks last), except for its
@@ -571,8 +586,11 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                 g = g.float()
                 gdtype = torch.float32
             if not (contig and g.is_contiguous()) and not _dense_like(g, lp):
-                g = g.contiguous() if contig else g
-                walk = walk and _dense_like(g, lp)
+                if contig:
+                    g = g.contiguous()
+                elif torch.ops.aten.is_non_overlapping_and_dense(lp):  # a transposed or channels_last param: the
+                    g = torch.empty_like(lp, dtype=g.dtype).copy_(g)  # grad copied into its layout, not the
+                walk = walk and _dense_like(g, lp)                    # reference's per-param step
             entry = (lp, g, states, master, plan)
             if not walk:
                 fallback.append(entry)
