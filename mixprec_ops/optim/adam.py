@@ -118,7 +118,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     the scaled values (torch's fused Adam writes the unscaled grads back, its for-each Adam steps after the scaler
     unscaled them in place); to log or reuse unscaled grads, call scaler.unscale_(opt) before the step (fp32 and
     bf16 grads; torch's rule refuses fp16 ones there) or read ``grad_norm``. Params may be float32, float16 and
-    bfloat16, mixed in one group; grads may be any of those dtypes.
+    bfloat16, mixed in one group; grads may be any of those dtypes (a grad whose dtype is neither its param's nor
+    float32 is widened to float32 for the step: a temporary of 4 bytes per element, held until its bucket's launch).
     """
 
     _step_supports_amp_scaling = True
