@@ -232,7 +232,8 @@ class _RecomputeLinear(torch.autograd.Function):
         x, w, b = ctx.saved_tensors
         pre = matmul(x, w.t(), bias=b, backend=ctx.backend)  # the extra GEMM that saving pre avoids
         shim = SimpleNamespace(saved_tensors=(x, w, pre), needs_input_grad=ctx.needs_input_grad[:3],
-                               activation=ctx.act, backend=ctx.backend, bias_dtype=b.dtype)
+                               activation=ctx.act, backend=ctx.backend, bias_dtype=b.dtype, x_dtype=x.dtype,
+                               x_device=x.device)
         return functional._backward(shim, grad_y, None)
 
 

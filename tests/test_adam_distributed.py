@@ -439,6 +439,23 @@ def scenario_dtensor_edges(rank, backend, out_dir):
             o.step()
             lay["no_grads_on_rank_1"] = dict(got=None if rank == 1 else float(o.grad_norm),
                                              exact=(mine[0] + mine[1]).sqrt().item() if rank == 0 else None)
+            # our GradScaler hands its inf check to the clipping step: a rank without grads takes the other
+            # ranks' flag; when no rank holds a grad (a step on a no-sync micro-step) there is no flag, and
+            # update() raises on every rank as torch's does (the scale grew silently before)
+            from mixprec_ops.amp import GradScaler
+
+            for who in ("rank0", "nobody"):
+                p.grad = None
+                q.grad = (DTensor.from_local(torch.randn(4, 3), mesh, [Shard(0)], run_check=False)
+                          if who == "rank0" and rank == 0 else None)
+                sc = GradScaler("cpu", init_scale=4.0, growth_interval=1)
+                sc.scale(torch.ones(()))
+                sc.step(ours([p, q], backend, max_grad_norm=1.0))
+                try:
+                    sc.update()
+                    lay[f"scaler_{who}"] = sc.get_scale()
+                except AssertionError as e:
+                    lay[f"scaler_{who}"] = str(e)
     out["layouts"] = lay
     # a DTensor param with a plain grad (or the reverse) is named, not stepped with the wrong shapes
     p = nn.Parameter(DTensor.from_local(torch.randn(4, 3), mesh, [Shard(0)], run_check=False))
@@ -831,6 +848,9 @@ def test_dtensor_norm_layouts_and_ranks_with_different_grads(results):
             assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], (rank, case, n)
     n = per_rank[0]["layouts"]["no_grads_on_rank_1"]
     assert abs(n["got"] - n["exact"]) <= 1e-6 * n["exact"], n
+    for r in per_rank:  # the scaler: rank 1 without grads takes rank 0's flag; with none anywhere update() raises
+        assert r["layouts"]["scaler_rank0"] == 8.0, r["layouts"]
+        assert "No inf checks were recorded" in r["layouts"]["scaler_nobody"], r["layouts"]
 
 
 def test_a_dtensor_param_with_a_plain_grad_is_named(results):

@@ -44,19 +44,22 @@ class GradNormMixin:
             # fp64 sums of the parts' squares, as the pass combines its partial sums: finite for any finite parts
             # (fl(n * n) in fp32 overflows from n = 2^64 on, before the scale is divided out: see below)
             sumsq = torch.zeros((), dtype=torch.float64, device=dev)
+            count = sumsq.new_full((), float(sum(len(g) for g in per_device.values())))  # grads held, over ranks
             for d, grads in per_device.items():
                 f = torch.zeros(1, dtype=torch.float32, device=d)
                 n = unscale_(grads, self._one(d), f, return_norm=True, backend=self.backend)
                 sumsq = sumsq + n.to(dev, torch.float64).square()
                 found = found + f.to(dev)
             if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
-                both = torch.stack([sumsq, found.reshape(()).double()]).to(self._collective_device())
+                both = torch.stack([sumsq, found.reshape(()).double(), count]).to(self._collective_device())
                 torch.distributed.all_reduce(both, group=self._norm_group())
                 both = both.to(dev)
-                sumsq, found = both[0], both[1].reshape(1).float()
+                sumsq, found, count = both[0], both[1].reshape(1).float(), both[2]
             if self._has_dtensor_params:  # FSDP2, TP: the shards' sums, then collectives across the meshes
-                s, f = self._dtensor_grad_stats(dtensor_grads, dev)
-                sumsq, found = sumsq + s, found + f
+                s, f, c = self._dtensor_grad_stats(dtensor_grads, dev)
+                sumsq, found, count = sumsq + s, found + f, count + c
+            # read by a step that held no grads itself: did any rank hold one (then its flag counts)?
+            self._last["grads_anywhere"] = count
             norm = sumsq.sqrt().float()  # one part: its own norm, exactly (n * n is exact in fp64)
             found = found.clamp(max=1.0)  # a count over devices or ranks: 0 or 1, as the one-device case
         if grad_scale is not None:
@@ -75,9 +78,9 @@ class GradNormMixin:
         return clip, found
 
     def _dtensor_grad_stats(self, grads, dev):
-        """(sum of squares, inf/NaN count) of DTensor grads on `dev`: each rank's local shards go through the same
-        norm pass as plain grads (fp32 squares, fp64 partial sums, the pass's own inf/NaN flag), then the two
-        numbers are summed over the mesh dims the grads are not replicated on (Shard, and _StridedShard, FSDP2's
+        """(sum of squares, inf/NaN count, grad count) of DTensor grads on `dev`: each rank's local shards go through
+        the same norm pass as plain grads (fp32 squares, fp64 partial sums, the pass's own inf/NaN flag), then the
+        three numbers are summed over the mesh dims the grads are not replicated on (Shard, and _StridedShard, FSDP2's
         layout over a tensor-parallel param; a replicated dim holds the same values on every rank: counted once).
         One collective per layout (mesh and placements) of this optimizer's DTensor params, with or without
         grads, in param-group order: every rank issues the same ones even when its grads differ (a grad None on
@@ -94,22 +97,25 @@ class GradNormMixin:
             by_layout[(g.device_mesh, tuple(g.placements))].append(_local(g))
         sumsq = torch.zeros((), dtype=torch.float64, device=dev)
         found = torch.zeros(1, dtype=torch.float32, device=dev)
+        count = torch.zeros((), dtype=torch.float64, device=dev)
         for (mesh, placements), local in by_layout.items():
             if local:
                 d = local[0].device
                 f = torch.zeros(1, dtype=torch.float32, device=d)
                 n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
-                both = torch.stack([n.double().square(), f.reshape(()).double()])
+                both = torch.stack([n.double().square(), f.reshape(()).double(),
+                                    n.new_full((), float(len(local)), dtype=torch.float64)])
             else:  # this rank holds no grad of this layout: its share is 0, but the collective is everyone's
                 d = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
                      else torch.device(mesh.device_type))
-                both = torch.zeros(2, dtype=torch.float64, device=d)
+                both = torch.zeros(3, dtype=torch.float64, device=d)
             if not all(pl.is_replicate() for pl in placements):
                 summed = [Replicate() if pl.is_replicate() else Partial() for pl in placements]
                 both = DTensor.from_local(both, mesh, summed, run_check=False).full_tensor()
             sumsq = sumsq + both[0].to(dev)
             found = found + both[1].to(dev, torch.float32).reshape(1)
-        return sumsq, found
+            count = count + both[2].to(dev)
+        return sumsq, found, count
 
     def _one(self, device):
         """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;

@@ -486,7 +486,10 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         if not collected:
             if self.max_grad_norm is not None and (self.norm_across_ranks is not False or self._has_dtensor_params):
                 _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
-                if found_out is not None:  # what the other ranks found: every rank's scaler backs off alike
+                # what the other ranks found: every rank's scaler backs off alike; when no rank held a grad (a
+                # step on a no-sync micro-step) no flag, and the scaler's update() raises as torch's does (a host
+                # read, on this path only)
+                if found_out is not None and self._last["grads_anywhere"].item() > 0:
                     found_out[0][found_out[1]] = found.reshape(()).to(found_out[1])
             return loss
         # Every group is planned (missing state created, buckets formed) before any group is updated: an error
