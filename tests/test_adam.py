@@ -823,8 +823,9 @@ def test_params_the_kernels_cannot_walk(device, monkeypatch):
     base = torch.randn(6, 10, device=device)
     ours = [torch.nn.Parameter(torch.randn(5, 3, device=device)),  # dense
             torch.nn.Parameter(base[:, ::2]),  # not dense
-            torch.nn.Parameter(torch.randn(4, 7, device=device).t())]  # dense, but its grads come contiguous
-    assert not ours[1].is_contiguous() and not ours[2].is_contiguous()
+            torch.nn.Parameter(torch.randn(4, 7, device=device).t()),  # dense, but its grads come contiguous
+            torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last))]
+    assert not ours[1].is_contiguous() and not ours[2].is_contiguous() and not ours[3].is_contiguous()
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     o = AdamW(ours, lr=1e-2, weight_decay=0.1)
     t = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
@@ -840,10 +841,10 @@ def test_params_the_kernels_cannot_walk(device, monkeypatch):
         t.step()
     for p, q in zip(ours, theirs):
         assert rel_diff(p.detach(), q.detach()) <= 1e-6
-    # the dense and the transposed param in the bucket's kernel (the backend auto picks, resolved by the optimizer),
-    # the non-dense one per tensor
-    assert served[0][0] == 2 and served[0][1] != "torch" and served[1] == (1, "torch"), served[:3]
-    assert served[2][0] == 2, served[:3]  # (the next step's bucket)
+    # the dense, transposed and channels_last params in the bucket's kernel (the backend auto picks, resolved by the
+    # optimizer), the non-dense one per tensor
+    assert served[0][0] == 3 and served[0][1] != "torch" and served[1] == (1, "torch"), served[:3]
+    assert served[2][0] == 3, served[:3]  # (the next step's bucket)
 
 
 _COMPILE_FIRST_STEP = r"""

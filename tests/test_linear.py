@@ -350,7 +350,7 @@ def test_opcheck_linear_op():
     x = torch.randn(4, 6, dtype=torch.bfloat16)
     w = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(5, dtype=torch.bfloat16, requires_grad=True)
-    for act in ("none", "gelu"):
+    for act in ("none", "relu", "gelu"):
         for out_dtype in (None, torch.float32, torch.float16):  # the fake's pre had x's dtype for "none"
             torch.library.opcheck(torch.ops.mixprec.linear.default, (x, w, b, act, "", out_dtype))
 
@@ -900,3 +900,19 @@ def test_saved_bytes_equal_torchs(route, act):
     theirs, _ = saved_bytes(torch_linear(act))
     mine, y = saved_bytes(ours)
     assert mine == theirs, (mine, theirs)
+
+
+@pytest.mark.parametrize("act", [None, "relu"], ids=str)
+def test_gradient_reaching_the_empty_pre_output_adds_nothing(act):
+    """Without an activation and for relu the op's second output (pre) is empty; a gradient reaching it (a caller
+    of the raw op that sums both outputs, torch.compile of such a function) adds nothing, instead of failing on the
+    size mismatch."""
+    x = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)
+    y, pre = torch.ops.mixprec.linear(x, w, None, "none" if act is None else act, "", None)
+    assert pre.numel() == 0
+    (y.float().sum() + pre.float().sum()).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    linear(x, w, None, act).float().sum().backward()
+    assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)

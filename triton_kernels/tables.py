@@ -23,13 +23,15 @@ import torch
 import triton
 
 TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per dtype bucket of each param group)
-# Tables kept per bucket shape (op, device, chunk, numels), whatever the addresses: with zero_grad(set_to_none=True)
-# the grads are new tensors each step, and where the allocator does not hand back the same addresses every step
-# made one more table for the same bucket (a program map of 16 bytes per chunk of the bucket's elements), up to
-# TABLE_CACHE_SIZE of them. A loop that alternates between a few address sets still hits.
-TABLES_PER_SHAPE = 4
+# and at most this many bytes of them, or 8x the largest table if more: with zero_grad(set_to_none=True) the grads
+# are new tensors each step, and where the allocator does not hand back the same addresses, every step made one
+# more table for the same bucket (16 bytes per chunk of the bucket's elements: ~1.7 MB for 7e9), up to
+# TABLE_CACHE_SIZE of them. A budget in bytes, not per bucket size: the buckets of identical layers (a param group
+# per layer) are alike in size but all live, and must all stay.
+TABLE_CACHE_BYTES = 64 << 20
 _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
-_by_shape = {}  # (op, device, chunk, numels) -> the keys of its tables, oldest first
+_nbytes = {}  # key -> its buffer's bytes
+_budget = {"bytes": 0, "largest": 0}  # the cached tables' bytes, the largest table's
 _readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
 
@@ -41,8 +43,8 @@ def _capturing(device):
 def get_tables(lists, device, chunk, op):
     """(rows, prog_map, n_programs) for parallel `lists` of tensors (lists[0][i], lists[1][i], ... share numel),
     each program covering `chunk` elements of one tensor. Rows are len(lists) + 2 int64 wide."""
-    numels = tuple(t.numel() for t in lists[0])
-    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists), numels)
+    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+           tuple(t.numel() for t in lists[0]))
     capturing = _capturing(device)
     hit = _tables.get(key)
     if hit is not None:
@@ -75,24 +77,18 @@ def get_tables(lists, device, chunk, op):
     _tables[key] = entry
     if device.type == "cuda":
         _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
-    same_shape = _by_shape.setdefault((op, device, chunk, numels), [])
-    same_shape.append(key)
-    stale = [k for k in same_shape if k not in _captured][:-TABLES_PER_SHAPE]
-    if len(_tables) > TABLE_CACHE_SIZE + len(_captured):
-        stale.append(next(k for k in _tables if k not in _captured))
-    for old in dict.fromkeys(stale):
-        _evict(old)
+    _nbytes[key] = buf.numel() * buf.element_size()
+    _budget["bytes"] += _nbytes[key]
+    _budget["largest"] = max(_budget["largest"], _nbytes[key])
+    limit = max(TABLE_CACHE_BYTES, 8 * _budget["largest"]) + sum(_nbytes[k] for k in _captured)
+    while len(_tables) > TABLE_CACHE_SIZE + len(_captured) or _budget["bytes"] > limit:
+        old = next((k for k in _tables if k not in _captured and k != key), None)
+        if old is None:
+            break
+        del _tables[old]
+        _readers.pop(old, None)
+        _budget["bytes"] -= _nbytes.pop(old)
     return entry
-
-
-def _evict(key):
-    del _tables[key]
-    _readers.pop(key, None)
-    shape = (key[0], key[1], key[2], key[4])
-    same_shape = _by_shape[shape]
-    same_shape.remove(key)
-    if not same_shape:
-        del _by_shape[shape]
 
 
 def _note_reader(key, rows):
@@ -111,4 +107,5 @@ def clear_table_cache():
     _tables.clear()
     _captured.clear()
     _readers.clear()
-    _by_shape.clear()
+    _nbytes.clear()
+    _budget.update(bytes=0, largest=0)

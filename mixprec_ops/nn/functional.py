@@ -85,6 +85,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.activation in (None, "relu"):  # pre is an empty output there: its gradient (empty too) adds nothing
+        grad_pre = None
     # g32: the gradient at the pre-activation before its rounding to x's dtype: grad_y * act'(pre) by one fused ATen
     # kernel, as torch's own autograd computes it (fp32 inside, rounded once to y's dtype), on fp32 operands where
     # the result is used unrounded (an fp32 bias's gradient) or added to (grad_pre). grad_y is None when only pre's
@@ -232,7 +234,8 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
         bias: optional (out_features,), x's dtype or float32 (with an activation, an fp32 bias's gradient is
             summed from fp32 copies of the output gradient and pre-activation: ~12 bytes of temporaries per output
             element in the backward, against 2 for a bias of x's dtype).
-        activation: None, "relu", "gelu", "gelu_tanh" or "silu".
+        activation: None, "relu", "gelu", "gelu_tanh" or "silu" (relu's gradient reads the output, as torch's relu
+            does: an in-place write to it before backward raises there too).
         backend: as for mixprec_ops.matmul (forward and backward).
 
     Autograd: first and higher-order gradients on every backend (a double backward runs the products of the first

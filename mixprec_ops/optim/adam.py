@@ -256,7 +256,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         of one buffer per bucket (_step_buffer), and a view pickles its whole buffer (pickle.dumps of the
         state_dict, which all_gather_object and broadcast_object_list use, grew with the square of the number of
         params: 67.6 MB for 4,000 params, 3.6 MB with torch's AdamW; torch.save of one param's state wrote every
-        counter). The live state is not changed."""
+        counter). The live state is not changed; the counters handed out are copies taken at this call, where the
+        other state tensors are the live ones (as torch's): save a state_dict when it is taken."""
         sd = super().state_dict()
         state = sd["state"]
         for k, st in state.items():
@@ -592,9 +593,12 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
             if not (contig and g.is_contiguous()) and not _dense_like(g, lp):
                 if contig:
                     g = g.contiguous()
-                elif torch.ops.aten.is_non_overlapping_and_dense(lp):  # a transposed or channels_last param: the
-                    g = torch.empty_like(lp, dtype=g.dtype).copy_(g)  # grad copied into its layout, not the
-                walk = walk and _dense_like(g, lp)                    # reference's per-param step
+                elif torch.ops.aten.is_non_overlapping_and_dense(lp) and not self._capturing(lp.device):
+                    # a transposed or channels_last param: its grad copied into its layout for the kernel, not the
+                    # reference's per-param step (except in a CUDA graph capture: the Triton kernels' tables need
+                    # the very tensors of the warm-up step, which a new copy is not)
+                    g = torch.empty_like(lp, dtype=g.dtype).copy_(g)
+                walk = walk and _dense_like(g, lp)
             entry = (lp, g, states, master, plan)
             if not walk:
                 fallback.append(entry)
