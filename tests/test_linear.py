@@ -916,3 +916,25 @@ def test_gradient_reaching_the_empty_pre_output_adds_nothing(act):
     x.grad = w.grad = None
     linear(x, w, None, act).float().sum().backward()
     assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+def test_convert_under_accelerate_hooks_and_instance_forwards():
+    """accelerate's hooks (device_map dispatch with offload, cpu_offload) keep nn.Linear.forward bound as
+    m._old_forward and call it from a wrapper set on the instance: convert swapped the class but the layer went on
+    running torch's linear (a fused relu was silently dropped: negative outputs). The bound forward is re-bound to
+    ours now. A forward replaced on the instance otherwise is left unconverted, with the warning."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(9)
+    bf = torch.bfloat16
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).to(bf)
+    hooks.add_hook_to_module(model[0], hooks.ModelHook())
+    patched = model[1]
+    patched.forward = lambda x: torch.nn.functional.linear(x, patched.weight, patched.bias)
+    x = torch.randn(5, 8).to(bf)
+    with pytest.warns(UserWarning, match=r"left unconverted.*1 \(forward set on the instance\)"):
+        convert(model, activation="relu")
+    assert type(model[0]) is Linear and type(model[1]) is torch.nn.Linear
+    y = model[0](x)
+    assert torch.equal(y, linear(x, model[0].weight, model[0].bias, "relu")) and (y >= 0).all()
+    hooks.remove_hook_from_module(model[0])  # accelerate's own removal keeps the converted forward
+    assert torch.equal(model[0](x), y)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import types
 import warnings
 
 import torch
@@ -90,6 +91,24 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _swap_class(m: torch.nn.Module, new: type) -> bool:
+    """m.__class__ = new, unless m has a forward of its own on the instance that would keep calling the old class's:
+    accelerate's hooks (a device_map dispatch with offload, cpu_offload, add_hook_to_module) keep the class's
+    forward bound as m._old_forward and call it from a wrapper set as m.forward; that bound method is re-bound to
+    the new class's forward. Any other instance forward: False, m unchanged (the swap would do nothing, or run a
+    forward that ignores the fused activation)."""
+    old_cls = type(m)
+    own = m.__dict__.get("forward")
+    hooked = m.__dict__.get("_old_forward")
+    if own is not None and not (isinstance(hooked, types.MethodType) and hooked.__self__ is m
+                                and hooked.__func__ is old_cls.forward):
+        return False
+    m.__class__ = new
+    if own is not None:
+        m._old_forward = types.MethodType(new.forward, m)
+    return True
+
+
 def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
     """Turn every torch.nn.Linear of `model` (the model itself included) into mixprec_ops.nn.Linear, in place, and
     return the model. The modules keep their Parameter objects (no copy: same weight, bias, device, dtype,
@@ -97,6 +116,9 @@ def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
     override forward). Hugging Face's Conv1D (GPT-2's attention and MLP projections: y = x @ weight + bias) is
     converted too, to a subclass of itself computing the same product with the fused kernel. `activation` is fused
     into every converted layer (default None: outputs unchanged).
+
+    A layer that accelerate has hooked (a device_map dispatch with offload, cpu_offload) is converted under its hook;
+    one whose forward was replaced on the instance otherwise is left, with the warning below.
 
     Other subclasses of torch.nn.Linear are left as they are, with one warning naming them: a layer with a
     parametrization (torch.nn.utils.parametrize, spectral_norm, parametrizations.weight_norm: convert before adding
@@ -106,16 +128,20 @@ def convert(model: torch.nn.Module, activation=None) -> torch.nn.Module:
     skipped = []
     for name, m in model.named_modules():
         if type(m) is torch.nn.Linear:
-            m.__class__ = Linear
-            m.activation = activation
+            new = Linear
         elif _is_hf_conv1d(m):
-            m.__class__ = _conv1d_class(type(m))
-            m.activation = activation
-        elif isinstance(m, torch.nn.Linear) and not isinstance(m, (Linear, _NEVER_CALLED)):
-            skipped.append(f"{name or '<model>'} ({type(m).__name__})")
+            new = _conv1d_class(type(m))
+        else:
+            if isinstance(m, torch.nn.Linear) and not isinstance(m, (Linear, _NEVER_CALLED)):
+                skipped.append(f"{name or '<model>'} ({type(m).__name__})")
+            continue
+        if not _swap_class(m, new):
+            skipped.append(f"{name or '<model>'} (forward set on the instance)")
+            continue
+        m.activation = activation
     if skipped:
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        warnings.warn(f"mixprec_ops.nn.convert: left unconverted, not exactly torch.nn.Linear: {', '.join(skipped[:5])}"
-                      f"{more}. Convert before adding parametrizations; run a LazyLinear once first.", UserWarning,
-                      stacklevel=2)
+        warnings.warn(f"mixprec_ops.nn.convert: left unconverted (not exactly torch.nn.Linear, or a forward set on "
+                      f"the instance): {', '.join(skipped[:5])}{more}. Convert before adding parametrizations or "
+                      "replacing forward; run a LazyLinear once first.", UserWarning, stacklevel=2)
     return model
