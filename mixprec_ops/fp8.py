@@ -15,8 +15,10 @@ Where this differs from TransformerEngine's DelayedScaling: a non-finite amax (a
 history as 0, so the scale recovers at the next finite step (TE keeps the inf, which holds the scale for the
 history's length); a scale that would overflow keeps the previous one (TE clamps it to the fp32 maximum), which for
 CurrentScaling means that a tensor whose amax is below fp8_max / 3.4e38 is cast with the previous scale; the scale
-is torch's float / tensor, the reciprocal of amax times the constant (within 1 ulp of TE's single division). A
-recipe is not an nn.Module: model.to() and model.state_dict() do not reach it. Save recipe.state_dict() beside the
+is one correctly rounded fp32 division, as TE's and torchao's. DelayedScaling's first cast, before any update(),
+uses scale 1 (as TE; torchao's old delayed scaling took that tensor's own amax): a tensor far from fp8's range
+saturates or flushes to zero at that first step (run a calibration step, or update() after recording an amax with
+a first quantize whose output is discarded). A recipe is not an nn.Module: model.to() and model.state_dict() do not reach it. Save recipe.state_dict() beside the
 model's, and to move a recipe build one on the new device and load_state_dict (it copies across devices). Saturated
 fp8 gradient casts (E5M2 backward) clamp inf gradients to the largest finite value: an overflow there does not
 reach GradScaler's inf check; the recipe's amax records it (inf, entered as 0 by update()).
@@ -36,7 +38,9 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def compute_scale(amax: torch.Tensor, scale: torch.Tensor, fp8_max: float, margin: int = 0) -> torch.Tensor:
     """(fp8_max / 2**margin) / amax where that is finite and amax > 0, else the old `scale`. No host sync."""
-    new = (fp8_max / 2.0**margin) / amax
+    # one correctly rounded fp32 division (float / tensor would be amax's reciprocal times the constant: two
+    # roundings, 1 ulp off for ~27% of amaxes, up to 3 ulp where the reciprocal is subnormal, amax >= 2^126)
+    new = torch.full_like(amax, fp8_max / 2.0**margin).div_(amax)
     # amax in (0, inf) excludes 0, negatives, inf and NaN; then new is positive, and finite unless it overflowed.
     # (The same test as isfinite(amax) & isfinite(new) & (amax > 0), in 5 small kernels instead of 12.)
     ok = (amax > 0) & (amax < float("inf")) & (new < float("inf"))
