@@ -18,10 +18,11 @@ CurrentScaling means that a tensor whose amax is below fp8_max / 3.4e38 is cast 
 is one correctly rounded fp32 division, as TE's and torchao's. DelayedScaling's first cast, before any update(),
 uses scale 1 (as TE; torchao's old delayed scaling took that tensor's own amax): a tensor far from fp8's range
 saturates or flushes to zero at that first step (run a calibration step, or update() after recording an amax with
-a first quantize whose output is discarded). A recipe is not an nn.Module: model.to() and model.state_dict() do not reach it. Save recipe.state_dict() beside the
-model's, and to move a recipe build one on the new device and load_state_dict (it copies across devices). Saturated
-fp8 gradient casts (E5M2 backward) clamp inf gradients to the largest finite value: an overflow there does not
-reach GradScaler's inf check; the recipe's amax records it (inf, entered as 0 by update()).
+a first quantize whose output is discarded). A recipe is not an nn.Module: model.to() and model.state_dict() do
+not reach it. Save recipe.state_dict() beside the model's, and to move a recipe build one on the new device and
+load_state_dict (it copies across devices). Saturated fp8 gradient casts (E5M2 backward) clamp inf gradients to
+the largest finite value: an overflow there does not reach GradScaler's inf check; the recipe's amax records it
+(inf, entered as 0 by update()).
 """
 
 from __future__ import annotations
