@@ -11,7 +11,6 @@ count_flops."""
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import math
 import sys
 

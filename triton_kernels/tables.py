@@ -31,7 +31,6 @@ TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per d
 TABLE_CACHE_BYTES = 64 << 20
 _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
 _nbytes = {}  # key -> its buffer's bytes
-_budget = {"bytes": 0, "largest": 0}  # the cached tables' bytes, the largest table's
 _readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
 
@@ -78,16 +77,15 @@ def get_tables(lists, device, chunk, op):
     if device.type == "cuda":
         _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
     _nbytes[key] = buf.numel() * buf.element_size()
-    _budget["bytes"] += _nbytes[key]
-    _budget["largest"] = max(_budget["largest"], _nbytes[key])
-    limit = max(TABLE_CACHE_BYTES, 8 * _budget["largest"]) + sum(_nbytes[k] for k in _captured)
-    while len(_tables) > TABLE_CACHE_SIZE + len(_captured) or _budget["bytes"] > limit:
+    total = sum(_nbytes.values())
+    limit = max(TABLE_CACHE_BYTES, 8 * max(_nbytes.values())) + sum(_nbytes[k] for k in _captured)
+    while len(_tables) > TABLE_CACHE_SIZE + len(_captured) or total > limit:
         old = next((k for k in _tables if k not in _captured and k != key), None)
         if old is None:
             break
         del _tables[old]
         _readers.pop(old, None)
-        _budget["bytes"] -= _nbytes.pop(old)
+        total -= _nbytes.pop(old)
     return entry
 
 
@@ -108,4 +106,3 @@ def clear_table_cache():
     _captured.clear()
     _readers.clear()
     _nbytes.clear()
-    _budget.update(bytes=0, largest=0)

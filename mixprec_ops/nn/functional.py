@@ -85,7 +85,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre):
     x, weight, pre = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if ctx.activation in (None, "relu"):  # pre is an empty output there: its gradient (empty too) adds nothing
+    if _pre_unneeded(ctx.activation or "none"):  # pre is an empty output: its gradient (empty too) adds nothing
         grad_pre = None
     # g32: the gradient at the pre-activation before its rounding to x's dtype: grad_y * act'(pre) by one fused ATen
     # kernel, as torch's own autograd computes it (fp32 inside, rounded once to y's dtype), on fp32 operands where
