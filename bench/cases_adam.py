@@ -16,6 +16,8 @@ from mixprec_ops.optim import AdamW
 from .registry import BASELINE, UNCHECKED, Case, Ctx, Impl, bit_mismatch, register
 
 BYTES_PER_PARAM = 28
+# torch's fused AdamW on fp32: grad r 4, param r/w 8, m r/w 8, v r/w 8; then _foreach_copy_ fp32 r 4 -> bf16 w 2
+TORCH_BYTES_PER_PARAM = 34
 HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
@@ -107,8 +109,9 @@ def _case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
     impls = ([Impl(BASELINE, _torch("fused"), "torch.optim.AdamW(fused=True) fp32 + _foreach_copy_ to bf16"),
               Impl(BASELINE + "-foreach", _torch("foreach"), "torch.optim.AdamW(foreach=True) fp32 + _foreach_copy_")]
              + [Impl(b, _ours(b)) for b in ctx.backends])
-    return Case("adam_step_", name, n, BYTES_PER_PARAM * n, lambda seed: _make(sizes, dev, seed), impls, _check(sizes, dev),
-                set_bytes=BYTES_PER_PARAM * n, tensor_bytes=BYTES_PER_PARAM * n,
+    return Case("adam_step_", name, n, BYTES_PER_PARAM * n, lambda seed: _make(sizes, dev, seed), impls,
+                _check(sizes, dev), set_bytes=BYTES_PER_PARAM * n, tensor_bytes=BYTES_PER_PARAM * n,
+                baseline_bytes=TORCH_BYTES_PER_PARAM * n,
                 notes=["adam: 28 B/param (bf16 grad r, fp32 master r/w, m r/w, v r/w, bf16 param w); the torch "
                        "baselines move more (fp32 grads, fp32 params, and the bf16 copy)"])
 

@@ -73,7 +73,10 @@ def _case(ctx: Ctx, name, src, dst, with_amax, n) -> Case:
         )
     ]
     impls += [Impl(b, ours(b)) for b in ctx.backends]
-    nbytes = n * (torch.finfo(src).bits + torch.finfo(dst).bits) // 8
+    s, t = torch.finfo(src).bits // 8, torch.finfo(dst).bits // 8
+    nbytes = n * (s + t)
+    # eager: [abs r s w s, amax r s,] x * scale r s w 4 (fp32), clamp r 4 w 4, .to r 4 w t
+    eager_bytes = n * ((3 * s if with_amax else 0) + s + 4 + 8 + 4 + t)
     return Case(
         "cast_and_scale",
         name,
@@ -82,7 +85,8 @@ def _case(ctx: Ctx, name, src, dst, with_amax, n) -> Case:
         lambda seed: _make(n, src, dev, seed),
         impls,
         check,
-        tensor_bytes=n * torch.finfo(src).bits // 8,
+        tensor_bytes=n * s,
+        baseline_bytes=eager_bytes,
     )
 
 

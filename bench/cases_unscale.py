@@ -114,6 +114,9 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
         return None if float(d["found"]) == 1.0 else "found_inf not set by an inf"
 
     nbytes = 2 * sum(sizes) * (torch.finfo(dtype).bits // 8)
+    # torch's fused op reads and writes each grad once; the stand-in (_foreach_mul_ + a max-norm) reads once more,
+    # and so does the norm's own pass
+    base_bytes = nbytes // 2 * (2 + (amp_err is not None) + norm)
     impls = [Impl(BASELINE, base, desc)] + [Impl(b, ours(b)) for b in ctx.backends]
     return Case(
         "unscale_",
@@ -125,6 +128,7 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
         check,
         set_bytes=nbytes // 2,
         tensor_bytes=nbytes // 2,
+        baseline_bytes=base_bytes,
         notes=notes,
     )
 

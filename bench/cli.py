@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import REPO_ROOT, ceilings, machine, report
+from . import REPO_ROOT, ceilings, machine, report, targets
 from .registry import BASELINE, TIME_BUDGET_S, UNCHECKED, Ctx, discover
 from .timing import measure, n_sets
 
@@ -214,6 +214,7 @@ def main(argv=None) -> int:
             "numel": c.numel,
             "bytes": c.bytes,
             "tensor_bytes": c.tensor_bytes,
+            "baseline_bytes": c.baseline_bytes or None,
             "median_us": t.median_s * 1e6 if t else None,
             "p20_us": t.p20_s * 1e6 if t else None,
             "p80_us": t.p80_s * 1e6 if t else None,
@@ -257,7 +258,9 @@ def main(argv=None) -> int:
                 "machine": mach, "versions": vers, "backends": bk, "ceilings": ceil, **extra, "skipped": skipped,
                 "notes": notes, "cases_seconds": round(seconds, 1),
                 "op_seconds": {op: round(t, 1) for op, t in op_seconds.items()},
-                "failures": sum(map(failed, rs)), "geomeans": report.geomeans(rs), "results": rs}
+                "failures": sum(map(failed, rs)), "geomeans": (gms := report.geomeans(rs)),
+                "targets": targets.judge(rs, gms, dev_type, bool(extra.get("partial")), bool(extra.get("noisy"))),
+                "results": rs}
 
     bar = _progress(sum(len(c.impls) for c in cases))
     t_start = time.perf_counter()
@@ -397,6 +400,8 @@ def main(argv=None) -> int:
     if any(r.get("flops") for r in rows):
         print(report.flops_table(rows, peak))
     for line in report.geomean_lines(geomeans, dev_type):
+        print(line)
+    for line in targets.lines(doc["targets"], dev_type):
         print(line)
     print(
         f"wrote {out}/results.json, results.csv"

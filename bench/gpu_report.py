@@ -19,16 +19,14 @@ import re
 import xml.etree.ElementTree as ET
 
 try:
-    from .report import fmt_time, trunc3  # imported as bench.gpu_report
+    from .report import fmt_time  # imported as bench.gpu_report
+    from .targets import judge
 except ImportError:  # run as a script (python3 bench/gpu_report.py): bench/ is sys.path[0]
-    from report import fmt_time, trunc3
+    from report import fmt_time
+    from targets import judge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
-# Targets from the issue (GPU): cast_and_scale >= 90% of copy bandwidth for tensors >= 256 MB; unscale_ >= 1.0x torch.
-# The matmul targets (geometric means of "vs torch" per group) are computed by the bench itself (results.json
-# "geomeans", from bench/report.py and the groups in bench/cases_matmul.py) and only copied here.
-CAST_PCT, CAST_MIN_BYTES, UNSCALE_RATIO = 90.0, 256e6, 1.0
 
 
 def read_steps(out: str) -> list[dict]:
@@ -135,51 +133,12 @@ def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[st
     return None, {}
 
 
-def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool = False) -> list[dict]:
-    """The issues' targets, judged on this run's rows. `partial`: the bench stopped before its end, so a group may
-    lack cases it never reached: its geomean is shown but not judged (met: False)."""
-    out = []
-    for g in geomeans or []:
-        if g.get("backend") is None:
-            continue
-        miss = "" if g["n"] == g["n_cases"] else f" ({g['n']} of {g['n_cases']} cases)"
-        out.append(
-            {
-                "what": f"geomean {g['group']} {g['backend']} >= {g['target']:.2f}x torch",
-                "value": fmt(None if g.get("geomean") is None else trunc3(g["geomean"]), ".3f", "x")
-                + miss + (" (partial run: not judged)" if partial else ""),
-                "met": bool(g.get("met")) and not partial,
-            }
-        )
-    for r in rows:
-        if r["backend"] == "torch" or r["backend"].startswith("torch-"):
-            continue
-        if r.get("gbps") is None:  # failed its check, crashed, or never ran: a target it would count for is not met
-            if r["op"] in ("cast_and_scale", "unscale_") and (r["op"] == "unscale_" or
-                                                               (r.get("tensor_bytes") or 0) >= CAST_MIN_BYTES):
-                out.append({"what": f"{r['op']} {r['case']} {r['backend']}", "value": f"no time ({r['check'][:60]})",
-                            "met": False})
-            continue
-        if r["op"] == "cast_and_scale" and (r.get("tensor_bytes") or 0) >= CAST_MIN_BYTES:
-            out.append(
-                {
-                    "what": f"cast_and_scale {r['case']} {r['backend']} >= {CAST_PCT:.0f}% of copy",
-                    "value": f"{r['pct_copy']:.1f}%",
-                    "met": r["pct_copy"] >= CAST_PCT,
-                }
-            )
-        if r["op"] == "unscale_" and r.get("vs_torch") is not None:
-            # the device-time ratio and, on a GPU, the ratio for a loop of calls (host time counted): both must hold
-            ratio = min(r["vs_torch"], r.get("vs_torch_loop") or r["vs_torch"])
-            out.append(
-                {
-                    "what": f"unscale_ {r['case']} {r['backend']} >= {UNSCALE_RATIO:.1f}x torch",
-                    # truncated to 3 decimals: a ratio under the target never reads as reaching it (0.9995: 1.00x)
-                    "value": f"{trunc3(ratio):.3f}x",
-                    "met": ratio >= UNSCALE_RATIO,
-                }
-            )
-    return out
+def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool = False,
+            device: str = "cuda", noisy: bool = False) -> list[dict]:
+    """The issues' targets for `device`, judged on this run's rows (bench/targets.py). `partial`: the bench stopped
+    before its end, so a group may lack cases it never reached: its geomean is shown but not judged (met: False);
+    `noisy`: the machine was not steady, nothing is judged met."""
+    return judge(rows, geomeans, device, partial, noisy)
 
 
 def fmt(v, spec, suffix=""):
@@ -361,9 +320,10 @@ def build(out: str) -> dict:
         "sanitizer": read_sanitizer(out),
         "bench": bench,
         "train_gpt": read_train(out),
-        # the issues' targets are an H200's: a CPU run's rows are not judged against them
-        "targets": targets((bench or {}).get("results", []), (bench or {}).get("geomeans"),
-                           bool((bench or {}).get("partial"))) if (bench or {}).get("device") == "cuda" else [],
+        # judged again from the rows (a results file of an older bench has no "targets"), for the run's device: a
+        # CPU run against the CPU targets, never against an H200's
+        "targets": targets(bench.get("results", []), bench.get("geomeans"), bool(bench.get("partial")),
+                           bench.get("device") or "cuda", bool(bench.get("noisy"))) if bench else [],
     }
 
 

@@ -50,6 +50,9 @@ class Case:
     check: Callable[[Impl], str | None]  # None if the impl matches the reference on fresh data, else the problem
     set_bytes: int = 0  # device bytes one input set touches (for cache rotation); default `bytes`
     tensor_bytes: int = 0  # size of the op's input tensor(s), for size-based targets (e.g. >= 256 MB)
+    # Bytes the torch baseline moves for the same work (0: not counted): baseline_bytes / bytes is the ratio the two
+    # would have at equal bandwidth, shown beside a ratio target (bench/targets.py).
+    baseline_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     flops: int = 0  # floating-point operations per call (compute-bound ops: rows get TFLOP/s and % of the peak)
     tags: dict[str, Any] = field(default_factory=dict)  # copied into each row (e.g. family, m, n, k for geomeans)

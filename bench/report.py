@@ -14,6 +14,7 @@ CSV_FIELDS = [
     "numel",
     "bytes",
     "tensor_bytes",
+    "baseline_bytes",
     "median_us",
     "p20_us",
     "p80_us",

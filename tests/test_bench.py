@@ -71,6 +71,7 @@ def test_cpu_quick_matmul_run(tmp_path):
     assert {g["group"] for g in gms} == {"matmul M<=128", "linear+bias+gelu fwd+bwd"}
     assert all(g["backend"] is None and not g["met"] for g in gms)
     assert "no kernel backend timed on cpu" in r.stdout and "TFLOP/s" in r.stdout
+    assert doc["targets"] == [] and "targets: none of the issues' targets applies" in r.stdout  # matmul: GPU only
     assert not os.path.exists(tmp_path / "cache")  # nothing autotuned, nothing cached
 
 
@@ -534,3 +535,50 @@ def test_sanitize_subset_runs_on_the_cpu_kernels(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for section in ("cast_and_scale", "cast_and_scale_backward", "unscale_", "adam_step_"):
         assert f"sanitize_subset: {section}: ok" in proc.stdout, proc.stdout
+
+
+def test_targets_are_judged_for_the_device_the_run_measured():
+    """The issues give CPU targets too (cast_and_scale >= 5x eager, AdamW >= 1.5x torch fused + copy), and the GPU
+    AdamW targets (>= 90% of the 28 B/param floor on cases >= 256 MB, >= 1.2x torch): no run judged any of them
+    (the bench judged only the matmul geomeans, gpu_report only the H200's cast/unscale_ rows). Each ratio target
+    shows the equal-bandwidth ratio beside it; a GPU ratio is the worse of device-time and loop ratios; baselines,
+    other devices' rules and (on a GPU) small cases of a size-bound target are not judged."""
+    from bench import targets
+
+    def r(op, backend, vs, pct=50.0, nbytes=1000, base_bytes=None, tensor_bytes=10**9, loop=None, case="c"):
+        return {"op": op, "case": case, "backend": backend, "numel": 4_000_000, "bytes": nbytes,
+                "baseline_bytes": base_bytes, "tensor_bytes": tensor_bytes, "gbps": None if vs is None else 1.0,
+                "vs_torch": vs, "vs_torch_loop": loop, "pct_copy": None if vs is None else pct, "check": "ok"}
+
+    cpu_rows = [r("adam_step_", "torch", 1.0), r("adam_step_", "cpu", 1.36, nbytes=28, base_bytes=34),
+                r("cast_and_scale", "cpu", 5.14), r("cast_and_scale", "cpu", None), r("unscale_", "cpu", 0.5)]
+    got = [(x["what"].split(" ")[0], x["value"], x["met"], x["issue"]) for x in targets.judge(cpu_rows, [], "cpu")]
+    assert got == [("cast_and_scale", "5.140x", True, 2), ("cast_and_scale", "no time (ok)", False, 2),
+                   ("adam_step_", "1.360x (equal-bw 1.21x)", False, 3)]
+    gpu_rows = [r("adam_step_", "cuda", 1.45, pct=92.0), r("adam_step_", "triton", 1.3, pct=85.0, loop=1.1),
+                r("adam_step_", "cuda", 2.0, pct=10.0, tensor_bytes=28_000_000)]
+    got = [(x["what"].split(" >= ")[1], x["value"], x["met"]) for x in targets.judge(gpu_rows, [], "cuda")]
+    assert got == [("90% of copy", "92.0%", True), ("90% of copy", "85.0%", False),
+                   ("1.2x torch", "1.450x", True), ("1.2x torch", "1.100x", False), ("1.2x torch", "2.000x", True)]
+    assert targets.judge([r("unscale_", "cpu", 0.5)], [], "cpu") == []  # no CPU target for unscale_
+    # a run on an unsteady machine (inflated ratios: torch's thread wake-ups suffer most) shows, judges nothing
+    shaky = targets.judge(cpu_rows, [], "cpu", noisy=True)
+    assert len(shaky) == 3 and not any(x["met"] for x in shaky) and "not steady" in shaky[0]["value"]
+    assert "1 of 3 met" in targets.lines(targets.judge(cpu_rows, [], "cpu"), "cpu")[0]
+    # gpu_report judges a CPU run against the CPU targets (it judged none), an H200 run against the H200's
+    assert gpu_report.targets(cpu_rows, [], device="cpu")[0]["met"]
+
+
+def test_cast_and_adam_cases_count_the_baselines_bytes():
+    """The equal-bandwidth ratios come from each case's count of the torch baseline's bytes: eager cast = abs, amax,
+    the fp32 product, clamp and .to (f32 -> e4m3 + amax: 33 B against our 5); AdamW fused + copy 34 B against 28."""
+    from bench import cases_adam, cases_cast
+    from bench.registry import Ctx
+
+    ctx = Ctx(torch.device("cpu"), True, ("cpu",))
+    per_el = {(c.name, c.numel): (c.baseline_bytes / c.numel, c.bytes / c.numel) for c in cases_cast.cases(ctx)
+              if c.baseline_bytes}
+    n = cases_cast.sizes(ctx)[0]
+    assert per_el[("f32->e4m3 +amax", n)] == (33, 5) and per_el[("bf16->e4m3 +amax", n)] == (25, 3)
+    assert per_el[("f32->bf16", n)] == (22, 6)
+    assert all(c.baseline_bytes == 34 * c.numel and c.bytes == 28 * c.numel for c in cases_adam.cases(ctx))

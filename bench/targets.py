@@ -1,0 +1,103 @@
+"""The issues' speed targets, judged on a bench run's rows for the device the run measured.
+
+CPU (issues 2 and 3): cast_and_scale >= 5x torch's eager sequence; the AdamW step >= 1.5x torch's fused AdamW on
+fp32 params + the copy into the bf16 model params.
+GPU (issues 2-4, an H200's): cast_and_scale >= 90% of the copy bandwidth for tensors >= 256 MB; unscale_ >= 1.0x
+torch; the AdamW step >= 90% of its 28 B/param floor (cases >= 256 MB) and >= 1.2x torch fused + copy; the matmul
+groups' geometric means (computed by bench/report.py from the groups in bench/cases_matmul.py, copied here).
+
+A ratio target also shows the ratio the two sides would have at equal bandwidth ("equal-bw"): the torch baseline's
+bytes over ours, when the case counts them (Case.baseline_bytes). A target above it needs torch to run further from
+its bandwidth floor than we run from ours: on a machine where torch streams near the copy rate, no kernel can
+reach it. A row without a time (its check failed, it crashed, its op's time budget ran out) counts as not met.
+"""
+
+from __future__ import annotations
+
+try:
+    from .report import trunc3  # imported as bench.targets
+except ImportError:  # bench/gpu_report.py run as a script: bench/ is sys.path[0]
+    from report import trunc3
+
+MIN_BYTES = 256e6  # "tensors >= 256 MB": below it a GPU launch's fixed cost keeps any kernel from the copy rate
+# (device, op, metric, threshold, only cases of at least MIN_BYTES, issue)
+RULES = [
+    ("cpu", "cast_and_scale", "vs_torch", 5.0, False, 2),
+    ("cpu", "adam_step_", "vs_torch", 1.5, False, 3),
+    ("cuda", "cast_and_scale", "pct_copy", 90.0, True, 2),
+    ("cuda", "unscale_", "vs_torch", 1.0, False, 2),
+    ("cuda", "adam_step_", "pct_copy", 90.0, True, 3),
+    ("cuda", "adam_step_", "vs_torch", 1.2, False, 3),
+]
+
+
+def _is_baseline(backend: str) -> bool:
+    return backend == "torch" or backend.startswith("torch-")
+
+
+def _value(r: dict, metric: str) -> float | None:
+    if metric == "pct_copy":
+        return r.get("pct_copy")
+    v = r.get("vs_torch")
+    # on a GPU, the ratio for a loop of calls (host time counted) must hold too: the worse of the two
+    return None if v is None else min(v, r.get("vs_torch_loop") or v)
+
+
+def judge(rows: list[dict], geomeans: list[dict] | None, device: str, partial: bool = False,
+          noisy: bool = False) -> list[dict]:
+    """One entry per (target, row): what, value (text), met, issue. `partial`: the bench stopped before its end, so
+    a matmul group may lack cases it never reached: its geomean is shown but not judged (met: False). `noisy`: the
+    machine was not steady during the run, which inflates the ratios (torch's many thread wake-ups and launches
+    suffer more than one fused kernel): every target is shown but none is judged met."""
+    out = _judge(rows, geomeans, device, partial)
+    if noisy:
+        for x in out:
+            x["value"] += " (machine not steady: not judged)"
+            x["met"] = False
+    return out
+
+
+def _judge(rows: list[dict], geomeans: list[dict] | None, device: str, partial: bool) -> list[dict]:
+    out = []
+    if device == "cuda":
+        for g in geomeans or []:
+            if g.get("backend") is None or g.get("target") is None:
+                continue
+            miss = "" if g["n"] == g["n_cases"] else f" ({g['n']} of {g['n_cases']} cases)"
+            gm = "-" if g.get("geomean") is None else f"{trunc3(g['geomean']):.3f}x"
+            out.append({"what": f"geomean {g['group']} {g['backend']} >= {g['target']:.2f}x torch",
+                        "value": gm + miss + (" (partial run: not judged)" if partial else ""),
+                        "met": bool(g.get("met")) and not partial, "issue": 4})
+    for dev, op, metric, thr, big_only, issue in RULES:
+        if dev != device:
+            continue
+        for r in rows:
+            if r["op"] != op or _is_baseline(r["backend"]) or (big_only and (r.get("tensor_bytes") or 0) < MIN_BYTES):
+                continue
+            unit = "% of copy" if metric == "pct_copy" else "x torch"
+            size = f" {r['numel'] / 1e6:.3g}M" if r.get("numel") else ""  # a case name may not say its size
+            what = f"{op} {r['case']}{size} {r['backend']} >= {thr:g}{unit}"
+            v = _value(r, metric) if r.get("gbps") is not None else None
+            if v is None:  # failed its check, crashed, or never ran: the target is not met
+                out.append({"what": what, "value": f"no time ({str(r.get('check'))[:60]})", "met": False,
+                            "issue": issue})
+                continue
+            # truncated to 3 decimals: a ratio under the target never reads as reaching it (0.9995 as "1.000x")
+            text = f"{v:.1f}%" if metric == "pct_copy" else f"{trunc3(v):.3f}x"
+            eq = r.get("baseline_bytes") and r.get("bytes") and r["baseline_bytes"] / r["bytes"]
+            if metric == "vs_torch" and eq:
+                text += f" (equal-bw {eq:.2f}x)"
+            out.append({"what": what, "value": text, "met": v >= thr, "issue": issue})
+    return out
+
+
+def lines(judged: list[dict], device: str) -> list[str]:
+    """The targets as printed at the end of a bench run."""
+    if not judged:
+        return [f"targets: none of the issues' targets applies to the cases run on {device}"]
+    met = sum(x["met"] for x in judged)
+    w = max(len(x["what"]) for x in judged)
+    out = [f"targets on {device} (issues 2-4; equal-bw: the ratio if both sides ran at the same bandwidth): "
+           f"{met} of {len(judged)} met"]
+    out += [f"  {x['what']:<{w}}  {x['value']:<28}  {'met' if x['met'] else 'NOT met'}" for x in judged]
+    return out
