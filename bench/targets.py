@@ -96,8 +96,8 @@ def lines(judged: list[dict], device: str) -> list[str]:
     if not judged:
         return [f"targets: none of the issues' targets applies to the cases run on {device}"]
     met = sum(x["met"] for x in judged)
-    w = max(len(x["what"]) for x in judged)
+    w, wv = max(len(x["what"]) for x in judged), max(len(x["value"]) for x in judged)
     out = [f"targets on {device} (issues 2-4; equal-bw: the ratio if both sides ran at the same bandwidth): "
            f"{met} of {len(judged)} met"]
-    out += [f"  {x['what']:<{w}}  {x['value']:<28}  {'met' if x['met'] else 'NOT met'}" for x in judged]
+    out += [f"  {x['what']:<{w}}  {x['value']:<{wv}}  {'met' if x['met'] else 'NOT met'}" for x in judged]
     return out
