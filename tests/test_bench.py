@@ -421,10 +421,13 @@ def test_gpu_targets_count_untimed_rows_as_missed():
     rows = [{"op": "unscale_", "case": "50 tensors f32", "backend": "cuda", "gbps": None, "vs_torch": None,
              "check": "FAIL: tensors[3] differs", "tensor_bytes": 1 << 30},
             {"op": "unscale_", "case": "50 tensors f32", "backend": "triton", "gbps": 3000.0, "vs_torch": 1.2,
-             "check": "ok", "tensor_bytes": 1 << 30}]
+             "pct_copy": 91.0, "check": "ok", "tensor_bytes": 1 << 30}]
     t = gpu_report.targets(rows)
-    assert [("cuda" in x["what"], "no time" in x["value"], x["met"]) for x in t] == [(True, True, False),
-                                                                                        (False, False, True)]
+    # each row under both unscale_ targets (>= 90% of copy at >= 256 MB, >= 1.0x torch)
+    assert [("cuda" in x["what"], "no time" in x["value"], x["met"]) for x in t] == [
+        (True, True, False), (False, False, True), (True, True, False), (False, False, True)]
+    del rows[1]["pct_copy"]  # timed, but no copy ceiling to judge against: shown as not met, not as untimed
+    assert [(x["value"], x["met"]) for x in gpu_report.targets(rows)][1] == ("-", False)
 
 
 def test_gpu_report_prints_a_filed_report_and_runs_record_their_commit(capsys):
