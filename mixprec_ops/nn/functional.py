@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
+from .._dtensor import any_dtensor
 from ..ops.matmul import (ACTIVATIONS, OPERAND_DTYPES, _as_2d, _rowsum_run, _run, _select, activation_backward,
                           activation_grad, apply_activation, autocast_on, matmul, matmul_reference,
                           matmul_with_preactivation)
@@ -198,6 +199,17 @@ def _autocast(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
+def _dtensor_linear(x, weight, bias, activation):
+    """linear of DTensors (tensor parallelism: ColwiseParallel / RowwiseParallel shard a Linear's weight and wrap its
+    input): torch's linear and activation ops, whose sharding DTensor propagates (the fused op has no sharding rule),
+    so a converted layer computes what torch.nn.Linear followed by the activation computes, bit for bit: the product
+    rounded to x's dtype, then the activation (two roundings where the fused kernel makes one). An fp32 bias is
+    added to the rounded product in fp32, the activation applied in fp32, and the result rounded to x's dtype."""
+    if bias is not None and bias.dtype != x.dtype:
+        return apply_activation(torch.nn.functional.linear(x, weight).float() + bias, activation).to(x.dtype)
+    return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
+
+
 def _check_args(x, weight, bias):
     """The fused path's arguments, named as torch.nn.functional.linear names them (x, weight and bias are tensors,
     checked before the autocast cast). The errors are also RuntimeErrors, which torch's linear raises for them."""
@@ -244,6 +256,11 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
     their gradients are torch autograd's of those ops, which round differently from the fused backward (within
     about one 16-bit ulp of the largest element). torch.compile of a torch.func transform over it runs eagerly
     (fullgraph=True fails: torch's custom-op autograd does not compose with torch.func).
+
+    DTensor arguments (tensor parallelism: torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel on
+    a Linear) run torch's linear and then the activation, which DTensor knows how to shard: the result and the
+    gradients are those of torch.nn.Linear followed by the activation, bit for bit (the product rounded to x's
+    dtype before the activation), not the fused kernel's.
     """
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -257,6 +274,10 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
     _check_args(x, weight, bias)
     if backends.transform_active():
         return matmul_reference(x, weight.t(), bias, activation)  # the fused op's numerics, in plain torch ops
+    plain = _checks.PLAIN_TYPES
+    if (not (type(x) in plain and type(weight) in plain and (bias is None or type(bias) in plain))
+            and any_dtensor((x, weight, bias))):
+        return _dtensor_linear(x, weight, bias, activation)
     one_d = x.dim() == 1
     if one_d:
         x = x.unsqueeze(0)

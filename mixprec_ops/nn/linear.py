@@ -27,8 +27,15 @@ class Linear(torch.nn.Linear):
     mixprec_ops.nn.functional.linear: fp32 accumulation, fused bias and activation. float32 modules fall back to
     torch's linear. torch.compile, torch.export and torch.jit.trace take it; torch.jit.script does not (the op
     layer is Python with keyword-only arguments). torch.fx.symbolic_trace records the fused linear as one
-    call_function node. torch.ao quantization matches modules by exact type and leaves this class alone: quantize
-    an unconverted model."""
+    call_function node. torch.ao quantization and torch.ao.pruning's sparsifiers match modules by exact type and
+    leave this class alone: quantize or sparsify an unconverted model (or name the tensors to prune). Under tensor
+    parallelism (DTensor weights) it runs torch's linear and activation (see linear).
+
+    With an activation the layer is no longer a linear map, but it is still an nn.Linear to isinstance: tools that
+    rebuild or fold a Linear from its weight and bias alone compute something else without a word.
+    torch.nn.utils.fusion.fuse_linear_bn_eval folds the norm into the weight and keeps the activation, giving
+    act(bn(Wx + b)) for bn(act(Wx + b)); torch.utils.mkldnn.to_mkldnn drops the activation. Use them on layers
+    without one (convert()'s default)."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

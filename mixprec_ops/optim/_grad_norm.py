@@ -8,9 +8,9 @@ from collections import defaultdict
 
 import torch
 
+from .._dtensor import DTensor
+from .._dtensor import local as _local
 from ..ops.unscale import unscale_
-from ._dtensor import DTensor
-from ._dtensor import local as _local
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dtensor import local as _local
+from .._dtensor import local as _local
 
 
 def _versions(plan):

@@ -12,10 +12,10 @@ import torch
 
 from .. import backends
 from .._checks import FLOAT_SOURCES
+from .._dtensor import DTensor, any_dtensor
+from .._dtensor import local as _local
 from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
-from ._dtensor import DTensor, any_dtensor
-from ._dtensor import local as _local
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
 

@@ -1,4 +1,4 @@
-"""DTensor (FSDP2, tensor parallelism) support shared by the optimizer's modules."""
+"""DTensor (FSDP2, tensor parallelism) support shared by the optimizer's modules and linear."""
 
 from __future__ import annotations
 
