@@ -122,7 +122,7 @@ def _backward_case(ctx: Ctx, name, src, dst, n) -> Case:
     x_bytes = n * torch.finfo(src).bits // 8
     nbytes = 2 * x_bytes + n * torch.finfo(dst).bits // 8
     return Case("cast_and_scale", name, n, nbytes, lambda seed: _make_backward(n, src, dst, dev, seed), impls, check,
-                tensor_bytes=x_bytes)
+                tensor_bytes=x_bytes, tags={"pass": "backward"})  # no target of the issues (bench/targets.py)
 
 
 @register("cast_and_scale")

@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         print(report.table(rows))
     if any(r.get("flops") for r in rows):
         print(report.flops_table(rows, peak))
-    for line in report.geomean_lines(geomeans, dev_type):
+    for line in report.geomean_lines(geomeans, dev_type, noisy):
         print(line)
     for line in targets.lines(doc["targets"], dev_type):
         print(line)

@@ -134,11 +134,11 @@ def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[st
 
 
 def targets(rows: list[dict], geomeans: list[dict] | None = None, partial: bool = False,
-            device: str = "cuda", noisy: bool = False) -> list[dict]:
+            device: str = "cuda", noisy: bool = False, schema: int | None = 2) -> list[dict]:
     """The issues' targets for `device`, judged on this run's rows (bench/targets.py). `partial`: the bench stopped
-    before its end, so a group may lack cases it never reached: its geomean is shown but not judged (met: False);
-    `noisy`: the machine was not steady, nothing is judged met."""
-    return judge(rows, geomeans, device, partial, noisy)
+    before its end, so a group may lack cases it never reached: its geomean is shown but not judged (met: None);
+    `noisy` (the machine was not steady) or `schema` < 2 (the first bench's timing rules): nothing is judged."""
+    return judge(rows, geomeans, device, partial, noisy, schema)
 
 
 def fmt(v, spec, suffix=""):
@@ -253,7 +253,8 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         L += [f"geomean {g['group']}: no kernel backend timed ({g['n_cases']} cases)" for g in untimed]
     if rep["targets"]:
         L += ["", "| target | value | met |", "| --- | ---: | --- |"]
-        L += [f"| {x['what']} | {x['value']} | {'yes' if x['met'] else 'NO'} |" for x in rep["targets"]]
+        L += [f"| {x['what']} | {x['value']} | {'not judged' if x['met'] is None else 'yes' if x['met'] else 'NO'} |"
+              for x in rep["targets"]]
     return "\n".join(L) + "\n"
 
 
@@ -323,7 +324,8 @@ def build(out: str) -> dict:
         # judged again from the rows (a results file of an older bench has no "targets"), for the run's device: a
         # CPU run against the CPU targets, never against an H200's
         "targets": targets(bench.get("results", []), bench.get("geomeans"), bool(bench.get("partial")),
-                           bench.get("device") or "cuda", bool(bench.get("noisy"))) if bench else [],
+                           bench.get("device") or "cuda", bool(bench.get("noisy")), bench.get("schema")) if bench
+        else [],
     }
 
 

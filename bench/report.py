@@ -175,7 +175,8 @@ def geomeans(rows: list[dict]) -> list[dict]:
     return out
 
 
-def geomean_lines(gms: list[dict], device: str) -> list[str]:
+def geomean_lines(gms: list[dict], device: str, noisy: bool = False) -> list[str]:
+    """One line per geomean; on an unsteady machine (inflated ratios) none is judged, as in bench/targets.py."""
     lines = []
     for x in gms:
         tgt = f">= {x['target']:.2f}x" if x["target"] is not None else "no target"
@@ -187,7 +188,7 @@ def geomean_lines(gms: list[dict], device: str) -> list[str]:
         gm = "-" if x["geomean"] is None else f"{trunc3(x['geomean']):.3f}x"
         miss = "" if x["n"] == x["n_cases"] else f" (only {x['n']} of {x['n_cases']} cases have a ratio)"
         lines.append(f"geomean {x['group']} {x['backend']}: {gm} vs torch over {x['n']} cases, target {tgt}: "
-                     f"{'met' if x['met'] else 'NOT met'}{miss}")
+                     f"{'not judged (machine not steady)' if noisy else 'met' if x['met'] else 'NOT met'}{miss}")
     return lines
 
 

@@ -512,6 +512,23 @@ def scenario_tp_linear(rank, backend, out_dir):
                                            distribute_tensor(b, mesh, [Shard(0)]), "silu")
     out["fp32_bias"] = (got.full_tensor(),
                         torch.nn.functional.silu(torch.nn.functional.linear(x, w).float() + b).to(torch.bfloat16))
+    # FSDP2's params are DTensors too, but its forward hands the layers plain unsharded params: the fused path runs
+    from torch.distributed.fsdp import fully_shard
+
+    from mixprec_ops.nn import functional as F
+
+    calls = {"fused": 0, "dtensor": 0}
+    fused, fallback = F._apply_linear, F._dtensor_linear
+    F._apply_linear = lambda *a, **k: (calls.__setitem__("fused", calls["fused"] + 1), fused(*a, **k))[1]
+    F._dtensor_linear = lambda *a, **k: (calls.__setitem__("dtensor", calls["dtensor"] + 1), fallback(*a, **k))[1]
+    try:
+        torch.manual_seed(0)
+        model = mixprec_ops.convert(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8)).to(torch.bfloat16))
+        fully_shard(model, mesh=mesh)
+        model(torch.randn(4, 16).to(torch.bfloat16)).float().sum().backward()
+    finally:
+        F._apply_linear, F._dtensor_linear = fused, fallback
+    out["fsdp2_calls"] = calls
     return out
 
 
@@ -919,3 +936,4 @@ def test_tensor_parallel_converted_linear_runs_torch_modules_numerics(results):
                 assert torch.equal(r["converted"][what][n], t), (rank, what, n)
         got, expected = r["fp32_bias"]
         assert got.dtype == torch.bfloat16 and torch.equal(got, expected), rank
+        assert r["fsdp2_calls"] == {"fused": 2, "dtensor": 0}, r["fsdp2_calls"]  # FSDP2: plain params, fused path

@@ -204,7 +204,11 @@ def _dtensor_linear(x, weight, bias, activation):
     input): torch's linear and activation ops, whose sharding DTensor propagates (the fused op has no sharding rule),
     so a converted layer computes what torch.nn.Linear followed by the activation computes, bit for bit: the product
     rounded to x's dtype, then the activation (two roundings where the fused kernel makes one). An fp32 bias is
-    added to the rounded product in fp32, the activation applied in fp32, and the result rounded to x's dtype."""
+    added to the rounded product in fp32, the activation applied in fp32, and the result rounded to x's dtype.
+    Under RowwiseParallel the product is a Partial sum (each rank's share rounded to x's dtype first, as for torch's
+    modules), and an activation fused into such a layer must see the whole sum: DTensor all-reduces before it, where
+    torch's modules (the activation a module after the layer) reduce-scatter first under sequence parallelism, and
+    the activation then runs on every rank's full output: keep activations out of row-wise layers there."""
     if bias is not None and bias.dtype != x.dtype:
         return apply_activation(torch.nn.functional.linear(x, weight).float() + bias, activation).to(x.dtype)
     return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
