@@ -4,7 +4,7 @@ toolkit is found) and the Python packages (triton_kernels/ is installed as `mixp
 Environment variables (all optional):
   MIXPREC_BUILD_CUDA=0        CPU-only build even when a CUDA toolkit is present (also false, no, off).
   MIXPREC_CUDA_ARCHS          CUDA archs, ';'-separated, e.g. "8.0;9.0a;10.0+PTX" (the default).
-  MIXPREC_CPU_FLAGS           extra C++ flags for the CPU kernels (default on x86-64: -mavx2 -mfma -mf16c).
+  MIXPREC_CPU_FLAGS           the CPU kernels' ISA flags, replacing the default (on x86-64: -mavx2 -mfma -mf16c).
   MAX_JOBS                    parallel compile jobs (default: sized from cores and RAM).
   CUDA_HOME                   the toolkit root (default: derived from the real nvcc, see below).
   MIXPREC_DIST_WHEEL=1        a wheel for distribution (`make wheel`): pins torch==<the torch built against>, tags

@@ -1,7 +1,9 @@
 """Triton kernels of mixprec_ops, installed as the subpackage `mixprec_ops.triton_kernels`.
 
 Each module holds @triton.jit kernels and a small launcher that takes torch tensors. The op layer
-(mixprec_ops/ops/*.py) registers the launchers as torch ops through torch.library.triton_op.
+(mixprec_ops/ops/*.py) registers the launchers as torch ops: through torch.library.triton_op where one kernel is
+the op (cast_and_scale, matmul; on a GPU, custom_op under the interpreter), through torch.library.custom_op for
+the multi-tensor ops (unscale_, adam_step_).
 
 INTERPRETED is True when Triton's interpreter was on (TRITON_INTERPRET=1) as these kernels were defined: then
 they run on CPU tensors, which the tests use on machines without a GPU.
