@@ -171,14 +171,18 @@ def _only_device_modes() -> bool:
     return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
+def _all_plain(x, weight, bias) -> bool:
+    """x, weight and bias (or None) are plain tensors: not FakeTensor, DTensor or another subclass."""
+    plain = _checks.PLAIN_TYPES
+    return type(x) in plain and type(weight) in plain and (bias is None or type(bias) in plain)
+
+
 def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
     """mixprec::linear(x, weight, bias, activation, backend, out_dtype)[0], through _LinearFunction where plain eager
     execution allows it, else through the custom op (which torch.jit.trace, too, must record: a traced Python
     autograd.Function cannot be saved)."""
-    plain = _checks.PLAIN_TYPES
-    if (type(x) in plain and type(weight) in plain and (bias is None or type(bias) in plain)
-            and x.device.type != "meta" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0
+    if (_all_plain(x, weight, bias) and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
             and (torch._C._len_torch_function_stack() == 0 or _only_device_modes())):
         return _LinearFunction.apply(x, weight, bias, activation, backend, out_dtype)[0]
     return _linear_op(x, weight, bias, activation, backend, out_dtype)[0]
@@ -278,9 +282,7 @@ def linear(x, weight, bias=None, activation=None, *, backend=None):
     _check_args(x, weight, bias)
     if backends.transform_active():
         return matmul_reference(x, weight.t(), bias, activation)  # the fused op's numerics, in plain torch ops
-    plain = _checks.PLAIN_TYPES
-    if (not (type(x) in plain and type(weight) in plain and (bias is None or type(bias) in plain))
-            and any_dtensor((x, weight, bias))):
+    if not _all_plain(x, weight, bias) and any_dtensor((x, weight, bias)):
         return _dtensor_linear(x, weight, bias, activation)
     one_d = x.dim() == 1
     if one_d:
