@@ -40,6 +40,11 @@ CSV_FIELDS = [
 ]
 
 
+def is_baseline(backend: str) -> bool:
+    """A torch baseline row ("torch", "torch-foreach", ...), not one of our backends."""
+    return backend == "torch" or backend.startswith("torch-")
+
+
 def fmt_time(us: float | None) -> str:
     if us is None:
         return "-"
@@ -149,7 +154,7 @@ def geomeans(rows: list[dict]) -> list[dict]:
         key = (r["case"], r["numel"])
         if key not in d["cases"]:
             d["cases"].append(key)
-        if r["backend"] != "torch" and not r["backend"].startswith("torch-"):
+        if not is_baseline(r["backend"]):
             d["ratios"].setdefault(r["backend"], {})
             if r.get("vs_torch"):
                 d["ratios"][r["backend"]][key] = r["vs_torch"]
@@ -237,7 +242,7 @@ def plots(out_dir: str, rows: list[dict], title: str) -> list[str]:
          "matmul: torch's bf16 rate)", False),
         ("speedup.png", lambda r: r.get("vs_torch"), 1.0, "speedup vs torch baseline (torch time / our time)", True),
     ):
-        bks = [b for b in backends if not (only_ours and (b == "torch" or b.startswith("torch-")))]
+        bks = [b for b in backends if not (only_ours and is_baseline(b))]
         if not bks:  # e.g. a CPU run of ops with no CPU kernel: torch rows only, no speedup to plot
             continue
         fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * max(1, len(bks)) + 1.5))

@@ -21,9 +21,9 @@ matmul group of a partial run.
 from __future__ import annotations
 
 try:
-    from .report import trunc3  # imported as bench.targets
+    from .report import is_baseline, trunc3  # imported as bench.targets
 except ImportError:  # bench/gpu_report.py run as a script: bench/ is sys.path[0]
-    from report import trunc3
+    from report import is_baseline, trunc3
 
 MIN_BYTES = 256e6  # "tensors >= 256 MB": below it a GPU launch's fixed cost keeps any kernel from the copy rate
 # (device, op, metric, threshold, only cases of at least MIN_BYTES, issue)
@@ -36,10 +36,6 @@ RULES = [
     ("cuda", "adam_step_", "pct_copy", 90.0, True, 3),
     ("cuda", "adam_step_", "vs_torch", 1.2, False, 3),
 ]
-
-
-def _is_baseline(backend: str) -> bool:
-    return backend == "torch" or backend.startswith("torch-")
 
 
 def _value(r: dict, metric: str) -> float | None:
@@ -82,7 +78,7 @@ def _judge(rows: list[dict], geomeans: list[dict] | None, device: str, partial: 
         if dev != device:
             continue
         for r in rows:
-            if (r["op"] != op or _is_baseline(r["backend"]) or r.get("pass") == "backward"
+            if (r["op"] != op or is_baseline(r["backend"]) or r.get("pass") == "backward"
                     or (big_only and (r.get("tensor_bytes") or 0) < MIN_BYTES)):
                 continue
             unit = "% of copy" if metric == "pct_copy" else "x torch"
