@@ -202,6 +202,19 @@ def test_adam_rounds_like_the_reference(aot):
             assert p["fma_f32"] == 0 and p["div_rn_f32"] > 0 and p["sqrt_rn_f32"] > 0, f"{r['variant']}: {p}"
 
 
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if "matmul" not in k])
+def test_bit_exact_kernels_negate_exactly(aot, kernel):
+    """No unary minus on float values in the kernels that must match their reference bit for bit, signs of zero
+    included: Triton 3.6 compiles -x as 0.0 - x, which is +0.0 for x = +0.0 (torch's neg gives -0.0; seen as a
+    wrong-signed zero in Adam's maximize path on the H200, 2026-11-30), and 3.8 as negf. They write x * -1.0.
+    The matmul epilogue's erf/exp arguments are exempt: exp(-0.0) and exp(+0.0) are both 1."""
+    recs = [r for r in _records(aot, kernel) if r["ok"]]
+    if not recs:
+        pytest.skip("no compiled variant (see test_kernel_compiles)")
+    bad = [f"[{r['target']}] {r['variant']}: {r['ttir']['float_neg']}" for r in recs if r["ttir"]["float_neg"]]
+    assert not bad, "float negations:\n" + "\n".join(bad)
+
+
 def test_shared_memory_fits(aot):
     """Each variant's shared memory fits its target's GPUs, except persistent TMA matmul configs that
     triton_kernels.matmul.candidates would not offer for that output dtype on that target: for those the launcher's

@@ -70,6 +70,14 @@ TTIR_WATCH = {
 }
 
 
+def float_negations(ttir: str) -> int:
+    """Float negations in a TTIR: arith.negf (Triton 3.8's unary minus) and subtractions from a +0.0 constant (Triton
+    3.6's, which gives +0.0 for -(+0.0)): the bit-exact kernels negate as x * -1.0 instead."""
+    zeros = set(re.findall(r"(%[\w.#]+) = arith\.constant (?:dense<)?0\.0+e\+00\b", ttir))
+    from_zero = [a for a in re.findall(r"arith\.subf (%[\w.#]+), ", ttir) if a in zeros]
+    return ttir.count("arith.negf") + len(from_zero)
+
+
 # ------------------------------------------------------------------------------------------------ the cases
 @dataclass(frozen=True)
 class Case:
@@ -414,6 +422,7 @@ def run_case(pkg, case: Case) -> dict:
             raise RuntimeError("no cubin produced (ptxas did not run)")
         rec["ptx"] = {k: ptx.count(s) for k, s in PTX_WATCH.items()}
         rec["ttir"] = {k: len(re.findall(p, compiled.asm["ttir"])) for k, p in TTIR_WATCH.items()}
+        rec["ttir"]["float_neg"] = float_negations(compiled.asm["ttir"])
         rec["shared"] = compiled.metadata.shared
         rec["res"] = resource_usage(compiled.asm["cubin"])
         rec["ok"] = True

@@ -7,6 +7,8 @@ Bit-exactness rests on:
   - divisions and the square root rounded to nearest even: tl.math.div_rn / tl.math.sqrt_rn (Triton's `/` and
     tl.sqrt lower to approximate instructions on NVIDIA GPUs);
   - maximum with NaN propagation (tl.maximum(..., propagate_nan=ALL)), like torch.maximum;
+  - negation as g * -1.0, which flips the sign of zeros like torch's neg: Triton 3.6's unary minus is 0 - g (3.8's
+    is an fneg), so -(+0.0) came out +0.0 and a maximized step's moments lost the sign of zero (H200, 2026-11-30);
   - bf16 travelling as int16 bits: widened by a shift, rounded in integer arithmetic (fp_convert.py); fp16 through
     native casts (exact round-to-nearest-even on GPUs and on the interpreter).
 
@@ -165,7 +167,7 @@ def _adam_kernel(tab_ptr, map_ptr, scalars_ptr, grad_scale_ptr, found_inf_ptr, c
         if HAS_CLIP:
             g = g * cc
         if MAXIMIZE:
-            g = -g
+            g = g * -1.0  # not -g: Triton 3.6 compiles unary minus as 0 - g, which turns -0.0 into +0.0
         if MASTER:
             w = _load_f32(w_addr, offs, mask, 0)
         else:

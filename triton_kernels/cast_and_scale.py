@@ -54,7 +54,7 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
         over = tl.abs(y) > fmax
         if KEEP_INF:
             over = over & (tl.abs(y) != float("inf"))
-        y = tl.where(over, tl.where(y > 0, fmax, -fmax), y)
+        y = tl.where(over, tl.where(y > 0, fmax, fmax * -1.0), y)  # no unary minus: tests/test_triton_compile.py
     if OUT_KIND == 0:
         out = y.to(tl.float16)
     elif OUT_KIND == 1:
