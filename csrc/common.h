@@ -11,10 +11,24 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
 namespace mixprec {
+
+// "[3, 4]": sizes or strides in an error message, formatted here instead of through c10's operator<< for ArrayRef.
+// On the H200 machine's build (its own GCC, torch 2.11, 2026-11-30) each direct op call whose failing check printed
+// t.sizes() that way crashed the process (SIGSEGV inside the op), while the checks printing dtypes in the same
+// functions raised cleanly; the cause was not established there, and this keeps shapes out of that path.
+inline std::string dims(at::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(d[i]);
+  }
+  return s + "]";
+}
 
 inline bool is_float_source(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -94,7 +108,7 @@ inline bool may_share_memory(const at::Tensor& t) {
 // A 1-element fp32 tensor on `device` (a device scalar such as scale, inv_scale, amax, found_inf).
 inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be a float32 tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, name, " must have exactly 1 element, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() == 1, name, " must have exactly 1 element, got shape ", dims(t.sizes()));
   TORCH_CHECK(t.device() == device, name, " must be on ", device, " (the data's device), got ", t.device());
   check_allocated(t, name);
 }
@@ -140,7 +154,7 @@ inline void check_adam_scalars_args(const at::Tensor& steps, const std::optional
   if (lr.has_value()) {
     TORCH_CHECK(lr->scalar_type() == at::kFloat || lr->scalar_type() == at::kDouble,
                 "lr must be a float32 or float64 tensor, got ", lr->scalar_type());
-    TORCH_CHECK(lr->numel() == 1, "lr must have exactly 1 element, got shape ", lr->sizes());
+    TORCH_CHECK(lr->numel() == 1, "lr must have exactly 1 element, got shape ", dims(lr->sizes()));
     TORCH_CHECK(lr->device() == steps.device(), "lr must be on ", steps.device(), " (the steps' device), got ",
                 lr->device());
     check_allocated(*lr, "lr");
@@ -160,7 +174,8 @@ inline void check_cast_and_scale_backward_args(const at::Tensor& grad_y, const a
   TORCH_CHECK(is_grad_of_cast(grad_y.scalar_type()),
               "grad_y must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", grad_y.scalar_type());
   TORCH_CHECK(grad_y.layout() == at::kStrided, "grad_y must be a dense strided tensor");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have x's shape ", dims(x.sizes()), ", got ",
+              dims(grad_y.sizes()));
   TORCH_CHECK(grad_y.device() == x.device(), "grad_y must be on ", x.device(), " (x's device), got ", grad_y.device());
   check_allocated(grad_y, "grad_y");
 }

@@ -248,8 +248,8 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 void check_walkable(const at::Tensor& t, const char* name, size_t i) {
   TORCH_CHECK(t.device().is_cpu(), name, "[", i, "] must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] must be a dense strided tensor");
-  TORCH_CHECK(walkable(t), name, "[", i, "] must be non-overlapping and dense (got sizes ", t.sizes(),
-              ", strides ", t.strides(), ")");
+  TORCH_CHECK(walkable(t), name, "[", i, "] must be non-overlapping and dense (got sizes ", dims(t.sizes()),
+              ", strides ", dims(t.strides()), ")");
   check_allocated(t, name, static_cast<int64_t>(i));
 }
 
@@ -262,7 +262,8 @@ void check_companion(const at::Tensor& t, const char* name, size_t i, const at::
   TORCH_CHECK(t.numel() == p.numel(), name, "[", i, "] must have the same number of elements as params[", i,
               "] (", p.numel(), "), got ", t.numel());
   TORCH_CHECK(same_layout(t, p), name, "[", i, "] must have the same layout as params[", i, "] (sizes ",
-              p.sizes(), ", strides ", p.strides(), "), got sizes ", t.sizes(), ", strides ", t.strides());
+              dims(p.sizes()), ", strides ", dims(p.strides()), "), got sizes ", dims(t.sizes()), ", strides ",
+              dims(t.strides()));
 }
 
 void check_list_size(at::TensorList l, const char* name, size_t n) {
@@ -305,7 +306,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(scalars.device().is_cpu(), "scalars must be a CPU tensor, got one on ", scalars.device());
   TORCH_CHECK(scalars.scalar_type() == at::kFloat, "scalars must be float32, got ", scalars.scalar_type());
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == 3,
-              "scalars must have shape (len(params), 3) = (", n, ", 3), got ", scalars.sizes());
+              "scalars must have shape (len(params), 3) = (", n, ", 3), got ", dims(scalars.sizes()));
   TORCH_CHECK(scalars.is_contiguous(), "scalars must be contiguous");
   check_allocated(scalars, "scalars");
 

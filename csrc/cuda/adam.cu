@@ -350,7 +350,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
   TORCH_CHECK(scalars.scalar_type() == at::kFloat, "scalars must be a float32 tensor, got ", scalars.scalar_type());
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == 3,
-              "scalars must have shape (", n, ", 3) (one row per param), got ", scalars.sizes());
+              "scalars must have shape (", n, ", 3) (one row per param), got ", dims(scalars.sizes()));
   TORCH_CHECK(scalars.is_contiguous(), "scalars must be contiguous");
   TORCH_CHECK(scalars.device() == dev, "scalars must be on ", dev, " (the params' device), got ", scalars.device());
   check_allocated(scalars, "scalars");

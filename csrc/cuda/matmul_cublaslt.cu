@@ -432,15 +432,15 @@ void check_args(const at::Tensor& a, const at::Tensor& b, const std::optional<at
   }
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b must have the same dtype, got a ", a.scalar_type(),
               " and b ", b.scalar_type());
-  TORCH_CHECK(a.dim() >= 2, "a must have shape (M, K) or (..., M, K), got ", a.sizes());
-  TORCH_CHECK(b.dim() == 2, "b must have shape (K, N), got ", b.sizes());
-  TORCH_CHECK(a.size(-1) == b.size(0), "a and b shapes do not match: a ", a.sizes(), ", b ", b.sizes());
+  TORCH_CHECK(a.dim() >= 2, "a must have shape (M, K) or (..., M, K), got ", dims(a.sizes()));
+  TORCH_CHECK(b.dim() == 2, "b must have shape (K, N), got ", dims(b.sizes()));
+  TORCH_CHECK(a.size(-1) == b.size(0), "a and b shapes do not match: a ", dims(a.sizes()), ", b ", dims(b.sizes()));
   TORCH_CHECK(b.device() == a.device(), "b must be on a's device ", a.device(), ", got ", b.device());
   check_allocated(a, "a");
   check_allocated(b, "b");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(1), "bias must have shape (N,) = (", b.size(1),
-                ",), got ", bias->sizes());
+                ",), got ", dims(bias->sizes()));
     TORCH_CHECK(bias->scalar_type() == a.scalar_type() || bias->scalar_type() == at::kFloat, "bias must be ",
                 a.scalar_type(), " (a's dtype) or float32, got ", bias->scalar_type());
     TORCH_CHECK(bias->layout() == at::kStrided, "bias must be a dense strided tensor");
@@ -613,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor> matmul_pre_cuda(const at::Tensor& a, const at
 
 std::tuple<at::Tensor, at::Tensor> matmul_rowsum_cuda(const at::Tensor& a, const at::Tensor& b,
                                                       at::ScalarType out_dtype) {
-  TORCH_CHECK(a.dim() == 2, "matmul_rowsum: a must have shape (M, K), got ", a.sizes());
+  TORCH_CHECK(a.dim() == 2, "matmul_rowsum: a must have shape (M, K), got ", dims(a.sizes()));
   Outputs o = matmul_impl(a, b, std::nullopt, Act::None, out_dtype, false, true);
   return {o.y, o.rowsum};
 }
