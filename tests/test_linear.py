@@ -80,7 +80,7 @@ def test_empty_dimensions_backward(device, backend, in_f, out_f, rows):
         theirs = grads(torch_linear(act), x.double(), w.double(), b.double(), gy.double())
         for name, o, t in zip(("y", "dx", "dw", "db"), ours, theirs):
             assert o.shape == t.shape and o.dtype == torch.bfloat16, (name, act, o.shape, t.shape)
-            torch.testing.assert_close(o.double(), t, rtol=1e-2, atol=1e-2, msg=f"{name} ({act})")
+            torch.testing.assert_close(o.double(), t, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name} ({act}): {m}")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backends_here() if p.values[0] == "cuda"])
@@ -101,11 +101,35 @@ def test_backward_matches_reference_backend(device, backend, dtype, act, bias_dt
     ours = grads(lambda x, w, b: linear(x, w, b, act, backend=backend), x, w, b, gy)
     ref = grads(lambda x, w, b: linear(x, w, b, act, backend="torch"), x, w, b, gy)
     eps = torch.finfo(dtype).eps
+    allow = relu_flip_allowance(act, ours[0], ref[0], x, w, gy, eps)
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert o.dtype == r.dtype and o.shape == r.shape, (name, o.dtype, r.dtype, o.shape)
         assert o.isfinite().all(), name
         scale = r.double().abs().max().item()
-        torch.testing.assert_close(o.double(), r.double(), rtol=4 * eps, atol=4 * eps * scale, msg=name)
+        atol = 4 * eps * scale + allow.get(name, 0.0)
+        err = (o.double() - r.double()).abs() - (4 * eps * r.double().abs() + atol)
+        assert (err <= 0).all(), f"{name}: {int((err > 0).sum())} of {err.numel()} beyond tolerance, worst by " \
+                                 f"{err.max().item():.3g} (scale {scale:.3g}, eps {eps:.3g})"
+
+
+def relu_flip_allowance(act, y_ours, y_ref, x, w, gy, eps):
+    """relu's derivative jumps at 0: an output that one backend's pre-activation puts on the other side of zero than
+    the other's (they round the same sum differently: summation order, and where the bias is added) takes or drops a
+    whole grad_y there, by right on both sides. Such flips must be few and within rounding of zero; each widens the
+    tolerance of dx, dw and db by exactly the terms it moves (|grad_y| x |w| row, |grad_y| x |x| column, |grad_y|)."""
+    if act != "relu":
+        return {}
+    flip = (y_ours > 0) != (y_ref > 0)
+    n = int(flip.sum())
+    if n == 0:
+        return {}
+    near = torch.maximum(y_ours.double().abs(), y_ref.double().abs())[flip].max().item()
+    assert n <= 2 + flip.numel() // 100 and near <= 8 * eps * y_ref.double().abs().max().item(), \
+        f"relu masks differ at {n} outputs, up to {near:.3g} from zero: not rounding"
+    g = (gy.double().abs() * flip).reshape(-1, gy.shape[-1])  # (rows, out)
+    return {"dx": (g @ w.double().abs()).reshape(x.shape),
+            "dw": g.t() @ x.double().abs().reshape(-1, x.shape[-1]),
+            "db": g.sum(0)}
 
 
 def test_backward_partial_and_no_bias():

@@ -413,7 +413,7 @@ def check_any(y, a, b, bias, act, out_dtype, what):
         ref = matmul_reference(a.cpu(), b.cpu(), None if bias is None else bias.cpu(), act, out_dtype)
         assert y.dtype == out_dtype and y.shape == ref.shape, what
         assert y.isfinite().all(), what
-        torch.testing.assert_close(y.cpu().float(), ref.float(), atol=1e-2, rtol=1e-2, msg=what)
+        torch.testing.assert_close(y.cpu().float(), ref.float(), atol=1e-2, rtol=1e-2, msg=lambda m: f"{what}: {m}")
 
 
 def test_cuda_auto_prefers_cublaslt():
@@ -550,7 +550,7 @@ def test_matmul_and_rowsum(device, out_dtype):
                     assert torch.equal(rs, a.float().sum(1).to(od))
                 # one rounding of an fp32 sum of exact values: within one ulp of the exact sum's rounding
                 torch.testing.assert_close(rs.cpu().double(), ref.double(), atol=1e-5, rtol=2 * torch.finfo(od).eps,
-                                           msg=f"{name} {dtype} {m}x{n}x{k} rowsum")
+                                           msg=lambda e: f"{name} {dtype} {m}x{n}x{k} rowsum: {e}")
     with pytest.raises(ValueError, match=r"a must have shape \(M, K\)"):
         matmul_and_rowsum(rand(2, 3, 4, dtype=torch.float16, device=device), rand(4, 5, dtype=torch.float16,
                                                                                    device=device))
