@@ -75,10 +75,45 @@ def read_test_log(out: str) -> dict | None:
     return c
 
 
+def read_test_report(out: str) -> dict | None:
+    """tests.jsonl: the line per test outcome that tests/conftest.py appends as the run goes (MIXPREC_TEST_REPORT):
+    counts, each failure's reason (its first "E " line, or the report's last line: a crashed worker's), and the
+    slowest tests, also for a run stopped at its time limit."""
+    path = os.path.join(out, "tests.jsonl")
+    if not os.path.exists(path):
+        return None
+    last: dict[str, dict] = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if r.get("outcome") == "failed" or r.get("when") == "call" or r["nodeid"] not in last:
+                last[r["nodeid"]] = r
+    outcomes = [r["outcome"] for r in last.values()]
+    c = {"tests": len(last), "failures": sum(r["outcome"] == "failed" and r["when"] == "call" for r in last.values()),
+         "errors": sum(r["outcome"] == "failed" and r["when"] != "call" for r in last.values()),
+         "skipped": outcomes.count("skipped")}
+    c["passed"] = outcomes.count("passed")
+    reasons = {}
+    for nid, r in last.items():
+        if r["outcome"] == "failed":
+            lines = [x for x in r.get("text", "").splitlines() if x.strip()]
+            e = [x for x in lines if x.startswith("E ")]
+            reasons[nid] = ((e[0] if e else lines[-1] if lines else "?")[:300]).strip()
+    c["failed_tests"] = list(reasons)[:20]
+    c["reasons"] = dict(list(reasons.items())[:40])
+    c["slowest"] = [[r["nodeid"], r["seconds"]] for r in sorted(last.values(), key=lambda r: -r["seconds"])[:10]]
+    c["source"] = "tests.jsonl (written as the tests ran)"
+    return c
+
+
 def read_junit(out: str) -> dict | None:
     path = os.path.join(out, "junit.xml")
+    live = read_test_report(out)
     if not os.path.exists(path):
-        return read_test_log(out)
+        return live or read_test_log(out)
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -92,6 +127,8 @@ def read_junit(out: str) -> dict | None:
         for tc in s.iter("testcase")
         if tc.find("failure") is not None or tc.find("error") is not None
     ][:20]
+    if live:  # the reasons and durations only the live report has
+        c["reasons"], c["slowest"] = live["reasons"], live["slowest"]
     return c
 
 
@@ -197,6 +234,9 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
             + (f"; failing: {', '.join(t['failed_tests'][:5])}" if t["failed_tests"] else "")
             + (f" [from {t['source']}]" if t.get("source") else "")
         )
+        L += [f"- `{k}`: {v}" for k, v in t.get("reasons", {}).items()]
+        if t.get("slowest"):
+            L.append("slowest: " + ", ".join(f"{n.split('::')[-1]} {sec:.0f} s" for n, sec in t["slowest"][:5]))
     else:
         L.append(f"tests: {t['error'] if t else 'no junit.xml'}")
     s = rep.get("sanitizer")

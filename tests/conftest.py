@@ -49,6 +49,23 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
 
 
+def pytest_runtest_logreport(report):
+    """MIXPREC_TEST_REPORT=PATH (bench/gpu_check sets it): one JSON line per test outcome, appended as it happens
+    (nodeid, phase, outcome, seconds, and a failure's text), so that a run stopped at its time limit still tells why
+    its failures failed and which tests were slow: pytest prints failures, durations and junit.xml only at its end,
+    which the GPU runs of 2026-11-28 and -30 never reached. Under pytest-xdist the controller writes (each worker's
+    reports reach it, a crashed worker's test too); the workers do not."""
+    path = os.environ.get("MIXPREC_TEST_REPORT")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and report.passed):
+        return
+    rec = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+           "seconds": round(report.duration, 3)}
+    if report.failed:
+        rec["text"] = report.longreprtext[-4000:]
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
     """MIXPREC_TESTS_CUDA_FIRST=1 (bench/gpu_check sets it): the tests with "cuda" in their id (the CUDA-device
     parameters) run first, in their usual order, then the rest; so a GPU run stopped at its time limit has proved

@@ -181,6 +181,40 @@ def test_gpu_report_reads_test_counts_from_the_log_when_junit_is_missing(tmp_pat
     assert gpu_report.read_junit(str(tmp_path / "nothing")) is None
 
 
+def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
+    """conftest's hook appends each outcome to MIXPREC_TEST_REPORT as it happens (not in an xdist worker, nor a passed
+    setup); gpu_report reads it before the -v log: counts, each failure's first "E " line (or a crashed worker's last
+    line), the slowest tests; a line cut by the kill is skipped."""
+    import types
+
+    import conftest
+    from bench import gpu_report
+
+    path = tmp_path / "tests.jsonl"
+    monkeypatch.setenv("MIXPREC_TEST_REPORT", str(path))
+
+    def rep(nodeid, when, outcome, secs, text=""):
+        return types.SimpleNamespace(nodeid=nodeid, when=when, outcome=outcome, duration=secs, longreprtext=text,
+                                     passed=outcome == "passed", failed=outcome == "failed")
+
+    conftest.pytest_runtest_logreport(rep("tests/t.py::a", "setup", "passed", 0.1))  # not written
+    conftest.pytest_runtest_logreport(rep("tests/t.py::a", "call", "passed", 12.5))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::b[cuda]", "call", "failed", 0.5,
+                                          "x = 1\nE   AssertionError: dx\nE   assert 2 == 1\n\ntests/t.py:9: Err"))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::c", "setup", "skipped", 0.0))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::d", "setup", "failed", 0.2, "worker 'gw1' crashed"))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    conftest.pytest_runtest_logreport(rep("tests/t.py::e", "call", "passed", 1.0))  # a worker: the controller writes
+    with open(path, "a") as f:
+        f.write('{"nodeid": "tests/t.py::f", "wh')
+    t = gpu_report.read_junit(str(tmp_path))
+    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (4, 1, 1, 1, 1), t
+    assert t["reasons"] == {"tests/t.py::b[cuda]": "E   AssertionError: dx", "tests/t.py::d": "worker 'gw1' crashed"}
+    assert t["slowest"][0] == ["tests/t.py::a", 12.5] and "tests.jsonl" in t["source"]
+    md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": t}, None, {})
+    assert "- `tests/t.py::b[cuda]`: E   AssertionError: dx" in md and "slowest: a 12 s" in md
+
+
 def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):
     """bench/gpu_check stops the bench step at its time limit: the cases measured by then are in
     results.partial.json (rewritten after every case), which gpu_report uses, marked PARTIAL, when results.json is
