@@ -227,6 +227,9 @@ def main(argv=None) -> int:
             "host_us": t.host_s * 1e6 if (t and t.host_s is not None) else None,
             "vs_torch_loop": (max(base.median_s, base.host_s) / max(t.median_s, t.host_s)
                               if (t and base and t.host_s is not None and base.host_s is not None) else None),
+            # the host took longer to queue the call than the spin ahead of it lasted: the device waited, and the
+            # median counts some host time (its loop ratio is right; its GB/s and device ratio understate it)
+            "host_over_spin": bool(t and t.spin_s is not None and t.host_s is not None and t.host_s > t.spin_s),
             "check": check,
             "desc": impl.desc,
             "flops": c.flops,
@@ -399,6 +402,8 @@ def main(argv=None) -> int:
         print(report.table(rows))
     if any(r.get("flops") for r in rows):
         print(report.flops_table(rows, peak))
+    if any(r.get("host_over_spin") for r in rows):
+        print(report.HOST_OVER_SPIN_NOTE)
     for line in report.geomean_lines(geomeans, dev_type, noisy):
         print(line)
     for line in targets.lines(doc["targets"], dev_type):

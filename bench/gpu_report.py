@@ -19,10 +19,10 @@ import re
 import xml.etree.ElementTree as ET
 
 try:
-    from .report import fmt_time  # imported as bench.gpu_report
+    from .report import HOST_OVER_SPIN_NOTE, fmt_median, fmt_time  # imported as bench.gpu_report
     from .targets import judge
 except ImportError:  # run as a script (python3 bench/gpu_report.py): bench/ is sys.path[0]
-    from report import fmt_time
+    from report import HOST_OVER_SPIN_NOTE, fmt_median, fmt_time
     from targets import judge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -279,7 +279,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         ]
     for r in mem_rows:
         p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
-        med = fmt_time(r.get("median_us"))
+        med = fmt_median(r)
         L.append(
             f"| {r['op']} | {r['case']} | {r['backend']} | {r['numel'] / 1e6:.3g}M | {med} | "
             f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | {fmt(r.get('vs_torch'), '.2f', 'x')} | "
@@ -287,6 +287,8 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
             f"{r['check'][:30]} | {fmt((p or {}).get('gbps'), '.0f')} |"
         )
     L += flops_md(b["results"], c.get("matmul_bf16_tflops"), prev_name, prev_rows)
+    if any(r.get("host_over_spin") for r in b["results"]):
+        L += ["", HOST_OVER_SPIN_NOTE]
     untimed = [g for g in b.get("geomeans") or [] if g.get("backend") is None]
     if untimed:
         L.append("")
@@ -315,7 +317,7 @@ def flops_md(rows: list[dict], peak: float | None, prev_name: str | None, prev_r
     ]
     for r in sel:
         p = prev_rows.get((r["op"], r["case"], r["backend"], r["numel"]))
-        med = fmt_time(r.get("median_us"))
+        med = fmt_median(r)
         L.append(
             f"| {r['op']} | {r['case']} | {r['backend']} | {med} | {fmt(r.get('tflops'), '.1f')} | "
             f"{fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('pct_copy'), '.0f')} | "

@@ -51,6 +51,16 @@ def fmt_time(us: float | None) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
 
 
+def fmt_median(r: dict) -> str:
+    """A row's median, marked "*" when the host took longer to queue the call than the spin ahead of it lasted (the
+    device waited, so the median includes host time: bench/timing.py, MAX_SPIN_S)."""
+    return fmt_time(r.get("median_us")) + ("*" if r.get("host_over_spin") else "")
+
+
+HOST_OVER_SPIN_NOTE = ("* the host took longer to queue the call than the spin ahead of it: the device waited, and "
+                       "the median includes host time (the loop ratio is right)")
+
+
 def trunc3(v: float) -> float:
     """v truncated (toward -inf) to 3 decimals, for ratios judged against a target: a value under it never prints
     as reaching it (0.9995 as "1.000"); inf and NaN as they are."""
@@ -78,7 +88,7 @@ def table(rows: list[dict]) -> str:
             r["case"],
             r["backend"],
             fmt_size(r["numel"], r["bytes"]),
-            fmt_time(r["median_us"]),
+            fmt_median(r),
             _f(r["gbps"], ".1f"),
             _f(r["pct_copy"], ".0f"),
             _ratio(r["vs_torch"]),
@@ -123,7 +133,7 @@ def flops_table(rows: list[dict], peak_tflops: float | None) -> str:
             r["op"],
             r["case"],
             r["backend"],
-            fmt_time(r["median_us"]),
+            fmt_median(r),
             _f(r.get("tflops"), ".1f"),
             _f(r.get("pct_peak"), ".0f"),
             _f(r.get("pct_copy"), ".0f"),

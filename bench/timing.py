@@ -3,7 +3,7 @@ The implementations of one case (torch baseline, our backends) are timed interle
 
 GPU: one pair of CUDA events around each call, with the device kept busy by a spin kernel (torch.cuda._sleep) queued
 before the start event, long enough for the host to queue the start event, the call and the end event behind it
-(twice the slowest host time of the case's warm-up calls, 50 us to 10 ms): so the events measure the call's DEVICE
+(twice the slowest host time of the case's warm-up calls, 50 us to MAX_SPIN_S): so the events measure the call's DEVICE
 time, not the host's launch path (an idle device would record the host's Python and dispatch work between the events
 as time: ~20 us for a Triton launch, more than a small GEMM takes). Each round of calls starts on an idle device (a
 synchronize), so the spins never pile up. The host's side is reported separately: `host_s`, the median wall time of
@@ -34,6 +34,7 @@ class Timing:
     reps: int
     sets: int
     host_s: float | None = None  # GPU: median host time to queue one call (perf_counter, no sync)
+    spin_s: float | None = None  # GPU: the spin queued ahead of each call; a host_s beyond it leaks into median_s
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,12 @@ def n_sets(bytes_per_set: int, cache_bytes: int, max_sets: int) -> int:
     if bytes_per_set <= 0 or bytes_per_set >= 4 * cache_bytes:
         return 1
     return max(1, min(max_sets, math.ceil(4 * cache_bytes / bytes_per_set)))
+
+
+# The longest spin: 50 ms. At 10 ms (until 2026-11-30) the H200's 2000-tensor optimizer steps, whose host side takes
+# 12-24 ms, had the device idle for the rest: their "device" medians (2.2 ms for ours, 12.8 ms for torch's foreach
+# AdamW) were mostly host time. A case whose host time still exceeds the spin is flagged (row "host_over_spin").
+MAX_SPIN_S = 50e-3
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,14 +100,16 @@ def measure(
     times: list[list[float]] = [[] for _ in fns]
     host: list[list[float]] = [[] for _ in fns]
     j = 0
+    spin_s = None
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         # Spin long enough for the host to queue start event, call and end event (2x the slowest warm call's host
-        # time, at least 50 us, at most 10 ms: a call whose host side is slower than that, or that syncs, is
+        # time, at least 50 us, at most MAX_SPIN_S: a call whose host side is slower than that, or that syncs, is
         # host-bound anyway and its host_s says so); each spin is queued before the start event, never inside a
         # measurement.
-        spin = int(_sleep_cycles_per_s(device) * min(10e-3, max(50e-6, 2 * max(host_warm))))
+        spin_s = min(MAX_SPIN_S, max(50e-6, 2 * max(host_warm)))
+        spin = int(_sleep_cycles_per_s(device) * spin_s)
         events: list[list[tuple]] = [[] for _ in fns]
         for r in range(reps):
             # Each round starts on an idle device: every call adds a spin, so without this the device would fall
@@ -130,4 +139,4 @@ def measure(
             if r + 1 >= min_reps and time.perf_counter() - t0 > budget_s * nf:
                 break
     return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), min(t), len(t), k,
-                   statistics.median(h) if h else None) for t, h in zip(times, host)]
+                   statistics.median(h) if h else None, spin_s if h else None) for t, h in zip(times, host)]

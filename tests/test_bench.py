@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -287,6 +288,16 @@ def test_gpu_timing_queues_a_spin_before_each_start_event(monkeypatch):
     assert [x if isinstance(x, str) else x[0] for x in body] == want, body
     assert all(x[1] > 0 for x in body if not isinstance(x, str))
     assert calls[-8:] == [0, 1, 2, 0, 1, 2, 0, 1]  # inputs rotated call by call
+    assert all(t.spin_s == 50e-6 for t in out)  # the floor: these calls queue in microseconds
+
+    # a call whose host side takes 30 ms gets a spin of 2 x 30 ms capped at MAX_SPIN_S (50 ms; it was 10 ms, and the
+    # H200's 12-24 ms optimizer steps left the device waiting inside their measurements); a host time beyond the
+    # spin is marked on the row's median
+    slow = [lambda x: time.sleep(0.03)]
+    (t,) = timing.measure(slow, [0], torch.device("cuda"), reps=2, warmup=2, min_reps=2, budget_s=10.0)
+    assert t.spin_s == timing.MAX_SPIN_S == 50e-3 and 0.03 <= t.host_s < t.spin_s
+    assert report.fmt_median({"median_us": 2240.0, "host_over_spin": True}) == "2.24 ms*"
+    assert report.fmt_median({"median_us": 5.0, "host_over_spin": False}) == "5.0 us"
 
 
 def test_wrong_or_crashing_implementations_are_not_timed_and_do_not_stop_the_run(tmp_path, monkeypatch):
