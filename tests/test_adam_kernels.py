@@ -331,7 +331,8 @@ def test_scalars_op_layouts_and_sizes(device):
     (lambda d: (torch.zeros(3, dtype=torch.int32, device=d), None, 1e-3), "steps must be a float32"),
     (lambda d: (torch.zeros(3, device=d), torch.tensor(1e-3, dtype=torch.bfloat16, device=d), 0.0),
      "lr must be a float32 or float64"),
-    (lambda d: (torch.zeros(3, device=d), torch.full((2,), 1e-3, device=d), 0.0), "lr must have exactly 1 element"),
+    (lambda d: (torch.zeros(3, device=d), torch.full((2,), 1e-3, device=d), 0.0),
+     r"lr must have exactly 1 element, got shape \[2\]"),  # the shape formatted by csrc/common.h's dims()
     (lambda d: (torch.zeros(3, device=d), torch.tensor(1e-3, device="meta"), 0.0), "lr must be on"),
 ])
 @pytest.mark.parametrize("device", DEVICES)
