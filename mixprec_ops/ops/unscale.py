@@ -55,8 +55,11 @@ def _get_triton_op():
         def unscale_triton_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
                             return_norm: bool) -> torch.Tensor:
             groups, copy_back = {}, []
+            dense = torch.ops.aten.is_non_overlapping_and_dense
             for t in tensors:
-                w = t if torch.ops.aten.is_non_overlapping_and_dense(t) else t.contiguous()
+                # is_contiguous() first: a cached flag (~0.07 us), where the op call costs ~1.6 us a tensor (3.2 ms
+                # of host time for 2,000 grads on the CI CPU; the H200 run's Triton unscale_ took 7.6 ms a call)
+                w = t if t.is_contiguous() or dense(t) else t.contiguous()
                 if w is not t:
                     copy_back.append((t, w))
                 groups.setdefault(w.dtype, []).append(w)
