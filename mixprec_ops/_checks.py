@@ -61,6 +61,15 @@ def boolean(v, name: str) -> None:
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def only_device_modes() -> bool:
+    """Whether every active torch function mode is a default-device context (torch.set_default_device, `with
+    torch.device(...)`), which only picks where factory functions allocate: no reason to leave an eager route."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+
+
 def _byte_span(t):
     """[first byte, one past the last byte] of t's elements."""
     start = t.data_ptr()

@@ -187,3 +187,33 @@ def test_overflow_boundary_of_the_stored_dtype(device, backend, dtype, x, below,
             mixprec_ops.unscale_([t], torch.tensor([inv], device=device), f, backend=backend)
             want = sign * (float("inf") if overflows else big)
             assert t[pos].item() == want and f.item() == float(overflows), (inv, pos, t[pos].item(), f.item())
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(OP) if p.values[1] == "triton"])
+def test_triton_eager_route_bumps_versions_and_modes_see_the_op(device, backend):
+    """Plain eager calls run the Triton op's body directly (the custom op's Python wrapper cost ~1 us a tensor);
+    they must still bump every mutated tensor's version counter, as the op's wrapper does (autograd's check of
+    tensors saved for backward relies on it), and give the op's results. Under a dispatch mode, or with a tensor
+    that requires grad, the call goes through mixprec::unscale_triton_ as before."""
+    from conftest import OpLog
+
+    ts = make_list(device)
+    ref = [t.clone() for t in ts]
+    fi, fi_ref = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    inv = torch.tensor([0.25], device=device)
+    before = [t._version for t in ts] + [fi._version]
+    norm = mixprec_ops.unscale_(ts, inv, fi, return_norm=True, backend=backend)
+    want = unscale_reference(ref, inv, fi_ref, return_norm=True)
+    assert all(t._version > v for t, v in zip([*ts, fi], before)), "a mutated tensor kept its version"
+    for o, r in zip(ts, ref):
+        assert_bit_exact(o, r)
+    assert torch.equal(fi, fi_ref)
+    torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
+
+    with OpLog() as log:
+        mixprec_ops.unscale_(ts, inv, fi, backend=backend)
+    assert "mixprec.unscale_triton_.default" in log.ops
+    from mixprec_ops.ops.unscale import _eager_plain
+
+    g = torch.ones(3, device=device, requires_grad=True).clone()  # a non-leaf that requires grad
+    assert _eager_plain([ts[0]], inv, fi) and not _eager_plain([ts[0], g], inv, fi)

@@ -162,15 +162,6 @@ class _LinearFunction(torch.autograd.Function):
         return _backward(ctx, grad_y, grad_pre)
 
 
-def _only_device_modes() -> bool:
-    """Whether every active torch function mode is a default-device context (torch.set_default_device, `with
-    torch.device(...)`), which only picks where factory functions allocate: no reason to leave the eager route."""
-    from torch.overrides import _get_current_function_mode_stack
-    from torch.utils._device import DeviceContext
-
-    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
-
-
 def _all_plain(x, weight, bias) -> bool:
     """x, weight and bias (or None) are plain tensors: not FakeTensor, DTensor or another subclass."""
     plain = _checks.PLAIN_TYPES
@@ -183,7 +174,7 @@ def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
     autograd.Function cannot be saved)."""
     if (_all_plain(x, weight, bias) and x.device.type != "meta" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
-            and (torch._C._len_torch_function_stack() == 0 or _only_device_modes())):
+            and (torch._C._len_torch_function_stack() == 0 or _checks.only_device_modes())):
         return _LinearFunction.apply(x, weight, bias, activation, backend, out_dtype)[0]
     return _linear_op(x, weight, bias, activation, backend, out_dtype)[0]
 
