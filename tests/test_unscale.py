@@ -204,8 +204,8 @@ def test_triton_eager_route_bumps_versions_and_modes_see_the_op(device, backend)
     before = [t._version for t in ts] + [fi._version]
     norm = mixprec_ops.unscale_(ts, inv, fi, return_norm=True, backend=backend)
     want = unscale_reference(ref, inv, fi_ref, return_norm=True)
-    assert all(t._version > v for t, v in zip([*ts, fi], before)), "a mutated tensor kept its version"
-    for o, r in zip(ts, ref):
+    assert all(t._version > v for t, v in zip([*ts, fi], before, strict=True)), "a mutated tensor kept its version"
+    for o, r in zip(ts, ref, strict=True):
         assert_bit_exact(o, r)
     assert torch.equal(fi, fi_ref)
     torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
