@@ -70,6 +70,26 @@ def only_device_modes() -> bool:
     return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
+_PLAIN = frozenset(PLAIN_TYPES)
+
+
+def plain_eager(tensor_lists, tensors) -> bool:
+    """Whether nothing needs to see a custom op (a Triton op's Python wrapper, ~1 us a mutated tensor for its
+    version bumps alone): plain eager execution (not compiling or tracing, no dispatch mode, no function mode but a
+    default-device one), plain tensors only (lists of tensors, and single tensors or None), and no autograd to
+    record (grad mode off, or nothing requiring grad). The caller then runs the op's body and bumps the versions of
+    what it mutates itself (torch._C._increment_version takes a list: one C++ call)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or (torch._C._len_torch_function_stack() and not only_device_modes())):
+        return False
+    ts = [t for t in tensors if t is not None]
+    if not {type(t) for t in ts} <= _PLAIN or not all({type(t) for t in lst} <= _PLAIN for lst in tensor_lists):
+        return False
+    if torch.is_grad_enabled():
+        return not any(t.requires_grad for t in ts) and not any(t.requires_grad for lst in tensor_lists for t in lst)
+    return True
+
+
 def _byte_span(t):
     """[first byte, one past the last byte] of t's elements."""
     start = t.data_ptr()

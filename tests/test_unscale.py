@@ -213,7 +213,9 @@ def test_triton_eager_route_bumps_versions_and_modes_see_the_op(device, backend)
     with OpLog() as log:
         mixprec_ops.unscale_(ts, inv, fi, backend=backend)
     assert "mixprec.unscale_triton_.default" in log.ops
-    from mixprec_ops.ops.unscale import _eager_plain
+    from mixprec_ops._checks import plain_eager
 
     g = torch.ones(3, device=device, requires_grad=True).clone()  # a non-leaf that requires grad
-    assert _eager_plain([ts[0]], inv, fi) and not _eager_plain([ts[0], g], inv, fi)
+    assert plain_eager([[ts[0]]], [inv, fi]) and not plain_eager([[ts[0], g]], [inv, fi])
+    with torch.no_grad():  # nothing for autograd to record
+        assert plain_eager([[ts[0], g]], [inv, fi])

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, backends
+from .. import _checks, _ext, backends
 
 OP = "adam_step_"
 backends.register_op(OP, ("cuda", "triton", "cpu"))
@@ -180,6 +180,7 @@ if _ext.LOADED:
 
 
 _triton_op = None
+_TRITON_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"}
 
 
 def _get_triton_op():
@@ -189,8 +190,7 @@ def _get_triton_op():
     if _triton_op is None:
         from ..triton_kernels.adam import launch_adam_step
 
-        @torch.library.custom_op("mixprec::adam_step_triton_",
-                                 mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"})
+        @torch.library.custom_op("mixprec::adam_step_triton_", mutates_args=_TRITON_MUTATES)
         def adam_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                               exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                               masters: list[torch.Tensor], scalars: torch.Tensor, beta1: float, beta2: float,
@@ -238,6 +238,15 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
         from ..triton_kernels import device_guard
 
         with device_guard(params[0].device):
-            _get_triton_op()(*args)
+            op = _get_triton_op()
+            if _checks.plain_eager(args[:6], (scalars, grad_scale, found_inf, clip_coef)):
+                # the op's body itself, and the mutated lists' versions bumped in one call: the custom op's wrapper
+                # bumps them one Python call a tensor (~1 us each: 8,000 for 2,000 params with masters)
+                from ..triton_kernels.adam import launch_adam_step
+
+                launch_adam_step(*args)
+                torch._C._increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *masters])
+            else:
+                op(*args)
     else:
         torch.ops.mixprec.adam_step_(*args)

@@ -75,19 +75,6 @@ def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
     return norm if norm is not None else inv_scale.new_empty((0,))
 
 
-def _eager_plain(tensors, inv_scale, found_inf) -> bool:
-    """Whether nothing needs to see the op: plain eager execution (not compiling or tracing, no dispatch or function
-    mode but a default-device one) on plain tensors, none requiring grad. Then the Triton op's body runs directly
-    and the mutated tensors' versions are bumped in one C++ call: the custom op's Python wrapper bumps them one
-    Python call a tensor (~1 us each: 2 ms of a 2,000-grad call's ~2.6 ms host time on the CI CPU)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or (torch._C._len_torch_function_stack() and not _checks.only_device_modes())):
-        return False
-    plain = _checks.PLAIN_TYPES
-    return (type(inv_scale) in plain and type(found_inf) in plain and not found_inf.requires_grad
-            and all(type(t) in plain and not t.requires_grad for t in tensors))
-
-
 def _get_triton_op():
     """mixprec::unscale_triton_, registered on first use. A custom_op rather than a triton_op: the kernel reads
     tensor addresses from a table built on the host, which torch.compile cannot trace; the op stays opaque."""
@@ -178,10 +165,12 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
         from ..triton_kernels import device_guard
 
         with device_guard(inv_scale.device):
-            if _eager_plain(tensors, inv_scale, found_inf):
+            if _checks.plain_eager([tensors], [inv_scale, found_inf]):
+                # the op's body itself, and the versions bumped in one call (the custom op's wrapper bumps them one
+                # Python call a tensor: 2 ms of a 2,000-grad call's ~2.6 ms host time on the CI CPU)
                 _get_triton_op()  # registered all the same: the op exists whichever route a call takes
                 norm = _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm)
-                torch._C._increment_version([*tensors, found_inf])  # what the custom op's wrapper does
+                torch._C._increment_version([*tensors, found_inf])
             else:
                 norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
     else:
