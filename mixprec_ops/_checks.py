@@ -76,10 +76,12 @@ _PLAIN = frozenset(PLAIN_TYPES)
 def plain_eager(tensor_lists, tensors) -> bool:
     """Whether nothing needs to see a custom op (a Triton op's Python wrapper, ~1 us a mutated tensor for its
     version bumps alone): plain eager execution (not compiling or tracing, no dispatch mode, no function mode but a
-    default-device one), plain tensors only (lists of tensors, and single tensors or None), and no autograd to
-    record (grad mode off, or nothing requiring grad). The caller then runs the op's body and bumps the versions of
-    what it mutates itself (torch._C._increment_version takes a list: one C++ call)."""
+    default-device one, no torch.func transform, whose wrapped tensors are of type torch.Tensor too), plain tensors
+    only (lists of tensors, and single tensors or None), and no autograd to record (grad mode off, or nothing
+    requiring grad). The caller then runs the op's body and bumps the versions of what it mutates itself
+    (torch._C._increment_version takes a list: one C++ call)."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._functorch.peek_interpreter_stack() is not None
             or (torch._C._len_torch_function_stack() and not only_device_modes())):
         return False
     ts = [t for t in tensors if t is not None]

@@ -219,3 +219,6 @@ def test_triton_eager_route_bumps_versions_and_modes_see_the_op(device, backend)
     assert plain_eager([[ts[0]]], [inv, fi]) and not plain_eager([[ts[0], g]], [inv, fi])
     with torch.no_grad():  # nothing for autograd to record
         assert plain_eager([[ts[0], g]], [inv, fi])
+    seen = []
+    torch.func.vmap(lambda x: seen.append(plain_eager([[x]], [inv, fi])) or x)(torch.zeros(2, 3, device=device))
+    assert seen == [False]  # a torch.func transform's wrapped tensors are torch.Tensor too: the op must see them
