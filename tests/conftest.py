@@ -66,12 +66,18 @@ def pytest_runtest_logreport(report):
         f.write(json.dumps(rec) + "\n")
 
 
+def _needs_cuda(item) -> bool:
+    """A test for the GPU: "cuda" in its id (the CUDA-device parameters), or a skipif mark whose reason names CUDA
+    (test_step_adds_no_host_sync[cpu-triton]: "cpu" is where its lr lives)."""
+    return "cuda" in item.nodeid or any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """MIXPREC_TESTS_CUDA_FIRST=1 (bench/gpu_check sets it): the tests with "cuda" in their id (the CUDA-device
-    parameters) run first, in their usual order, then the rest; so a GPU run stopped at its time limit has proved
-    the GPU kernels before it repeats the CPU tests that CI already runs."""
+    """MIXPREC_TESTS_CUDA_FIRST=1 (bench/gpu_check sets it): the GPU tests (_needs_cuda) run first, in their usual
+    order, then the rest; so a GPU run stopped at its time limit has proved the GPU kernels before it repeats the
+    CPU tests that CI already runs."""
     if os.environ.get("MIXPREC_TESTS_CUDA_FIRST") == "1":
-        items.sort(key=lambda item: "cuda" not in item.nodeid)  # stable: file order kept within each part
+        items.sort(key=lambda item: not _needs_cuda(item))  # stable: file order kept within each part
 
 
 def kernel_backends(op: str, device: str) -> list[str]:
