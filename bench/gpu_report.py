@@ -133,17 +133,33 @@ def read_junit(out: str) -> dict | None:
 
 
 def read_sanitizer(out: str) -> dict | None:
+    """The sanitize step's log: memcheck's errors and the subset's verdict (the whole log, in runs before the
+    "== tool" sections), and per further tool (racecheck, initcheck) its error count, or how it ended early."""
     path = os.path.join(out, "logs", "sanitize.log")
     if not os.path.exists(path):
         return None
     text = open(path, errors="replace").read()
-    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
-    mism = re.findall(r"^MISMATCH .*$", text, re.M)
+    parts = re.split(r"^== tool (\w+)\n", text, flags=re.M)
+    sections = {"memcheck": parts[0]} if len(parts) == 1 else dict(zip(parts[1::2], parts[2::2], strict=True))
+    mem = sections.get("memcheck", "")
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", mem)
+    others = {}
+    for tool, body in sections.items():
+        if tool == "memcheck":
+            continue
+        n = re.findall(r"ERROR SUMMARY: (\d+) error", body)
+        ended = re.search(rf"^== {tool} exit (\d+)", body, re.M)
+        others[tool] = {"errors": int(n[-1]) if n else None,
+                        "ended": None if not ended else "timed out" if ended.group(1) in ("124", "137")
+                        else f"exit {ended.group(1)}",
+                        "first_errors": re.findall(r"^========= (?:Error|Race|Uninitialized|Invalid).*$", body,
+                                                   re.M)[:5]}
     return {
         "errors": int(m[-1]) if m else None,
-        "subset_ok": "sanitize_subset: OK" in text,
-        "mismatches": mism[:20],
-        "first_errors": re.findall(r"^========= (?:Invalid|Program hit|Error).*$", text, re.M)[:10],
+        "subset_ok": "sanitize_subset: OK" in mem,
+        "mismatches": re.findall(r"^MISMATCH .*$", mem, re.M)[:20],
+        "first_errors": re.findall(r"^========= (?:Invalid|Program hit|Error).*$", mem, re.M)[:10],
+        "other_tools": others,
     }
 
 
@@ -249,6 +265,10 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
             f"{'match the reference' if s['subset_ok'] else 'NOT OK: ' + '; '.join(s['mismatches'][:3])}"
         )
     )
+    for tool, o in ((s or {}).get("other_tools") or {}).items():
+        L.append(f"sanitizer ({tool}): {o['errors'] if o['errors'] is not None else '?'} errors"
+                 + (f" ({o['ended']})" if o["ended"] else "")
+                 + (f"; first: {o['first_errors'][0][:200]}" if o["first_errors"] else ""))
     L += train_md(rep.get("train_gpt"))
     b = rep.get("bench")
     if not b:

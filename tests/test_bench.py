@@ -216,6 +216,29 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
     assert "- `tests/t.py::b[cuda]`: E   AssertionError: dx" in md and "slowest: a 12 s" in md
 
 
+def test_gpu_report_reads_each_sanitizer_tool(tmp_path):
+    """The sanitize step's log: memcheck decides (errors, the subset's verdict); racecheck and initcheck follow in
+    "== tool" sections, each reported with its count, or how it ended early; a log of the runs before the sections
+    reads as memcheck alone."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "sanitize.log").write_text(
+        "== tool memcheck\nsanitize_subset: OK\n========= ERROR SUMMARY: 0 errors\n"
+        "== tool racecheck\n========= Error: Race reported between Write access at 0x10 in k\n"
+        "========= ERROR SUMMARY: 1 error\n"
+        "== tool initcheck\n== initcheck exit 124\n")
+    s = gpu_report.read_sanitizer(str(tmp_path))
+    assert s["errors"] == 0 and s["subset_ok"]
+    assert s["other_tools"]["racecheck"]["errors"] == 1 and s["other_tools"]["racecheck"]["ended"] is None
+    assert s["other_tools"]["racecheck"]["first_errors"][0].startswith("========= Error: Race reported")
+    assert s["other_tools"]["initcheck"] == {"errors": None, "ended": "timed out", "first_errors": []}
+    md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": None, "sanitizer": s}, None, {})
+    assert "sanitizer (racecheck): 1 errors; first: ========= Error: Race" in md
+    assert "sanitizer (initcheck): ? errors (timed out)" in md
+    (tmp_path / "logs" / "sanitize.log").write_text("sanitize_subset: OK\n========= ERROR SUMMARY: 3 errors\n")
+    old = gpu_report.read_sanitizer(str(tmp_path))
+    assert old["errors"] == 3 and old["other_tools"] == {}
+
+
 def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):
     """bench/gpu_check stops the bench step at its time limit: the cases measured by then are in
     results.partial.json (rewritten after every case), which gpu_report uses, marked PARTIAL, when results.json is
