@@ -82,29 +82,33 @@ def read_test_report(out: str) -> dict | None:
     path = os.path.join(out, "tests.jsonl")
     if not os.path.exists(path):
         return None
-    last: dict[str, dict] = {}
+    recs: dict[tuple[str, str], dict] = {}  # by (nodeid, phase): a teardown's error must not hide its call
     with open(path, errors="replace") as f:
         for line in f:
             try:
                 r = json.loads(line)
             except ValueError:
                 continue  # a line cut by the kill
-            if r.get("outcome") == "failed" or r.get("when") == "call" or r["nodeid"] not in last:
-                last[r["nodeid"]] = r
-    outcomes = [r["outcome"] for r in last.values()]
-    c = {"tests": len(last), "failures": sum(r["outcome"] == "failed" and r["when"] == "call" for r in last.values()),
-         "errors": sum(r["outcome"] == "failed" and r["when"] != "call" for r in last.values()),
-         "skipped": outcomes.count("skipped")}
-    c["passed"] = outcomes.count("passed")
+            recs[(r["nodeid"], r["when"])] = r
+    nodeids = {n for n, _ in recs}
+    # as pytest counts: a call passed, failed or skipped; a setup or teardown failure an error besides (a crashed
+    # xdist worker's report has another phase name: a failure)
+    calls = [r for (n, w), r in recs.items() if w not in ("setup", "teardown")]
+    c = {"tests": len(nodeids),
+         "passed": sum(r["outcome"] == "passed" for r in calls),
+         "failures": sum(r["outcome"] == "failed" for r in calls),
+         "errors": sum(r["outcome"] == "failed" for (n, w), r in recs.items() if w in ("setup", "teardown")),
+         "skipped": sum(r["outcome"] == "skipped" for r in recs.values())}
     reasons = {}
-    for nid, r in last.items():
+    for (nid, when), r in recs.items():
         if r["outcome"] == "failed":
             lines = [x for x in r.get("text", "").splitlines() if x.strip()]
             e = [x for x in lines if x.startswith("E ")]
-            reasons[nid] = ((e[0] if e else lines[-1] if lines else "?")[:300]).strip()
+            key = nid if when not in ("setup", "teardown") else f"{nid} [{when}]"
+            reasons[key] = ((e[0] if e else lines[-1] if lines else "?")[:300]).strip()
     c["failed_tests"] = list(reasons)[:20]
     c["reasons"] = dict(list(reasons.items())[:40])
-    c["slowest"] = [[r["nodeid"], r["seconds"]] for r in sorted(last.values(), key=lambda r: -r["seconds"])[:10]]
+    c["slowest"] = [[r["nodeid"], r["seconds"]] for r in sorted(calls, key=lambda r: -r["seconds"])[:10]]
     c["source"] = "tests.jsonl (written as the tests ran)"
     return c
 
@@ -133,27 +137,29 @@ def read_junit(out: str) -> dict | None:
 
 
 def read_sanitizer(out: str) -> dict | None:
-    """The sanitize step's log: memcheck's errors and the subset's verdict (the whole log, in runs before the
-    "== tool" sections), and per further tool (racecheck, initcheck) its error count, or how it ended early."""
+    """The sanitize step's log (memcheck: its errors and the subset's verdict), and the sanitize_more step's, whose
+    "== tool NAME" sections (racecheck, initcheck) each give an error count (racecheck's from its RACECHECK SUMMARY
+    line: it prints no ERROR SUMMARY), its warnings, or how the tool ended early."""
     path = os.path.join(out, "logs", "sanitize.log")
     if not os.path.exists(path):
         return None
-    text = open(path, errors="replace").read()
-    parts = re.split(r"^== tool (\w+)\n", text, flags=re.M)
-    sections = {"memcheck": parts[0]} if len(parts) == 1 else dict(zip(parts[1::2], parts[2::2], strict=True))
-    mem = sections.get("memcheck", "")
+    mem = open(path, errors="replace").read()
     m = re.findall(r"ERROR SUMMARY: (\d+) error", mem)
     others = {}
-    for tool, body in sections.items():
-        if tool == "memcheck":
-            continue
+    more = os.path.join(out, "logs", "sanitize_more.log")
+    text = open(more, errors="replace").read() if os.path.exists(more) else ""
+    parts = re.split(r"^== tool (\w+)\n", text, flags=re.M)
+    for tool, body in zip(parts[1::2], parts[2::2], strict=True):
+        race = re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?, (\d+) warnings?\)", body)
         n = re.findall(r"ERROR SUMMARY: (\d+) error", body)
         ended = re.search(rf"^== {tool} exit (\d+)", body, re.M)
-        others[tool] = {"errors": int(n[-1]) if n else None,
-                        "ended": None if not ended else "timed out" if ended.group(1) in ("124", "137")
-                        else f"exit {ended.group(1)}",
-                        "first_errors": re.findall(r"^========= (?:Error|Race|Uninitialized|Invalid).*$", body,
-                                                   re.M)[:5]}
+        code = ended.group(1) if ended else None
+        others[tool] = {
+            "errors": int(race[-1][0]) if race else int(n[-1]) if n else None,
+            "warnings": int(race[-1][1]) if race else None,
+            "ended": None if code is None else "timed out" if code in ("124", "137") else f"exit {code}",
+            "first_errors": re.findall(r"^========= (?:Error|Warning|Race|Uninitialized|Invalid).*$", body, re.M)[:5],
+        }
     return {
         "errors": int(m[-1]) if m else None,
         "subset_ok": "sanitize_subset: OK" in mem,
@@ -267,6 +273,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
     )
     for tool, o in ((s or {}).get("other_tools") or {}).items():
         L.append(f"sanitizer ({tool}): {o['errors'] if o['errors'] is not None else '?'} errors"
+                 + (f", {o['warnings']} warnings" if o.get("warnings") else "")
                  + (f" ({o['ended']})" if o["ended"] else "")
                  + (f"; first: {o['first_errors'][0][:200]}" if o["first_errors"] else ""))
     L += train_md(rep.get("train_gpt"))

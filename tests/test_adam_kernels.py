@@ -111,6 +111,32 @@ def test_bit_identical_to_reference(device, backend, combo):
                         assert_bit_exact(o, orig, what + " (written despite found_inf)")
 
 
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("adam_step_") if p.values[1] == "triton"])
+def test_triton_eager_route_bumps_every_mutated_version(device, backend):
+    """Plain eager calls run the Triton op's body past the custom op's wrapper (mixprec_ops._checks.plain_eager) and
+    bump the versions themselves: every list the op mutates (params, moments, max moments, masters) exactly as the
+    custom op does (the optimizer's master resync compares param versions), the grads and scalars not at all."""
+    from conftest import OpLog
+
+    gen = torch.Generator().manual_seed(5)
+    hp = (0.9, 0.999, 1e-8, 0.01, True, False)
+    deltas = []
+    for route in ("eager", "op"):
+        d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, [5, 1031], "contig", device, gen)
+        sc = adam_scalars([torch.tensor(1.0, device=device)] * 2, 1e-3, 0.9, 0.999, 0.01)
+        before = {k: [t._version for t in v] for k, v in d.items()}
+        if route == "eager":
+            run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+        else:
+            with OpLog() as log:  # a dispatch mode: the call goes through mixprec::adam_step_triton_
+                run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+            assert "mixprec.adam_step_triton_.default" in log.ops
+        deltas.append({k: [t._version - b for t, b in zip(v, before[k], strict=True)] for k, v in d.items()})
+    eager, op = deltas
+    assert eager == op, (eager, op)
+    assert all(x > 0 for k in ("p", "m", "v", "x", "w") for x in eager[k]) and all(x == 0 for x in eager["g"])
+
+
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
 def test_signed_zeros_with_maximize(device, backend):
     """Every sign of zero through the step, maximize on and off: -(+0.0) must be -0.0 as in torch, so that

@@ -203,40 +203,46 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
     conftest.pytest_runtest_logreport(rep("tests/t.py::b[cuda]", "call", "failed", 0.5,
                                           "x = 1\nE   AssertionError: dx\nE   assert 2 == 1\n\ntests/t.py:9: Err"))
     conftest.pytest_runtest_logreport(rep("tests/t.py::c", "setup", "skipped", 0.0))
-    conftest.pytest_runtest_logreport(rep("tests/t.py::d", "setup", "failed", 0.2, "worker 'gw1' crashed"))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::d", "setup", "failed", 0.2, "fixture 'gpu' not found"))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::a", "teardown", "failed", 0.1, "E   OSError: busy"))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::g", "???", "failed", 0.0, "worker 'gw1' crashed"))
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
     conftest.pytest_runtest_logreport(rep("tests/t.py::e", "call", "passed", 1.0))  # a worker: the controller writes
     with open(path, "a") as f:
         f.write('{"nodeid": "tests/t.py::f", "wh')
     t = gpu_report.read_junit(str(tmp_path))
-    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (4, 1, 1, 1, 1), t
-    assert t["reasons"] == {"tests/t.py::b[cuda]": "E   AssertionError: dx", "tests/t.py::d": "worker 'gw1' crashed"}
+    # as pytest counts: a passed, with an error in its teardown besides; d's setup an error; g's crash a failure
+    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (5, 1, 2, 2, 1), t
+    assert t["reasons"] == {"tests/t.py::b[cuda]": "E   AssertionError: dx",
+                            "tests/t.py::d [setup]": "fixture 'gpu' not found",
+                            "tests/t.py::a [teardown]": "E   OSError: busy",
+                            "tests/t.py::g": "worker 'gw1' crashed"}
     assert t["slowest"][0] == ["tests/t.py::a", 12.5] and "tests.jsonl" in t["source"]
     md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": t}, None, {})
     assert "- `tests/t.py::b[cuda]`: E   AssertionError: dx" in md and "slowest: a 12 s" in md
 
 
 def test_gpu_report_reads_each_sanitizer_tool(tmp_path):
-    """The sanitize step's log: memcheck decides (errors, the subset's verdict); racecheck and initcheck follow in
-    "== tool" sections, each reported with its count, or how it ended early; a log of the runs before the sections
-    reads as memcheck alone."""
+    """memcheck's log decides (errors, the subset's verdict); the sanitize_more step's "== tool" sections follow:
+    racecheck's count from its RACECHECK SUMMARY line (it prints no ERROR SUMMARY), initcheck's from its ERROR
+    SUMMARY, a tool stopped by its timeout said so; without the sanitize_more log, no other tools."""
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "sanitize.log").write_text(
-        "== tool memcheck\nsanitize_subset: OK\n========= ERROR SUMMARY: 0 errors\n"
-        "== tool racecheck\n========= Error: Race reported between Write access at 0x10 in k\n"
-        "========= ERROR SUMMARY: 1 error\n"
-        "== tool initcheck\n== initcheck exit 124\n")
+    (tmp_path / "logs" / "sanitize.log").write_text("sanitize_subset: OK\n========= ERROR SUMMARY: 0 errors\n")
     s = gpu_report.read_sanitizer(str(tmp_path))
-    assert s["errors"] == 0 and s["subset_ok"]
-    assert s["other_tools"]["racecheck"]["errors"] == 1 and s["other_tools"]["racecheck"]["ended"] is None
-    assert s["other_tools"]["racecheck"]["first_errors"][0].startswith("========= Error: Race reported")
-    assert s["other_tools"]["initcheck"] == {"errors": None, "ended": "timed out", "first_errors": []}
+    assert s["errors"] == 0 and s["subset_ok"] and s["other_tools"] == {}
+    (tmp_path / "logs" / "sanitize_more.log").write_text(
+        "== tool racecheck\n========= COMPUTE-SANITIZER\n"
+        "========= Error: Race reported between Write access at 0x10 in mixprec::cuda::k\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\nsanitize_subset: OK\n"
+        "== tool initcheck\n========= ERROR SUMMARY: 0 errors\n== initcheck exit 124\n")
+    s = gpu_report.read_sanitizer(str(tmp_path))
+    race, init = s["other_tools"]["racecheck"], s["other_tools"]["initcheck"]
+    assert (race["errors"], race["warnings"], race["ended"]) == (1, 1, None)
+    assert race["first_errors"][0].startswith("========= Error: Race reported")
+    assert (init["errors"], init["ended"]) == (0, "timed out")
     md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": None, "sanitizer": s}, None, {})
-    assert "sanitizer (racecheck): 1 errors; first: ========= Error: Race" in md
-    assert "sanitizer (initcheck): ? errors (timed out)" in md
-    (tmp_path / "logs" / "sanitize.log").write_text("sanitize_subset: OK\n========= ERROR SUMMARY: 3 errors\n")
-    old = gpu_report.read_sanitizer(str(tmp_path))
-    assert old["errors"] == 3 and old["other_tools"] == {}
+    assert "sanitizer (racecheck): 1 errors, 1 warnings; first: ========= Error: Race" in md
+    assert "sanitizer (initcheck): 0 errors (timed out)" in md
 
 
 def test_a_run_stopped_midway_leaves_its_rows(tmp_path, monkeypatch):

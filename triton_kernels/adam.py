@@ -167,7 +167,7 @@ def _adam_kernel(tab_ptr, map_ptr, scalars_ptr, grad_scale_ptr, found_inf_ptr, c
         if HAS_CLIP:
             g = g * cc
         if MAXIMIZE:
-            g = g * -1.0  # not -g: Triton 3.6 compiles unary minus as 0 - g, which turns -0.0 into +0.0
+            g = g * -1.0  # not -g: Triton 3.6 compiles unary minus as 0 - g, which gives +0.0 for g = +0.0
         if MASTER:
             w = _load_f32(w_addr, offs, mask, 0)
         else:
