@@ -304,6 +304,70 @@ def _lin_case(ctx: Ctx, m: int, k: int, n: int, act: str, recompute: bool = Fals
     return case
 
 
+# ---- Linear's weight and bias gradients: the BGRADB epilogue against a GEMM and a separate sum ----
+
+
+def _wgrad_make(m, k, n, dev, seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return {"g": _randn((m, n), g, dev), "x": _randn((m, k), g, dev)}
+
+
+def _wgrad_case(ctx: Ctx, m: int, k: int, n: int) -> Case:
+    """dW = g^T x and db = sum of g's rows, as a Linear's backward needs them (g: grad at the pre-activation, (M, N);
+    x: the input, (M, K)). Ours, cuda only: matmul_and_rowsum (one cuBLASLt GEMM with the BGRADB epilogue, which the
+    Linear's backward uses for a bias of the weight's dtype) and "cuda-gemm+sum" (the GEMM, then a separate fp32 sum
+    of g); torch: mm + sum, as its autograd does. Measures whether BGRADB costs more than the sum it saves (the
+    suspect for the erf-GELU Linear trailing torch by ~4% on the H200, 2026-11-30). Outside the geomean groups."""
+    import mixprec_ops
+    from mixprec_ops.ops.matmul import matmul_and_rowsum
+
+    dev = ctx.device
+
+    def fused(backend):
+        return lambda d: matmul_and_rowsum(d["g"].t(), d["x"], backend=backend)
+
+    def separate(backend):
+        return lambda d: (mixprec_ops.matmul(d["g"].t(), d["x"], backend=backend),
+                          d["g"].sum(0, dtype=torch.float32).to(DTYPE))
+
+    def base(d):
+        return d["g"].t().mm(d["x"]), d["g"].sum(0)
+
+    def build():
+        d = _wgrad_make(m, k, n, dev, seed=12345)
+        dw, db = d["g"].float().t() @ d["x"].float(), d["g"].float().sum(0)
+        bw, bb = base(d)
+        return {"d": d, "dw": dw, "db": db, "dw_err": _err(bw, dw), "db_err": _err(bb, db),
+                "dw_scale": dw.abs().max().item(), "db_scale": db.abs().max().item()}
+
+    def compare(impl, r):
+        dw, db = impl.fn(r["d"])
+        return (_within("dW", dw, r["dw"], r["dw_err"], r["dw_scale"], impl.backend)
+                or _within("db", db, r["db"], r["db_err"], r["db_scale"], impl.backend))
+
+    impls = [Impl(BASELINE, base, "g.t().mm(x), g.sum(0) (torch's Linear backward)")]
+    if "cuda" in ctx.backends:  # the question is cuBLASLt's (Triton's matmul_and_rowsum is the GEMM and a sum)
+        impls.append(Impl("cuda", fused("cuda"), "matmul_and_rowsum: one cuBLASLt GEMM with the BGRADB epilogue"))
+        impls.append(Impl("cuda-gemm+sum", separate("cuda"), "matmul (cuBLASLt), then g.sum(0, dtype=float32)"))
+    ref = []
+    case = Case(
+        "matmul",
+        f"wgrad+bias grad M={m} {k}->{n}",
+        n * k,
+        2 * (m * n + m * k + n * k + n),
+        lambda seed: _wgrad_make(m, k, n, dev, seed),
+        impls,
+        _memo_check(ref, build, compare),
+        tensor_bytes=2 * (m * n + m * k),
+        flops=2 * m * n * k,
+        tags={"family": "wgrad", "m": m, "n": n, "k": k, "geomean": None, "target": None},
+        reps=CASE_REPS,
+        budget_s=CASE_BUDGET_S,
+    )
+    ref.append(case)
+    return case
+
+
 @register("matmul", time_budget_s=TIME_BUDGET_S)
 def cases(ctx: Ctx) -> list[Case]:
     """In the order they run (if the time budget runs out, the last ones are skipped): the target groups' GEMMs,
@@ -314,6 +378,7 @@ def cases(ctx: Ctx) -> list[Case]:
     # Saved pre-activation (shipped) vs recomputed in the backward, same shapes, erf-GELU only: a GEMM (2MNK flops)
     # against writing and reading M x N 16-bit values; the time and memory trade-off, measured.
     out += [_lin_case(ctx, m, k, n, "gelu", recompute=True) for m, k, n in lin]
+    out += [_wgrad_case(ctx, m, k, n) for m, k, n in lin]
     out += [_mm_case(ctx, m, k, n) for m, k, n in mm if not _group(m, k, n)]
     if ctx.device.type != "cuda":
         out[0].notes.append(
