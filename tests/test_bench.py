@@ -198,7 +198,6 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
     import types
 
     import conftest
-    from bench import gpu_report
 
     path = tmp_path / "tests.jsonl"
     monkeypatch.setenv("MIXPREC_TEST_REPORT", str(path))
