@@ -172,9 +172,7 @@ def _apply_linear(x, weight, bias, activation, backend, out_dtype=None):
     """mixprec::linear(x, weight, bias, activation, backend, out_dtype)[0], through _LinearFunction where plain eager
     execution allows it, else through the custom op (which torch.jit.trace, too, must record: a traced Python
     autograd.Function cannot be saved)."""
-    if (_all_plain(x, weight, bias) and x.device.type != "meta" and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
-            and (torch._C._len_torch_function_stack() == 0 or _checks.only_device_modes())):
+    if _all_plain(x, weight, bias) and x.device.type != "meta" and _checks.eager_unobserved():
         return _LinearFunction.apply(x, weight, bias, activation, backend, out_dtype)[0]
     return _linear_op(x, weight, bias, activation, backend, out_dtype)[0]
 

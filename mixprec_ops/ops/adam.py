@@ -180,7 +180,6 @@ if _ext.LOADED:
 
 
 _triton_op = None
-_TRITON_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"}
 
 
 def _get_triton_op():
@@ -190,7 +189,8 @@ def _get_triton_op():
     if _triton_op is None:
         from ..triton_kernels.adam import launch_adam_step
 
-        @torch.library.custom_op("mixprec::adam_step_triton_", mutates_args=_TRITON_MUTATES)
+        @torch.library.custom_op("mixprec::adam_step_triton_",
+                                 mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"})
         def adam_step_triton_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                               exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                               masters: list[torch.Tensor], scalars: torch.Tensor, beta1: float, beta2: float,

@@ -84,16 +84,13 @@ def _fp32_value(v: float) -> float:
 
 def _walkable(x):
     """x itself if its elements fill one run of memory (then empty_like keeps its strides), else a copy."""
-    return x if x.is_contiguous() or torch.ops.aten.is_non_overlapping_and_dense(x) else x.contiguous()  # flag first
+    return x if _checks.walkable(x) else x.contiguous()
 
 
 def _backward_layout(x, grad_y):
     """(x, grad_y) as the backward kernels walk them, both linearly in one memory order: as they are when x is
     walkable and grad_y shares its strides, else both contiguous. csrc/common.h's backward_layout is the same rule."""
-    def dense(t):  # the cached contiguity flag first: the op call costs ~1.6 us
-        return t.is_contiguous() or torch.ops.aten.is_non_overlapping_and_dense(t)
-
-    if dense(x) and dense(grad_y) and x.stride() == grad_y.stride():
+    if _checks.walkable(x) and _checks.walkable(grad_y) and x.stride() == grad_y.stride():
         return x, grad_y
     return x.contiguous(), grad_y.contiguous()
 
