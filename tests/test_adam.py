@@ -1693,3 +1693,110 @@ def test_state_dict_step_counters_pickle_alone():
 
     small, large = pickled_size(100), pickled_size(800)
     assert large < 10 * small, (small, large)  # linear: ~8x (quadratic was ~64x)
+
+
+def _swap_param(m, o):
+    new = torch.nn.Parameter(torch.randn(9, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16))
+    new.grad = torch.randn(9, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    o.param_groups[1]["params"][1] = new
+
+
+def _add_group(m, o):
+    new = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16))
+    new.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    o.add_param_group({"params": [new], "lr": 5e-3})
+
+
+def _state_of(o, m):
+    return o.state[m[0].weight]
+
+
+def _grad_fp32(m, o):
+    w = m[0].weight
+    g = w.grad.float()
+    w.grad = None
+    w.grad_dtype = None  # (torch >= 2.10 takes an fp32 grad for a bf16 param once grad_dtype is lifted)
+    w.grad = g
+
+
+def _write_then_resync(m, o):
+    with torch.no_grad():
+        m[0].weight.mul_(0.5)
+    o.resync_masters()
+
+
+# What may change between two steps, done to both optimizers of test_steady_step_equals_full_planning (a function of
+# the model and the optimizer, run after the grads are set): whether the record of the last step may serve the next
+# one (only for changes the planning does not rest on: the hyperparameters, read at every step, and the grads'
+# values), and whether the change is made at every step from then on (the grads) or once.
+STEADY_CHANGES = {
+    "nothing": (lambda m, o: None, True, False),
+    "lr_and_betas": (lambda m, o: o.param_groups[0].update(lr=0.05, betas=(0.5, 0.9)), True, False),
+    "grad_values_in_place": (lambda m, o: m[0].weight.grad.mul_(3.0), True, True),
+    "grad_dropped": (lambda m, o: setattr(m[2].bias, "grad", None), False, True),
+    "grad_appears": (lambda m, o: setattr(m[0].bias, "grad", torch.full_like(m[0].bias, 0.25)), False, True),
+    "grad_strided": (lambda m, o: setattr(m[0].weight, "grad", m[0].weight.grad.t().contiguous().t()), False, True),
+    "grad_fp32": (_grad_fp32, False, True),
+    "state_tensor_replaced": (lambda m, o: _state_of(o, m).update(exp_avg=_state_of(o, m)["exp_avg"] * 0.5), False,
+                              False),
+    "step_counter_replaced": (lambda m, o: _state_of(o, m).update(step=_state_of(o, m)["step"].clone() + 5), False,
+                              False),
+    "master_replaced": (lambda m, o: _state_of(o, m).update(master_param=_state_of(o, m)["master_param"] * 1.5),
+                        False, False),
+    "state_dict_replaced": (lambda m, o: o.state.__setitem__(m[0].weight, dict(_state_of(o, m))), False, False),
+    "state_key_added": (lambda m, o: _state_of(o, m).update(note=torch.zeros(())), False, False),
+    "state_deleted": (lambda m, o: o.state.pop(m[0].weight), False, False),
+    "param_written": (lambda m, o: m[0].weight.detach().mul_(0.5), False, False),
+    "param_written_then_resynced": (_write_then_resync, False, False),
+    "param_data_replaced": (lambda m, o: setattr(m[0].weight, "data", m[0].weight.data * 2), False, False),
+    "param_dtype_changed": (lambda m, o: setattr(m[2].bias, "data", m[2].bias.data.bfloat16()), False, False),
+    "param_swapped": (_swap_param, False, False),
+    "group_added": (_add_group, False, False),
+    "amsgrad_on": (lambda m, o: o.param_groups[0].update(amsgrad=True), False, False),
+    "masters_off": (lambda m, o: o.param_groups[1].update(master_weights=False), False, False),
+    "backend_changed": (lambda m, o: setattr(o, "backend", "auto" if o.backend == "torch" else "torch"), False,
+                        False),
+    "state_loaded": (lambda m, o: o.load_state_dict(copy.deepcopy(o.state_dict())), False, False),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("change", list(STEADY_CHANGES))
+def test_steady_step_equals_full_planning(change, backend, monkeypatch):
+    """A step after one that planned in full reuses that planning (optim/_steady.py) when nothing it rests on changed.
+    Against a twin optimizer that plans every step in full, each change between two steps (grads, state, params,
+    groups, options, writes to the params) gives the same bits in every param and state tensor, and the record is
+    used exactly when it may be: for a change of the hyperparameters or of grad values, not for the rest."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    fn, reusable, every_step = STEADY_CHANGES[change]
+    if change == "grad_fp32" and not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("an fp32 grad for a bf16 param needs torch >= 2.10 (grad_dtype)")
+    models = [clone_setup(torch.bfloat16, "cpu", mixed=True) for _ in range(2)]
+    # (clipping on: the norm pass must sum the grads in the same order either way)
+    opts = [AdamW(two_groups(m, weight_decay=0.1), lr=1e-2, max_grad_norm=0.5, backend=backend) for m in models]
+    monkeypatch.setattr(opts[1], "_steady_step", lambda: None)  # the twin: full planning at every step
+    used = []
+    real = opts[0]._steady_step
+    monkeypatch.setattr(opts[0], "_steady_step", lambda: used.append(real()) or used[-1])
+    for step in range(6):
+        for m, o in zip(models, opts):
+            grads_for(m, "cpu", seed=step)
+            if not (change == "grad_appears" and step >= 3):
+                m[0].bias.grad = None  # a param without grads: its grad appearing is a change
+            if step == 3 or every_step and step > 3:
+                fn(m, o)
+            o.step()
+    taken = [u is not None for u in used]
+    # step 4 reuses the planning of step 3, except where that planning copied a strided grad (not recorded) or where
+    # the grads change dtype at step 4 (made in the param's dtype, which changed at step 3)
+    later = change != "grad_strided"
+    assert taken == [False, True, True, reusable, later and change != "param_dtype_changed", later], taken
+    a_params = list(models[0].parameters()) + [p for g in opts[0].param_groups for p in g["params"]]
+    b_params = list(models[1].parameters()) + [p for g in opts[1].param_groups for p in g["params"]]
+    for i, (a, b) in enumerate(zip(a_params, b_params)):
+        assert_bit_exact(a.detach(), b.detach(), f"param {i}")
+        sa, sb = opts[0].state.get(a, {}), opts[1].state.get(b, {})
+        assert set(sa) == set(sb), (i, set(sa), set(sb))
+        for k in sa:
+            assert_bit_exact(sa[k], sb[k], f"param {i} {k}")

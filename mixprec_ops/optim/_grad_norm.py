@@ -18,14 +18,15 @@ _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 
 class GradNormMixin:
     """Adam's clipping norm and inf/NaN flag (this module's docstring)."""
 
-    def _grad_stats(self, collected, grad_scale, found_inf):
+    def _grad_stats(self, collected, grad_scale, found_inf, by_device=None):
         """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
         Returns (clip_coef, found) as device tensors, on the first grad's device; found is non-zero when the step
         must be skipped (1, or the scaler's found_inf where that is larger: torch's GradScaler sums its devices'
-        flags)."""
-        per_device = defaultdict(list)
+        flags). by_device: {device: grads} in collected's order, when the caller knows them (plain grads only; the
+        steady step's record)."""
+        per_device = defaultdict(list) if by_device is None else by_device
         dtensor_grads = []
-        for _, ps in collected:
+        for _, ps in collected if by_device is None else ():
             for p in ps:
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
         if len(per_device) == 1 and not self._has_dtensor_params and self.norm_across_ranks is False:

@@ -59,6 +59,7 @@ class MasterSyncMixin:
         load_state_dict, call this eagerly before the next step, or the step rebuilds the params from masters
         that never saw the writes. One elementwise pass per param with a master, no host sync; not inside a CUDA
         graph capture."""
+        self._forget_steady()  # (its versions into the plans, before they are updated below)
         pairs, plans, adopt = [], [], []
         for group in self.param_groups:
             for p in group["params"]:

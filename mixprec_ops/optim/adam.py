@@ -18,6 +18,7 @@ from ..ops.adam import _select as _select_backend
 from ..ops.adam import adam_scalars, adam_step_
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
+from ._steady import SteadyStepMixin
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
@@ -52,7 +53,7 @@ def _dense_like(t, ref) -> bool:
     return t.stride() == ref.stride() and torch.ops.aten.is_non_overlapping_and_dense(ref)
 
 
-class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
+class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimizer):
     """Adam with fp32 master weights for fp16/bf16 params, computed by fused kernels (CUDA, Triton, C++ CPU).
 
     Same constructor arguments and defaults as torch.optim.Adam, plus:
@@ -185,6 +186,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         self._last = {"grad_norm": None}  # see grad_norm
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
         self._plan_sizes = (0, 0)  # (params in the groups, len(state)) after the last step (_forget_dropped_plans)
+        self._steady = None  # the last step's planning, for the next to reuse (see _steady.py)
         self._ones = {}  # device -> 1-element fp32 1.0 (see _one)
 
     @property
@@ -214,6 +216,7 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         self._last = {"grad_norm": None}
         self._plans = {}
         self._plan_sizes = (0, 0)
+        self._steady = None
         self._ones = {}
         self._has_dtensor_params = any_dtensor(p for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
@@ -483,7 +486,14 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
             found_inf = None  # torch.amp.GradScaler sets sum([]) == 0 when this optimizer's params have no grads
-        collected = self._collect()
+        eager = not torch.compiler.is_compiling()
+        steady = self._steady_step()  # the last step's planning, when nothing it rests on has changed
+        if steady is not None:
+            collected = [(group, ps) for group, ps, _ in steady]
+        else:
+            if eager:
+                self._forget_steady()
+            collected = self._collect()
         if not collected:
             if self.max_grad_norm is not None and (self.norm_across_ranks is not False or self._has_dtensor_params):
                 _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
@@ -497,16 +507,25 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
         # there (out of memory for new state, say) leaves all params and states as they were.
         for group, _ in collected:
             self._check_hyperparameters(group)
-        planned = [(group, *self._bucket_group(group, ps)) for group, ps in collected]
+        if steady is None:
+            planned = [(group, *self._bucket_group(group, ps)) for group, ps in collected]
+            runs = [(group, self._units(buckets, fallback, group["amsgrad"])) for group, buckets, fallback in planned]
+        else:
+            runs = [(group, units) for group, _, units in steady]
         clip = None
         if self.max_grad_norm is not None:
-            clip, found_inf = self._grad_stats(collected, grad_scale, found_inf)
+            clip, found_inf = self._grad_stats(collected, grad_scale, found_inf,
+                                               by_device=None if steady is None else self._steady_grads(collected))
             if found_out is not None:
                 found_out[0][found_out[1]] = found_inf.reshape(()).to(found_out[1])
-        for group, buckets, fallback in planned:
-            self._run_group(group, buckets, fallback, grad_scale, found_inf, clip)
-        if not torch.compiler.is_compiling():
-            self._note_versions(planned)
+        for group, units in runs:
+            self._run_group(group, units, grad_scale, found_inf, clip)
+        if eager:
+            if steady is None:
+                self._note_versions(planned)
+                self._remember_steady(planned)
+            else:
+                self._steady_noted()
             self._forget_dropped_plans()
         return loss
 
@@ -634,9 +653,24 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
     def _capturing(device) -> bool:
         return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    def _run_group(self, group, buckets, fallback, grad_scale, found_inf, clip):
+    def _units(self, buckets, fallback, amsgrad):
+        """The launches of one planned group: [(lists, step buffer or None, steps, backend)]. lists: (params, grads,
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the buffer, or the
+        per-param counters (fallback entries, a bucket met during capture)."""
+        units = [(self._lists(entries, amsgrad), buf,
+                  buf if buf is not None else [e[4][self._STEP] for e in entries], self.backend)
+                 for entries, buf in buckets.values()]
+        units += [(self._lists([e], amsgrad), None, [e[4][self._STEP]], "torch") for e in fallback]
+        return units
+
+    @staticmethod
+    def _lists(entries, amsgrad):
+        return ([e[0] for e in entries], [e[1] for e in entries], [e[2][0] for e in entries],
+                [e[2][1] for e in entries], [e[2][2] for e in entries] if amsgrad else [],
+                [e[3] for e in entries] if entries[0][3] is not None else [])
+
+    def _run_group(self, group, units, grad_scale, found_inf, clip):
         beta1, beta2 = (float(b) for b in group["betas"])
-        amsgrad = group["amsgrad"]
         decoupled = group["decoupled_weight_decay"]
         counted = {}  # device -> 1.0, or 0.0 when found_inf says this step is skipped (a skipped step does not count)
 
@@ -645,21 +679,15 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                 counted[dev] = 1.0 if found_inf is None else (found_inf.to(dev).reshape(()) == 0).float()
             return counted[dev]
 
-        units = [(entries, buf, self.backend) for entries, buf in buckets.values()]
-        units += [([e], None, "torch") for e in fallback]
-        for entries, buf, backend in units:
-            # buf: the bucket's step buffer; None: count per param (fallback entries, a bucket met during capture)
-            steps = buf if buf is not None else [e[4][self._STEP] for e in entries]
-            self._launch(group, entries, steps, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip,
-                         backend=backend)
+        for lists, buf, steps, backend in units:
+            self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend=backend)
             if buf is not None:
                 buf.add_(count(buf.device))
             else:
                 torch._foreach_add_(steps, count(steps[0].device))
 
-    def _launch(self, group, entries, steps, beta1, beta2, amsgrad, decoupled, grad_scale, found_inf, clip, backend):
-        params = [e[0] for e in entries]
-        dev = params[0].device
+    def _launch(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend):
+        dev = lists[0][0].device
         backend = _select_backend(dev, backend)  # once, for the scalars and the step
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
@@ -673,12 +701,8 @@ class Adam(MasterSyncMixin, GradNormMixin, torch.optim.Optimizer):
                 lr = lr.to(dev)
         scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"], backend=backend)
         on = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        adam_step_(
-            params, [e[1] for e in entries], [e[2][0] for e in entries], [e[2][1] for e in entries],
-            [e[2][2] for e in entries] if amsgrad else [], [e[3] for e in entries] if entries[0][3] is not None else [],
-            scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled, group["maximize"],
-            on(grad_scale), on(found_inf), on(clip), backend=backend,
-        )
+        adam_step_(*lists, scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled, group["maximize"],
+                   on(grad_scale), on(found_inf), on(clip), backend=backend)
 
 
 class AdamW(Adam):

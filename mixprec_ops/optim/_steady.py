@@ -1,0 +1,182 @@
+"""The steady-state step of mixprec_ops.optim.Adam: when nothing the last step's planning rested on has changed (the
+same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
+contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
+planning's launch lists and only reads the new grads. Every check runs over whole lists in C (map over getters,
+identity comparisons): ~1 us per param on the 2-core CI CPU, where the full planning (adam.py: _collect and
+_bucket_group) takes ~3 us. Any difference, or anything the checks cannot read, sends the step to the full planning,
+which raises the errors, creates missing state and resyncs written params; that step records anew."""
+
+from __future__ import annotations
+
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not, itemgetter
+
+import torch
+
+_grad = attrgetter("grad")
+_version = attrgetter("_version")
+_size = torch.Tensor.size
+_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_group_by = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
+
+
+def _same(a, b) -> bool:
+    """The very same objects, position by position (never ==: tensors compare element-wise)."""
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _kinds(tensors):
+    """The (device, dtype) pairs of a list of tensors, as one C++ sweep finds them."""
+    return list(_group_by([tensors], False))
+
+
+class _Bucket:
+    """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
+
+    __slots__ = ("params", "lists", "buf", "states", "lens", "getter", "held", "sizes", "pkinds", "gkinds",
+                 "plans", "versions", "ptrs")
+
+    def __init__(self, entries, buf, amsgrad, keys, versions):
+        ps = [e[0] for e in entries]
+        self.params = ps
+        masters = [e[3] for e in entries] if entries[0][3] is not None else []
+        # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
+        self.lists = ([e[2][0] for e in entries], [e[2][1] for e in entries],
+                      [e[2][2] for e in entries] if amsgrad else [], masters)
+        self.buf = buf
+        self.states = [e[4][0] for e in entries]  # the state dicts
+        self.lens = list(map(len, self.states))
+        self.getter = itemgetter(*keys)  # "step", the moments and the master: the tensors the lists hold
+        self.held = list(chain.from_iterable(map(self.getter, self.states)))
+        self.sizes = list(map(_size, ps))
+        self.pkinds = _kinds(ps)
+        self.gkinds = _kinds([e[1] for e in entries])
+        # a master-carrying param's version counter and storage after our last step (see Adam._resync); the
+        # versions go back into the plans when the record is dropped (_forget_steady)
+        self.plans = [e[4] for e in entries]
+        self.versions = versions if masters else None
+        self.ptrs = list(map(_data_ptr, ps)) if masters else None
+
+    def grads_if_unchanged(self, state):
+        """This step's grads for the launch, or None when the recorded lists no longer serve."""
+        ps = self.params
+        gs = list(map(_grad, ps))
+        if (not all(map(is_, map(type, gs), repeat(torch.Tensor))) or list(map(_size, gs)) != self.sizes
+                or list(map(_size, ps)) != self.sizes or not all(map(_contiguous, gs))
+                or not all(map(_contiguous, ps)) or _kinds(gs) != self.gkinds or _kinds(ps) != self.pkinds):
+            return None
+        states = list(map(state.get, ps))
+        if (not _same(states, self.states) or list(map(len, states)) != self.lens
+                or not _same(list(chain.from_iterable(map(self.getter, states))), self.held)):
+            return None
+        if self.versions is not None and (list(map(_version, ps)) != self.versions
+                                          or list(map(_data_ptr, ps)) != self.ptrs):
+            return None  # written outside the optimizer: the full planning resyncs its master
+        return gs
+
+
+class SteadyStepMixin:
+    """Adam's steady-state step (this module's docstring). The record is self._steady; None: plan in full."""
+
+    def _remember_steady(self, planned):
+        """After a fully planned eager step: record it when a later step can reuse it. Not for DTensor params, params
+        served by the reference (fallback), grads that needed a copy or a cast, non-contiguous params, or a step
+        inside a CUDA graph capture (no step buffer)."""
+        if self._has_dtensor_params:
+            return
+        per_group, with_grad = [], set()
+        for group, buckets, fallback in planned:
+            if fallback:
+                return
+            amsgrad = group["amsgrad"]
+            bs, ps = [], []
+            for entries, buf in buckets.values():
+                if buf is None:
+                    return
+                for e in entries:
+                    plan = e[4]
+                    # plain contiguous params whose grads went to the launch as they are
+                    if not (plan[self._PLAIN] and plan[self._CONTIG] and e[1] is e[0].grad) \
+                            or (e[3] is not None and plan[self._VER] is None):
+                        return
+                master = entries[0][3] is not None
+                keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
+                        *(("master_param",) if master else ()))
+                bs.append(_Bucket(entries, buf, amsgrad, keys, [e[4][self._VER] for e in entries]))
+            for p in group["params"]:  # the group's params with grads, in its order (the norm pass sums in it)
+                if p.grad is not None:
+                    ps.append(p)
+                    with_grad.add(id(p))
+            per_group.append((group, ps, bs, self._plan_options(group)))
+        if not per_group:
+            return
+        devices = {b.params[0].device for _, _, bs, _ in per_group for b in bs}
+        all_params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        self._steady = dict(
+            state=self.state, state_len=len(self.state), groups=list(self.param_groups), params=all_params,
+            without_grad=[p for p in all_params if id(p) not in with_grad], per_group=per_group,
+            cuda=any(b.params[0].is_cuda for _, _, bs, _ in per_group for b in bs), device=devices.pop() if
+            len(devices) == 1 else None)
+
+    def _steady_step(self):
+        """[(group, params with grads, units)] for this step from the record, or None (plan in full). units as
+        _units makes them."""
+        rec = self._steady
+        if rec is None or torch.compiler.is_compiling():
+            return None
+        state, groups = self.state, self.param_groups
+        if state is not rec["state"] or len(state) != rec["state_len"] or not _same(groups, rec["groups"]):
+            return None
+        if not _same(list(chain.from_iterable(g["params"] for g in groups)), rec["params"]) \
+                or any(map(is_not, map(_grad, rec["without_grad"]), repeat(None))):
+            return None
+        if rec["cuda"] and torch.cuda.is_current_stream_capturing():
+            return None  # a capture needs the full planning's per-param step counts
+        out = []
+        try:
+            for group, ps, buckets, options in rec["per_group"]:
+                if self._plan_options(group) != options:
+                    return None
+                units = []
+                for b in buckets:
+                    gs = b.grads_if_unchanged(state)
+                    if gs is None:
+                        return None
+                    units.append(((b.params, gs, *b.lists), b.buf, b.buf, self.backend))
+                out.append((group, ps, units))
+        except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
+            return None
+        return out
+
+    def _steady_grads(self, collected):
+        """{device: this step's grads in collected's order} for the norm pass, when the record's params are all on
+        one device (else None: the pass sorts them itself)."""
+        dev = self._steady["device"]
+        if dev is None:
+            return None
+        return {dev: list(chain.from_iterable(map(_grad, ps) for _, ps in collected))}
+
+    def _steady_noted(self):
+        """After a step from the record: each master-carrying param's version counter as our launch left it (kept in
+        the record; _forget_steady hands them to the plans)."""
+        for _, _, buckets, _ in self._steady["per_group"]:
+            for b in buckets:
+                if b.versions is not None:
+                    b.versions = list(map(_version, b.params))
+
+    def _forget_steady(self):
+        """Before a fully planned step: drop the record, its params' versions handed back to their plans."""
+        rec, self._steady = self._steady, None
+        if rec is not None:
+            for _, _, buckets, _ in rec["per_group"]:
+                for b in buckets:
+                    if b.versions is not None:
+                        for plan, v in zip(b.plans, b.versions):
+                            plan[self._VER] = v
+
+    def _plan_options(self, group):
+        """The group's options a plan rests on (Adam._bucket_group)."""
+        return (group["amsgrad"], group["master_weights"], group["state_dtype"], self.backend)
+
+
