@@ -99,7 +99,7 @@ def plain_eager(tensor_lists, tensors) -> bool:
     if not eager_unobserved() or transform_active():
         return False
     ts = [t for t in tensors if t is not None]
-    if not {type(t) for t in ts} <= _PLAIN or not all({type(t) for t in lst} <= _PLAIN for lst in tensor_lists):
+    if not set(map(type, ts)) <= _PLAIN or not all(set(map(type, lst)) <= _PLAIN for lst in tensor_lists):
         return False
     if torch.is_grad_enabled():
         return not any(t.requires_grad for t in ts) and not any(t.requires_grad for lst in tensor_lists for t in lst)

@@ -39,11 +39,15 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+
+
 def get_tables(lists, device, chunk, op):
     """(rows, prog_map, n_programs) for parallel `lists` of tensors (lists[0][i], lists[1][i], ... share numel),
     each program covering `chunk` elements of one tensor. Rows are len(lists) + 2 int64 wide."""
-    key = (op, device, chunk, tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-           tuple(t.numel() for t in lists[0]))
+    # (map over the unbound methods: the sweeps run in C, ~2x faster than generator expressions over 10,000 tensors)
+    key = (op, device, chunk, tuple(tuple(map(_data_ptr, lst)) for lst in lists), tuple(map(_numel, lists[0])))
     capturing = _capturing(device)
     hit = _tables.get(key)
     if hit is not None:
