@@ -54,6 +54,9 @@ TORCH_LIBRARY(mixprec, m) {
   // (cast(a @ b), cast(a.sum(1))) for a 2-D a: the product and the fp32-accumulated row sums of a, both rounded once
   // to out_dtype. With a = grad_out^T of a linear layer this is (grad_weight, grad_bias) from one GEMM.
   m.def("matmul_rowsum(Tensor a, Tensor b, ScalarType out_dtype) -> (Tensor, Tensor)");
+  // The grads of `params` (an empty list unless every param has one) and a 1-D int64 CPU tensor of the metadata the
+  // optimizer's steady-state step rests on (csrc/param_grad_signature.cpp). Reads metadata only; any device.
+  m.def("param_grad_signature(Tensor[] params) -> (Tensor[], Tensor)");
 }
 
 // The ops' gradients live in Python, around them (mixprec::linear and the autograd.Functions of mixprec_ops.ops).

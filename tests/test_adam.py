@@ -1386,6 +1386,13 @@ def test_step_dispatches_few_ops(max_grad_norm):
         o.step()
     with OpLog() as log:
         o.step()
+    # the steady step's metadata sweep (with an extension that has it): host-only (its signature is a CPU tensor,
+    # compared on the CPU), no launches
+    from mixprec_ops.optim._steady import _SIGNATURE
+
+    if _SIGNATURE is not None:
+        assert log.ops[:2] == ["mixprec.param_grad_signature.default", "aten.equal.default"], log.ops
+        log.ops = log.ops[2:]
     fused = ["mixprec.adam_scalars.default", "mixprec.adam_step_.default", "aten.add_.Tensor"]
     if max_grad_norm is None:
         assert log.ops == fused, log.ops
@@ -1760,15 +1767,23 @@ STEADY_CHANGES = {
 }
 
 
+@pytest.mark.parametrize("sweep", ["cpp", "python"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("change", list(STEADY_CHANGES))
-def test_steady_step_equals_full_planning(change, backend, monkeypatch):
+def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
     """A step after one that planned in full reuses that planning (optim/_steady.py) when nothing it rests on changed.
     Against a twin optimizer that plans every step in full, each change between two steps (grads, state, params,
     groups, options, writes to the params) gives the same bits in every param and state tensor, and the record is
-    used exactly when it may be: for a change of the hyperparameters or of grad values, not for the rest."""
+    used exactly when it may be: for a change of the hyperparameters or of grad values, not for the rest. The
+    metadata sweep both ways: the extension's mixprec::param_grad_signature, and the Python sweeps without it."""
+    import mixprec_ops.optim._steady as steady
+
     if backend == "cpu":
         extension_backend(OP, "cpu")
+    if sweep == "python":
+        monkeypatch.setattr(steady, "_SIGNATURE", None)
+    elif steady._SIGNATURE is None:
+        pytest.skip("the extension lacks mixprec::param_grad_signature")
     fn, reusable, every_step = STEADY_CHANGES[change]
     if change == "grad_fp32" and not hasattr(torch.Tensor, "grad_dtype"):
         pytest.skip("an fp32 grad for a bf16 param needs torch >= 2.10 (grad_dtype)")
@@ -1800,3 +1815,112 @@ def test_steady_step_equals_full_planning(change, backend, monkeypatch):
         assert set(sa) == set(sb), (i, set(sa), set(sb))
         for k in sa:
             assert_bit_exact(sa[k], sb[k], f"param {i} {k}")
+
+
+def test_param_grad_signature_sees_every_metadata_change():
+    """mixprec::param_grad_signature (the steady step's C++ metadata sweep): the grads come back only when every
+    param has one, and the signature changes with each piece of metadata the recorded launch lists rest on, including
+    the changes that keep the data pointer (a reshaped or transposed view assigned to p.data)."""
+    import mixprec_ops.optim._steady as steady
+
+    if steady._SIGNATURE is None:
+        pytest.skip("the extension lacks mixprec::param_grad_signature")
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def fresh():
+        ps = [torch.nn.Parameter(torch.randn(3, 4).to(torch.bfloat16)), torch.nn.Parameter(torch.randn(5))]
+        for p in ps:
+            p.grad = torch.randn(p.shape).to(p.dtype)
+        return ps
+
+    ps = fresh()
+    grads, base = steady._SIGNATURE(ps)
+    assert len(grads) == 2 and all(g is p.grad for g, p in zip(grads, ps))
+    grads, again = steady._SIGNATURE(ps)
+    assert torch.equal(base, again)
+    for p in ps:  # new grad tensors with the same metadata: the same signature
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    assert torch.equal(steady._SIGNATURE(ps)[1], base)
+
+    def grad_dtype(ps):  # (through .data: the grad setter refuses another dtype)
+        ps[1].grad.data = ps[1].grad.data.half()
+
+    w, b = 0, 1
+    edits = {
+        "param reshaped, same pointer": lambda ps: setattr(ps[w], "data", ps[w].data.view(2, 6)),
+        "param transposed, same pointer": lambda ps: setattr(ps[w], "data", ps[w].data.t()),
+        "param dtype": lambda ps: setattr(ps[b], "data", ps[b].data.to(torch.bfloat16)),
+        "param storage": lambda ps: setattr(ps[b], "data", ps[b].data.clone()),
+        "grad dtype": grad_dtype,
+        "grad shape": lambda ps: setattr(ps[b].grad, "data", torch.randn(6)),
+        "grad strided": lambda ps: setattr(ps[w], "grad", ps[w].grad.t().contiguous().t()),
+        "grad sparse": lambda ps: setattr(ps[b], "grad", ps[b].grad.to_sparse()),
+        "grad a dispatch subclass": lambda ps: setattr(ps[b], "grad", TwoTensor(ps[b].grad, ps[b].grad.clone())),
+    }
+    for name, edit in edits.items():
+        ps = fresh()
+        _, before = steady._SIGNATURE(ps)
+        edit(ps)
+        grads, after = steady._SIGNATURE(ps)
+        assert not torch.equal(after, before), name
+    ps = fresh()
+    ps[b].grad = None
+    grads, after = steady._SIGNATURE(ps)
+    assert grads == [] and not torch.equal(after, base)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_steady_record_goes_with_the_plans(backend):
+    """More than 64 params leaving the groups clears the per-param plans; the steady record rests on them and must go
+    too. It used to keep serving, and the write to an fp16 param two steps later was then resynced as if its master
+    had just been loaded (the rounding through bf16 counted as unwritten): the clamp was undone. The same run planned
+    in full at every step is the reference."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+
+    def run(steady):
+        w = torch.nn.Parameter(torch.tensor([1.001, 1.002, 0.5, 1.0009765625], dtype=torch.float16))
+        extra = [torch.nn.Parameter(torch.zeros(2)) for _ in range(70)]
+        opt = AdamW([{"params": [w]}, {"params": extra}], lr=0.0, weight_decay=0.0, backend=backend)
+        if not steady:
+            opt._steady_step = lambda: None
+        for s in range(6):
+            w.grad = torch.full_like(w, 0.1)
+            for e in extra:
+                e.grad = torch.ones_like(e)
+            if s == 2:
+                opt.param_groups.pop()
+                for e in extra:
+                    del opt.state[e]
+            if s == 4:
+                with torch.no_grad():
+                    w.clamp_(max=1.0)
+            opt.step()
+        return w.detach(), opt.state[w]["master_param"]
+
+    (w, master), (w_ref, master_ref) = run(True), run(False)
+    assert w_ref.tolist() == [1.0, 1.0, 0.5, 1.0]  # the write kept
+    assert_bit_exact(w, w_ref, "param")
+    assert_bit_exact(master, master_ref, "master")
+
+
+def test_steady_record_keeps_no_dropped_param_alive():
+    """The steady record holds what the plans hold and nothing more: a frozen param (no grad, no state, no plan)
+    dropped from the optimizer is freed at once, as with torch.optim.AdamW, not at the next step."""
+    import gc
+    import weakref
+
+    w = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+    frozen = torch.nn.Parameter(torch.randn(100, 16).to(torch.bfloat16), requires_grad=False)
+    opt = AdamW([{"params": [w]}, {"params": [frozen]}], lr=1e-3)
+    for _ in range(3):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert opt._steady is not None
+    ref = weakref.ref(frozen)
+    opt.param_groups.pop()
+    del frozen
+    gc.collect()
+    assert ref() is None, "the dropped frozen param is still alive"
+    w.grad = torch.ones_like(w)
+    opt.step()  # and the optimizer goes on

@@ -2,16 +2,20 @@
 same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
 contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
 planning's launch lists and only reads the new grads. Every check runs over whole lists in C (map over getters,
-identity comparisons): ~1 us per param on the 2-core CI CPU, where the full planning (adam.py: _collect and
-_bucket_group) takes ~3 us. Any difference, or anything the checks cannot read, sends the step to the full planning,
+identity comparisons; the grads' and params' metadata in one C++ call, mixprec::param_grad_signature, when the
+extension has it): ~1 us per param on the 2-core CI CPU (~0.6 us with the C++ sweep), where the full planning
+(adam.py: _collect and _bucket_group) takes ~3 us. Any difference, or anything the checks cannot read, sends the step to the full planning,
 which raises the errors, creates missing state and resyncs written params; that step records anew."""
 
 from __future__ import annotations
 
+import weakref
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
+
+from .. import _ext
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
@@ -19,6 +23,20 @@ _size = torch.Tensor.size
 _contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
 _group_by = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
+_deref = weakref.ref.__call__
+
+
+def _signature_op():
+    """mixprec::param_grad_signature, or None (no extension, or one built before the op: the sweeps run in Python)."""
+    if not _ext.LOADED:
+        return None
+    try:
+        return torch.ops.mixprec.param_grad_signature.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_SIGNATURE = _signature_op()
 
 
 def _same(a, b) -> bool:
@@ -34,8 +52,8 @@ def _kinds(tensors):
 class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
-    __slots__ = ("params", "lists", "buf", "states", "lens", "getter", "held", "sizes", "pkinds", "gkinds",
-                 "plans", "versions", "ptrs")
+    __slots__ = ("params", "lists", "buf", "states", "lens", "getter", "held", "signature", "sizes", "pkinds",
+                 "gkinds", "plans", "versions", "ptrs")
 
     def __init__(self, entries, buf, amsgrad, keys, versions):
         ps = [e[0] for e in entries]
@@ -49,6 +67,8 @@ class _Bucket:
         self.lens = list(map(len, self.states))
         self.getter = itemgetter(*keys)  # "step", the moments and the master: the tensors the lists hold
         self.held = list(chain.from_iterable(map(self.getter, self.states)))
+        # the grads' and params' metadata: one C++ signature, or the Python sweeps' lists
+        self.signature = None if _SIGNATURE is None else _SIGNATURE(ps)[1]
         self.sizes = list(map(_size, ps))
         self.pkinds = _kinds(ps)
         self.gkinds = _kinds([e[1] for e in entries])
@@ -61,17 +81,22 @@ class _Bucket:
     def grads_if_unchanged(self, state):
         """This step's grads for the launch, or None when the recorded lists no longer serve."""
         ps = self.params
-        gs = list(map(_grad, ps))
-        if (not all(map(is_, map(type, gs), repeat(torch.Tensor))) or list(map(_size, gs)) != self.sizes
-                or list(map(_size, ps)) != self.sizes or not all(map(_contiguous, gs))
-                or not all(map(_contiguous, ps)) or _kinds(gs) != self.gkinds or _kinds(ps) != self.pkinds):
-            return None
+        if self.signature is not None:  # (the data pointers included)
+            gs, signature = _SIGNATURE(ps)
+            if not gs or not torch.equal(signature, self.signature):
+                return None
+        else:
+            gs = list(map(_grad, ps))
+            if (not all(map(is_, map(type, gs), repeat(torch.Tensor))) or list(map(_size, gs)) != self.sizes
+                    or list(map(_size, ps)) != self.sizes or not all(map(_contiguous, gs))
+                    or not all(map(_contiguous, ps)) or _kinds(gs) != self.gkinds or _kinds(ps) != self.pkinds
+                    or self.ptrs is not None and list(map(_data_ptr, ps)) != self.ptrs):
+                return None
         states = list(map(state.get, ps))
         if (not _same(states, self.states) or list(map(len, states)) != self.lens
                 or not _same(list(chain.from_iterable(map(self.getter, states))), self.held)):
             return None
-        if self.versions is not None and (list(map(_version, ps)) != self.versions
-                                          or list(map(_data_ptr, ps)) != self.ptrs):
+        if self.versions is not None and list(map(_version, ps)) != self.versions:
             return None  # written outside the optimizer: the full planning resyncs its master
         return gs
 
@@ -86,6 +111,7 @@ class SteadyStepMixin:
         if self._has_dtensor_params:
             return
         per_group, with_grad = [], set()
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
         for group, buckets, fallback in planned:
             if fallback:
                 return
@@ -103,19 +129,27 @@ class SteadyStepMixin:
                 master = entries[0][3] is not None
                 keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
                         *(("master_param",) if master else ()))
-                bs.append(_Bucket(entries, buf, amsgrad, keys, [e[4][self._VER] for e in entries]))
+                try:
+                    bs.append(_Bucket(entries, buf, amsgrad, keys, [e[4][self._VER] for e in entries]))
+                except RuntimeError:  # metadata the sweeps cannot read (a tensor without storage): plan in full
+                    return
             for p in group["params"]:  # the group's params with grads, in its order (the norm pass sums in it)
                 if p.grad is not None:
                     ps.append(p)
                     with_grad.add(id(p))
-            per_group.append((group, ps, bs, self._plan_options(group)))
+            per_group.append((index[id(group)], ps, bs, self._plan_options(group)))
         if not per_group:
             return
         devices = {b.params[0].device for _, _, bs, _ in per_group for b in bs}
         all_params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        # The record holds what the plans hold (params with grads, their states), nothing more: the groups by id and
+        # the other params by weak reference, so that a frozen param dropped from the groups is freed at once, as
+        # with torch's optimizers. (A group's id reused by a new group dict passes only if that group holds the very
+        # same params with the same options: then the record serves it as well.)
         self._steady = dict(
-            state=self.state, state_len=len(self.state), groups=list(self.param_groups), params=all_params,
-            without_grad=[p for p in all_params if id(p) not in with_grad], per_group=per_group,
+            state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)),
+            params=list(map(weakref.ref, all_params)),
+            without_grad=[weakref.ref(p) for p in all_params if id(p) not in with_grad], per_group=per_group,
             cuda=any(b.params[0].is_cuda for _, _, bs, _ in per_group for b in bs), device=devices.pop() if
             len(devices) == 1 else None)
 
@@ -126,16 +160,18 @@ class SteadyStepMixin:
         if rec is None or torch.compiler.is_compiling():
             return None
         state, groups = self.state, self.param_groups
-        if state is not rec["state"] or len(state) != rec["state_len"] or not _same(groups, rec["groups"]):
+        if state is not rec["state"] or len(state) != rec["state_len"] or list(map(id, groups)) != rec["groups"]:
             return None
-        if not _same(list(chain.from_iterable(g["params"] for g in groups)), rec["params"]) \
-                or any(map(is_not, map(_grad, rec["without_grad"]), repeat(None))):
+        # (the groups' params alive and the same: then so are the params without grads, whose grads must stay None)
+        if not _same(list(chain.from_iterable(g["params"] for g in groups)), list(map(_deref, rec["params"]))) \
+                or any(map(is_not, map(_grad, map(_deref, rec["without_grad"])), repeat(None))):
             return None
         if rec["cuda"] and torch.cuda.is_current_stream_capturing():
             return None  # a capture needs the full planning's per-param step counts
         out = []
         try:
-            for group, ps, buckets, options in rec["per_group"]:
+            for gi, ps, buckets, options in rec["per_group"]:
+                group = groups[gi]
                 if self._plan_options(group) != options:
                     return None
                 units = []

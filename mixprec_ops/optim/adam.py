@@ -409,8 +409,10 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         # (a plan without a state: one deleted while another param got its first state in the same step)
         if sizes != self._plan_sizes or len(self._plans) > sizes[1]:
             if len(self._plans) > n + 64:  # many params dropped from the groups (or swapped)
+                self._forget_steady()  # (it rests on the plans: a replanned master would count as loaded)
                 self._plans.clear()
             elif sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1] or len(self._plans) > sizes[1]:
+                self._forget_steady()
                 state = self.state
                 self._plans = {k: v for k, v in self._plans.items() if state.get(v[self._P]) is v[self._ST]}
             self._plan_sizes = sizes

@@ -1,0 +1,56 @@
+// mixprec::param_grad_signature: the metadata sweep of the optimizer's steady-state step (mixprec_ops/optim/_steady.py)
+// in one C++ call instead of ~8 Python sweeps over thousands of params. Reads metadata only, on any device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DispatchKey.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace mixprec {
+namespace {
+
+// Per param: its dims, sizes, dtype, device, contiguity and data pointer; then its grad's dtype (-1: no grad) and
+// two flags: the grad is a plain strided tensor (no Python subclass with its own dispatch, such as DTensor), and it
+// lies on the param's device with the param's sizes, contiguous. Equal signatures mean equal metadata: the Python
+// side compares them whole (torch.equal), never element by element.
+std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorList params) {
+  std::vector<int64_t> sig;
+  sig.reserve(params.size() * 12);
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  bool all = true;
+  for (const at::Tensor& p : params) {
+    sig.push_back(p.dim());
+    for (const int64_t s : p.sizes()) sig.push_back(s);
+    sig.push_back(static_cast<int64_t>(p.scalar_type()));
+    sig.push_back(static_cast<int64_t>(p.device().type()));
+    sig.push_back(p.device().index());
+    sig.push_back(p.is_contiguous() ? 1 : 0);
+    sig.push_back(static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p.const_data_ptr())));
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) {
+      sig.push_back(-1);
+      all = false;
+      continue;
+    }
+    sig.push_back(static_cast<int64_t>(g.scalar_type()));
+    const bool plain = g.layout() == at::kStrided && !g.key_set().has(c10::DispatchKey::Python);
+    sig.push_back(plain ? 1 : 0);
+    sig.push_back(plain && g.device() == p.device() && g.sizes() == p.sizes() && g.is_contiguous() ? 1 : 0);
+    if (all) grads.push_back(g);
+  }
+  if (!all) grads.clear();
+  at::Tensor out = at::empty({static_cast<int64_t>(sig.size())}, at::TensorOptions().dtype(at::kLong));
+  if (!sig.empty()) std::memcpy(out.data_ptr<int64_t>(), sig.data(), sig.size() * sizeof(int64_t));
+  return {std::move(grads), out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) { m.impl("param_grad_signature", &param_grad_signature); }
+
+}  // namespace mixprec
