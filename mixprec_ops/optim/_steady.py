@@ -1,21 +1,24 @@
 """The steady-state step of mixprec_ops.optim.Adam: when nothing the last step's planning rested on has changed (the
 same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
 contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
-planning's launch lists and only reads the new grads. Every check runs over whole lists in C (map over getters,
-identity comparisons; the grads' and params' metadata in one C++ call, mixprec::param_grad_signature, when the
-extension has it): ~1 us per param on the 2-core CI CPU (~0.6 us with the C++ sweep), where the full planning
-(adam.py: _collect and _bucket_group) takes ~3 us. Any difference, or anything the checks cannot read, sends the step to the full planning,
-which raises the errors, creates missing state and resyncs written params; that step records anew."""
+planning's launch lists, held on the C++ side too (mixprec::AdamBucket, so that the launch converts no list from
+Python), and only reads the new grads.
+
+Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
+in one C++ call (mixprec::param_grad_signature) when the extension has it. At 2,000 small params on the CI CPU a step
+takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state optimizer step"). Any difference, or anything
+the checks cannot read, sends the step to the full planning (adam.py: _collect, _bucket_group), which raises the
+errors, creates missing state and resyncs written params; that step records anew."""
 
 from __future__ import annotations
 
-import weakref
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
 
 from .. import _ext
+from ..ops.adam import new_bucket
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
@@ -23,7 +26,6 @@ _size = torch.Tensor.size
 _contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
 _group_by = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
-_deref = weakref.ref.__call__
 
 
 def _signature_op():
@@ -52,8 +54,8 @@ def _kinds(tensors):
 class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
-    __slots__ = ("params", "lists", "buf", "states", "lens", "getter", "held", "signature", "sizes", "pkinds",
-                 "gkinds", "plans", "versions", "ptrs")
+    __slots__ = ("params", "lists", "bucket", "buf", "states", "lens", "getter", "held", "signature", "sizes",
+                 "pkinds", "gkinds", "plans", "versions", "ptrs")
 
     def __init__(self, entries, buf, amsgrad, keys, versions):
         ps = [e[0] for e in entries]
@@ -62,6 +64,7 @@ class _Bucket:
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
         self.lists = ([e[2][0] for e in entries], [e[2][1] for e in entries],
                       [e[2][2] for e in entries] if amsgrad else [], masters)
+        self.bucket = new_bucket(ps, *self.lists)  # the lists on the C++ side too (ops.adam.adam_step_'s bucket)
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
@@ -69,14 +72,15 @@ class _Bucket:
         self.held = list(chain.from_iterable(map(self.getter, self.states)))
         # the grads' and params' metadata: one C++ signature, or the Python sweeps' lists
         self.signature = None if _SIGNATURE is None else _SIGNATURE(ps)[1]
-        self.sizes = list(map(_size, ps))
-        self.pkinds = _kinds(ps)
-        self.gkinds = _kinds([e[1] for e in entries])
+        python = self.signature is None
+        self.sizes = list(map(_size, ps)) if python else None
+        self.pkinds = _kinds(ps) if python else None
+        self.gkinds = _kinds([e[1] for e in entries]) if python else None
         # a master-carrying param's version counter and storage after our last step (see Adam._resync); the
         # versions go back into the plans when the record is dropped (_forget_steady)
         self.plans = [e[4] for e in entries]
         self.versions = versions if masters else None
-        self.ptrs = list(map(_data_ptr, ps)) if masters else None
+        self.ptrs = list(map(_data_ptr, ps)) if masters and python else None
 
     def grads_if_unchanged(self, state):
         """This step's grads for the launch, or None when the recorded lists no longer serve."""
@@ -102,7 +106,17 @@ class _Bucket:
 
 
 class SteadyStepMixin:
-    """Adam's steady-state step (this module's docstring). The record is self._steady; None: plan in full."""
+    """Adam's steady-state step (this module's docstring). The record is self._steady; None: plan in full.
+
+    Recording costs about a third of a full planning. A record dropped before any step used it (the params with
+    grads change every step: experts a router skipped, layers unfrozen one by one) makes the next records wait:
+    1, 2, 4, ... up to 16 fully planned steps (so a settled loop is served again within 17 steps), back to every step
+    once a record serves."""
+
+    def _steady_reset(self):
+        self._steady = None  # the last step's planning, for the next to reuse
+        self._steady_wait = 0  # fully planned steps to let pass before recording again
+        self._steady_backoff = 1
 
     def _remember_steady(self, planned):
         """After a fully planned eager step: record it when a later step can reuse it. Not for DTensor params, params
@@ -110,46 +124,55 @@ class SteadyStepMixin:
         inside a CUDA graph capture (no step buffer)."""
         if self._has_dtensor_params:
             return
+        if self._steady_wait > 0:
+            self._steady_wait -= 1
+            return
+        P, C, V, G = self._PLAIN, self._CONTIG, self._VER, self._P
         per_group, with_grad = [], set()
         index = {id(g): i for i, g in enumerate(self.param_groups)}
         for group, buckets, fallback in planned:
             if fallback:
                 return
             amsgrad = group["amsgrad"]
-            bs, ps = [], []
+            bs = []
             for entries, buf in buckets.values():
                 if buf is None:
                     return
-                for e in entries:
-                    plan = e[4]
-                    # plain contiguous params whose grads went to the launch as they are
-                    if not (plan[self._PLAIN] and plan[self._CONTIG] and e[1] is e[0].grad) \
-                            or (e[3] is not None and plan[self._VER] is None):
-                        return
+                plans = [e[4] for e in entries]
+                # plain contiguous params whose grads went to the launch as they are, and every master's version known
+                if not (all(map(itemgetter(P), plans)) and all(map(itemgetter(C), plans))
+                        and all(map(is_, [e[1] for e in entries], map(_grad, map(itemgetter(G), plans))))):
+                    return
                 master = entries[0][3] is not None
+                versions = list(map(itemgetter(V), plans))
+                if master and any(map(is_, versions, repeat(None))):
+                    return
                 keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
                         *(("master_param",) if master else ()))
                 try:
-                    bs.append(_Bucket(entries, buf, amsgrad, keys, [e[4][self._VER] for e in entries]))
+                    bs.append(_Bucket(entries, buf, amsgrad, keys, versions))
                 except RuntimeError:  # metadata the sweeps cannot read (a tensor without storage): plan in full
                     return
-            for p in group["params"]:  # the group's params with grads, in its order (the norm pass sums in it)
-                if p.grad is not None:
-                    ps.append(p)
-                    with_grad.add(id(p))
+            gparams = group["params"]
+            # the group's params with grads, in its order (the norm pass sums in it)
+            ps = list(compress(gparams, map(is_not, map(_grad, gparams), repeat(None))))
+            with_grad.update(map(id, ps))
             per_group.append((index[id(group)], ps, bs, self._plan_options(group)))
         if not per_group:
             return
         devices = {b.params[0].device for _, _, bs, _ in per_group for b in bs}
         all_params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        # The record holds what the plans hold (params with grads, their states), nothing more: the groups by id and
-        # the other params by weak reference, so that a frozen param dropped from the groups is freed at once, as
-        # with torch's optimizers. (A group's id reused by a new group dict passes only if that group holds the very
-        # same params with the same options: then the record serves it as well.)
+        ids = list(map(id, all_params))
+        # The record holds what the plans hold (params with grads, their states), nothing more: the groups and the
+        # params by id, the params without grads by position, so that a frozen param dropped from the groups is freed
+        # at once, as with torch's optimizers. (An id is reused only by a new object after the old one is freed: not
+        # the params with grads, which the buckets hold; a new param without a grad where a freed one was is stepped
+        # by nothing either way, and one with a grad fails the check of the positions without grads. A group's id
+        # reused by a new group dict passes only if that group holds the same params with the same options: then
+        # the record serves it as well.)
         self._steady = dict(
-            state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)),
-            params=list(map(weakref.ref, all_params)),
-            without_grad=[weakref.ref(p) for p in all_params if id(p) not in with_grad], per_group=per_group,
+            state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)), ids=ids,
+            without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
             cuda=any(b.params[0].is_cuda for _, _, bs, _ in per_group for b in bs), device=devices.pop() if
             len(devices) == 1 else None)
 
@@ -162,9 +185,9 @@ class SteadyStepMixin:
         state, groups = self.state, self.param_groups
         if state is not rec["state"] or len(state) != rec["state_len"] or list(map(id, groups)) != rec["groups"]:
             return None
-        # (the groups' params alive and the same: then so are the params without grads, whose grads must stay None)
-        if not _same(list(chain.from_iterable(g["params"] for g in groups)), list(map(_deref, rec["params"]))) \
-                or any(map(is_not, map(_grad, map(_deref, rec["without_grad"])), repeat(None))):
+        params = list(chain.from_iterable(g["params"] for g in groups))
+        if list(map(id, params)) != rec["ids"] or any(map(is_not, map(_grad, map(params.__getitem__,
+                                                                                 rec["without_grad"])), repeat(None))):
             return None
         if rec["cuda"] and torch.cuda.is_current_stream_capturing():
             return None  # a capture needs the full planning's per-param step counts
@@ -179,10 +202,11 @@ class SteadyStepMixin:
                     gs = b.grads_if_unchanged(state)
                     if gs is None:
                         return None
-                    units.append(((b.params, gs, *b.lists), b.buf, b.buf, self.backend))
+                    units.append(((b.params, gs, *b.lists), b.buf, b.buf, self.backend, b.bucket))
                 out.append((group, ps, units))
         except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
             return None
+        rec["used"] = True
         return out
 
     def _steady_grads(self, collected):
@@ -202,9 +226,15 @@ class SteadyStepMixin:
                     b.versions = list(map(_version, b.params))
 
     def _forget_steady(self):
-        """Before a fully planned step: drop the record, its params' versions handed back to their plans."""
+        """Before a fully planned step: drop the record, its params' versions handed back to their plans. A record
+        no step used doubles the wait before the next (the class docstring)."""
         rec, self._steady = self._steady, None
         if rec is not None:
+            if rec["used"]:
+                self._steady_backoff = 1
+            else:
+                self._steady_wait = self._steady_backoff
+                self._steady_backoff = min(2 * self._steady_backoff, 16)
             for _, _, buckets, _ in rec["per_group"]:
                 for b in buckets:
                     if b.versions is not None:

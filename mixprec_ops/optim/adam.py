@@ -186,7 +186,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         self._last = {"grad_norm": None}  # see grad_norm
         self._plans = {}  # id(param) -> per-param step plan (see _bucket_group)
         self._plan_sizes = (0, 0)  # (params in the groups, len(state)) after the last step (_forget_dropped_plans)
-        self._steady = None  # the last step's planning, for the next to reuse (see _steady.py)
+        self._steady_reset()  # the last step's planning, for the next to reuse (see _steady.py)
         self._ones = {}  # device -> 1-element fp32 1.0 (see _one)
 
     @property
@@ -216,7 +216,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         self._last = {"grad_norm": None}
         self._plans = {}
         self._plan_sizes = (0, 0)
-        self._steady = None
+        self._steady_reset()
         self._ones = {}
         self._has_dtensor_params = any_dtensor(p for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
@@ -656,13 +656,14 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _units(self, buckets, fallback, amsgrad):
-        """The launches of one planned group: [(lists, step buffer or None, steps, backend)]. lists: (params, grads,
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the buffer, or the
-        per-param counters (fallback entries, a bucket met during capture)."""
+        """The launches of one planned group: [(lists, step buffer or None, steps, backend, bucket)]. lists: (params,
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the buffer, or the
+        per-param counters (fallback entries, a bucket met during capture); bucket: the lists held on the C++ side
+        (a steady step's, see _steady.py), else None."""
         units = [(self._lists(entries, amsgrad), buf,
-                  buf if buf is not None else [e[4][self._STEP] for e in entries], self.backend)
+                  buf if buf is not None else [e[4][self._STEP] for e in entries], self.backend, None)
                  for entries, buf in buckets.values()]
-        units += [(self._lists([e], amsgrad), None, [e[4][self._STEP]], "torch") for e in fallback]
+        units += [(self._lists([e], amsgrad), None, [e[4][self._STEP]], "torch", None) for e in fallback]
         return units
 
     @staticmethod
@@ -681,14 +682,14 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 counted[dev] = 1.0 if found_inf is None else (found_inf.to(dev).reshape(()) == 0).float()
             return counted[dev]
 
-        for lists, buf, steps, backend in units:
-            self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend=backend)
+        for lists, buf, steps, backend, bucket in units:
+            self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend, bucket)
             if buf is not None:
                 buf.add_(count(buf.device))
             else:
                 torch._foreach_add_(steps, count(steps[0].device))
 
-    def _launch(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend):
+    def _launch(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend, bucket):
         dev = lists[0][0].device
         backend = _select_backend(dev, backend)  # once, for the scalars and the step
         lr = group["lr"]
@@ -704,7 +705,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"], backend=backend)
         on = lambda t: None if t is None else t.to(dev)  # noqa: E731
         adam_step_(*lists, scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled, group["maximize"],
-                   on(grad_scale), on(found_inf), on(clip), backend=backend)
+                   on(grad_scale), on(found_inf), on(clip), backend=backend, bucket=bucket)
 
 
 class AdamW(Adam):
