@@ -10,7 +10,7 @@ import torch
 
 from .._dtensor import DTensor
 from .._dtensor import local as _local
-from ..ops.unscale import unscale_
+from ..ops.unscale import unscale_, unscale_checked_
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6), at most 1
 
@@ -22,8 +22,8 @@ class GradNormMixin:
         """One read-only pass over all grads: global L2 norm (of the unscaled grads) and inf/NaN detection.
         Returns (clip_coef, found) as device tensors, on the first grad's device; found is non-zero when the step
         must be skipped (1, or the scaler's found_inf where that is larger: torch's GradScaler sums its devices'
-        flags). by_device: {device: grads} in collected's order, when the caller knows them (plain grads only; the
-        steady step's record)."""
+        flags). by_device: {device: grads} in collected's order, when the caller knows them and has checked them as
+        unscale_ would (the steady step, whose metadata signature did)."""
         per_device = defaultdict(list) if by_device is None else by_device
         dtensor_grads = []
         for _, ps in collected if by_device is None else ():
@@ -37,7 +37,10 @@ class GradNormMixin:
             ((dev, grads),) = per_device.items()
             found = torch.zeros(1, dtype=torch.float32, device=dev)
             # inv_scale == 1: the kernels only read (no write-back), so this pass costs one read of the grads.
-            norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
+            if by_device is None:
+                norm = unscale_(grads, self._one(dev), found, return_norm=True, backend=self.backend)
+            else:  # the steady step's grads: its signature has checked them as unscale_ would
+                norm = unscale_checked_(grads, self._one(dev), found, True, self.backend)
         else:
             dev = (next(iter(per_device)) if per_device else dtensor_grads[0].device if dtensor_grads
                    else self._collective_device())
