@@ -59,15 +59,15 @@ TORCH_LIBRARY(mixprec, m) {
   // The grads of `params` (an empty list unless every param has one) and a 1-D int64 CPU tensor of the metadata the
   // optimizer's steady-state step rests on (csrc/param_grad_signature.cpp). Reads metadata only; any device.
   m.def("param_grad_signature(Tensor[] params) -> (Tensor[], Tensor)");
-  // The lists of one adam_step_ launch (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters: csrc/adam_bucket.h),
-  // held between the optimizer's steady-state steps; adam_step_bucket_ is adam_step_ over them, the grads read from
-  // the params (p.grad) at the call.
+  // The state lists of one adam_step_ launch (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters: csrc/adam_bucket.h),
+  // held between the optimizer's steady-state steps; adam_step_bucket_ is adam_step_ over the params and them, the
+  // grads read from the params (p.grad) at the call.
   m.class_<mixprec::AdamBucket>("AdamBucket")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>>());
+                       std::vector<at::Tensor>>());
   m.def(
-      "adam_step_bucket_(__torch__.torch.classes.mixprec.AdamBucket bucket, Tensor scalars, float beta1, "
-      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, "
+      "adam_step_bucket_(Tensor(a!)[] params, __torch__.torch.classes.mixprec.AdamBucket bucket, Tensor scalars, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor? clip_coef) -> ()");
   m.impl("adam_step_bucket_", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, &mixprec::adam_step_bucket));
 }
@@ -83,6 +83,7 @@ TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_step_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_scalars", torch::autograd::autogradNotImplementedFallback());
+  m.impl("adam_step_bucket_", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_pre", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_rowsum", torch::autograd::autogradNotImplementedFallback());

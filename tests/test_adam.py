@@ -1718,6 +1718,10 @@ def _state_of(o, m):
     return o.state[m[0].weight]
 
 
+def _move_param(m, o):  # the flattened order of the params stays the same; the group (lr, betas) changes
+    o.param_groups[0]["params"].append(o.param_groups[1]["params"].pop(0))
+
+
 def _grad_fp32(m, o):
     w = m[0].weight
     g = w.grad.float()
@@ -1759,6 +1763,7 @@ STEADY_CHANGES = {
     "param_dtype_changed": (lambda m, o: setattr(m[2].bias, "data", m[2].bias.data.bfloat16()), False, False),
     "param_swapped": (_swap_param, False, False),
     "group_added": (_add_group, False, False),
+    "param_moved_to_the_previous_group": (_move_param, False, False),
     "amsgrad_on": (lambda m, o: o.param_groups[0].update(amsgrad=True), False, False),
     "masters_off": (lambda m, o: o.param_groups[1].update(master_weights=False), False, False),
     "backend_changed": (lambda m, o: setattr(o, "backend", "auto" if o.backend == "torch" else "torch"), False,
@@ -1930,9 +1935,10 @@ def test_steady_record_keeps_no_dropped_param_alive():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_adam_bucket_steps_its_own_lists(device):
-    """ops.adam.adam_step_(..., bucket=AdamBucket): the lists held on the C++ side (the optimizer's steady step) give
-    the bits of the same call with the lists, grads read from the params, clipping, grad scale and a found_inf that
-    skips; and the bucket's own tensors are what it steps (shown by passing other lists beside it)."""
+    """ops.adam.adam_step_(..., bucket=AdamBucket): the state lists held on the C++ side (the optimizer's steady step)
+    give the bits of the same call with the lists, grads read from the params, clipping, grad scale and a found_inf
+    that skips; the bucket's own state tensors are what it steps (shown by passing other state lists beside it); and
+    the op refuses a param without a grad, and params that require grad under grad mode, as adam_step_ does."""
     from mixprec_ops.ops import adam as ops_adam
 
     backend = extension_backend(OP, device)
@@ -1951,33 +1957,41 @@ def test_adam_bucket_steps_its_own_lists(device):
         return ps, ms, vs, [p.detach().float() + 1e-3 for p in ps]
 
     a, b = tensors(), tensors()
-    bucket = ops_adam.new_bucket(a[0], a[1], a[2], [], a[3])
+    bucket = ops_adam.new_bucket(a[1], a[2], [], a[3])
     steps = torch.rand(4, generator=gen).mul(10).floor().to(device)
     scalars = ops_adam.adam_scalars(steps, 1e-2, 0.9, 0.999, 0.1, backend=backend)
-    extras = [(None, None, None), (torch.tensor([4.0], device=device), torch.zeros(1, device=device),
-                                   torch.tensor([0.5], device=device))]
+
+    def step(ps, ms, vs, masters, bk, grad_scale=None, found_inf=None, clip=None):
+        ops_adam.adam_step_(ps, [p.grad for p in ps], ms, vs, [], masters, scalars, 0.9, 0.999, 1e-8, 0.1, True,
+                            False, grad_scale, found_inf, clip, backend=backend, bucket=bk)
+
     with torch.no_grad():
-        for grad_scale, found_inf, clip in extras:
-            for (ps, ms, vs, masters), bk in ((a, bucket), (b, None)):
-                ops_adam.adam_step_(ps, [p.grad for p in ps], ms, vs, [], masters, scalars, 0.9, 0.999, 1e-8, 0.1,
-                                    True, False, grad_scale, found_inf, clip, backend=backend, bucket=bk)
+        for extra in [(), (torch.tensor([4.0], device=device), torch.zeros(1, device=device),
+                           torch.tensor([0.5], device=device))]:
+            step(*a, bucket, *extra)
+            step(*b, None, *extra)
     for x, y in zip(a, b):
         for i, (s, t) in enumerate(zip(x, y)):
             assert_bit_exact(s.detach(), t.detach(), f"tensor {i}")
-    before = [[t.detach().clone() for t in lst] for lst in a + b]
+    other = tensors()
+    before = [[t.detach().clone() for t in lst] for lst in a + other]
     with torch.no_grad():
-        ops_adam.adam_step_(b[0], [p.grad for p in b[0]], b[1], b[2], [], b[3], scalars, 0.9, 0.999, 1e-8, 0.1, True,
-                            False, None, torch.ones(1, device=device), None, backend=backend, bucket=bucket)
-        after_skip = [[t.detach().clone() for t in lst] for lst in a + b]
-        ops_adam.adam_step_(b[0], [p.grad for p in b[0]], b[1], b[2], [], b[3], scalars, 0.9, 0.999, 1e-8, 0.1, True,
-                            False, None, None, None, backend=backend, bucket=bucket)
-    for lst0, lst1 in zip(before, after_skip):  # found_inf set: nothing written anywhere
+        step(a[0], *other[1:], bucket, found_inf=torch.ones(1, device=device))
+        for lst0, lst1 in zip(before, a + other):  # found_inf set: nothing written anywhere
+            for s, t in zip(lst0, lst1):
+                assert_bit_exact(t.detach(), s, "skipped step")
+        step(a[0], *other[1:], bucket)
+    assert not all(torch.equal(s, t) for s, t in zip(before[1], a[1])), "the bucket's exp_avgs not stepped"
+    for lst0, lst1 in zip(before[5:], other[1:]):  # the state lists passed beside the bucket: untouched
         for s, t in zip(lst0, lst1):
-            assert_bit_exact(t, s, "skipped step")
-    assert not all(torch.equal(s, t.detach()) for s, t in zip(before[1], a[1])), "the bucket's exp_avgs not stepped"
-    for s, t in zip(before[4:], [list(map(torch.Tensor.detach, lst)) for lst in b]):  # the lists passed: untouched
-        for x, y in zip(s, t):
-            assert_bit_exact(y, x, "a list passed beside the bucket")
+            assert_bit_exact(t, s, "a state list passed beside the bucket")
+    with pytest.raises(RuntimeError, match="requires grad"):  # grad mode on: as torch.ops.mixprec.adam_step_
+        torch.ops.mixprec.adam_step_bucket_(a[0], bucket, scalars, 0.9, 0.999, 1e-8, 0.1, True, False, None, None,
+                                            None)
+    a[0][2].grad = None
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"params\[2\] has no grad"):
+        torch.ops.mixprec.adam_step_bucket_(a[0], bucket, scalars, 0.9, 0.999, 1e-8, 0.1, True, False, None, None,
+                                            None)
 
 
 def test_steady_records_back_off_while_unused(monkeypatch):
@@ -2003,3 +2017,56 @@ def test_steady_records_back_off_while_unused(monkeypatch):
         opt.step()
     # served again after at most the last wait (16) and one step to record
     assert all(u is not None for u in used[18:]), [u is not None for u in used]
+
+
+def test_steady_record_survives_a_step_without_grads():
+    """A step with no grads at all (step(); zero_grad(); step(), as in some accumulation loops) keeps the record for
+    the next step with grads; it used to drop it, and the back-off then kept the loop on the full planning."""
+    ps = [torch.nn.Parameter(torch.randn(5).to(torch.bfloat16)) for _ in range(3)]
+    opt = AdamW(ps, lr=1e-3, backend="torch")
+    used = []
+    real = opt._steady_step
+    opt._steady_step = lambda: used.append(real()) or used[-1]
+    for _ in range(6):
+        for p in ps:
+            p.grad = torch.randn(5).to(torch.bfloat16)
+        opt.step()
+        opt.zero_grad()
+        opt.step()
+    assert [u is not None for u in used[::2]] == [False] + [True] * 5, [u is not None for u in used]
+
+
+def test_steady_record_lets_params_be_swapped_and_collected():
+    """The record holds no C++ reference to a param: torch.utils.swap_tensors (module conversions under
+    torch.__future__.set_swap_module_params_on_conversion, load_state_dict(assign=...)) wants the param's only
+    reference, and Python's garbage collector skips a tensor referenced from C++, so a cycle through a param (here
+    p.owner = opt) would never be freed."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._steady is not None
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float16)  # swaps each param's contents (refused while anything else references them)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    assert model.weight.dtype == torch.float16
+
+    p = torch.nn.Parameter(torch.randn(1000).to(torch.bfloat16))
+    opt = AdamW([p], lr=1e-3)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._steady is not None
+    p.owner = opt  # a cycle: opt -> its state and record -> p -> opt
+    refs = [weakref.ref(p), weakref.ref(opt)]
+    del p, opt
+    gc.collect()
+    assert all(r() is None for r in refs), "the cycle through the param was not collected"

@@ -227,9 +227,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
                bucket=None):
     """Dispatch one fused step over a bucket of tensors that share (param dtype, grad dtype, state dtype, masters
     or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend. bucket: None,
-    or a torch.classes.mixprec.AdamBucket (new_bucket) holding these very lists, params to masters, whose params'
-    .grad are `grads`: the C++ backends then take it in place of the lists (in plain eager execution), which saves
-    converting them from Python at each call (~0.1 us a tensor)."""
+    or a torch.classes.mixprec.AdamBucket (new_bucket) holding these very state lists, exp_avgs to masters, while
+    the params' .grad are `grads`: the C++ backends then take the params and it in place of the lists (in plain
+    eager execution), which saves converting five lists from Python at each call (~0.1 us a tensor)."""
     if not params:
         return
     b = _select(params[0].device, backend)
@@ -255,14 +255,14 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
             else:
                 op(*args)
     elif bucket is not None and _checks.eager_unobserved() and not backends.transform_active():
-        torch.ops.mixprec.adam_step_bucket_(bucket, *args[6:])
+        torch.ops.mixprec.adam_step_bucket_(params, bucket, *args[6:])
     else:
         torch.ops.mixprec.adam_step_(*args)
 
 
-def new_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
-    """A torch.classes.mixprec.AdamBucket holding these lists, for adam_step_'s `bucket`; None when the loaded
+def new_bucket(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
+    """A torch.classes.mixprec.AdamBucket holding these state lists, for adam_step_'s `bucket`; None when the loaded
     extension lacks it (then the lists are passed at each call)."""
     if not _HAS_BUCKET:
         return None
-    return torch.classes.mixprec.AdamBucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+    return torch.classes.mixprec.AdamBucket(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)

@@ -1,8 +1,8 @@
 """The steady-state step of mixprec_ops.optim.Adam: when nothing the last step's planning rested on has changed (the
 same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
 contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
-planning's launch lists, held on the C++ side too (mixprec::AdamBucket, so that the launch converts no list from
-Python), and only reads the new grads.
+planning's launch lists, the state lists held on the C++ side too (mixprec::AdamBucket, so that the launch converts
+only the params from Python), and only reads the new grads.
 
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
 in one C++ call (mixprec::param_grad_signature) when the extension has it. At 2,000 small params on the CI CPU a step
@@ -64,7 +64,7 @@ class _Bucket:
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
         self.lists = ([e[2][0] for e in entries], [e[2][1] for e in entries],
                       [e[2][2] for e in entries] if amsgrad else [], masters)
-        self.bucket = new_bucket(ps, *self.lists)  # the lists on the C++ side too (ops.adam.adam_step_'s bucket)
+        self.bucket = new_bucket(*self.lists)  # the state lists on the C++ side too (ops.adam.adam_step_'s bucket)
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
@@ -172,6 +172,7 @@ class SteadyStepMixin:
         # the record serves it as well.)
         self._steady = dict(
             state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)), ids=ids,
+            sizes=[len(g["params"]) for g in self.param_groups],
             without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
             cuda=any(b.params[0].is_cuda for _, _, bs, _ in per_group for b in bs), device=devices.pop() if
             len(devices) == 1 else None)
@@ -186,7 +187,8 @@ class SteadyStepMixin:
         if state is not rec["state"] or len(state) != rec["state_len"] or list(map(id, groups)) != rec["groups"]:
             return None
         params = list(chain.from_iterable(g["params"] for g in groups))
-        if list(map(id, params)) != rec["ids"] or any(map(is_not, map(_grad, map(params.__getitem__,
+        # (the sizes too: a param moved to the next group, the flattened order unchanged, takes that group's options)
+        if [len(g["params"]) for g in groups] != rec["sizes"] or list(map(id, params)) != rec["ids"] or any(map(is_not, map(_grad, map(params.__getitem__,
                                                                                  rec["without_grad"])), repeat(None))):
             return None
         if rec["cuda"] and torch.cuda.is_current_stream_capturing():

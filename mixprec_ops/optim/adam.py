@@ -493,9 +493,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         if steady is not None:
             collected = [(group, ps) for group, ps, _ in steady]
         else:
-            if eager:
-                self._forget_steady()
             collected = self._collect()
+            if eager and collected:  # (a step without grads keeps the record for the next step with them)
+                self._forget_steady()
         if not collected:
             if self.max_grad_norm is not None and (self.norm_across_ranks is not False or self._has_dtensor_params):
                 _, found = self._grad_stats([], grad_scale, found_inf)  # the other ranks wait for this rank's share
