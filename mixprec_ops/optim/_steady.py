@@ -108,7 +108,7 @@ class _Bucket:
 class SteadyStepMixin:
     """Adam's steady-state step (this module's docstring). The record is self._steady; None: plan in full.
 
-    Recording costs about a third of a full planning. A record dropped before any step used it (the params with
+    Recording costs a quarter to a third of a full planning. A record dropped before any step used it (the params with
     grads change every step: experts a router skipped, layers unfrozen one by one) makes the next records wait:
     1, 2, 4, ... up to 16 fully planned steps (so a settled loop is served again within 17 steps), back to every step
     once a record serves."""
@@ -188,9 +188,10 @@ class SteadyStepMixin:
             return None
         params = list(chain.from_iterable(g["params"] for g in groups))
         # (the sizes too: a param moved to the next group, the flattened order unchanged, takes that group's options)
-        if [len(g["params"]) for g in groups] != rec["sizes"] or list(map(id, params)) != rec["ids"] or any(map(is_not, map(_grad, map(params.__getitem__,
-                                                                                 rec["without_grad"])), repeat(None))):
+        if [len(g["params"]) for g in groups] != rec["sizes"] or list(map(id, params)) != rec["ids"]:
             return None
+        if any(map(is_not, map(_grad, map(params.__getitem__, rec["without_grad"])), repeat(None))):
+            return None  # a param without a grad at the last step has one now
         if rec["cuda"] and torch.cuda.is_current_stream_capturing():
             return None  # a capture needs the full planning's per-param step counts
         out = []
