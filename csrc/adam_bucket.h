@@ -26,8 +26,7 @@ struct AdamBucket : torch::CustomClassHolder {
 
 // mixprec::adam_step_bucket_'s kernel (csrc/adam_bucket.cpp), for every device.
 void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket, const at::Tensor& scalars,
-                      double beta1,
-                      double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+                      double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& clip_coef);
 
