@@ -64,7 +64,9 @@ class _Bucket:
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
         self.lists = ([e[2][0] for e in entries], [e[2][1] for e in entries],
                       [e[2][2] for e in entries] if amsgrad else [], masters)
-        self.bucket = new_bucket(*self.lists)  # the state lists on the C++ side too (ops.adam.adam_step_'s bucket)
+        # the state lists on the C++ side too (ops.adam.adam_step_'s bucket), made at the record's first use: a
+        # third of the cost of recording, which records no step uses (the back-off's case) need not pay
+        self.bucket = None
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
@@ -108,10 +110,10 @@ class _Bucket:
 class SteadyStepMixin:
     """Adam's steady-state step (this module's docstring). The record is self._steady; None: plan in full.
 
-    Recording costs a quarter to a third of a full planning. A record dropped before any step used it (the params with
-    grads change every step: experts a router skipped, layers unfrozen one by one) makes the next records wait:
-    1, 2, 4, ... up to 16 fully planned steps (so a settled loop is served again within 17 steps), back to every step
-    once a record serves."""
+    Recording costs about a quarter of a full planning (the C++ bucket is made at the record's first use). A record
+    dropped before any step used it (the params with grads change every step: experts a router skipped, layers
+    unfrozen one by one) makes the next records wait: 1, 2, 4, ... up to 16 fully planned steps (so a settled loop
+    is served again within 17 steps), back to every step once a record serves."""
 
     def _steady_reset(self):
         self._steady = None  # the last step's planning, for the next to reuse
@@ -205,6 +207,8 @@ class SteadyStepMixin:
                     gs = b.grads_if_unchanged(state)
                     if gs is None:
                         return None
+                    if b.bucket is None:
+                        b.bucket = new_bucket(*b.lists)
                     units.append(((b.params, gs, *b.lists), b.buf, b.buf, self.backend, b.bucket))
                 out.append((group, ps, units))
         except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
