@@ -28,17 +28,9 @@ _data_ptr = torch.Tensor.data_ptr
 _group_by = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
 
 
-def _signature_op():
-    """mixprec::param_grad_signature, or None (no extension, or one built before the op: the sweeps run in Python)."""
-    if not _ext.LOADED:
-        return None
-    try:
-        return torch.ops.mixprec.param_grad_signature.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_SIGNATURE = _signature_op()
+# mixprec::param_grad_signature, or None (no extension, or one built before the op: the sweeps run in Python)
+_SIGNATURE = (torch.ops.mixprec.param_grad_signature.default
+              if _ext.has_kernel("param_grad_signature", "CompositeExplicitAutograd") else None)
 
 
 def _same(a, b) -> bool:
@@ -57,13 +49,12 @@ class _Bucket:
     __slots__ = ("params", "lists", "bucket", "buf", "states", "lens", "getter", "held", "signature", "sizes",
                  "pkinds", "gkinds", "plans", "versions", "ptrs")
 
-    def __init__(self, entries, buf, amsgrad, keys, versions):
-        ps = [e[0] for e in entries]
+    def __init__(self, entries, lists, buf, keys, versions):
+        ps = lists[0]
         self.params = ps
-        masters = [e[3] for e in entries] if entries[0][3] is not None else []
+        masters = lists[5]
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
-        self.lists = ([e[2][0] for e in entries], [e[2][1] for e in entries],
-                      [e[2][2] for e in entries] if amsgrad else [], masters)
+        self.lists = lists[2:]
         # the state lists on the C++ side too (ops.adam.adam_step_'s bucket), made at the record's first use: a
         # third of the cost of recording, which records no step uses (the back-off's case) need not pay
         self.bucket = None
@@ -77,7 +68,7 @@ class _Bucket:
         python = self.signature is None
         self.sizes = list(map(_size, ps)) if python else None
         self.pkinds = _kinds(ps) if python else None
-        self.gkinds = _kinds([e[1] for e in entries]) if python else None
+        self.gkinds = _kinds(lists[1]) if python else None
         # a master-carrying param's version counter and storage after our last step (see Adam._resync); the
         # versions go back into the plans when the record is dropped (_forget_steady)
         self.plans = [e[4] for e in entries]
@@ -152,7 +143,7 @@ class SteadyStepMixin:
                 keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
                         *(("master_param",) if master else ()))
                 try:
-                    bs.append(_Bucket(entries, buf, amsgrad, keys, versions))
+                    bs.append(_Bucket(entries, self._lists(entries, amsgrad), buf, keys, versions))
                 except RuntimeError:  # metadata the sweeps cannot read (a tensor without storage): plan in full
                     return
             gparams = group["params"]
@@ -176,8 +167,7 @@ class SteadyStepMixin:
             state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)), ids=ids,
             sizes=[len(g["params"]) for g in self.param_groups],
             without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
-            cuda=any(b.params[0].is_cuda for _, _, bs, _ in per_group for b in bs), device=devices.pop() if
-            len(devices) == 1 else None)
+            cuda=any(d.type == "cuda" for d in devices), device=next(iter(devices)) if len(devices) == 1 else None)
 
     def _steady_step(self):
         """[(group, params with grads, units)] for this step from the record, or None (plan in full). units as
@@ -209,7 +199,7 @@ class SteadyStepMixin:
                         return None
                     if b.bucket is None:
                         b.bucket = new_bucket(*b.lists)
-                    units.append(((b.params, gs, *b.lists), b.buf, b.buf, self.backend, b.bucket))
+                    units.append(((b.params, gs, *b.lists), b.buf, self.backend, b.bucket))
                 out.append((group, ps, units))
         except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
             return None

@@ -656,14 +656,13 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _units(self, buckets, fallback, amsgrad):
-        """The launches of one planned group: [(lists, step buffer or None, steps, backend, bucket)]. lists: (params,
-        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the buffer, or the
-        per-param counters (fallback entries, a bucket met during capture); bucket: the lists held on the C++ side
-        (a steady step's, see _steady.py), else None."""
-        units = [(self._lists(entries, amsgrad), buf,
-                  buf if buf is not None else [e[4][self._STEP] for e in entries], self.backend, None)
-                 for entries, buf in buckets.values()]
-        units += [(self._lists([e], amsgrad), None, [e[4][self._STEP]], "torch", None) for e in fallback]
+        """The launches of one planned group: [(lists, steps, backend, bucket)]. lists: (params, grads, exp_avgs,
+        exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the bucket's step buffer (a tensor),
+        or the per-param counters (a list: fallback entries, a bucket met during capture); bucket: the state lists
+        held on the C++ side (a steady step's, see _steady.py), else None."""
+        units = [(self._lists(entries, amsgrad), buf if buf is not None else [e[4][self._STEP] for e in entries],
+                  self.backend, None) for entries, buf in buckets.values()]
+        units += [(self._lists([e], amsgrad), [e[4][self._STEP]], "torch", None) for e in fallback]
         return units
 
     @staticmethod
@@ -682,10 +681,10 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 counted[dev] = 1.0 if found_inf is None else (found_inf.to(dev).reshape(()) == 0).float()
             return counted[dev]
 
-        for lists, buf, steps, backend, bucket in units:
+        for lists, steps, backend, bucket in units:
             self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend, bucket)
-            if buf is not None:
-                buf.add_(count(buf.device))
+            if isinstance(steps, torch.Tensor):  # the step buffer: one add for the bucket
+                steps.add_(count(steps.device))
             else:
                 torch._foreach_add_(steps, count(steps[0].device))
 
