@@ -1994,6 +1994,39 @@ def test_adam_bucket_steps_its_own_lists(device):
                                             None)
 
 
+def test_steady_bucket_call_skips_the_packets_argument_walk(monkeypatch):
+    """The steady step's bucket op is called past its torch.ops packet: the packet of an op taking a script object
+    first walks every argument, list items included, for a FakeScriptObject (0.5-1 ms a step at 2,000 params on the
+    CI CPU, bench/NOTES.md). Counts that walk during steady steps that use the bucket: none. (Calling the packet
+    fails here: its walk runs once a step.)"""
+    import torch._ops as torch_ops
+
+    from mixprec_ops.ops import adam as ops_adam
+
+    extension_backend(OP, "cpu")
+    if not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::AdamBucket")
+    if not hasattr(torch_ops, "_must_dispatch_in_python"):
+        pytest.skip("this torch's packets do not walk their arguments")
+    ps = [torch.nn.Parameter(torch.randn(6).to(torch.bfloat16)) for _ in range(5)]
+    walks = []  # walks over our params (torch's record_function, around every optimizer step, walks its own args)
+    real = torch_ops._must_dispatch_in_python
+
+    def counted(args, kwargs):
+        walks.extend(a for a in args if isinstance(a, list) and any(x is ps[0] for x in a))
+        return real(args, kwargs)
+
+    monkeypatch.setattr(torch_ops, "_must_dispatch_in_python", counted)
+    opt = AdamW(ps, lr=1e-3, backend="cpu")
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn(6).to(torch.bfloat16)
+        opt.step()
+    buckets = [b.bucket for _, _, bs, _ in opt._steady["per_group"] for b in bs]
+    assert buckets and all(b is not None for b in buckets)  # the steps took the bucket
+    assert walks == []
+
+
 def test_steady_records_back_off_while_unused(monkeypatch):
     """A record that no step uses (the params with grads differ every step, as with experts a router skipped) costs
     about a third of a full planning: the next records wait 1, 2, 4, ... fully planned steps, and once the grads

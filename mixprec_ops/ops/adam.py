@@ -220,6 +220,12 @@ def _check_combination(pt, gt, has_master):
 _select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
 # the extension has mixprec::AdamBucket and adam_step_bucket_ (one built before them has not)
 _HAS_BUCKET = _ext.LOADED and _ext.has_kernel("adam_step_bucket_", "CompositeExplicitAutograd")
+# The bucket op's C++ entry, past its torch.ops packet: the packet of an op taking a script object first walks every
+# argument, list items included, looking for a FakeScriptObject (torch/_ops.py _must_dispatch_in_python; 25 us at 40
+# params, 0.5-1 ms at 2,000 on the CI CPU). Only compile/export make those, and the bucket is passed only in plain
+# eager execution. The packet itself where a torch lacks the attribute.
+_BUCKET_OP = (getattr(torch.ops.mixprec.adam_step_bucket_, "_op", torch.ops.mixprec.adam_step_bucket_)
+              if _HAS_BUCKET else None)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
@@ -255,7 +261,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
             else:
                 op(*args)
     elif bucket is not None and _checks.eager_unobserved() and not backends.transform_active():
-        torch.ops.mixprec.adam_step_bucket_(params, bucket, *args[6:])
+        _BUCKET_OP(params, bucket, *args[6:])
     else:
         torch.ops.mixprec.adam_step_(*args)
 
