@@ -7,7 +7,11 @@ dtype, so values neither drift to 0/inf nor lose bits, and every call writes: wi
 version timed, our kernels take their read-only probe path while torch's kernel still writes, and the reported
 bandwidth counted writes that never happened: the H200 run's 183% of copy). The correctness check runs each
 implementation on fresh data with inv_scale = 1/3 (every product rounds), with an inf planted (found_inf must be
-set), and with inv_scale = 1 (the probe path: nothing may change)."""
+set), and with inv_scale = 1 (the probe path: nothing may change).
+
+The GradScaler case times what an AMP loop pays per step for the same grads: GradScaler._unscale_grads_ over an
+optimizer's params (what scaler.unscale_(opt) runs, and step() for its inf check), ours against
+torch.amp.GradScaler's. At many params its host time is the loop over the params as much as the kernel."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 import torch
 
 from mixprec_ops import unscale_
+from mixprec_ops.amp import GradScaler
 from mixprec_ops.ops import unscale_reference
 
 from .registry import BASELINE, UNCHECKED, Case, Ctx, Impl, bit_mismatch, close_mismatch, register
@@ -133,6 +138,63 @@ def _case(ctx: Ctx, name: str, sizes: list[int], dtype: torch.dtype, norm: bool)
     )
 
 
+def _scaler_make(sizes, device, seed, inv=None):
+    """An input set for the GradScaler case: _make's grads as the .grad of params in one SGD optimizer."""
+    d = _make(sizes, torch.float32, device, seed, inv)
+    ps = [torch.nn.Parameter(torch.empty_like(t)) for t in d["ts"]]
+    for p, t in zip(ps, d["ts"], strict=True):
+        p.grad = t
+    d["opt"], d["scalers"] = torch.optim.SGD(ps, lr=0.1), {}
+    return d
+
+
+def _scaler_fn(cls, **kw):
+    """One _unscale_grads_ call of a `cls` scaler (made at the set's first call) over the set's optimizer, with this
+    call's inv_scale (_inv); returns the scaler's {device: found_inf}."""
+    def fn(d):
+        inv = _inv(d)
+        made = d["scalers"].get(cls)
+        if made is None:
+            made = d["scalers"][cls] = (cls(d["device"], **kw), torch.zeros((), device=d["device"]))
+        scaler, found_inf = made
+        return scaler._unscale_grads_(d["opt"], inv, found_inf, False)
+
+    return fn
+
+
+def _scaler_case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
+    dev = ctx.device
+
+    def make(seed, inv=None):
+        d = _scaler_make(sizes, dev, seed, inv)
+        d["device"] = dev
+        return d
+
+    def check(impl: Impl):  # (torch's scaler too: its fp32 kernel rounds the same fp32 products)
+        for inv in (1.0 / 3.0, 1.0):
+            d = make(777, inv)
+            ref_ts, ref_found = [t.clone() for t in d["ts"]], torch.zeros(1, device=dev)
+            unscale_reference(ref_ts, d["invs"][0], ref_found)
+            per_device = impl.fn(d)
+            for i, (t, r) in enumerate(zip(d["ts"], ref_ts, strict=True)):
+                if bad := bit_mismatch(t, r, f"grads[{i}] (inv_scale {inv:.3g})"):
+                    return bad
+            if sum(float(v) for v in per_device.values()) != 0.0:
+                return "found_inf set on finite data"
+        d = make(778, 1.0 / 3.0)
+        d["ts"][len(sizes) // 2].view(-1)[0] = math.inf
+        per_device = impl.fn(d)
+        return None if sum(float(v) for v in per_device.values()) == 1.0 else "found_inf not set by an inf"
+
+    nbytes = 2 * sum(sizes) * 4
+    impls = [Impl(BASELINE, _scaler_fn(torch.amp.GradScaler), "torch.amp.GradScaler._unscale_grads_")]
+    impls += [Impl(b, _scaler_fn(GradScaler, backend=b)) for b in ctx.backends]
+    return Case("unscale_", name, sum(sizes), nbytes, make, impls, check, set_bytes=nbytes // 2,
+                tensor_bytes=nbytes // 2, baseline_bytes=nbytes,
+                notes=["GradScaler: _unscale_grads_ over an SGD optimizer's params (scaler.unscale_(opt)'s work), "
+                       "ours vs torch.amp.GradScaler's, f32 grads"])
+
+
 @register("unscale_")
 def cases(ctx: Ctx) -> list[Case]:
     if ctx.device.type == "cuda":
@@ -146,4 +208,5 @@ def cases(ctx: Ctx) -> list[Case]:
         _case(ctx, f"{N_LARGE} tensors bf16", big, torch.bfloat16, False),
         _case(ctx, f"{N_LARGE} tensors f32 +norm", big, torch.float32, True),
         _case(ctx, "2000x4096 f32", small, torch.float32, False),
+        _scaler_case(ctx, "GradScaler 2000x4096 f32", small),
     ]

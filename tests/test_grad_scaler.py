@@ -143,9 +143,9 @@ def test_clipping_optimizer_takes_over_the_inf_check(device, unscale_first, sche
     from mixprec_ops.amp import grad_scaler as gs
     from mixprec_ops.optim import AdamW
 
-    calls = []
-    real = gs.unscale_
-    monkeypatch.setattr(gs, "unscale_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []  # the scaler's unscale passes, by either route (the per-param loop's, the swept grads')
+    for name in ("unscale_", "unscale_checked_"):
+        monkeypatch.setattr(gs, name, lambda *a, _real=getattr(gs, name), **k: calls.append(1) or _real(*a, **k))
     schedulers = []
 
     def make_opt(params):
@@ -359,3 +359,106 @@ def test_fp16_sparse_grads_are_coalesced_before_the_check():
         out[name] = (p.grad.to_dense(), sum(v.item() for v in per_dev.values()))
     assert out["ours"][1] == out["torch"][1] == 1.0
     assert torch.equal(out["ours"][0], out["torch"][0]), out
+
+
+def _grads_for_routes(device):
+    """Grads of every dtype the kernels take, odd shapes, a transposed (non-contiguous) one and a strided slice, with
+    values that overflow fp16 when unscaled by inv_scale = 4 (60000 * 4) and an inf in a bf16 grad: fresh random data,
+    scaled like real scaled grads."""
+    g = torch.Generator().manual_seed(11)
+    specs = [((7, 3), torch.float32), ((129,), torch.bfloat16), ((1,), torch.float16), ((5, 9), torch.float32),
+             ((33,), torch.bfloat16), ((4, 6), torch.float16)]
+    out = [(torch.randn(s, generator=g) * 300).to(device, dt) for s, dt in specs]
+    out[3] = out[3].t()  # non-contiguous, still dense
+    out[4] = (torch.randn(66, generator=g) * 300).to(device, torch.bfloat16)[::2]  # a strided slice
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["finite", "inf_in_bf16", "fp16_overflows"])
+def test_plain_grads_take_the_swept_route_with_the_loops_results(device, case, monkeypatch):
+    """Plain strided float32/float16/bfloat16 grads are found by whole-list sweeps (_plain_grads_by_device) and
+    unscaled past unscale_'s list checks, instead of GradScaler's per-param loop (~3x less host time at 2,000 params
+    on the CI CPU; bench/NOTES.md). Same grads, bit for bit, and the same flag as the loop gives (the loop forced
+    by making the sweeps decline), with both routes seen to run; the expected values from fp32 products rounded
+    once (the kernels' rule)."""
+    import mixprec_ops.amp.grad_scaler as gs
+
+    inv_value = 4.0 if case == "fp16_overflows" else 1 / 512
+    results = {}
+    real_sweep, real_loop = gs._plain_grads_by_device, GradScaler._unscale
+    for route in ("swept", "loop"):
+        grads = _grads_for_routes(device)
+        if case == "inf_in_bf16":
+            grads[1][77] = float("inf")
+        if case == "fp16_overflows":
+            grads[2].fill_(6e4)
+        expected = [(x.float() * inv_value).to(x.dtype) for x in grads]
+        ps = [torch.nn.Parameter(torch.zeros(x.shape, dtype=x.dtype, device=device)) for x in grads]
+        for p, x in zip(ps, grads):
+            p.grad = x
+        opt = torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1)
+        seen = []
+        if route == "loop":
+            monkeypatch.setattr(gs, "_plain_grads_by_device", lambda *a: seen.append("declined"))
+        else:
+            monkeypatch.setattr(gs, "_plain_grads_by_device", lambda *a: seen.append("swept") or real_sweep(*a))
+        monkeypatch.setattr(GradScaler, "_unscale", lambda self, *a: seen.append("loop") or real_loop(self, *a))
+        s = GradScaler(device)
+        found = torch.zeros((), device=device)
+        per_dev = s._unscale_grads_(opt, torch.full((), inv_value, device=device), found, True)
+        assert seen == (["swept"] if route == "swept" else ["declined", "loop"]), seen
+        flag = sum(v.item() for v in per_dev.values())
+        assert flag == (0.0 if case == "finite" else 1.0)
+        for i, (p, e) in enumerate(zip(ps, expected)):
+            assert p.grad.dtype == e.dtype and torch.equal(p.grad, e), (route, i)
+        results[route] = ([p.grad.clone() for p in ps], flag)
+    assert results["swept"][1] == results["loop"][1]
+
+
+def test_fp16_grads_without_allow_fp16_raise_before_anything_is_unscaled():
+    """torch's error for fp16 grads when allow_fp16 is off (scaler.unscale_ of fp16 params), raised before any grad
+    is unscaled, the fp32 grad listed first included."""
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    a.grad, b.grad = torch.full((3,), 8.0), torch.full((3,), 8.0, dtype=torch.float16)
+    s = GradScaler("cpu")
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        s._unscale_grads_(torch.optim.SGD([a, b], lr=0.1), torch.full((), 0.5), torch.zeros(()), False)
+    assert torch.equal(a.grad, torch.full((3,), 8.0)) and torch.equal(b.grad, torch.full((3,), 8.0).half())
+
+
+def test_swept_grads_are_grouped_by_device_in_param_order():
+    """The sweeps' grouping when grads lie on several devices (one unscale_ call a device, every dtype in it); meta
+    tensors stand in for a second device here. Declines (None) what the per-param loop must handle: a sparse grad,
+    a float64 grad, a tensor subclass, no grads at all."""
+    from mixprec_ops.amp.grad_scaler import _plain_grads_by_device
+
+    devs = ["cpu", "meta", "cpu", "meta", "cpu"]
+    dts = [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float16]
+    ps = [torch.nn.Parameter(torch.zeros(3, dtype=dt, device=d)) for d, dt in zip(devs, dts)]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ps.append(torch.nn.Parameter(torch.zeros(2)))  # no grad: left out
+    out = _plain_grads_by_device(torch.optim.SGD(ps, lr=0.1), True)
+    assert set(out) == {torch.device("cpu"), torch.device("meta")}
+    for dev, idx in (("cpu", [0, 2, 4]), ("meta", [1, 3])):
+        got = out[torch.device(dev)]
+        assert sorted(map(id, got)) == sorted(id(ps[i].grad) for i in idx)
+    one = _plain_grads_by_device(torch.optim.SGD(ps[::2], lr=0.1), True)  # one device: the grads in param order
+    cpu = torch.device("cpu")
+    assert list(one) == [cpu] and len(one[cpu]) == 3
+    assert all(a is b for a, b in zip(one[cpu], [ps[0].grad, ps[2].grad, ps[4].grad]))
+
+    def declined(grad):
+        p = torch.nn.Parameter(torch.zeros(grad.shape, dtype=grad.dtype))
+        p.grad = grad
+        return _plain_grads_by_device(torch.optim.SGD([ps[0], p], lr=0.1), True) is None
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert declined(torch.ones(3).to_sparse())
+    assert declined(torch.ones(3, dtype=torch.float64))
+    assert declined(torch.ones(3).as_subclass(Sub))
+    assert _plain_grads_by_device(torch.optim.SGD([ps[-1]], lr=0.1), True) is None
