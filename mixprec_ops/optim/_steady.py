@@ -75,8 +75,9 @@ class _Bucket:
         self.versions = versions if masters else None
         self.ptrs = list(map(_data_ptr, ps)) if masters and python else None
 
-    def grads_if_unchanged(self, state):
-        """This step's grads for the launch, or None when the recorded lists no longer serve."""
+    def grads_if_unchanged(self):
+        """This step's grads for the launch, or None when the recorded lists no longer serve. The optimizer's state
+        maps these params to the recorded state dicts (SteadyStepMixin._steady_step has checked it whole)."""
         ps = self.params
         if self.signature is not None:  # (the data pointers included)
             gs, signature = _SIGNATURE(ps)
@@ -89,9 +90,9 @@ class _Bucket:
                     or not all(map(_contiguous, ps)) or _kinds(gs) != self.gkinds or _kinds(ps) != self.pkinds
                     or self.ptrs is not None and list(map(_data_ptr, ps)) != self.ptrs):
                 return None
-        states = list(map(state.get, ps))
-        if (not _same(states, self.states) or list(map(len, states)) != self.lens
-                or not _same(list(chain.from_iterable(map(self.getter, states))), self.held)):
+        states = self.states
+        if list(map(len, states)) != self.lens or not _same(list(chain.from_iterable(map(self.getter, states))),
+                                                            self.held):
             return None
         if self.versions is not None and list(map(_version, ps)) != self.versions:
             return None  # written outside the optimizer: the full planning resyncs its master
@@ -164,7 +165,8 @@ class SteadyStepMixin:
         # reused by a new group dict passes only if that group holds the same params with the same options: then
         # the record serves it as well.)
         self._steady = dict(
-            state=self.state, state_len=len(self.state), groups=list(map(id, self.param_groups)), ids=ids,
+            state=self.state, state_keys=list(map(id, self.state)), state_values=list(map(id, self.state.values())),
+            groups=list(map(id, self.param_groups)), ids=ids,
             sizes=[len(g["params"]) for g in self.param_groups],
             without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
             cuda=any(d.type == "cuda" for d in devices), device=next(iter(devices)) if len(devices) == 1 else None)
@@ -176,7 +178,11 @@ class SteadyStepMixin:
         if rec is None or torch.compiler.is_compiling():
             return None
         state, groups = self.state, self.param_groups
-        if state is not rec["state"] or len(state) != rec["state_len"] or list(map(id, groups)) != rec["groups"]:
+        # The state holds the same entries, as ids (a dict's keys and values are swept without hashing the params:
+        # a lookup per param calls Tensor.__hash__ in Python, ~0.1-0.15 us each). The params with grads and their
+        # state dicts are held by the record, so their ids are theirs alone: each maps to its recorded dict.
+        if (state is not rec["state"] or list(map(id, state)) != rec["state_keys"]
+                or list(map(id, state.values())) != rec["state_values"] or list(map(id, groups)) != rec["groups"]):
             return None
         params = list(chain.from_iterable(g["params"] for g in groups))
         # (the sizes too: a param moved to the next group, the flattened order unchanged, takes that group's options)
@@ -194,7 +200,7 @@ class SteadyStepMixin:
                     return None
                 units = []
                 for b in buckets:
-                    gs = b.grads_if_unchanged(state)
+                    gs = b.grads_if_unchanged()
                     if gs is None:
                         return None
                     if b.bucket is None:
