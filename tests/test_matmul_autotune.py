@@ -120,6 +120,8 @@ def test_autotune_ignores_stale_and_invalid_entries(km, tune_env):
            "unknown variant": {"config": {**c1.to_dict(), "variant": "warp_specialized"}},
            "string warps": {"config": {**c1.to_dict(), "num_warps": "8"}},
            "extra field": {"config": {**c1.to_dict(), "maxnreg": 128}},
+           "split of a tiled config": {"config": {**c1.to_dict(), "split_k": 4}},
+           "split-K without a split": {"config": {**c1.to_dict(), "variant": km.SPLIT_K}},
            "no config": {"us": 3.0}}
     (tune_env / "matmul_autotune.json").write_text(json.dumps({"schema": 1, "entries": bad}))
     for key in bad:
@@ -255,7 +257,7 @@ def test_tune_key_fields(km):
 
 def test_candidates(km):
     small, large = km.candidates(16, 4096, 4096, False), km.candidates(8192, 4096, 4096, False)
-    assert all(c.block_m <= 32 and c.variant == km.TILED for c in small)
+    assert all(c.block_m <= 32 and c.variant in (km.TILED, km.SPLIT_K) for c in small)
     assert all(c.variant == km.TILED for c in large) and max(c.block_m for c in large) == 128
     with_tma = km.candidates(8192, 4096, 4096, True)
     assert with_tma[:len(large)] == large and {c.variant for c in with_tma[len(large):]} == {km.TMA}
@@ -272,6 +274,14 @@ def test_candidates(km):
                for c in fp32 if c.variant == km.TMA for d in set(km._TMA_CONFIGS) - set(fp32))
     # the default (first) of each set is what a graph capture uses before tuning: a tiled config
     assert with_tma[0].variant == km.TILED and small[0].variant == km.TILED
+    # split-K for M <= 128 only, each run of K at least SPLIT_K_MIN_K_TILES tiles long
+    assert [c for c in small if c.variant == km.SPLIT_K] == list(km._SMALL_M_SPLIT_CONFIGS)
+    mid = km.candidates(128, 4096, 11008, False)
+    assert [c for c in mid if c.variant == km.SPLIT_K] == list(km._MID_M_SPLIT_CONFIGS) and mid[0].variant == km.TILED
+    assert km.SPLIT_K not in {c.variant for c in large + km.candidates(129, 4096, 4096, False)}
+    short = km.candidates(16, 4096, 1024, False)  # 8 K tiles of 128: two runs of 4, not four of 2
+    assert [c.split_k for c in short if c.variant == km.SPLIT_K] == [2]
+    assert all(c.variant != km.SPLIT_K for c in km.candidates(16, 4096, 256, False))
     if not HAS_CUDA:
         assert not km._tma_eligible(torch.ones(512, 512, dtype=torch.bfloat16), 512, 512, 512)
 
@@ -436,3 +446,82 @@ def test_autotune_cache_and_tma_on_gpu(km, tune_env, monkeypatch):
         check(y2, a, w.t(), bias, "gelu_tanh")
         assert torch.equal(y3, y2)
         assert [(c["source"], c["config"]) for c in got] == [("memory", km._TMA_CONFIGS[1].label)], got
+
+
+def test_config_dicts_written_before_split_k_still_load(km):
+    """A cache entry written before KernelConfig had split_k (no such field) is the same config (split_k 1)."""
+    c = km._tiled(64, 64, 32, 4, 3)
+    old = {k: v for k, v in c.to_dict().items() if k != "split_k"}
+    assert km.KernelConfig.from_dict(old) == c
+    s = km._split(16, 64, 128, 4, 4, 4)
+    assert km.KernelConfig.from_dict(s.to_dict()) == s and s.label.endswith(" k4")
+
+
+def _split_params():
+    """(device, config, (m, n, k)) for the split-K kernels: under the interpreter small configs whose runs of K come
+    out uneven, empty (more runs than K tiles allow) and single-tile; on a GPU each split-K candidate at a shape it
+    is offered for; skipped with the reason elsewhere."""
+    from mixprec_ops.triton_kernels import matmul as m
+
+    why_cpu = None if INTERPRETED else "needs the Triton interpreter (TRITON_INTERPRET=1)"
+    why_cpu = why_cpu or mixprec_ops.backends.unavailable_reason(OP, "triton", torch.device("cpu"))
+    why_gpu = ("needs a CUDA device (runs in bench/gpu_check)" if not HAS_CUDA else
+               "the interpreter is on" if INTERPRETED else None)
+    out = []
+    for cfg, shape, id_ in ((m._split(16, 16, 16, 1, 1, 3, group=2), (33, 40, 72), "uneven-runs"),
+                            (m._split(16, 16, 16, 1, 1, 4, group=2), (17, 24, 40), "an-empty-run"),
+                            (m._split(16, 32, 16, 1, 1, 2, group=2), (1, 70, 17), "m1-k-tail")):
+        out.append(pytest.param("cpu", cfg, shape, id=f"cpu-{id_}",
+                                marks=pytest.mark.skipif(why_cpu is not None, reason=str(why_cpu))))
+    for cfg in m._SMALL_M_SPLIT_CONFIGS + m._MID_M_SPLIT_CONFIGS:
+        shape = (13 if cfg in m._SMALL_M_SPLIT_CONFIGS else 100, 264, 1000)
+        out.append(pytest.param("cuda", cfg, shape, id=f"cuda-{cfg.label.replace(' ', '-')}",
+                                marks=pytest.mark.skipif(why_gpu is not None, reason=str(why_gpu))))
+    return out
+
+
+try:
+    SPLIT_PARAMS = _split_params()
+except Exception as e:  # triton not importable: the tests skip with the reason
+    SPLIT_PARAMS = [pytest.param("cpu", None, None, marks=pytest.mark.skip(reason=f"triton unavailable: {e}"))]
+
+
+@pytest.mark.parametrize("device,cfg,shape", SPLIT_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_kernels_match_tiled_and_reference(km, device, cfg, shape, dtype):
+    """The split-K pair (partials per run of K, then their sum with the epilogue), forced, with A row- or
+    column-major and B row-major or the nn.Linear weight.t(), fp32 bias + GELU + pre-activation stored and an fp32
+    output: within the usual error bound of the fp64 product, every output element written (NaN-filled outputs).
+    Against the tiled kernel with the same tile bit for bit, on small integers (every product and sum exact, so the
+    order of the additions cannot show): a partial stored to the wrong place, a K tile skipped or counted twice, a
+    run's bounds off by one would."""
+    m, n, k = shape
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    tiled = km.KernelConfig(km.TILED, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps,
+                            cfg.num_stages)
+    for a_col, b_col in ((False, True), (True, False)):
+        def operands(ints):
+            def mk(*s):
+                x = torch.randint(-3, 4, s, generator=g).float() if ints else torch.randn(*s, generator=g)
+                return x.to(device, dtype)
+            a = mk(k, m).t() if a_col else mk(m, k)
+            b = mk(n, k).t() if b_col else mk(k, n)
+            return a, b, mk(n).float()
+
+        what = f"a {'col' if a_col else 'row'} b {'col' if b_col else 'row'}"
+        a, b, bias = operands(ints=False)
+        for out_dtype in (dtype, torch.float32):
+            y = torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
+            pre = torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
+            km.launch_matmul(a, b, y, bias, "gelu", pre=pre, config=cfg)
+            check(y, a, b, bias, "gelu", out_dtype, what=f"{what} -> {out_dtype}")
+            check(pre, a, b, bias, None, out_dtype, what=f"{what} -> {out_dtype} pre")
+        a, b, bias = operands(ints=True)
+        outs = []
+        for c in (cfg, tiled):
+            y = torch.full((m, n), float("nan"), dtype=torch.float32, device=device)
+            pre = torch.full((m, n), float("nan"), dtype=torch.float32, device=device)
+            km.launch_matmul(a, b, y, bias, "gelu", pre=pre, config=c)
+            outs.append((y, pre))
+        assert not outs[0][1].isnan().any(), what
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), what

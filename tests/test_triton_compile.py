@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
 KERNELS = ["_cast_and_scale_kernel", "_cast_and_scale_backward_kernel", "_unscale_kernel", "_adam_kernel",
-           "_matmul_kernel", "_matmul_tma_kernel"]
+           "_matmul_kernel", "_matmul_tma_kernel", "_matmul_splitk_kernel", "_matmul_splitk_sum_kernel"]
 TARGETS = {"sm_80", "sm_90"}
 # Largest shared memory per block (opt-in) of the GPUs behind each target: A100 163 KB, H100/H200 227 KB. A kernel
 # needing more compiles but fails at launch (triton's OutOfResources).
@@ -50,6 +50,11 @@ EXPECTED_VALUES = {
     "_matmul_kernel": {
         "HAS_BIAS": {True, False}, "ACT": {0, 1, 2, 3, 4}, "STORE_PRE": {True, False}, "UPCAST": {False},
         "OUT_KIND": {0, 1, 3}, "USE_ERF": {True, False},
+    },
+    "_matmul_splitk_kernel": {"UPCAST": {False}},
+    "_matmul_splitk_sum_kernel": {
+        "HAS_BIAS": {True, False}, "ACT": {0, 1, 2, 3, 4}, "STORE_PRE": {True, False}, "OUT_KIND": {0, 1, 3},
+        "USE_ERF": {True},
     },
     # USE_ERF=False (a Triton without tl.math.erf) is compiled through the tiled kernel: the epilogue is shared.
     "_matmul_tma_kernel": {
@@ -160,8 +165,9 @@ def test_tma_kernel_loads_through_tma(aot):
 
 
 def test_matmul_uses_tensor_cores(aot):
-    """Every tiled matmul variant's tl.dot lowers to tensor-core instructions (mma.sync or, on sm_90, wgmma)."""
-    for r in _records(aot, "_matmul_kernel"):
+    """Every tiled and split-K matmul variant's tl.dot lowers to tensor-core instructions (mma.sync or, on sm_90,
+    wgmma)."""
+    for r in _records(aot, "_matmul_kernel") + _records(aot, "_matmul_splitk_kernel"):
         if r["ok"]:
             assert r["ptx"]["mma_sync"] + r["ptx"]["wgmma"] > 0, f"{r['variant']} [{r['target']}]: {r['ptx']}"
 
@@ -170,7 +176,7 @@ def test_matmul_relu_keeps_nan(aot):
     """relu in the matmul epilogue is the NaN-propagating maximum (max.NaN.f32), as torch.relu: the plain max.f32
     returns 0 for a NaN input, which would hide a NaN product from AMP's inf/NaN check downstream."""
     seen = 0
-    for kernel in ("_matmul_kernel", "_matmul_tma_kernel"):
+    for kernel in ("_matmul_kernel", "_matmul_tma_kernel", "_matmul_splitk_sum_kernel"):
         for r in _records(aot, kernel):
             if r["ok"] and r["constexprs"] and r["constexprs"]["ACT"] == 1:
                 seen += 1
@@ -179,13 +185,13 @@ def test_matmul_relu_keeps_nan(aot):
 
 
 def test_matmul_pointer_tiles_are_offset_in_64_bits(aot):
-    """No 2-D tile of pointers in either matmul kernel is offset by 32-bit values: the A/B tiles' start and their
+    """No 2-D tile of pointers in any matmul kernel is offset by 32-bit values: the A/B tiles' start and their
     step along K (BLOCK_K x the K stride, which Triton would compute in i32 for a stride passed as i32 and which
     wraps for strides >= 2^31 / BLOCK_K) and the C/pre-activation stores are all 64-bit. Seen in the TTIR of every
     compiled variant, those with column-major operands (a K stride that is an i32 argument) among them; the wrap
     itself needs operands of gigabytes, beyond the CPU tests."""
     seen = 0
-    for kernel in ("_matmul_kernel", "_matmul_tma_kernel"):
+    for kernel in ("_matmul_kernel", "_matmul_tma_kernel", "_matmul_splitk_kernel", "_matmul_splitk_sum_kernel"):
         for r in _records(aot, kernel):
             if r["ok"]:
                 seen += 1

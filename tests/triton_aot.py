@@ -221,10 +221,14 @@ def _matmul_cases(mm):
 
     defaults = {mm._SMALL_M_CONFIGS[0], mm._LARGE_CONFIGS[0]}  # launched untuned (graph capture, autotune off)
 
-    def case(cfg, cap, args, suffix="", patches=()):
-        kernel = "_matmul_tma_kernel" if cfg.variant == mm.TMA else "_matmul_kernel"
+    def case(cfg, cap, args, suffix="", patches=(), kernel=None):
+        kernel = kernel or ("_matmul_tma_kernel" if cfg.variant == mm.TMA else "_matmul_kernel")
         info = (("config", cfg.label), ("default", cfg in defaults))
         return Case("matmul", kernel, label(cfg, *args) + suffix, cap, call(cfg, *args), patches, info)
+
+    # A split-K launch is two kernels: each case compiles one, the other only recorded (a sink in its place).
+    split_cfgs = list(dict.fromkeys(mm._SMALL_M_SPLIT_CONFIGS + mm._MID_M_SPLIT_CONFIGS))
+    splitk, split_sum = "_matmul_splitk_kernel", "_matmul_splitk_sum_kernel"
 
     for cap in TARGETS:
         cfgs = tiled + (list(mm._TMA_CONFIGS) if cap >= 90 and mm.HAS_TMA else [])
@@ -258,6 +262,15 @@ def _matmul_cases(mm):
         for cfg in sorted(defaults, key=lambda c: c.label):
             yield case(cfg, cap, ("bfloat16", "float32", "gelu", "fp32", True, False, False, 256),
                        " (heaviest epilogue)")
+        # Split-K: the first pass of each config (its split count is a grid size, not compiled in), A and B layouts
+        # cycled; the second pass (the epilogue, no tile config of its own) with the epilogue constexprs cycled.
+        for i, cfg in enumerate(split_cfgs):
+            a_col, b_col = divmod(i % 4, 2)
+            yield case(cfg, cap, ("float16" if i % 2 else "bfloat16", "float32", None, None, False, bool(a_col),
+                                  bool(b_col), 128), patches=((split_sum, _Recorder(None)),), kernel=splitk)
+        for i, act in enumerate(acts):
+            args = (abs_[i % 2], outs[i % 3], act, (None, "ab", "fp32")[i % 3], i % 2 == 1, False, True, 100)
+            yield case(split_cfgs[0], cap, args, patches=((splitk, _Recorder(None)),), kernel=split_sum)
         # USE_ERF=False (the polynomial erf, for a Triton without tl.math.erf): not what 3.6/3.8 take, kept compiling.
         yield case(tiled[0], cap, ("float16", "float16", "gelu", None, False, False, False, 256),
                    " (no tl.math.erf)", (("HAS_ERF", False),))

@@ -1,6 +1,6 @@
 """Triton kernels of matmul: C = cast(act(A @ B + bias)) with an fp32 accumulator and a fused epilogue.
 
-Two kernel variants, one epilogue (_epilogue, shared, so both give the same results):
+Three kernel variants, one epilogue (_epilogue, shared, so all give the same results from the same sums):
 
 - "tiled" (_matmul_kernel): one program per BLOCK_M x BLOCK_N tile of C, with grouped ("swizzled") program ordering:
   programs are numbered so that GROUP_M consecutive row-tiles share the same column-tiles of B, which keeps B tiles
@@ -18,6 +18,11 @@ Two kernel variants, one epilogue (_epilogue, shared, so both give the same resu
   CPU tensors (tests/test_matmul_autotune.py forces it there); whether and where it beats the tiled kernel only a
   GPU shows.
 
+- "split_k" (_matmul_splitk_kernel, then _matmul_splitk_sum_kernel), for M <= 128 with a long K: the tiled
+  kernel's loop over one of S runs of K tiles per program, on a (tiles, S) grid, each partial stored in fp32 to a
+  (S, M, N) workspace; the second kernel adds the S partials in order and applies the epilogue. Few tiles of C
+  (small M) fill few SMs; S times the programs fill more, for 2 x S x M x N x 4 bytes of workspace traffic.
+
 Epilogue, on the fp32 accumulator: + bias (fp32), then the activation (relu, gelu with erf, gelu with tanh, silu),
 then one cast to the output dtype. Optionally the pre-activation (acc + bias, cast) is stored too; the autograd
 of mixprec_ops.nn.functional.linear saves it for the activation's gradient.
@@ -28,7 +33,7 @@ Config selection (launch_matmul), per call:
   (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a GPU bf16 and fp16 go to the
   tensor cores directly.
 - On a GPU, eager calls: the candidates for the shape (a small-M set for M <= 64, a large set otherwise, pruned by
-  N and K, plus the TMA configs where eligible) are benchmarked once per key (select_config) and the fastest is
+  N and K, plus split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key (select_config) and the fastest is
   kept in memory and in the on-disk cache (tune_cache.py: $MIXPREC_CACHE_DIR/matmul_autotune.json, default
   ~/.cache/mixprec_ops), so a later process reuses it without benchmarking. The key (tune_key) holds the GPU name
   and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
@@ -46,7 +51,7 @@ Config selection (launch_matmul), per call:
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
   compiler tunes it), since nothing can be benchmarked on fake tensors.
 - Determinism: a tuned choice depends on timing noise, so two processes (ranks) may choose configs with different
-  BLOCK_K for one key, which sum in different orders and may differ in the last bits. The same choice everywhere:
+  BLOCK_K or split-K runs for one key, which sum in different orders and may differ in the last bits. The same choice everywhere:
   one tuning process's cache file given to all (a choice on disk is used, not re-tuned), or
   MIXPREC_MATMUL_AUTOTUNE=0 with an empty cache directory (with tuning off, choices on disk are still used).
 """
@@ -159,16 +164,14 @@ def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, st
     tl.store(c_ptr + c_offs, _cast_out(acc, OUT_KIND), mask=c_mask)
 
 
-# M_BUCKET is read by nothing but triton.autotune's key (the traced path): not specialized on its value (16-divisible
-# or 1), which would only multiply the compiled (and, before a graph capture, to-be-loaded) binaries.
-@triton.jit(do_not_specialize=["M_BUCKET"])
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   M_BUCKET,  # triton.autotune key only (M rounded up to a power of two)
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
-                   OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+@triton.jit
+def _tile_product(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, split, n_splits,
+                  SPLIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """(acc, offs_m, offs_n): the fp32 product of tile (pid_m, pid_n) of C, A and B read through their strides, over
+    all of K, or with SPLIT over the split-th of n_splits equal runs of K tiles (the last runs shorter, or empty).
+    Without SPLIT it compiles to the tiled kernel's code from before split-K (the same registers, shared memory and
+    instruction counts for all 30 AOT variants; bench/NOTES.md)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -182,7 +185,17 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
     a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    if SPLIT:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_tiles, n_splits)
+        kt_start = split * per_split
+        kt_end = tl.minimum(kt_start + per_split, k_tiles)
+        a_ptrs += kt_start * a_step
+        b_ptrs += kt_start * b_step
+    else:
+        kt_start = 0
+        kt_end = tl.cdiv(K, BLOCK_K)
+    for kt in range(kt_start, kt_end):
         k_left = K - kt * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -192,6 +205,57 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
         acc = tl.dot(a, b, acc)
         a_ptrs += a_step
         b_ptrs += b_step
+    return acc, offs_m, offs_n
+
+
+# M_BUCKET is read by nothing but triton.autotune's key (the traced path): not specialized on its value (16-divisible
+# or 1), which would only multiply the compiled (and, before a graph capture, to-be-loaded) binaries.
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, bias_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   M_BUCKET,  # triton.autotune key only (M rounded up to a power of two)
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                   OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    acc, offs_m, offs_n = _tile_product(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m,
+                                        pid_n, 0, 1, False, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
+              HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
+
+
+@triton.jit
+def _matmul_splitk_kernel(a_ptr, b_ptr, ws_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    """Split-K, first pass: program (t, s) of a (tiles, S) grid sums tile t's products over the s-th of S equal runs
+    of K tiles (the last runs shorter, or empty: zeros) and stores that fp32 partial to ws[s], ws being (S, M, N)
+    fp32, contiguous. _matmul_splitk_sum_kernel adds the S partials and applies the epilogue."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    acc, offs_m, offs_n = _tile_product(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m,
+                                        pid_n, split, tl.num_programs(1), True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs = (tl.cast(split, tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :].to(tl.int64))
+    tl.store(ws_ptr + offs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _matmul_splitk_sum_kernel(ws_ptr, c_ptr, pre_ptr, bias_ptr, M, N, stride_cm, stride_cn, SPLIT_K,
+                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+                              OUT_KIND: tl.constexpr, USE_ERF: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K, second pass: C = epilogue(ws[0] + ws[1] + ... + ws[SPLIT_K - 1]), added in that order (the same
+    bits at every call), with the tiled kernel's epilogue."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :].to(tl.int64)
+    mn = tl.cast(M, tl.int64) * N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + s * mn + offs, mask=mask, other=0.0)
     _epilogue(acc, offs_m, offs_n, M, N, c_ptr, pre_ptr, bias_ptr, stride_cm, stride_cn,
               HAS_BIAS, ACT, STORE_PRE, OUT_KIND, USE_ERF)
 
@@ -242,8 +306,8 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, pre_ptr, bias_ptr, M, N, K, stride
 
 # ---- configs ----
 
-TILED, TMA = "tiled", "tma_persistent"
-VARIANTS = (TILED, TMA)
+TILED, TMA, SPLIT_K = "tiled", "tma_persistent", "split_k"
+VARIANTS = (TILED, TMA, SPLIT_K)
 
 
 @dataclass(frozen=True)
@@ -257,19 +321,27 @@ class KernelConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # SPLIT_K: the runs K is split into (>= 2); 1 for the other variants
+
+    def __post_init__(self):
+        if (self.split_k >= 2) != (self.variant == SPLIT_K):
+            raise ValueError(f"split_k {self.split_k!r} does not go with variant {self.variant!r}")
 
     @property
     def label(self) -> str:
         return (f"{self.variant} {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
-                f"s{self.num_stages}")
+                f"s{self.num_stages}" + (f" k{self.split_k}" if self.variant == SPLIT_K else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d) -> KernelConfig:
-        """Strict: a dict with exactly these fields, a known variant and positive ints; else ValueError."""
+        """Strict: a dict with exactly these fields (split_k may be missing, as in caches written before it: 1), a
+        known variant and positive ints that go together; else ValueError."""
         names = [f for f in cls.__dataclass_fields__]
+        if isinstance(d, dict) and "split_k" not in d:
+            d = {**d, "split_k": 1}
         if not isinstance(d, dict) or sorted(d) != sorted(names):
             raise ValueError(f"not a KernelConfig dict: {d!r}")
         if d["variant"] not in VARIANTS:
@@ -293,6 +365,10 @@ def _tma(bm, bn, bk, warps, stages, group=8):
     return KernelConfig(TMA, bm, bn, bk, group, warps, stages)
 
 
+def _split(bm, bn, bk, warps, stages, split_k, group=8):
+    return KernelConfig(SPLIT_K, bm, bn, bk, group, warps, stages, split_k)
+
+
 # First entry of each set: its default (used when capturing a CUDA graph before the key was tuned).
 _SMALL_M_CONFIGS = (_tiled(16, 64, 128, 4, 4), _tiled(16, 128, 64, 4, 4), _tiled(32, 64, 64, 4, 4),
                     _tiled(32, 128, 64, 4, 4), _tiled(16, 256, 64, 8, 3))
@@ -303,6 +379,16 @@ _LARGE_CONFIGS = (_tiled(128, 128, 64, 8, 3), _tiled(128, 256, 64, 8, 3), _tiled
 # tile in the output dtype (tma_shared_bytes); H100/H200 allow 227 KB per block, so fp32 outputs there drop the
 # first and the last (candidates).
 _TMA_CONFIGS = (_tma(128, 256, 64, 8, 3), _tma(128, 128, 64, 8, 4), _tma(128, 128, 128, 8, 3))
+# Split-K configs, candidates for M <= 128 with K long enough to split (SPLIT_K_MIN_K_TILES K tiles per run at
+# least). There the tiles of C are too few to fill the GPU: on the H200 (132 SMs) M=128, N=4096 makes 128 tiles of
+# 64x64 (the Triton kernel ran at 0.52-0.8x torch there, 2026-11-30) and M=16, N=4096 makes 64 of 16x64. Splitting
+# K into S runs makes S times the programs; the fp32 partials (S x M x N x 4 bytes) are added by a second kernel
+# with the epilogue. Whether and where they win only the tuner on a GPU tells.
+_SMALL_M_SPLIT_CONFIGS = (_split(16, 64, 128, 4, 4, 2), _split(16, 64, 128, 4, 4, 4))
+_MID_M_SPLIT_CONFIGS = (_split(64, 64, 64, 4, 4, 2), _split(64, 64, 64, 4, 4, 4), _split(128, 64, 64, 4, 4, 4))
+SPLIT_K_MAX_M = 128
+SPLIT_K_MIN_K_TILES = 4
+_SPLIT_SUM_TILE = (32, 128)  # the second pass's tile (BLOCK_M, BLOCK_N), 4 warps
 _INTERPRETER_CONFIG = _tiled(16, 16, 16, 1, 1, group=2)
 _INTERPRETER_TMA_CONFIG = _tma(16, 16, 16, 1, 1, group=2)  # for tests that force the persistent kernel there
 _INTERPRETER_NUM_SMS = 3  # the persistent kernel under the interpreter: 3 "SMs", so programs loop over tiles
@@ -323,9 +409,10 @@ def tma_shared_bytes(cfg: KernelConfig, out_bytes: int) -> int:
 def candidates(m: int, n: int, k: int, tma: bool, out_bytes: int = 2,
                shared_limit: int | None = None) -> tuple[KernelConfig, ...]:
     """The configs to try for this shape: the small-M set for M <= 64, else the large set, without tiles much
-    larger than the problem; plus the persistent TMA configs when `tma` (the caller decided eligibility) whose
-    shared memory for an output of `out_bytes` per element fits `shared_limit` (bytes per block; None: no limit).
-    On an H200 (227 KB) two of them do not fit an fp32 output."""
+    larger than the problem; for M <= 128 the split-K configs that leave each run of K at least SPLIT_K_MIN_K_TILES
+    tiles; plus the persistent TMA configs when `tma` (the caller decided eligibility) whose shared memory for an
+    output of `out_bytes` per element fits `shared_limit` (bytes per block; None: no limit). On an H200 (227 KB) two
+    of them do not fit an fp32 output."""
     base = _SMALL_M_CONFIGS if m <= 64 else _LARGE_CONFIGS
     pn, pk = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(k))
 
@@ -333,6 +420,9 @@ def candidates(m: int, n: int, k: int, tma: bool, out_bytes: int = 2,
         return c.block_n <= 2 * pn and c.block_k <= 2 * pk
 
     kept = tuple(c for c in base if fits(c)) or base[-1:]
+    if m <= SPLIT_K_MAX_M:
+        split = _SMALL_M_SPLIT_CONFIGS if m <= 64 else _MID_M_SPLIT_CONFIGS
+        kept += tuple(c for c in split if fits(c) and triton.cdiv(k, c.block_k) >= SPLIT_K_MIN_K_TILES * c.split_k)
     if tma:
         kept += tuple(c for c in _TMA_CONFIGS if fits(c) and (
             shared_limit is None or tma_shared_bytes(c, out_bytes) <= shared_limit))
@@ -525,6 +615,16 @@ def _launch(cfg: KernelConfig, a, b, c, pre, bias, M, N, K, consts, tma_ops, wra
         wrap(_matmul_kernel)[(tiles,)](a, b, c, pre, bias, M, N, K, a.stride(0), a.stride(1), b.stride(0),
                                         b.stride(1), c.stride(0), c.stride(1), triton.next_power_of_2(M),
                                         **consts, **meta)
+        return
+    if cfg.variant == SPLIT_K:
+        ws = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=a.device)  # every element written
+        wrap(_matmul_splitk_kernel)[(tiles, cfg.split_k)](a, b, ws, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                                                           b.stride(1), UPCAST=consts["UPCAST"], **meta)
+        sm, sn = _SPLIT_SUM_TILE
+        epilogue = {k: v for k, v in consts.items() if k != "UPCAST"}
+        wrap(_matmul_splitk_sum_kernel)[(triton.cdiv(M, sm) * triton.cdiv(N, sn),)](
+            ws, c, pre, bias, M, N, c.stride(0), c.stride(1), cfg.split_k, **epilogue, BLOCK_M=sm, BLOCK_N=sn,
+            num_warps=4)
         return
     if tma_ops is None:
         raise ValueError(f"{cfg.label}: the operands are not TMA-compatible (inner dimension contiguous, base and "
