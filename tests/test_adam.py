@@ -1679,6 +1679,40 @@ def test_dropped_state_is_freed_at_the_next_step(how):
         assert frozen_ref() is None, "param still alive"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_write_after_many_params_left_the_groups_is_kept(backend):
+    """More than 64 params leave the groups (their states kept, as torch's optimizers keep them): the plans of the
+    rest keep their version counters. A write to an fp16 param before the next step must win over its master even
+    where the written value equals the master's rounding through bf16; with every plan cleared (as once), the master
+    counted as loaded, that value was taken for the other format's rounding, and the step undid the write."""
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(64, generator=g).half()) for _ in range(100)]
+    opt = AdamW(ps, lr=1e-3, backend=backend)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(64, generator=g).half()
+        opt.step()
+    opt.param_groups[0]["params"] = ps[:30]  # 70 leave
+    for p in ps[:30]:
+        p.grad = torch.randn(64, generator=g).half()
+    opt.step()  # (after it, the plans of the 70 are forgotten)
+    master = opt.state[ps[0]]["master_param"]
+    write = master.to(torch.bfloat16).to(torch.float16)
+    moved = write != master.to(torch.float16)
+    assert moved.any()  # the case: the write differs from the master's own rounding there
+    with torch.no_grad():
+        ps[0].copy_(write)
+    opt.param_groups[0].update(lr=0.0, weight_decay=0.0)  # a step that changes nothing but the master's resync
+    for p in ps[:30]:
+        p.grad = torch.randn(64, generator=g).half()
+    opt.step()
+    assert torch.equal(ps[0].detach(), write)
+    # the master took the write where it moved the param (elsewhere it keeps its fp32 bits: _resync's rule)
+    assert torch.equal(opt.state[ps[0]]["master_param"][moved], write.float()[moved])
+
+
 def test_state_dict_step_counters_pickle_alone():
     """The live step counters are views of one buffer per bucket; state_dict() hands out counters of their own, so
     that pickling it (all_gather_object, broadcast_object_list) grows linearly with the params (each view pickled
