@@ -150,12 +150,15 @@ def _scaler_make(sizes, device, seed, inv=None):
 
 def _scaler_fn(cls, **kw):
     """One _unscale_grads_ call of a `cls` scaler (made at the set's first call) over the set's optimizer, with this
-    call's inv_scale (_inv); returns the scaler's {device: found_inf}."""
+    call's inv_scale (_inv); returns the scaler's {device: found_inf}. An input set serves every implementation of
+    the case: each keeps its own scaler in it."""
+    which = (cls, tuple(sorted(kw.items())))
+
     def fn(d):
         inv = _inv(d)
-        made = d["scalers"].get(cls)
+        made = d["scalers"].get(which)
         if made is None:
-            made = d["scalers"][cls] = (cls(d["device"], **kw), torch.zeros((), device=d["device"]))
+            made = d["scalers"][which] = (cls(d["device"], **kw), torch.zeros((), device=d["device"]))
         scaler, found_inf = made
         return scaler._unscale_grads_(d["opt"], inv, found_inf, False)
 

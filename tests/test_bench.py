@@ -717,3 +717,22 @@ def test_baseline_byte_counts_match_the_baselines_aten_traffic():
     assert {op for op, _, _ in checked} == {"cast_and_scale", "unscale_", "adam_step_"} and len(checked) >= 9
     per_el = {name: round(b) for op, name, b in checked if op == "cast_and_scale"}
     assert per_el == {"f32->e4m3 +amax": 33, "bf16->e4m3 +amax": 25, "f32->bf16": 22}, per_el
+
+
+def test_gradscaler_case_gives_each_implementation_its_own_scaler():
+    """The bench hands one input set to every implementation of a case: the GradScaler case's implementations (our
+    scaler with each backend, torch's) must each keep their own scaler in it, or one backend's row times another's
+    (a review found the "triton" row timing the "cuda" scaler)."""
+    from bench import cases_unscale
+
+    from mixprec_ops.amp import GradScaler
+
+    d = cases_unscale._scaler_make([5, 7], torch.device("cpu"), seed=1)
+    d["device"] = torch.device("cpu")
+    for fn in (cases_unscale._scaler_fn(GradScaler, backend="cpu"),
+               cases_unscale._scaler_fn(GradScaler, backend="torch"),
+               cases_unscale._scaler_fn(torch.amp.GradScaler)):  # (the baseline)
+        fn(d)
+    made = list(d["scalers"].values())
+    assert len(made) == 3
+    assert sorted(str(getattr(s, "_backend", "torch.amp")) for s, _ in made) == ["cpu", "torch", "torch.amp"]

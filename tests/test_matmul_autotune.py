@@ -122,12 +122,29 @@ def test_autotune_ignores_stale_and_invalid_entries(km, tune_env):
            "extra field": {"config": {**c1.to_dict(), "maxnreg": 128}},
            "split of a tiled config": {"config": {**c1.to_dict(), "split_k": 4}},
            "split-K without a split": {"config": {**c1.to_dict(), "variant": km.SPLIT_K}},
+           "chosen among other candidates": {"config": c1.to_dict(), "offered": "00000000"},
+           "written before sets were recorded": {"config": c1.to_dict()},
            "no config": {"us": 3.0}}
     (tune_env / "matmul_autotune.json").write_text(json.dumps({"schema": 1, "entries": bad}))
     for key in bad:
         s = _Stub({c0: 1e-3, c1: 2e-3, c2: 3e-3})
         assert km.select_config(key, cfgs, s.run, capturing=False, benchmark=s.bench) == (c0, "tuned"), key
         assert s.ran == list(cfgs), key
+
+
+@pytest.mark.parametrize("where", ["capture", "autotune_off"])
+def test_a_choice_among_other_candidates_serves_where_nothing_may_be_tuned(km, tune_env, where, monkeypatch):
+    """A cached choice made among another candidate set (before split-K existed, say) is tuned again when tuning
+    may run (test_autotune_ignores_stale_and_invalid_entries); during a graph capture or with tuning off it still
+    serves, being one of today's candidates, rather than the set's untuned default. A choice among today's set is
+    used as it is (test_autotune_tunes_once_stores_and_reloads_from_disk)."""
+    c0, c1, c2 = cfgs = _cfgs(km)
+    (tune_env / "matmul_autotune.json").write_text(json.dumps(
+        {"schema": 1, "entries": {"k": {"config": c1.to_dict(), "offered": "00000000"}}}))
+    if where == "autotune_off":
+        monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
+    got = km.select_config("k", cfgs, _Stub({}).run, capturing=where == "capture", benchmark=_boom)
+    assert got == (c1, "disk")
 
 
 def test_autotune_corrupt_file_warns_once_and_is_replaced(km, tune_env):
@@ -525,3 +542,25 @@ def test_split_k_kernels_match_tiled_and_reference(km, device, cfg, shape, dtype
             outs.append((y, pre))
         assert not outs[0][1].isnan().any(), what
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), what
+
+
+def test_traced_calls_give_triton_autotune_tiled_configs_only(km, monkeypatch):
+    """While torch.compile traces (fake tensors) the op goes through triton.autotune over the tiled kernel: the
+    candidate set's split-K configs (another kernel pair) must not reach it, where they would run as duplicate
+    tiled configs (triton_config() has no split)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    seen = []
+    monkeypatch.setattr(km, "_tuner", lambda configs: seen.append(configs) or Launcher())
+    monkeypatch.setattr(km, "INTERPRETED", False)  # (the interpreter's path never tunes)
+    for m in (16, 128):
+        with FakeTensorMode():
+            a = torch.empty(m, 4096, dtype=torch.float16)
+            b = torch.empty(4096, 4096, dtype=torch.float16)
+            km.launch_matmul(a, b, torch.empty(m, 4096, dtype=torch.float16), None, None)
+        assert any(c.variant == km.SPLIT_K for c in km.candidates(m, 4096, 4096, False))  # offered eagerly
+        assert seen[-1] and all(c.variant == km.TILED for c in seen[-1]), seen[-1]

@@ -39,7 +39,9 @@ Config selection (launch_matmul), per call:
   and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
   the operand, output and bias dtypes, the activation and whether the pre-activation is stored, and the layout class
   (row-/column-major/strided A, B, C, and TMA eligibility). A cached config that the current code does not offer
-  for the key is ignored. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
+  for the key is ignored; one chosen among another candidate set (an entry records its set: _offered_tag) is tuned
+  again, so that new candidates (split-K, 2026-11-30) get their chance, except where nothing may be tuned (a graph
+  capture, tuning off), where it still serves. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
   tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
   used, else the candidate set's default (its first entry); nothing is stored. Rule, as for any Triton kernel: run
@@ -63,6 +65,7 @@ import inspect
 import math
 import os
 import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -512,12 +515,17 @@ def _benchmark(fn) -> float:
     return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3
 
 
+def _offered_tag(cands) -> str:
+    """A short digest of a candidate set (its configs' labels, in order), stored with each tuning result."""
+    return f"{zlib.crc32('|'.join(c.label for c in cands).encode()):08x}"
+
+
 def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: bool, cache: TuneCache | None = None,
                   benchmark=None) -> tuple[KernelConfig, str]:
     """(config, where it came from) for `key` among `cands`; `run(config)` launches the kernel with it.
 
     Order: this process's earlier choice ("memory"); the disk cache ("disk", if the stored config is one of
-    `cands`); during a CUDA graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
+    `cands` and was chosen among `cands`, or chosen among another set while nothing may be tuned); during a CUDA graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
     with MIXPREC_MATMUL_AUTOTUNE=0, the same default ("default (autotune off)": one compilation per kernel
     specialization instead of one per candidate, for time-bounded runs; results found in memory or on disk are
     still used);
@@ -535,7 +543,9 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
             cfg = KernelConfig.from_dict(entry.get("config"))
         except (ValueError, TypeError):
             cfg = None
-        if cfg is not None and cfg in cands:
+        tuning_off = os.environ.get(AUTOTUNE_ENV, "1") == "0"
+        if cfg is not None and cfg in cands and (entry.get("offered") == _offered_tag(cands) or capturing
+                                                 or tuning_off):
             _CHOSEN[key] = cfg
             return cfg, "disk"
     if capturing:
@@ -571,7 +581,8 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     if not math.isfinite(times[best]):
         raise first_err
     _CHOSEN[key] = best
-    cache.put(key, {"config": best.to_dict(), "us": round(times[best] * 1e6, 3), "candidates": len(cands)})
+    cache.put(key, {"config": best.to_dict(), "us": round(times[best] * 1e6, 3), "candidates": len(cands),
+                    "offered": _offered_tag(cands)})
     return best, "tuned"
 
 
@@ -669,7 +680,7 @@ def launch_matmul(a, b, c, bias, activation, pre=None, wrap=lambda k: k, config:
         _record(M, N, K, cfg, "forced" if config is not None else "interpreter")
         return
     if _is_traced(a):  # torch.compile tracing: nothing to benchmark on fake tensors
-        configs = candidates(M, N, K, False)
+        configs = tuple(c for c in candidates(M, N, K, False) if c.variant == TILED)  # (what triton.autotune runs)
         args = (a, b, c_v, pre_v, bias_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 c.stride(0), c.stride(1), triton.next_power_of_2(M))
         wrap(_tuner(configs))[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](

@@ -2,7 +2,8 @@
 
 Directory: $MIXPREC_CACHE_DIR, else ~/.cache/mixprec_ops. File (e.g. matmul_autotune.json):
 
-    {"schema": 1, "entries": {"<key>": {"config": {...}, "us": 123.4, "candidates": 7, "tuned": "<UTC time>"}}}
+    {"schema": 1, "entries": {"<key>": {"config": {...}, "us": 123.4, "candidates": 7, "offered": "<crc32 of the set>",
+    "tuned": "<UTC time>"}}}
 
 The key is a string that the kernel module builds from everything the best config depends on (GPU name and compute
 capability, Triton and torch versions, shape bucket, dtypes, epilogue, operand layouts); the value's "config" is a

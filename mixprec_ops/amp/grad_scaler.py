@@ -29,7 +29,8 @@ _PLAIN = frozenset(_checks.PLAIN_TYPES)
 
 
 def _plain_grads_by_device(optimizer, allow_fp16):
-    """{device: the optimizer's grads there, in param order} when every grad is a plain strided float32, float16 or
+    """{device: the optimizer's grads there} (in param order when they share one device; else grouped by dtype too:
+    the order of a device's list does not matter to unscale_) when every grad is a plain strided float32, float16 or
     bfloat16 tensor (the usual case), found by sweeps over whole lists in C; None for anything else (a sparse,
     DTensor or float64 grad, a param that is not a tensor, no grads, a trace by Dynamo), which GradScaler's loop
     over the params handles one by one. Raises torch's error for fp16 grads without allow_fp16, before anything is
