@@ -736,3 +736,23 @@ def test_gradscaler_case_gives_each_implementation_its_own_scaler():
     made = list(d["scalers"].values())
     assert len(made) == 3
     assert sorted(str(getattr(s, "_backend", "torch.amp")) for s, _ in made) == ["cpu", "torch", "torch.amp"]
+
+
+def test_gpu_checks_test_selection_is_the_tests_a_cpu_machine_skips():
+    """bench/gpu_check runs the tests with MIXPREC_TESTS_CUDA_ONLY=1 (tests/conftest.py): collected here (no GPU),
+    that selection holds every test with a CUDA-device parameter, and those asking for a CUDA device by a skip mark
+    whatever their id, and nothing else (not a test for machines without CUDA); the rest are deselected. Two test
+    files stand in for the suite."""
+    files = ["tests/test_grad_scaler.py", "tests/test_unscale.py"]
+
+    def collect(only):
+        env = {**os.environ, "MIXPREC_TESTS_CUDA_ONLY": "1" if only else "0"}
+        out = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", *files],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300).stdout
+        return {line for line in out.splitlines() if "::" in line}
+
+    everything, gpu = collect(False), collect(True)
+    assert gpu and gpu < everything
+    by_mark = {"tests/test_grad_scaler.py::test_unscale_adds_no_host_sync[triton]"}
+    assert {t for t in everything if "cuda" in t} | by_mark == gpu, sorted(gpu ^ ({t for t in everything
+                                                                                  if "cuda" in t} | by_mark))
