@@ -724,7 +724,6 @@ def test_gradscaler_case_gives_each_implementation_its_own_scaler():
     scaler with each backend, torch's) must each keep their own scaler in it, or one backend's row times another's
     (a review found the "triton" row timing the "cuda" scaler)."""
     from bench import cases_unscale
-
     from mixprec_ops.amp import GradScaler
 
     d = cases_unscale._scaler_make([5, 7], torch.device("cpu"), seed=1)

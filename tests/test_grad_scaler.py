@@ -144,8 +144,11 @@ def test_clipping_optimizer_takes_over_the_inf_check(device, unscale_first, sche
     from mixprec_ops.optim import AdamW
 
     calls = []  # the scaler's unscale passes, by either route (the per-param loop's, the swept grads')
+    def counted(real):
+        return lambda *a, **k: calls.append(1) or real(*a, **k)
+
     for name in ("unscale_", "unscale_checked_"):
-        monkeypatch.setattr(gs, name, lambda *a, _real=getattr(gs, name), **k: calls.append(1) or _real(*a, **k))
+        monkeypatch.setattr(gs, name, counted(getattr(gs, name)))
     schedulers = []
 
     def make_opt(params):
@@ -374,6 +377,15 @@ def _grads_for_routes(device):
     return out
 
 
+def _spy(seen, name, real):
+    """A stand-in that notes `name` in `seen`, then calls `real` (None: returns None)."""
+    def spy(*args):
+        seen.append(name)
+        return None if real is None else real(*args)
+
+    return spy
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["finite", "inf_in_bf16", "fp16_overflows"])
 def test_plain_grads_take_the_swept_route_with_the_loops_results(device, case, monkeypatch):
@@ -395,22 +407,20 @@ def test_plain_grads_take_the_swept_route_with_the_loops_results(device, case, m
             grads[2].fill_(6e4)
         expected = [(x.float() * inv_value).to(x.dtype) for x in grads]
         ps = [torch.nn.Parameter(torch.zeros(x.shape, dtype=x.dtype, device=device)) for x in grads]
-        for p, x in zip(ps, grads):
+        for p, x in zip(ps, grads, strict=True):
             p.grad = x
         opt = torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1)
         seen = []
-        if route == "loop":
-            monkeypatch.setattr(gs, "_plain_grads_by_device", lambda *a: seen.append("declined"))
-        else:
-            monkeypatch.setattr(gs, "_plain_grads_by_device", lambda *a: seen.append("swept") or real_sweep(*a))
-        monkeypatch.setattr(GradScaler, "_unscale", lambda self, *a: seen.append("loop") or real_loop(self, *a))
+        monkeypatch.setattr(gs, "_plain_grads_by_device", _spy(seen, "swept" if route == "swept" else "declined",
+                                                               real_sweep if route == "swept" else None))
+        monkeypatch.setattr(GradScaler, "_unscale", _spy(seen, "loop", real_loop))
         s = GradScaler(device)
         found = torch.zeros((), device=device)
         per_dev = s._unscale_grads_(opt, torch.full((), inv_value, device=device), found, True)
         assert seen == (["swept"] if route == "swept" else ["declined", "loop"]), seen
         flag = sum(v.item() for v in per_dev.values())
         assert flag == (0.0 if case == "finite" else 1.0)
-        for i, (p, e) in enumerate(zip(ps, expected)):
+        for i, (p, e) in enumerate(zip(ps, expected, strict=True)):
             assert p.grad.dtype == e.dtype and torch.equal(p.grad, e), (route, i)
         results[route] = ([p.grad.clone() for p in ps], flag)
     assert results["swept"][1] == results["loop"][1]
@@ -436,7 +446,7 @@ def test_swept_grads_are_grouped_by_device_in_param_order():
 
     devs = ["cpu", "meta", "cpu", "meta", "cpu"]
     dts = [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float16]
-    ps = [torch.nn.Parameter(torch.zeros(3, dtype=dt, device=d)) for d, dt in zip(devs, dts)]
+    ps = [torch.nn.Parameter(torch.zeros(3, dtype=dt, device=d)) for d, dt in zip(devs, dts, strict=True)]
     for p in ps:
         p.grad = torch.ones_like(p)
     ps.append(torch.nn.Parameter(torch.zeros(2)))  # no grad: left out
@@ -448,7 +458,7 @@ def test_swept_grads_are_grouped_by_device_in_param_order():
     one = _plain_grads_by_device(torch.optim.SGD(ps[::2], lr=0.1), True)  # one device: the grads in param order
     cpu = torch.device("cpu")
     assert list(one) == [cpu] and len(one[cpu]) == 3
-    assert all(a is b for a, b in zip(one[cpu], [ps[0].grad, ps[2].grad, ps[4].grad]))
+    assert all(a is b for a, b in zip(one[cpu], [ps[0].grad, ps[2].grad, ps[4].grad], strict=True))
 
     def declined(grad):
         p = torch.nn.Parameter(torch.zeros(grad.shape, dtype=grad.dtype))

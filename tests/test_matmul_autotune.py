@@ -516,24 +516,24 @@ def test_split_k_kernels_match_tiled_and_reference(km, device, cfg, shape, dtype
     g = torch.Generator().manual_seed(m * 1000 + k)
     tiled = km.KernelConfig(km.TILED, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps,
                             cfg.num_stages)
-    for a_col, b_col in ((False, True), (True, False)):
-        def operands(ints):
-            def mk(*s):
-                x = torch.randint(-3, 4, s, generator=g).float() if ints else torch.randn(*s, generator=g)
-                return x.to(device, dtype)
-            a = mk(k, m).t() if a_col else mk(m, k)
-            b = mk(n, k).t() if b_col else mk(k, n)
-            return a, b, mk(n).float()
+    def operands(ints, a_col, b_col):
+        def mk(*s):
+            x = torch.randint(-3, 4, s, generator=g).float() if ints else torch.randn(*s, generator=g)
+            return x.to(device, dtype)
+        a = mk(k, m).t() if a_col else mk(m, k)
+        b = mk(n, k).t() if b_col else mk(k, n)
+        return a, b, mk(n).float()
 
+    for a_col, b_col in ((False, True), (True, False)):
         what = f"a {'col' if a_col else 'row'} b {'col' if b_col else 'row'}"
-        a, b, bias = operands(ints=False)
+        a, b, bias = operands(False, a_col, b_col)
         for out_dtype in (dtype, torch.float32):
             y = torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
             pre = torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
             km.launch_matmul(a, b, y, bias, "gelu", pre=pre, config=cfg)
             check(y, a, b, bias, "gelu", out_dtype, what=f"{what} -> {out_dtype}")
             check(pre, a, b, bias, None, out_dtype, what=f"{what} -> {out_dtype} pre")
-        a, b, bias = operands(ints=True)
+        a, b, bias = operands(True, a_col, b_col)
         outs = []
         for c in (cfg, tiled):
             y = torch.full((m, n), float("nan"), dtype=torch.float32, device=device)

@@ -33,16 +33,17 @@ Config selection (launch_matmul), per call:
   (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a GPU bf16 and fp16 go to the
   tensor cores directly.
 - On a GPU, eager calls: the candidates for the shape (a small-M set for M <= 64, a large set otherwise, pruned by
-  N and K, plus split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key (select_config) and the fastest is
-  kept in memory and in the on-disk cache (tune_cache.py: $MIXPREC_CACHE_DIR/matmul_autotune.json, default
-  ~/.cache/mixprec_ops), so a later process reuses it without benchmarking. The key (tune_key) holds the GPU name
-  and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
+  N and K, plus split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key
+  (select_config) and the fastest is kept in memory and in the on-disk cache (tune_cache.py:
+  $MIXPREC_CACHE_DIR/matmul_autotune.json, default ~/.cache/mixprec_ops), so a later process reuses it without
+  benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
   the operand, output and bias dtypes, the activation and whether the pre-activation is stored, and the layout class
   (row-/column-major/strided A, B, C, and TMA eligibility). A cached config that the current code does not offer
   for the key is ignored; one chosen among another candidate set (an entry records its set: _offered_tag) is tuned
   again, so that new candidates (split-K, 2026-11-30) get their chance, except where nothing may be tuned (a graph
-  capture, tuning off), where it still serves. (Triton's own disk cache, triton.autotune(cache_results=True), is not used: one Autotuner
-  tunes one kernel while the choice here is between two, and it keys on Triton's hashes in Triton's cache dir.)
+  capture, tuning off), where it still serves. (Triton's own disk cache, triton.autotune(cache_results=True), is
+  not used: one Autotuner tunes one kernel while the choice here is among three, and it keys on Triton's hashes in
+  Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
   used, else the candidate set's default (its first entry); nothing is stored. Rule, as for any Triton kernel: run
   each shape once (eagerly) before capturing it. Triton loads a kernel's binary (cuModuleLoadData) at the first
@@ -53,8 +54,8 @@ Config selection (launch_matmul), per call:
 - While torch.compile traces the op (fake tensors), the tiled kernel goes through triton.autotune as before (the
   compiler tunes it), since nothing can be benchmarked on fake tensors.
 - Determinism: a tuned choice depends on timing noise, so two processes (ranks) may choose configs with different
-  BLOCK_K or split-K runs for one key, which sum in different orders and may differ in the last bits. The same choice everywhere:
-  one tuning process's cache file given to all (a choice on disk is used, not re-tuned), or
+  BLOCK_K or split-K runs for one key, which sum in different orders and may differ in the last bits. The same
+  choice everywhere: one tuning process's cache file given to all (a choice on disk is used, not re-tuned), or
   MIXPREC_MATMUL_AUTOTUNE=0 with an empty cache directory (with tuning off, choices on disk are still used).
 """
 
@@ -525,7 +526,8 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     """(config, where it came from) for `key` among `cands`; `run(config)` launches the kernel with it.
 
     Order: this process's earlier choice ("memory"); the disk cache ("disk", if the stored config is one of
-    `cands` and was chosen among `cands`, or chosen among another set while nothing may be tuned); during a CUDA graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
+    `cands` and was chosen among `cands`, or chosen among another set while nothing may be tuned); during a CUDA
+    graph capture, the default cands[0] ("default (capture)": nothing benchmarked or stored);
     with MIXPREC_MATMUL_AUTOTUNE=0, the same default ("default (autotune off)": one compilation per kernel
     specialization instead of one per candidate, for time-bounded runs; results found in memory or on disk are
     still used);
