@@ -36,9 +36,10 @@ Config selection (launch_matmul), per call:
   N and K, plus split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key
   (select_config) and the fastest is kept in memory and in the on-disk cache (tune_cache.py:
   $MIXPREC_CACHE_DIR/matmul_autotune.json, default ~/.cache/mixprec_ops), so a later process reuses it without
-  benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the shape bucket (M rounded up to a power of two, N, K),
-  the operand, output and bias dtypes, the activation and whether the pre-activation is stored, and the layout class
-  (row-/column-major/strided A, B, C, and TMA eligibility). A cached config that the current code does not offer
+  benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the
+  shape bucket (M rounded up to a power of two, N, K), the operand, output and bias dtypes, the activation and
+  whether the pre-activation is stored, and the layout class (row-/column-major/strided A, B, C, and TMA
+  eligibility). A cached config that the current code does not offer
   for the key is ignored; one chosen among another candidate set (an entry records its set: _offered_tag) is tuned
   again, so that new candidates (split-K, 2026-11-30) get their chance, except where nothing may be tuned (a graph
   capture, tuning off), where it still serves. (Triton's own disk cache, triton.autotune(cache_results=True), is
