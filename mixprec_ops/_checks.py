@@ -4,6 +4,8 @@ torch.ops.mixprec.* call gets the same messages)."""
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 class ValueAndRuntimeError(ValueError, RuntimeError):
@@ -102,8 +104,11 @@ def plain_eager(tensor_lists, tensors) -> bool:
     if not set(map(type, ts)) <= _PLAIN or not all(set(map(type, lst)) <= _PLAIN for lst in tensor_lists):
         return False
     if torch.is_grad_enabled():
-        return not any(t.requires_grad for t in ts) and not any(t.requires_grad for lst in tensor_lists for t in lst)
+        return not any(map(_requires_grad, ts)) and not any(any(map(_requires_grad, lst)) for lst in tensor_lists)
     return True
+
+
+_requires_grad = attrgetter("requires_grad")
 
 
 def _byte_span(t):

@@ -7,6 +7,8 @@ triton_kernels/unscale.py) and the public function.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from .. import _checks, _ext, backends
@@ -42,6 +44,10 @@ if _ext.LOADED:
 
 
 _triton_op = None
+# (sweeps over thousands of grads as map over getters, in C: is_contiguous ~30% faster than a generator expression;
+# reading .layout or .dtype costs the same either way)
+_contiguous = torch.Tensor.is_contiguous
+_layout = attrgetter("layout")
 
 
 def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
@@ -50,7 +56,7 @@ def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
     from ..triton_kernels.unscale import launch_unscale
 
     copy_back = []
-    if all(t.is_contiguous() for t in tensors):  # grads as autograd makes them: no per-tensor work below
+    if all(map(_contiguous, tensors)):  # grads as autograd makes them: no per-tensor work below
         work = tensors
     else:
         work = []
@@ -59,13 +65,8 @@ def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
             if w is not t:
                 copy_back.append((t, w))
             work.append(w)
-    dtypes = {t.dtype for t in work}
-    if len(dtypes) == 1:  # one launch's list as it is (0.1-0.2 ms less than grouping 2,000 grads one by one)
-        groups = {dtypes.pop(): list(work)}
-    else:
-        groups = {}
-        for w in work:
-            groups.setdefault(w.dtype, []).append(w)
+    # by dtype, each list in the given order (torch's C++ grouping)
+    groups = {dtype: lists[0] for (_, dtype), (lists, _) in _group_by_device_and_dtype([list(work)], False).items()}
     norm = launch_unscale(groups, inv_scale, found_inf, return_norm)
     for t, w in copy_back:
         t.copy_(w)
@@ -105,7 +106,7 @@ def _check_tensors(tensors, device):
     torch.device object per tensor)."""
     try:
         kinds = _group_by_device_and_dtype([list(tensors)], False).keys()
-        layouts = {t.layout for t in tensors}
+        layouts = set(map(_layout, tensors))
     except (AttributeError, TypeError, RuntimeError):  # a non-tensor in the list: the loop below names it
         kinds = layouts = None
     if kinds is not None and layouts <= {torch.strided} and all(d in _OK_DTYPES and dev == device
