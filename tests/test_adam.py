@@ -1681,10 +1681,11 @@ def test_dropped_state_is_freed_at_the_next_step(how):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_a_write_after_many_params_left_the_groups_is_kept(backend):
-    """More than 64 params leave the groups (their states kept, as torch's optimizers keep them): the plans of the
-    rest keep their version counters. A write to an fp16 param before the next step must win over its master even
-    where the written value equals the master's rounding through bf16; with every plan cleared (as once), the master
-    counted as loaded, that value was taken for the other format's rounding, and the step undid the write."""
+    """More than 64 params leave the groups (their states kept, as torch's optimizers keep them): every plan whose
+    state is kept keeps its version counter. A write to an fp16 param before the next step must win over its master
+    even where the written value equals the master's rounding through bf16, for a param that stayed and for one that
+    left and came back; with every plan cleared (as once), the master counted as loaded, that value was taken for the
+    other format's rounding, and the step undid the write."""
     if backend == "cpu":
         extension_backend(OP, "cpu")
     g = torch.Generator().manual_seed(3)
@@ -1711,6 +1712,19 @@ def test_a_write_after_many_params_left_the_groups_is_kept(backend):
     assert torch.equal(ps[0].detach(), write)
     # the master took the write where it moved the param (elsewhere it keeps its fp32 bits: _resync's rule)
     assert torch.equal(opt.state[ps[0]]["master_param"][moved], write.float()[moved])
+    # and for a param that left with the 70 and comes back: its plan stayed with its state
+    opt.param_groups[0]["params"] = ps
+    back = ps[50]
+    master = opt.state[back]["master_param"]
+    write = master.to(torch.bfloat16).to(torch.float16)
+    moved = write != master.to(torch.float16)
+    assert moved.any()
+    with torch.no_grad():
+        back.copy_(write)
+    for p in ps:
+        p.grad = torch.randn(64, generator=g).half()
+    opt.step()
+    assert torch.equal(back.detach(), write)
 
 
 def test_state_dict_step_counters_pickle_alone():

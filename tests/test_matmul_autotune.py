@@ -132,19 +132,29 @@ def test_autotune_ignores_stale_and_invalid_entries(km, tune_env):
         assert s.ran == list(cfgs), key
 
 
-@pytest.mark.parametrize("where", ["capture", "autotune_off"])
+@pytest.mark.parametrize("where", ["capture", "autotune_off", "out_of_memory"])
 def test_a_choice_among_other_candidates_serves_where_nothing_may_be_tuned(km, tune_env, where, monkeypatch):
     """A cached choice made among another candidate set (before split-K existed, say) is tuned again when tuning
-    may run (test_autotune_ignores_stale_and_invalid_entries); during a graph capture or with tuning off it still
-    serves, being one of today's candidates, rather than the set's untuned default. A choice among today's set is
-    used as it is (test_autotune_tunes_once_stores_and_reloads_from_disk)."""
+    may run (test_autotune_ignores_stale_and_invalid_entries); during a graph capture, with tuning off, or when the
+    tuning runs out of memory it still serves, being one of today's candidates, rather than the set's untuned
+    default. Not kept in memory: the next call that may tune does (after a capture too). A choice among today's set
+    is used as it is (test_autotune_tunes_once_stores_and_reloads_from_disk)."""
     c0, c1, c2 = cfgs = _cfgs(km)
+    monkeypatch.setattr(km, "_oom_warned", set())
     (tune_env / "matmul_autotune.json").write_text(json.dumps(
         {"schema": 1, "entries": {"k": {"config": c1.to_dict(), "offered": "00000000"}}}))
     if where == "autotune_off":
         monkeypatch.setenv(km.AUTOTUNE_ENV, "0")
-    got = km.select_config("k", cfgs, _Stub({}).run, capturing=where == "capture", benchmark=_boom)
-    assert got == (c1, "disk")
+    if where == "out_of_memory":
+        s = _Stub({c: torch.OutOfMemoryError("CUDA out of memory") for c in cfgs})
+        with pytest.warns(RuntimeWarning, match="using the cached config"):
+            got = km.select_config("k", cfgs, s.run, capturing=False, benchmark=s.bench)
+    else:
+        got = km.select_config("k", cfgs, _Stub({}).run, capturing=where == "capture", benchmark=_boom)
+    assert got == (c1, "disk") and km.chosen_configs() == {}
+    if where == "capture":  # the eager calls after it tune
+        s = _Stub({c0: 3e-3, c1: 2e-3, c2: 1e-3})
+        assert km.select_config("k", cfgs, s.run, capturing=False, benchmark=s.bench) == (c2, "tuned")
 
 
 def test_autotune_corrupt_file_warns_once_and_is_replaced(km, tune_env):

@@ -77,6 +77,16 @@ def test_non_finite_sets_found_inf(device, backend, bad, dtype, inv):
         assert_bit_exact(a, e, f"tensor {i}")
 
 
+@pytest.mark.parametrize("device,backend", backend_params(OP) + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_empty_list(device, backend):
+    """No tensors, as torch's _amp_foreach_non_finite_check_and_unscale_ takes: nothing to do, found_inf untouched,
+    the norm of nothing 0 (the Triton route once raised from torch's grouping of an empty list)."""
+    inv, found = torch.full((1,), 0.5, device=device), torch.zeros(1, device=device)
+    assert mixprec_ops.unscale_([], inv, found, backend=backend) is None
+    norm = mixprec_ops.unscale_([], inv, found, return_norm=True, backend=backend)
+    assert norm.shape == () and norm.item() == 0.0 and found.item() == 0.0
+
+
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 def test_found_inf_is_only_ever_set(device, backend):
     found = torch.ones(1, device=device)

@@ -541,20 +541,21 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     if cfg is not None and cfg in cands:
         return cfg, "memory"
     entry = cache.get(key)
+    stale = None  # a cached choice among another candidate set: what serves where nothing may be tuned
     if entry is not None:
         try:
             cfg = KernelConfig.from_dict(entry.get("config"))
         except (ValueError, TypeError):
             cfg = None
-        tuning_off = os.environ.get(AUTOTUNE_ENV, "1") == "0"
-        if cfg is not None and cfg in cands and (entry.get("offered") == _offered_tag(cands) or capturing
-                                                 or tuning_off):
-            _CHOSEN[key] = cfg
-            return cfg, "disk"
+        if cfg is not None and cfg in cands:
+            if entry.get("offered") == _offered_tag(cands):
+                _CHOSEN[key] = cfg
+                return cfg, "disk"
+            stale = cfg  # (not kept in memory: the next call that may tune does)
     if capturing:
-        return cands[0], "default (capture)"
+        return (stale, "disk") if stale is not None else (cands[0], "default (capture)")
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return cands[0], "default (autotune off)"
+        return (stale, "disk") if stale is not None else (cands[0], "default (autotune off)")
     if len(cands) == 1:
         _CHOSEN[key] = cands[0]
         return cands[0], "only candidate"
@@ -569,9 +570,10 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
             if key not in _oom_warned:
                 _oom_warned.add(key)
                 warnings.warn(f"mixprec_ops matmul autotune: out of memory while benchmarking for [{key}]; using the "
-                              f"default config {cands[0].label} untuned ({str(e).splitlines()[0][:200]})",
+                              f"{'cached' if stale is not None else 'default'} config "
+                              f"{(stale or cands[0]).label} ({str(e).splitlines()[0][:200]})",
                               RuntimeWarning, stacklevel=2)
-            return cands[0], "default (out of memory)"
+            return (stale, "disk") if stale is not None else (cands[0], "default (out of memory)")
         except Exception as e:  # noqa: BLE001  (compilation or launch failure of one config: try the others)
             first_err = first_err or e
             times[c] = math.inf

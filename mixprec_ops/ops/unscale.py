@@ -62,8 +62,9 @@ def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
             if w is not t:
                 copy_back.append((t, w))
             work.append(w)
-    # by dtype, each list in the given order (torch's C++ grouping)
-    groups = {dtype: lists[0] for (_, dtype), (lists, _) in _group_by_device_and_dtype([list(work)], False).items()}
+    # by dtype, each list in the given order (torch's C++ grouping, which refuses an empty list)
+    groups = {dtype: lists[0] for (_, dtype), (lists, _) in
+              (_group_by_device_and_dtype([list(work)], False).items() if work else ())}
     norm = launch_unscale(groups, inv_scale, found_inf, return_norm)
     for t, w in copy_back:
         t.copy_(w)

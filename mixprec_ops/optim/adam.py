@@ -408,16 +408,13 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         sizes = (n, len(self.state))
         # (a plan without a state: one deleted while another param got its first state in the same step)
         if sizes != self._plan_sizes or len(self._plans) > sizes[1]:
-            if len(self._plans) > n + 64:  # many params dropped from the groups (or swapped), their states kept
-                # Only the plans of params still in the groups, with their states, stay. Clearing them all (as this
-                # did) made every master count as loaded at its next planning, where a write to an fp16 param that
-                # equals the master's rounding through bf16 is taken for that rounding and undone.
-                self._forget_steady()
-                live = {id(p) for g in self.param_groups for p in g["params"]}
-                state = self.state
-                self._plans = {k: v for k, v in self._plans.items()
-                               if k in live and state.get(v[self._P]) is v[self._ST]}
-            elif sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1] or len(self._plans) > sizes[1]:
+            # Params dropped from the groups (or swapped), states deleted: the plans of the params whose states are
+            # gone go. A plan whose state is kept stays, holding nothing the state does not, so that its version
+            # counter does too: a plan made anew counts its master as loaded, and a write to an fp16 param that
+            # equals the master's rounding through bf16 would be taken for that rounding and undone (it was, when
+            # more than 64 params left at once and every plan was cleared; the params that come back included).
+            if (len(self._plans) > n + 64 or sizes[0] < self._plan_sizes[0] or sizes[1] < self._plan_sizes[1]
+                    or len(self._plans) > sizes[1]):
                 self._forget_steady()
                 state = self.state
                 self._plans = {k: v for k, v in self._plans.items() if state.get(v[self._P]) is v[self._ST]}
