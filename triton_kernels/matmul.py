@@ -535,7 +535,9 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     a single candidate ("only candidate"); else every candidate is benchmarked (`benchmark(fn)` -> seconds; a
     candidate that raises, e.g. too much shared memory, is skipped with a warning) and the fastest is kept in
     memory and written to the disk cache ("tuned"). Out of memory while benchmarking (torch.OutOfMemoryError) ends
-    the tuning with the default, nothing kept ("default (out of memory)", one warning per key)."""
+    the tuning with the default, nothing kept ("default (out of memory)", one warning per key), or with a cached
+    choice among another set where there is one ("disk"). A cached choice among another set is never kept in
+    memory: the next call that may tune does."""
     cache = _CACHE if cache is None else cache
     cfg = _CHOSEN.get(key)
     if cfg is not None and cfg in cands:
