@@ -1,4 +1,4 @@
-// CUDA kernel of mixprec::cast_and_scale: grid-stride, 16-byte loads, 64-bit indexing, one atomic per block for
+// CUDA kernel of mixprec::cast_and_scale: grid-stride over one wave of resident blocks, 16-byte loads, 64-bit indexing, one atomic per block for
 // amax. Conversions give exactly torch's own cast (c10's, round-to-nearest-even): c10's types, or for saturated fp8
 // on sm_89+ the hardware conversion, which gives the same bits (store_fp8_hw).
 #include <ATen/core/Tensor.h>
@@ -147,13 +147,14 @@ void launch_amax(const Src* x, Dst* y, int64_t n, const float* scale_ptr, float 
                  uint32_t* amax_bits, cudaStream_t stream) {
   const int64_t nvec = n / VEC;
   const int64_t want = (nvec + static_cast<int64_t>(kThreads) * kUnroll - 1) / (kThreads * kUnroll);
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sm_count() * 8LL)));
+  constexpr auto with_amax = &cast_and_scale_kernel<Src, Dst, VEC, SAT, KEEP_INF, true>;
+  constexpr auto without = &cast_and_scale_kernel<Src, Dst, VEC, SAT, KEEP_INF, false>;
   if (amax_bits)
-    cast_and_scale_kernel<Src, Dst, VEC, SAT, KEEP_INF, true>
-        <<<blocks, kThreads, 0, stream>>>(x, y, n, scale_ptr, scale_value, fmax, amax_bits);
+    with_amax<<<grid_stride_blocks<with_amax>(want, kThreads), kThreads, 0, stream>>>(x, y, n, scale_ptr,
+                                                                                     scale_value, fmax, amax_bits);
   else
-    cast_and_scale_kernel<Src, Dst, VEC, SAT, KEEP_INF, false>
-        <<<blocks, kThreads, 0, stream>>>(x, y, n, scale_ptr, scale_value, fmax, amax_bits);
+    without<<<grid_stride_blocks<without>(want, kThreads), kThreads, 0, stream>>>(x, y, n, scale_ptr, scale_value,
+                                                                                  fmax, amax_bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

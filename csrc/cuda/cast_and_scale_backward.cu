@@ -82,9 +82,9 @@ void launch_vec(const X* x, const G* g, X* out, int64_t n, const float* scale_pt
                 cudaStream_t stream) {
   const int64_t nvec = n / VEC;
   const int64_t want = (nvec + static_cast<int64_t>(kThreads) * kUnroll - 1) / (kThreads * kUnroll);
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sm_count() * 8LL)));
-  cast_and_scale_backward_kernel<X, G, VEC, SAT, KEEP_INF>
-      <<<blocks, kThreads, 0, stream>>>(x, g, out, n, scale_ptr, scale_value, fmax);
+  constexpr auto kernel = &cast_and_scale_backward_kernel<X, G, VEC, SAT, KEEP_INF>;
+  kernel<<<grid_stride_blocks<kernel>(want, kThreads), kThreads, 0, stream>>>(x, g, out, n, scale_ptr, scale_value,
+                                                                              fmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace mixprec::cuda {
@@ -20,6 +22,26 @@ inline int sm_count() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
   if (dev < 64) cache[dev] = n;
   return n;
+}
+
+// Grid for a grid-stride kernel in which every block does the same share of the work: `want` blocks (enough for one
+// pass), at most one full wave of the blocks `Kernel` keeps resident at `threads` threads a block. Beyond that wave
+// the blocks left over run in a second, partial one, after the first has finished its equal shares: e.g. 8 blocks
+// a multiprocessor where 6 fit at 40 registers a thread leaves the last quarter of the work to 2 blocks a
+// multiprocessor, too few loads in flight to keep HBM busy. Cached per kernel and device.
+template <auto Kernel>
+int grid_stride_blocks(int64_t want, int threads) {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int wave = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (wave == 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, 0));
+    wave = std::max(1, per_sm) * sm_count();
+    if (dev < 64) cache[dev].store(wave, std::memory_order_relaxed);
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, wave)));
 }
 
 // `N` elements of T moved as one aligned access (16 bytes for the widest case).

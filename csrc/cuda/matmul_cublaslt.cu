@@ -180,11 +180,12 @@ void launch_epilogue_act(const at::Tensor& acc, const at::Tensor& y, const at::T
   Out* pp = pre ? static_cast<Out*>(pre->data_ptr()) : nullptr;
   TORCH_INTERNAL_ASSERT(aligned(ap, sizeof(In) * VEC) && aligned(yp, 16) && (!pp || aligned(pp, 16)));
   const int64_t want = (n / VEC + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sm_count() * 8LL)));
+  constexpr auto with_pre = &epilogue_kernel<In, Out, ACT, true>;
+  constexpr auto without = &epilogue_kernel<In, Out, ACT, false>;
   if (pp)
-    epilogue_kernel<In, Out, ACT, true><<<blocks, kThreads, 0, stream>>>(ap, yp, pp, n);
+    with_pre<<<grid_stride_blocks<with_pre>(want, kThreads), kThreads, 0, stream>>>(ap, yp, pp, n);
   else
-    epilogue_kernel<In, Out, ACT, false><<<blocks, kThreads, 0, stream>>>(ap, yp, pp, n);
+    without<<<grid_stride_blocks<without>(want, kThreads), kThreads, 0, stream>>>(ap, yp, pp, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
