@@ -65,18 +65,52 @@ UNSCALE_CASES = [
     (lambda ts, inv, f: (ts + [torch.randn(4, 4).to_sparse()], inv, f), TypeError, r"tensors\[2\] must be a dense"),
     (lambda ts, inv, f: (ts + [torch.randn(3).double()], inv, f), TypeError, r"tensors\[2\] must be float32"),
     (lambda ts, inv, f: (3, inv, f), TypeError, "tensors must be a tensor or a sequence"),
+    (lambda ts, inv, f: (ts + [3.0], inv, f), TypeError, r"tensors\[2\] must be a torch.Tensor"),
+    (lambda ts, inv, f: (ts + [None], inv, f), TypeError, r"tensors\[2\] must be a torch.Tensor"),
 ]
 
 
+def _unscale_backends():
+    """The reference, and the C++ op where it is built: it checks the list itself, and the Python sweep runs only
+    to word its error, so both routes must word each one alike."""
+    cpp = mixprec_ops.backends.unavailable_reason("unscale_", "cpu", torch.device("cpu"))
+    return ["torch", pytest.param("cpu", marks=pytest.mark.skipif(cpp is not None, reason=f"no C++ op: {cpp}"))]
+
+
+@pytest.mark.parametrize("backend", _unscale_backends())
 @pytest.mark.parametrize("make,exc,text", UNSCALE_CASES, ids=[c[2] + f"-{i}" for i, c in enumerate(UNSCALE_CASES)])
-def test_unscale_rejects_and_touches_nothing(make, exc, text):
+def test_unscale_rejects_and_touches_nothing(make, exc, text, backend):
     ts, inv, found = good_unscale_args()
     before = [t.clone() for t in ts]
     args = make(ts, inv, found)
     with pytest.raises(exc, match=text):
-        mixprec_ops.unscale_(*args)
+        mixprec_ops.unscale_(*args, backend=backend)
     for a, b in zip(ts, before):
         assert torch.equal(a, b), "a rejected call modified a tensor"
+    assert found.item() == 0.0
+
+
+def test_unscale_sweeps_the_list_in_python_only_to_word_a_cpp_error(monkeypatch):
+    """On the C++ backends a good call skips the Python sweep over the list (the op checks each tensor before it
+    touches any); a bad one runs it, for the error users have always had. The reference backend sweeps first."""
+    if mixprec_ops.backends.unavailable_reason("unscale_", "cpu", torch.device("cpu")):
+        pytest.skip("C++ extension unavailable")
+    from mixprec_ops.ops import unscale as U
+
+    sweeps = []
+    real = U._check_tensors
+    monkeypatch.setattr(U, "_check_tensors", lambda *a: (sweeps.append(1), real(*a))[1])
+    ts, inv, found = good_unscale_args()
+    mixprec_ops.unscale_(ts, inv, found, backend="cpu")
+    assert sweeps == []
+    mixprec_ops.unscale_(ts, inv, found, backend="torch")
+    assert sweeps == [1]
+    with pytest.raises(TypeError, match=r"tensors\[2\] must be float32"):
+        mixprec_ops.unscale_(ts + [torch.arange(3)], inv, found, backend="cpu")
+    assert sweeps == [1, 1]
+    # what the sweep does not look for: the C++ error itself
+    with pytest.raises(RuntimeError, match=r"tensors\[2\] has elements that share memory"):
+        mixprec_ops.unscale_(ts + [torch.randn(1).expand(3)], inv, found, backend="cpu")
     assert found.item() == 0.0
 
 
