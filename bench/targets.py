@@ -78,7 +78,7 @@ def _judge(rows: list[dict], geomeans: list[dict] | None, device: str, partial: 
         if dev != device:
             continue
         for r in rows:
-            if (r["op"] != op or is_baseline(r["backend"]) or r.get("pass") == "backward"
+            if (r["op"] != op or is_baseline(r["backend"]) or ":" in r["backend"] or r.get("pass") == "backward"
                     or (big_only and (r.get("tensor_bytes") or 0) < MIN_BYTES)):
                 continue
             unit = "% of copy" if metric == "pct_copy" else "x torch"

@@ -608,6 +608,32 @@ def test_cast_backward_cases_check_bits():
         assert "grad_x" in (c.check(Impl("cpu", no_mask)) or "")
 
 
+def test_cast_experiment_row_times_the_triton_kernel_at_8192(monkeypatch):
+    """The bench times the Triton cast at 8192 elements a program beside the op (4096) for 2-byte sources, as a row
+    of its own that passes the same bit check and that no target judges."""
+    pytest.importorskip("triton")
+    from bench import cases_cast, targets
+    from mixprec_ops.triton_kernels import cast_and_scale as tk
+
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(cases_cast, "sizes", lambda ctx: [20_000])
+    cases = cases_cast.cases(Ctx(torch.device("cpu"), True, ("triton",)))
+    rows = {(c.name, i.backend): (c, i) for c in cases for i in c.impls}
+    assert {n for n, b in rows if b == cases_cast.EXPERIMENT_8K} == {"bf16->e4m3 +amax"}
+    blocks = []
+    real = tk._cast_and_scale_kernel
+    monkeypatch.setattr(tk, "_cast_and_scale_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: (blocks.append(k["BLOCK"]), real[grid](*a, **k))[1]})())
+    c, impl = rows[("bf16->e4m3 +amax", cases_cast.EXPERIMENT_8K)]
+    assert c.check(impl) is None and blocks == [8192]
+    assert c.check(Impl(impl.backend, lambda d: impl.fn({**d, "x": d["x"][:-1]}))) is not None  # a wrong one fails
+    row = {"op": "cast_and_scale", "case": c.name, "backend": impl.backend, "numel": 1, "bytes": 1, "gbps": 1.0,
+           "pct_copy": 1.0, "vs_torch": 1.0, "tensor_bytes": 10**9, "check": "ok"}
+    assert targets.judge([row], [], "cuda") == []
+    assert targets.judge([{**row, "backend": "triton"}], [], "cuda") != []
+
+
 def test_sanitize_subset_runs_on_the_cpu_kernels(tmp_path):
     """bench/sanitize_subset.py (the calls bench/gpu_check runs under compute-sanitizer) with --device cpu: the same
     calls through the C++ CPU kernels, every section compared with the reference. Keeps the script from going stale

@@ -87,15 +87,15 @@ def _signed_zero_as_tensor(scale, scale_value, device):
     return scale
 
 
-def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k):
+def launch_cast_and_scale(x, y, scale, scale_value, amax, saturate, wrap=lambda k: k, block=4096):
     """x: dense (walkable) tensor; y: empty_like(x, dtype) (same strides). `wrap` is torch.library.wrap_triton
-    when called from a triton_op."""
+    when called from a triton_op. `block`: elements a program (a power of two); the op always takes 4096, the
+    benchmark also times 8192 for 2-byte sources (bench/cases_cast.py)."""
     n = x.numel()
     if n == 0:
         return
     dtype = y.dtype
     scale = _signed_zero_as_tensor(scale, scale_value, x.device)
-    block = 4096
     grid = (triton.cdiv(n, block),)
     wrap(_cast_and_scale_kernel)[grid](
         x.view(torch.int16) if x.dtype == torch.bfloat16 else x, y.view(_STORE_VIEW[dtype]), n,
