@@ -34,6 +34,36 @@ def test_rows_and_program_map():
     assert n1 == 4 and prog1.view(-1, 2).tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
 
 
+def _tables_by_loop(lists, chunk):
+    """The tables as the first version built them, one tensor at a time (the oracle of the vectorized builder)."""
+    rows, prog = [], []
+    for i in range(len(lists[0])):
+        numel = lists[0][i].numel()
+        if numel:
+            rows.append([lst[i].data_ptr() for lst in lists] + [numel, i])
+            prog += [(len(rows) - 1, c) for c in range(-(-numel // chunk))]
+    flat = [x for r in rows for x in r]
+    return flat + [0] * (len(flat) % 2), [x for p in prog for x in p], len(prog)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_tables_match_a_per_tensor_loop(depth, chunk):
+    """Random sizes (empty ones, ones spanning many chunks, exact multiples), in 1, 2 and 5 parallel lists; an
+    empty list of tensors and a list of only empty tensors."""
+    g = torch.Generator().manual_seed(depth * 100 + chunk)
+    for count in (0, 1, 3, 57):
+        sizes = torch.randint(0, 200, (count,), generator=g).tolist()
+        sizes = [0 if k % 5 == 1 else (3 * chunk if k % 7 == 2 else n) for k, n in enumerate(sizes)]
+        lists = [[torch.empty(n) for n in sizes] for _ in range(depth)]
+        rows, prog, n = tables.get_tables(lists, torch.device("cpu"), chunk, "test")
+        want_rows, want_prog, want_n = _tables_by_loop(lists, chunk)
+        assert rows.dtype == prog.dtype == torch.int64
+        assert (rows.tolist(), prog.tolist(), n) == (want_rows, want_prog, want_n)
+    empties = [[torch.empty(0), torch.empty(0)]]
+    assert [x.tolist() for x in tables.get_tables(empties, torch.device("cpu"), chunk, "test")[:2]] == [[], []]
+
+
 def test_cache_hits_misses_and_eviction(monkeypatch):
     """The same tensors (addresses and sizes) hit: the very same buffers, nothing rebuilt. Another address, another
     numel at the same address, or another op miss. Beyond TABLE_CACHE_SIZE the least recently used goes first."""
