@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import sys
 import time
 
@@ -86,6 +87,30 @@ def _progress(total):
                 bar.close()
 
     return Bar()
+
+
+def backend_of(label: str) -> str:
+    """The backend a row's label runs on: "cuda-gemm+sum" is a variant of the cuda backend (cases_matmul's wgrad
+    case), "triton:block8192" an experiment on the Triton kernel (cases_cast)."""
+    return re.split(r"[-:]", label, maxsplit=1)[0]
+
+
+def drop_unavailable(cases, device, skipped: list[str]) -> None:
+    """Drop from each case the implementations whose backend cannot serve its op here, saying why (once per op and
+    label, in `skipped` and on stdout)."""
+    import mixprec_ops  # (imported late, as in main)
+
+    for c in cases:
+        keep = []
+        for impl in c.impls:
+            why = (None if impl.backend.startswith(BASELINE)
+                   else mixprec_ops.backends.unavailable_reason(c.op, backend_of(impl.backend), device))
+            if why is None:
+                keep.append(impl)
+            elif not any(s.startswith(f"{c.op} {impl.backend}:") for s in skipped):
+                skipped.append(f"{c.op} {impl.backend}: {why}")
+                print(f"  skipped: {skipped[-1]}")
+        c.impls = keep
 
 
 def main(argv=None) -> int:
@@ -182,21 +207,7 @@ def main(argv=None) -> int:
 
     ctx = Ctx(device, args.quick, KERNEL_BACKENDS[dev_type])
     cases = [c for f in providers.values() for c in f(ctx)]
-    for c in cases:  # drop backends that cannot serve this op here, saying why (once per op and backend)
-        keep = []
-        for impl in c.impls:
-            why = (
-                None
-                if impl.backend.startswith(BASELINE)
-                # "cuda-gemm+sum": a variant of the cuda backend (cases_matmul's wgrad case)
-                else mixprec_ops.backends.unavailable_reason(c.op, impl.backend.split("-", 1)[0], device)
-            )
-            if why is None:
-                keep.append(impl)
-            elif not any(s.startswith(f"{c.op} {impl.backend}:") for s in skipped):
-                skipped.append(f"{c.op} {impl.backend}: {why}")
-                print(f"  skipped: {skipped[-1]}")
-        c.impls = keep
+    drop_unavailable(cases, device, skipped)
 
     rows, notes = [], []
 

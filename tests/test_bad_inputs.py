@@ -67,14 +67,20 @@ UNSCALE_CASES = [
     (lambda ts, inv, f: (3, inv, f), TypeError, "tensors must be a tensor or a sequence"),
     (lambda ts, inv, f: (ts + [3.0], inv, f), TypeError, r"tensors\[2\] must be a torch.Tensor"),
     (lambda ts, inv, f: (ts + [None], inv, f), TypeError, r"tensors\[2\] must be a torch.Tensor"),
+    (lambda ts, inv, f: (ts + [torch.randn(1).expand(3)], inv, f), ValueError, r"tensors\[2\] has elements that share"),
+    (lambda ts, inv, f: (ts + [torch.randn(20).as_strided((4, 4), (1, 1))], inv, f), ValueError,
+     r"tensors\[2\] has elements that share"),
+    (lambda ts, inv, f: (ts + [torch.randn(3, requires_grad=True)], inv, f), RuntimeError,
+     r"tensors\[2\] is a leaf tensor that requires grad"),
 ]
 
 
 def _unscale_backends():
-    """The reference, and the C++ op where it is built: it checks the list itself, and the Python sweep runs only
-    to word its error, so both routes must word each one alike."""
-    cpp = mixprec_ops.backends.unavailable_reason("unscale_", "cpu", torch.device("cpu"))
-    return ["torch", pytest.param("cpu", marks=pytest.mark.skipif(cpp is not None, reason=f"no C++ op: {cpp}"))]
+    """The reference and the Triton op, which write tensor by tensor (all checks first), and the C++ op where it is
+    built, which checks the list itself (the Python sweeps run only to word its error): each error worded alike."""
+    why = {b: mixprec_ops.backends.unavailable_reason("unscale_", b, torch.device("cpu")) for b in ("cpu", "triton")}
+    return ["torch", *(pytest.param(b, marks=pytest.mark.skipif(w is not None, reason=f"{b}: {w}"))
+                       for b, w in why.items())]
 
 
 @pytest.mark.parametrize("backend", _unscale_backends())
@@ -105,12 +111,13 @@ def test_unscale_sweeps_the_list_in_python_only_to_word_a_cpp_error(monkeypatch)
     assert sweeps == []
     mixprec_ops.unscale_(ts, inv, found, backend="torch")
     assert sweeps == [1]
-    with pytest.raises(TypeError, match=r"tensors\[2\] must be float32"):
+    with pytest.raises(TypeError, match=r"tensors\[2\] must be float32") as err:
         mixprec_ops.unscale_(ts + [torch.arange(3)], inv, found, backend="cpu")
     assert sweeps == [1, 1]
-    # what the sweep does not look for: the C++ error itself
-    with pytest.raises(RuntimeError, match=r"tensors\[2\] has elements that share memory"):
-        mixprec_ops.unscale_(ts + [torch.randn(1).expand(3)], inv, found, backend="cpu")
+    assert err.value.__context__ is None  # raised as a user's own error, not "during handling of" the C++ one
+    # what the sweeps do not look for: the C++ error itself
+    with pytest.raises(RuntimeError, match=r"tensors\[2\] has no allocated memory"):
+        mixprec_ops.unscale_(ts + [_freed(torch.randn(3))], inv, found, backend="cpu")
     assert found.item() == 0.0
 
 
@@ -193,8 +200,9 @@ def test_unscale_rejects_tensors_sharing_memory_before_touching_any():
         first = torch.tensor([0.5, float("inf")])
         found = torch.zeros(1)
         with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
-            mixprec_ops.unscale_([first, bad], torch.full((1,), 0.5), found, backend="cpu")
+            torch.ops.mixprec.unscale_([first, bad], torch.full((1,), 0.5), found, False)
         assert first.tolist() == [0.5, float("inf")] and found.item() == 0.0
+    # (the public call, on every backend: UNSCALE_CASES)
 
 
 def test_a_meta_tensor_among_cpu_ones_is_refused():

@@ -628,6 +628,16 @@ def test_cast_experiment_row_times_the_triton_kernel_at_8192(monkeypatch):
     c, impl = rows[("bf16->e4m3 +amax", cases_cast.EXPERIMENT_8K)]
     assert c.check(impl) is None and blocks == [8192]
     assert c.check(Impl(impl.backend, lambda d: impl.fn({**d, "x": d["x"][:-1]}))) is not None  # a wrong one fails
+    # the bench's filter of unavailable backends reads the label's backend ("triton"; the whole label raised)
+    from bench import cli
+
+    assert cli.backend_of(impl.backend) == "triton" and cli.backend_of("cuda-gemm+sum") == "cuda"
+    skipped = []
+    cli.drop_unavailable(cases, torch.device("cpu"), skipped)
+    assert impl in c.impls and skipped == []
+    cli.drop_unavailable(cases, torch.device("meta"), skipped)
+    assert c.impls == [i for i in c.impls if i.backend == BASELINE] and f"cast_and_scale {impl.backend}: " in (
+        "\n".join(skipped))
     row = {"op": "cast_and_scale", "case": c.name, "backend": impl.backend, "numel": 1, "bytes": 1, "gbps": 1.0,
            "pct_copy": 1.0, "vs_torch": 1.0, "tensor_bytes": 10**9, "check": "ok"}
     assert targets.judge([row], [], "cuda") == []

@@ -7,6 +7,8 @@ triton_kernels/unscale.py) and the public function.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from .. import _checks, _ext, backends
@@ -117,6 +119,39 @@ def _check_tensors(tensors, device):
             raise ValueError(f"tensors[{i}] is on {t.device} but inv_scale is on {device}; all must share one device")
 
 
+def _check_writable(tensors):
+    """What an in-place write would refuse partway through the list, refused before any is written: a tensor whose
+    elements share memory (expanded, or an overlapping view: the C++ op's own rule, may_share_memory in
+    csrc/common.h), and with grad mode on, a leaf that requires grad."""
+    if not all(map(_contiguous, tensors)):  # (a contiguous tensor never overlaps itself)
+        for i, t in enumerate(tensors):
+            if not t.is_contiguous() and _may_share_memory(t):
+                raise ValueError(f"tensors[{i}] has elements that share memory (an expanded or overlapping view); "
+                                 "unscale_ writes it in place")
+    if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
+        for i, t in enumerate(tensors):
+            if t.requires_grad and t.is_leaf:
+                raise RuntimeError(f"tensors[{i}] is a leaf tensor that requires grad; unscale_ writes it in place, "
+                                   "which autograd refuses (call it under torch.no_grad(), or pass the grads)")
+
+
+_requires_grad = attrgetter("requires_grad")
+
+
+def _may_share_memory(t) -> bool:
+    """csrc/common.h's may_share_memory: torch's internal-overlap test, and where that cannot tell, the sufficient
+    rule that, dims ordered by stride, each stride exceeds the span of the smaller ones."""
+    o = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard to tell
+    if o != 2:
+        return o == 1
+    span = 0
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     """Multiply every tensor by inv_scale in place; set found_inf to 1 if any element is inf or NaN.
 
@@ -155,15 +190,22 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
     _checks.device_scalar(found_inf, "found_inf", inv_scale.device, contiguous=True)
     _checks.boolean(return_norm, "return_norm")
     b = _select(inv_scale.device, backend)
-    if b in _CPP_BACKENDS and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # (the op's fake and its kernel check the rest)
+        _check_tensors(tensors, inv_scale.device)
+        return _run(b, tensors, inv_scale, found_inf, return_norm)
+    if b in _CPP_BACKENDS:
         # The C++ op checks every tensor before it touches any (csrc/common.h check_unscale_args), so the Python
-        # sweep runs only to word its error: ~45% of a 2,000-tensor call's host time saved (bench/NOTES.md).
+        # sweeps run only to word its error: ~45% of a 2,000-tensor call's host time saved (bench/NOTES.md).
         try:
             return _run(b, tensors, inv_scale, found_inf, return_norm)
-        except (RuntimeError, NotImplementedError):  # a non-tensor, a sparse tensor, a dtype or device ...
-            _check_tensors(tensors, inv_scale.device)  # ... named as ever; what it does not look for re-raises
-            raise
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+            failed = e
+        _check_tensors(tensors, inv_scale.device)  # (outside the handler: the error alone, as a user's own)
+        _check_writable(tensors)
+        raise failed  # what the sweeps do not look for
+    # the reference and the Triton op write tensor by tensor, or copy a non-dense one back: all checks first
     _check_tensors(tensors, inv_scale.device)
+    _check_writable(tensors)
     return _run(b, tensors, inv_scale, found_inf, return_norm)
 
 
