@@ -62,6 +62,13 @@ def test_tables_match_a_per_tensor_loop(depth, chunk):
         assert (rows.tolist(), prog.tolist(), n) == (want_rows, want_prog, want_n)
     empties = [[torch.empty(0), torch.empty(0)]]
     assert [x.tolist() for x in tables.get_tables(empties, torch.device("cpu"), chunk, "test")[:2]] == [[], []]
+    # built on the host under another default device (torch.set_default_device; on a GPU the table was made
+    # there and then failed to pin)
+    lists = [[torch.empty(n) for n in (3, 0, 2 * chunk + 1)] for _ in range(depth)]
+    tables.clear_table_cache()
+    with torch.device("meta"):
+        rows, prog, n = tables.get_tables(lists, torch.device("cpu"), chunk, "test")
+    assert rows.device.type == "cpu" and (rows.tolist(), prog.tolist(), n) == _tables_by_loop(lists, chunk)
 
 
 def test_cache_hits_misses_and_eviction(monkeypatch):

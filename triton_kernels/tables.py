@@ -87,14 +87,14 @@ def _build(ptrs, numels, chunk):
     even length (the map starts 16-byte aligned), then the (row, chunk) pairs, made with tensor ops on the whole
     lists. (A Python loop over the tensors took ~5 us each, 10 ms at 2,000 grads: every step where
     zero_grad(set_to_none=True) gave the grads new addresses.)"""
-    i64 = torch.int64
-    numel = torch.tensor(numels, dtype=i64)
+    on = {"dtype": torch.int64, "device": "cpu"}  # (host tensors whatever the default device)
+    numel = torch.tensor(numels, **on)
     idx = torch.nonzero(numel).squeeze(1)  # the non-empty tensors, in order
     kept = numel[idx]
-    rows = torch.stack([*(torch.tensor(p, dtype=i64)[idx] for p in ptrs), kept, idx], dim=1).flatten()
+    rows = torch.stack([*(torch.tensor(p, **on)[idx] for p in ptrs), kept, idx], dim=1).flatten()
     per = (kept + (chunk - 1)).div(chunk, rounding_mode="floor")  # programs of each row
-    row_of = torch.repeat_interleave(torch.arange(idx.numel(), dtype=i64), per)
-    chunk_of = torch.arange(row_of.numel(), dtype=i64) - torch.repeat_interleave(per.cumsum(0) - per, per)
+    row_of = torch.repeat_interleave(torch.arange(idx.numel(), **on), per)
+    chunk_of = torch.arange(row_of.numel(), **on) - torch.repeat_interleave(per.cumsum(0) - per, per)
     pad = rows.new_zeros(rows.numel() % 2)
     host = torch.cat([rows, pad, torch.stack([row_of, chunk_of], dim=1).flatten()])
     return host, rows.numel() + pad.numel(), row_of.numel()
