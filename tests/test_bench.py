@@ -566,6 +566,31 @@ def test_adam_case_check_compares_every_state_tensor():
     assert bad is not None and "param 5 exp_avg_sq" in bad, bad
 
 
+def test_adam_experiment_row_steps_with_one_block_a_program(monkeypatch):
+    """The AdamW cases time the Triton kernel at CHUNK = BLOCK = 1024, 4 warps beside the op's tiles, as a row of
+    its own with its own optimizer: bit-exact against the reference like the op's rows, launched with those tiles
+    and only during its own steps (the module's tiles restored after, the op's rows untouched)."""
+    pytest.importorskip("triton")
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    from mixprec_ops.triton_kernels import adam as ta
+
+    from bench import cases_adam
+
+    case = cases_adam._case(Ctx(torch.device("cpu"), True, ("triton",)), "small", [3000, 5, 1030, 1])
+    impl = next(i for i in case.impls if i.backend == cases_adam.EXPERIMENT_TILES)
+    seen = []
+    real = ta._adam_kernel
+    monkeypatch.setattr(ta, "_adam_kernel", type("K", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
+        seen.append((grid[0], k["CHUNK"], k["BLOCK"], k["num_warps"])), real[grid](*a, **k))[1]})())
+    assert case.check(impl) is None
+    assert seen and all(x[1:] == (1024, 1024, 4) for x in seen) and seen[0][0] == 3 + 1 + 2 + 1  # 1024s a program
+    assert (ta.CHUNK, ta.BLOCK, ta.NUM_WARPS) == (65536, 1024, 8)
+    seen.clear()
+    op = next(i for i in case.impls if i.backend == "triton")
+    assert case.check(op) is None and all(x[1:] == (65536, 1024, 8) for x in seen)
+
+
 def test_adam_scalars_cases_check_bits():
     """mixprec::adam_scalars' cases (the step scalars, one op against the ~13-op torch expression): ours passes its
     check; a result one ulp off in one scalar fails it."""
@@ -612,8 +637,9 @@ def test_cast_experiment_row_times_the_triton_kernel_at_8192(monkeypatch):
     """The bench times the Triton cast at 8192 elements a program beside the op (4096) for 2-byte sources, as a row
     of its own that passes the same bit check and that no target judges."""
     pytest.importorskip("triton")
-    from bench import cases_cast, targets
     from mixprec_ops.triton_kernels import cast_and_scale as tk
+
+    from bench import cases_cast, targets
 
     if not os.environ.get("TRITON_INTERPRET"):
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
