@@ -1,6 +1,6 @@
-// CUDA kernel of mixprec::cast_and_scale: grid-stride over one wave of resident blocks, 16-byte loads, 64-bit indexing, one atomic per block for
-// amax. Conversions give exactly torch's own cast (c10's, round-to-nearest-even): c10's types, or for saturated fp8
-// on sm_89+ the hardware conversion, which gives the same bits (store_fp8_hw).
+// CUDA kernel of mixprec::cast_and_scale: grid-stride over one wave of resident blocks, 16-byte loads, 64-bit
+// indexing, one atomic per block for amax. Conversions give exactly torch's own cast (c10's, round-to-nearest-even):
+// c10's types, or for saturated fp8 on sm_89+ the hardware conversion, which gives the same bits (store_fp8_hw).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
