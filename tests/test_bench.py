@@ -570,9 +570,9 @@ def test_adam_experiment_row_steps_with_one_block_a_program(monkeypatch):
     """The AdamW cases time the Triton kernel at CHUNK = BLOCK = 1024, 4 warps beside the op's tiles, as a row of
     its own with its own optimizer: bit-exact against the reference like the op's rows, launched with those tiles
     and only during its own steps (the module's tiles restored after, the op's rows untouched)."""
-    pytest.importorskip("triton")
-    if not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    why = mixprec_ops.backends.unavailable_reason("adam_step_", "triton", torch.device("cpu"))
+    if why is not None:
+        pytest.skip(f"the Triton AdamW kernel on CPU tensors: {why}")
     from mixprec_ops.triton_kernels import adam as ta
 
     from bench import cases_adam
