@@ -73,6 +73,8 @@ UNSCALE_CASES = [
      r"tensors\[2\] has elements that share"),
     (lambda ts, inv, f: (ts + [torch.randn(3, requires_grad=True)], inv, f), RuntimeError,
      r"tensors\[2\] is a leaf tensor that requires grad"),
+    (lambda ts, inv, f: (ts + [torch.ones(4, requires_grad=True)[:2]], inv, f), RuntimeError,
+     r"tensors\[2\] is a view of a leaf tensor that requires grad"),
 ]
 
 

@@ -122,7 +122,8 @@ def _check_tensors(tensors, device):
 def _check_writable(tensors):
     """What an in-place write would refuse partway through the list, refused before any is written: a tensor whose
     elements share memory (expanded, or an overlapping view: the C++ op's own rule, may_share_memory in
-    csrc/common.h), and with grad mode on, a leaf that requires grad."""
+    csrc/common.h, which also refuses an exotic as_strided view it cannot prove free of overlap), and with grad mode
+    on, a leaf that requires grad or a view of one (the Triton op wrote such a view, and so the leaf, unrefused)."""
     if not all(map(_contiguous, tensors)):  # (a contiguous tensor never overlaps itself)
         for i, t in enumerate(tensors):
             if not t.is_contiguous() and _may_share_memory(t):
@@ -130,9 +131,11 @@ def _check_writable(tensors):
                                  "unscale_ writes it in place")
     if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
         for i, t in enumerate(tensors):
-            if t.requires_grad and t.is_leaf:
-                raise RuntimeError(f"tensors[{i}] is a leaf tensor that requires grad; unscale_ writes it in place, "
-                                   "which autograd refuses (call it under torch.no_grad(), or pass the grads)")
+            base = t._base
+            if t.requires_grad and (t.is_leaf or (base is not None and base.is_leaf and base.requires_grad)):
+                what = "a leaf tensor" if t.is_leaf else "a view of a leaf tensor"
+                raise RuntimeError(f"tensors[{i}] is {what} that requires grad; unscale_ writes it in place, which "
+                                   "autograd refuses (call it under torch.no_grad(), or pass the grads)")
 
 
 _requires_grad = attrgetter("requires_grad")
