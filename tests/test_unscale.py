@@ -232,3 +232,26 @@ def test_triton_eager_route_bumps_versions_and_modes_see_the_op(device, backend)
     seen = []
     torch.func.vmap(lambda x: seen.append(plain_eager([[x]], [inv, fi])) or x)(torch.zeros(2, 3, device=device))
     assert seen == [False]  # a torch.func transform's wrapped tensors are torch.Tensor too: the op must see them
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(OP) if p.values[1] == "triton"])
+def test_triton_route_groups_the_list_once(device, backend, monkeypatch):
+    """The public call's check groups the list by dtype (torch's C++ grouping); the Triton route launches by that
+    grouping rather than making it again (~0.35 ms at 2,000 tensors), unless it worked on dense copies of
+    non-dense tensors. Mixed dtypes, results bit for bit."""
+    from mixprec_ops.ops import unscale as U
+
+    calls = []
+    real = U._group_by_device_and_dtype
+    monkeypatch.setattr(U, "_group_by_device_and_dtype", lambda *a: (calls.append(1), real(*a))[1])
+    for ts, want_calls in ((make_list(device, sizes=(3, 70, 1030))[:3], 1), (make_list(device, sizes=(5,)), 2)):
+        ref = [t.clone() for t in ts]
+        fi, fi_ref = torch.zeros(1, device=device), torch.zeros(1, device=device)
+        inv = torch.tensor([0.375], device=device)
+        calls.clear()
+        mixprec_ops.unscale_(ts, inv, fi, backend=backend)
+        unscale_reference(ref, inv, fi_ref)
+        assert len(calls) == want_calls, calls
+        for o, r in zip(ts, ref, strict=True):
+            assert_bit_exact(o, r)
+        assert torch.equal(fi, fi_ref)

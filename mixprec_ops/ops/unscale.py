@@ -49,9 +49,9 @@ _triton_op = None
 _contiguous = torch.Tensor.is_contiguous
 
 
-def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
+def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm, grouped=None):
     """The Triton op's body: the tensors grouped by dtype (a non-dense one through a dense copy, written back),
-    then one launch per dtype."""
+    then one launch per dtype. `grouped`: torch's grouping of these very tensors, when the caller's check made it."""
     from ..triton_kernels.unscale import launch_unscale
 
     copy_back = []
@@ -65,8 +65,9 @@ def _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm):
                 copy_back.append((t, w))
             work.append(w)
     # by dtype, each list in the given order (torch's C++ grouping, which refuses an empty list)
-    groups = {dtype: lists[0] for (_, dtype), (lists, _) in
-              (_group_by_device_and_dtype([list(work)], False).items() if work else ())}
+    if grouped is None or work is not tensors:
+        grouped = _group_by_device_and_dtype([list(work)], False) if work else {}
+    groups = {dtype: lists[0] for (_, dtype), (lists, _) in grouped.items()}
     norm = launch_unscale(groups, inv_scale, found_inf, return_norm)
     for t, w in copy_back:
         t.copy_(w)
@@ -104,15 +105,16 @@ def _check_tensors(tensors, device):
     """Validate the list in one cheap sweep (thousands of grads per step); find the culprit only on failure.
     torch's C++ grouping by (device, dtype) plus one sweep over the layouts: 0.26 ms for 2,000 tensors on the
     2-core CI CPU, against 0.45 ms for a Python sweep over (dtype, device, layout) (reading .device builds a
-    torch.device object per tensor)."""
+    torch.device object per tensor). Returns that grouping (the Triton route launches by it), or None for an empty
+    list."""
     try:
-        kinds = _group_by_device_and_dtype([list(tensors)], False).keys()
+        grouped = _group_by_device_and_dtype([list(tensors)], False) if tensors else {}
         layouts = {t.layout for t in tensors}  # (not map over an attrgetter: a compiled step traces this)
     except (AttributeError, TypeError, RuntimeError):  # a non-tensor in the list: the loop below names it
-        kinds = layouts = None
-    if kinds is not None and layouts <= {torch.strided} and all(d in _OK_DTYPES and dev == device
-                                                                 for dev, d in kinds):
-        return
+        grouped = layouts = None
+    if grouped is not None and layouts <= {torch.strided} and all(d in _OK_DTYPES and dev == device
+                                                                  for dev, d in grouped):
+        return grouped or None
     for i, t in enumerate(tensors):
         _checks.float_tensor(t, f"tensors[{i}]")
         if t.device != device:
@@ -207,9 +209,9 @@ def unscale_(tensors, inv_scale, found_inf, *, return_norm=False, backend=None):
         _check_writable(tensors)
         raise failed  # what the sweeps do not look for
     # the reference and the Triton op write tensor by tensor, or copy a non-dense one back: all checks first
-    _check_tensors(tensors, inv_scale.device)
+    grouped = _check_tensors(tensors, inv_scale.device)
     _check_writable(tensors)
-    return _run(b, tensors, inv_scale, found_inf, return_norm)
+    return _run(b, tensors, inv_scale, found_inf, return_norm, grouped)
 
 
 def unscale_checked_(tensors, inv_scale, found_inf, return_norm, backend):
@@ -219,8 +221,8 @@ def unscale_checked_(tensors, inv_scale, found_inf, return_norm, backend):
     return _run(_select(inv_scale.device, backend), tensors, inv_scale, found_inf, return_norm)
 
 
-def _run(b, tensors, inv_scale, found_inf, return_norm):
-    """unscale_ on backend `b`, past every check."""
+def _run(b, tensors, inv_scale, found_inf, return_norm, grouped=None):
+    """unscale_ on backend `b`, past every check (`grouped`: the check's grouping of the tensors, if it made one)."""
     if b == "torch":
         return unscale_reference(tensors, inv_scale, found_inf, return_norm)
     if b == "triton":
@@ -231,7 +233,7 @@ def _run(b, tensors, inv_scale, found_inf, return_norm):
                 # the op's body itself, and the versions bumped in one call (the custom op's wrapper bumps them one
                 # Python call a tensor: 2 ms of a 2,000-grad call's ~2.6 ms host time on the CI CPU)
                 _get_triton_op()  # registered all the same: the op exists whichever route a call takes
-                norm = _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm)
+                norm = _unscale_triton_impl(tensors, inv_scale, found_inf, return_norm, grouped)
                 torch._C._increment_version([*tensors, found_inf])
             else:
                 norm = _get_triton_op()(tensors, inv_scale, found_inf, return_norm)
