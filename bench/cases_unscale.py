@@ -144,7 +144,7 @@ def _scaler_make(sizes, device, seed, inv=None):
     ps = [torch.nn.Parameter(torch.empty_like(t)) for t in d["ts"]]
     for p, t in zip(ps, d["ts"], strict=True):
         p.grad = t
-    d["opt"], d["scalers"] = torch.optim.SGD(ps, lr=0.1), {}
+    d["opt"], d["scalers"], d["device"] = torch.optim.SGD(ps, lr=0.1), {}, device
     return d
 
 
@@ -169,9 +169,7 @@ def _scaler_case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
     dev = ctx.device
 
     def make(seed, inv=None):
-        d = _scaler_make(sizes, dev, seed, inv)
-        d["device"] = dev
-        return d
+        return _scaler_make(sizes, dev, seed, inv)
 
     def check(impl: Impl):  # (torch's scaler too: its fp32 kernel rounds the same fp32 products)
         for inv in (1.0 / 3.0, 1.0):

@@ -86,7 +86,7 @@ def walkable(t) -> bool:
     return t.is_contiguous() or torch.ops.aten.is_non_overlapping_and_dense(t)
 
 
-_PLAIN = frozenset(PLAIN_TYPES)
+PLAIN = frozenset(PLAIN_TYPES)
 
 
 def plain_eager(tensor_lists, tensors) -> bool:
@@ -101,14 +101,14 @@ def plain_eager(tensor_lists, tensors) -> bool:
     if not eager_unobserved() or transform_active():
         return False
     ts = [t for t in tensors if t is not None]
-    if not set(map(type, ts)) <= _PLAIN or not all(set(map(type, lst)) <= _PLAIN for lst in tensor_lists):
+    if not set(map(type, ts)) <= PLAIN or not all(set(map(type, lst)) <= PLAIN for lst in tensor_lists):
         return False
     if torch.is_grad_enabled():
-        return not any(map(_requires_grad, ts)) and not any(any(map(_requires_grad, lst)) for lst in tensor_lists)
+        return not any(map(requires_grad, ts)) and not any(any(map(requires_grad, lst)) for lst in tensor_lists)
     return True
 
 
-_requires_grad = attrgetter("requires_grad")
+requires_grad = attrgetter("requires_grad")  # (map over it: a sweep in C; eager-only code, Dynamo cannot trace it)
 
 
 def _byte_span(t):

@@ -39,10 +39,10 @@ Config selection (launch_matmul), per call:
   benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the
   shape bucket (M rounded up to a power of two, N, K), the operand, output and bias dtypes, the activation and
   whether the pre-activation is stored, and the layout class (row-/column-major/strided A, B, C, and TMA
-  eligibility). A cached config that the current code does not offer
-  for the key is ignored; one chosen among another candidate set (an entry records its set: _offered_tag) is tuned
-  again, so that new candidates (split-K, 2026-11-30) get their chance, except where nothing may be tuned (a graph
-  capture, tuning off), where it still serves. (Triton's own disk cache, triton.autotune(cache_results=True), is
+  eligibility). A cached config that the current code does not offer for the key is ignored; one chosen among
+  another candidate set (an entry records its set: _offered_tag) is tuned again, so that new candidates (split-K,
+  2026-11-30) get their chance, except where nothing may be tuned (a graph capture, tuning off), where it still
+  serves. (Triton's own disk cache, triton.autotune(cache_results=True), is
   not used: one Autotuner tunes one kernel while the choice here is among three, and it keys on Triton's hashes in
   Triton's cache dir.)
 - During CUDA graph capture nothing is benchmarked: the config already chosen (memory, then disk) for the key is
@@ -539,6 +539,10 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
     choice among another set where there is one ("disk"). A cached choice among another set is never kept in
     memory: the next call that may tune does."""
     cache = _CACHE if cache is None else cache
+
+    def untuned(why):  # where nothing is tuned: a cached choice among another set if any, else the default
+        return (stale, "disk") if stale is not None else (cands[0], why)
+
     cfg = _CHOSEN.get(key)
     if cfg is not None and cfg in cands:
         return cfg, "memory"
@@ -555,9 +559,9 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
                 return cfg, "disk"
             stale = cfg  # (not kept in memory: the next call that may tune does)
     if capturing:
-        return (stale, "disk") if stale is not None else (cands[0], "default (capture)")
+        return untuned("default (capture)")
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return (stale, "disk") if stale is not None else (cands[0], "default (autotune off)")
+        return untuned("default (autotune off)")
     if len(cands) == 1:
         _CHOSEN[key] = cands[0]
         return cands[0], "only candidate"
@@ -575,7 +579,7 @@ def select_config(key: str, cands: tuple[KernelConfig, ...], run, *, capturing: 
                               f"{'cached' if stale is not None else 'default'} config "
                               f"{(stale or cands[0]).label} ({str(e).splitlines()[0][:200]})",
                               RuntimeWarning, stacklevel=2)
-            return (stale, "disk") if stale is not None else (cands[0], "default (out of memory)")
+            return untuned("default (out of memory)")
         except Exception as e:  # noqa: BLE001  (compilation or launch failure of one config: try the others)
             first_err = first_err or e
             times[c] = math.inf

@@ -25,7 +25,6 @@ except ImportError:
 _grad = attrgetter("grad")
 _layout = attrgetter("layout")
 _group_by = torch._C._group_tensors_by_device_and_dtype  # C++; torch >= 2.1
-_PLAIN = frozenset(_checks.PLAIN_TYPES)
 
 
 def _plain_grads_by_device(optimizer, allow_fp16):
@@ -45,7 +44,7 @@ def _plain_grads_by_device(optimizer, allow_fp16):
     except AttributeError:
         return None
     grads = list(compress(grads, map(is_not, grads, repeat(None))))
-    if not grads or not set(map(type, grads)) <= _PLAIN or set(map(_layout, grads)) != {torch.strided}:
+    if not grads or not set(map(type, grads)) <= _checks.PLAIN or set(map(_layout, grads)) != {torch.strided}:
         return None
     kinds = _group_by([grads], False)
     if not all(dtype in FLOAT_SOURCES for _, dtype in kinds):

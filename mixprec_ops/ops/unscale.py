@@ -7,8 +7,6 @@ triton_kernels/unscale.py) and the public function.
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import torch
 
 from .. import _checks, _ext, backends
@@ -131,16 +129,13 @@ def _check_writable(tensors):
             if not t.is_contiguous() and _may_share_memory(t):
                 raise ValueError(f"tensors[{i}] has elements that share memory (an expanded or overlapping view); "
                                  "unscale_ writes it in place")
-    if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
+    if torch.is_grad_enabled() and any(map(_checks.requires_grad, tensors)):
         for i, t in enumerate(tensors):
             base = t._base
             if t.requires_grad and (t.is_leaf or (base is not None and base.is_leaf and base.requires_grad)):
                 what = "a leaf tensor" if t.is_leaf else "a view of a leaf tensor"
                 raise RuntimeError(f"tensors[{i}] is {what} that requires grad; unscale_ writes it in place, which "
                                    "autograd refuses (call it under torch.no_grad(), or pass the grads)")
-
-
-_requires_grad = attrgetter("requires_grad")
 
 
 def _may_share_memory(t) -> bool:
