@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         print(
             f"  CPU: {mach['cpu']}, {mach['cpu_cores']} cores, torch threads {mach['torch_threads']}, "
             f"last-level cache {mach['cache_bytes'] >> 20} MiB; load average {mach['loadavg_start']}; "
-            f"parallel-region latency {mach['parallel_latency_us_start']} us"
+            f"parallel-region latency {mach['parallel_latency_us_start']} us; C++ kernels' vector code: "
+            f"{bk.get('cpu_isa') or 'none (no extension)'}"
         )
         if mach["parallel_latency_us_start"] > 300:
             print(

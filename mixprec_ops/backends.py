@@ -14,6 +14,7 @@ An explicit request for a backend that cannot serve the call raises ValueError w
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -211,8 +212,25 @@ def report() -> dict:
         "build": dict(_ext.BUILD_INFO),
         "torch": torch.__version__,
         "triton": _triton_version(),
+        "cpu_isa": cpu_vector_isa(),
         "ops": ops,
     }
+
+
+def cpu_vector_isa() -> str | None:
+    """The widest vector code the C++ CPU kernels run on this machine, decided as the extension decides
+    (csrc/cpu/cast_and_scale_avx512.cpp, avx512_enabled): "avx512" when torch's own CPU capability is AVX512 (the CPU
+    has AVX-512 F/BW/VL/DQ and ATEN_CPU_CAPABILITY does not lower it) and the environment variable MIXPREC_CPU_ISA is
+    not "avx2": the fp8 casts then run AVX-512 code, every other kernel its AVX2 code. Else "avx2" on x86-64 (the
+    extension's default build), "native" on other machines, None without the extension. The variable is read at
+    every call, on both sides."""
+    if not _ext.LOADED:
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "native"
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512") and os.environ.get("MIXPREC_CPU_ISA") != "avx2":
+        return "avx512"
+    return "avx2"
 
 
 def _triton_version() -> str | None:

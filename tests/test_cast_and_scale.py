@@ -27,6 +27,27 @@ SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
             448.0, 464.0, 470.0, 480.0, 57344.0, 61440.0, 3.4e38, -3.4e38, 1.0, -1.0]
 
 
+# The C++ CPU kernel's code paths for fp8 targets on this machine: its AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the
+# AVX-512 code off; on a machine without AVX-512 it is the only path) and, where the CPU and torch have AVX-512, its
+# AVX-512 code (csrc/cpu/cast_and_scale_avx512.cpp), which serves calls there by default. The tests below that
+# probe the kernel's rounding, tails and task split run on each path.
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+CPU_ISAS = [pytest.param("avx2", id="avx2"),
+            pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+                not _AVX512, reason="the CPU (or torch's ATEN_CPU_CAPABILITY) has no AVX-512: the AVX2 path only"))]
+
+
+@pytest.fixture
+def cpu_isa(request, monkeypatch):
+    """Runs the test on one code path of the CPU kernel (indirect parameter: "avx2" or "avx512")."""
+    if request.param == "avx2":
+        monkeypatch.setenv("MIXPREC_CPU_ISA", "avx2")
+    else:
+        monkeypatch.delenv("MIXPREC_CPU_ISA", raising=False)
+    assert mixprec_ops.backends.cpu_vector_isa() in (request.param, None)
+    return request.param
+
+
 def make_x(n, src, device, specials=True):
     hi = {torch.float16: 4.5}.get(src, 6.0)  # fp16 inputs mostly finite
     x = wide_random((n,), torch.float32, "cpu", lo=-9.0, hi=hi)
@@ -180,13 +201,15 @@ def test_saturated_fp8_bits_match_torch_on_device(device, backend, src, dst):
             for a, g, r in zip(xb, yb, rb))
 
 
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src", SOURCES, ids=str)
 @pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
-def test_fp8_probes_on_the_cpu_kernel(src, dst):
-    """The C++ CPU kernel's fp8 rounding (on AVX2 the adder-based vector code of csrc/cpu/fp8_convert_avx2.h, checked
-    offline on all 2^32 fp32 inputs) on every tie and rounding boundary of fp8_probes, saturated and not, with amax,
-    aligned and shifted by one element (another split between the 32-wide vector loop and its scalar tail), against
-    the reference bit for bit (NaN-blind, see test_saturated_fp8_bits_match_torch_on_device)."""
+def test_fp8_probes_on_the_cpu_kernel(src, dst, cpu_isa):
+    """The C++ CPU kernel's fp8 rounding (the adder-based vector code of csrc/cpu/fp8_convert_avx2.h or
+    fp8_convert_avx512.h, each checked offline on all 2^32 fp32 inputs by test_native_exhaustive.py) on every tie and
+    rounding boundary of fp8_probes, saturated and not, with amax, aligned and shifted by one element (another split
+    between the vector loops and the tail), against the reference bit for bit (NaN-blind, see
+    test_saturated_fp8_bits_match_torch_on_device)."""
     backend = extension_backend(OP, "cpu")
     x = fp8_probes(src, dst)
     for name, xs in (("aligned", x), ("offset", x[1:])):
@@ -198,8 +221,9 @@ def test_fp8_probes_on_the_cpu_kernel(src, dst):
             assert_bit_exact(amax, amax_ref, f"{name} amax")
 
 
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
-def test_fp8_nan_bytes_on_the_cpu_kernel(dst):
+def test_fp8_nan_bytes_on_the_cpu_kernel(dst, cpu_isa):
     """Every saturated fp8 byte of the C++ kernel equals torch's (x * scale).clamp(-fmax, fmax).to(dst), and a NaN's
     byte keeps the input NaN's sign: 0x7F for +NaN, 0xFF for -NaN. (torch does so from fp32, but its CPU widening
     of fp16 NaN makes every one +NaN and its bf16 rounding every one -NaN, so the sign is taken from the input's
@@ -226,6 +250,42 @@ def test_fp8_nan_bytes_on_the_cpu_kernel(dst):
                 bad = (y.view(torch.uint8) != ref).nonzero().flatten()
                 assert bad.numel() == 0, (src, xs.numel(), scale, bad[:8].tolist(),
                                           y.view(torch.uint8)[bad[:4]].tolist(), ref[bad[:4]].tolist())
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_cpu_kernel_lengths_and_tasks(src, dst, cpu_isa):
+    """The CPU kernel's fp8 loops split each task's range into 64- and 16-element (AVX-512, then a masked tail) or
+    32-element (AVX2, then 8-wide and scalar tails) pieces, and the tensor into 32768-element parallel tasks whose
+    max|x| are combined: every length 1..130, lengths either side of one and two tasks, from an offset view (the
+    same kernel on a pointer not 64-byte aligned) and a transposed one (walked in memory order). Outputs are
+    poisoned first; bytes and amax must equal the reference bit for bit, with a NaN, and separately an inf, placed
+    in the last task only (a max|x| lost in the combination of tasks or in the tail shows)."""
+    backend = extension_backend(OP, "cpu")
+    gen = torch.Generator().manual_seed(15)
+    lengths = list(range(1, 131)) + [32767, 32768, 32769, 65536 + 63, 65536 + 64 + 15]
+    for n in lengths:
+        base = (torch.rand(n + 1, generator=gen) * 1200 - 600).to(src)
+        for view in ("offset", "last-nan", "last-inf"):
+            x = base[1:].clone() if view != "offset" else base[1:]
+            if view == "last-nan":
+                x[-1] = float("nan")
+            elif view == "last-inf":
+                x[-1] = -float("inf")
+            for scale, saturate in ((0.75, True), (None, False)):
+                amax = torch.full((1,), 0.5)
+                amax_ref = amax.clone()
+                y = run(x, dst, scale, amax, saturate, backend, "cpu")
+                what = f"n={n} {view} scale={scale} sat={saturate}"
+                assert_bit_exact(y, expected(x, dst, scale, amax_ref, saturate), what)
+                assert_bit_exact(amax, amax_ref, what + " amax")
+    xt = (torch.rand(129, 257, generator=gen) * 900 - 450).to(src).t()  # walked in memory order, as x.t() is laid out
+    amax, amax_ref = torch.zeros(1), torch.zeros(1)
+    y = run(xt, dst, 2.0, amax, True, backend, "cpu")
+    assert y.stride() == xt.stride()
+    assert_bit_exact(y, expected(xt, dst, 2.0, amax_ref, True), "transposed")
+    assert_bit_exact(amax, amax_ref, "transposed amax")
 
 
 @pytest.mark.parametrize("device", DEVICES)
