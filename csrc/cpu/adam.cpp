@@ -78,27 +78,6 @@ void prep_grad(const void* grad, int64_t off, int64_t n, float gs, float clip, f
   }
 }
 
-// 2 * kLanes consecutive elements of T as two fp32 vectors, and back (16-bit types: one full-width load / store).
-template <typename T>
-inline void load2_f32(const T* p, fVec& a, fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + kLanes);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
-
-template <typename T>
-inline void store2_from_f32(T* p, const fVec& a, const fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kLanes);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);  // round to nearest even, exactly torch's cast
-  }
-}
-
 // The Adam update of elements [off, off + n) of one slot, the fp32 gradient already in g.
 template <typename P, typename S, bool kMaster, bool kAmsgrad, bool kL2>
 void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Consts& c) {

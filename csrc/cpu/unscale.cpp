@@ -38,6 +38,17 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
   while (i + kLanes <= n) {
     fVec sq(0.0f);
     const int64_t stop = std::min(n, i + kFlush);
+    // Two vectors at a time: 16-bit types load, convert and store a whole register pair at once. The squares are
+    // added in element order, as one vector at a time would (the norm's bits do not depend on the pairing).
+    for (; i + 2 * kLanes <= stop; i += 2 * kLanes) {
+      fVec a, b;
+      load2_f32(p + i, a, b);
+      a = a * s;
+      b = b * s;
+      vmax = at::vec::maximum(at::vec::maximum(vmax, a.abs()), b.abs());
+      if (want_norm) sq = (sq + a * a) + b * b;
+      if constexpr (WRITE) store2_from_f32(p + i, a, b);
+    }
     for (; i + kLanes <= stop; i += kLanes) {
       fVec v = load_f32(p + i) * s;
       vmax = at::vec::maximum(vmax, v.abs());

@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <tuple>
+
 namespace mixprec::cpu {
 
 using fVec = at::vec::Vectorized<float>;
@@ -30,6 +32,28 @@ inline void store_from_f32(T* p, const fVec& v) {
   } else {
     // convert_from_float packs two fp32 vectors into one 16-bit vector; store only the first half.
     at::vec::convert_from_float<T>(v, v).store(p, kLanes);
+  }
+}
+
+// 2 * kLanes consecutive elements of T as two fp32 vectors, and back (16-bit types: one full-width load / store, and
+// one conversion for both vectors; store_from_f32 converts a whole 16-bit vector to keep half of it).
+template <typename T>
+inline void load2_f32(const T* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kLanes);
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store2_from_f32(T* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kLanes);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);  // round to nearest even, exactly torch's cast
   }
 }
 
