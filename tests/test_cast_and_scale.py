@@ -27,7 +27,7 @@ SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
             448.0, 464.0, 470.0, 480.0, 57344.0, 61440.0, 3.4e38, -3.4e38, 1.0, -1.0]
 
 
-# The C++ CPU kernel's code paths for fp8 targets on this machine: its AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the
+# The C++ CPU kernel's code paths on this machine: its AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the
 # AVX-512 code off; on a machine without AVX-512 it is the only path) and, where the CPU and torch have AVX-512, its
 # AVX-512 code (csrc/cpu/cast_and_scale_avx512.cpp), which serves calls there by default. The tests below that
 # probe the kernel's rounding, tails and task split run on each path.
@@ -254,19 +254,25 @@ def test_fp8_nan_bytes_on_the_cpu_kernel(dst, cpu_isa):
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src", SOURCES, ids=str)
-@pytest.mark.parametrize("dst", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
-def test_fp8_cpu_kernel_lengths_and_tasks(src, dst, cpu_isa):
-    """The CPU kernel's fp8 loops split each task's range into 64- and 16-element (AVX-512, then a masked tail) or
-    32-element (AVX2, then 8-wide and scalar tails) pieces, and the tensor into 32768-element parallel tasks whose
-    max|x| are combined: every length 1..130, lengths either side of one and two tasks, from an offset view (the
-    same kernel on a pointer not 64-byte aligned) and a transposed one (walked in memory order). Outputs are
-    poisoned first; bytes and amax must equal the reference bit for bit, with a NaN, and separately an inf, placed
-    in the last task only (a max|x| lost in the combination of tasks or in the tail shows)."""
+@pytest.mark.parametrize("dst", TARGETS, ids=str)
+def test_cpu_kernel_lengths_and_tasks(src, dst, cpu_isa):
+    """The CPU kernel's loops split each task's range into 64- and 16-element pieces and a masked tail (AVX-512), or
+    32-element fused fp8 pieces, 1024-element tiles and 8-wide and scalar tails (AVX2), and the tensor into
+    32768-element parallel tasks whose max|x| are combined: every length 1..130, lengths either side of one and two
+    tasks, from an offset view (the same kernel on a pointer not 64-byte aligned) and a transposed one (walked in
+    memory order); SPECIALS (infinities, NaN, values either side of each target's overflow) at random places from
+    length 21 on. Outputs are poisoned first; the results and amax must equal the reference bit for bit, with a
+    NaN, and separately an inf, placed in the last task only (a max|x| lost in the combination of tasks or in the
+    tail shows)."""
     backend = extension_backend(OP, "cpu")
     gen = torch.Generator().manual_seed(15)
+    specials = torch.tensor(SPECIALS)
     lengths = list(range(1, 131)) + [32767, 32768, 32769, 65536 + 63, 65536 + 64 + 15]
     for n in lengths:
-        base = (torch.rand(n + 1, generator=gen) * 1200 - 600).to(src)
+        base = torch.rand(n + 1, generator=gen) * 1200 - 600
+        if n >= len(SPECIALS):
+            base[1 + torch.randperm(n, generator=gen)[: len(SPECIALS)]] = specials
+        base = base.to(src)
         for view in ("offset", "last-nan", "last-inf"):
             x = base[1:].clone() if view != "offset" else base[1:]
             if view == "last-nan":

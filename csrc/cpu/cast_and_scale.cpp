@@ -151,21 +151,25 @@ float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_
   return m;
 }
 
+// The AVX-512 code's number for a target (cast_and_scale_avx512.h).
+inline int avx512_format(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat8_e4m3fn: return e4m3fn_overflow_is_nan() ? 0 : 1;
+    case at::kFloat8_e5m2: return 2;
+    case at::kBFloat16: return 3;
+    default: return 4;  // kHalf
+  }
+}
+
 template <typename Src>
 float dispatch_dst(const Src* x, at::Tensor& y, int64_t numel, float scale, bool sat, at::ScalarType dtype) {
   const float fmax = finite_max(dtype);
+  if (avx512_enabled()) return cast_avx512(x, y.data_ptr(), numel, scale, sat, fmax, avx512_format(dtype));
   switch (dtype) {
     case at::kHalf: return run(x, y.data_ptr<at::Half>(), numel, scale, sat, true, fmax);
     case at::kBFloat16: return run(x, y.data_ptr<at::BFloat16>(), numel, scale, sat, true, fmax);
-    case at::kFloat8_e4m3fn:
-      if (avx512_enabled()) {
-        const int fmt = e4m3fn_overflow_is_nan() ? 0 : 1;
-        return cast_to_fp8_avx512(x, static_cast<uint8_t*>(y.data_ptr()), numel, scale, sat, fmax, fmt);
-      }
-      return run(x, y.data_ptr<at::Float8_e4m3fn>(), numel, scale, sat, false, fmax);
-    case at::kFloat8_e5m2:
-      if (avx512_enabled()) return cast_to_fp8_avx512(x, static_cast<uint8_t*>(y.data_ptr()), numel, scale, sat, fmax, 2);
-      return run(x, y.data_ptr<at::Float8_e5m2>(), numel, scale, sat, false, fmax);
+    case at::kFloat8_e4m3fn: return run(x, y.data_ptr<at::Float8_e4m3fn>(), numel, scale, sat, false, fmax);
+    case at::kFloat8_e5m2: return run(x, y.data_ptr<at::Float8_e5m2>(), numel, scale, sat, false, fmax);
     default: TORCH_CHECK(false, "unreachable");
   }
 }

@@ -1,5 +1,5 @@
-// AVX-512 path of the CPU cast_and_scale kernel for fp8 targets: load, max|x|, scale, clamp and round in one loop,
-// 16 elements a vector, the tail under a mask (no scalar loop). The library is compiled for AVX2; these functions
+// AVX-512 path of the CPU cast_and_scale kernel: load, max|x|, scale, clamp and round in one loop, 16 elements a
+// vector, the tail under a mask (no scalar loop), for every source and target. The library is compiled for AVX2; these functions
 // carry target attributes (MIXPREC_AVX512) and run only when avx512_enabled() says so.
 #include "cast_and_scale_avx512.h"
 
@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "fp8_convert_avx512.h"
@@ -56,39 +57,82 @@ MIXPREC_AVX512 inline __m512 load16(const Src* p) {
   }
 }
 
+// Targets: FMT 0-2 are the fp8 formats of f32_to_fp8_bytes (16 bytes a vector), 3 = bfloat16, 4 = float16 (16
+// halfwords a vector, in a 256-bit register).
+constexpr int kBF16 = 3, kF16 = 4;
+template <int FMT>
+using Packed = std::conditional_t<(FMT >= kBF16), __m256i, __m128i>;
+
+// fp32 -> bf16 bits, round to nearest even as c10 does ((u + 0x7FFF + lsb) >> 16, overflow rounding to inf); a NaN
+// keeps its sign and top payload bits, made quiet (c10 writes 0x7FC0, torch's vectorized casts other patterns:
+// every test compares NaNs as NaNs).
+MIXPREC_AVX512 inline __m256i f32_to_bf16_bits(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), i32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, i32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
+                            _mm512_or_si512(_mm512_srli_epi32(u, 16), i32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 // Folds |v| into amax_bits (the bits of |x| as int32 order like the floats, NaN above inf, so a NaN propagates
-// through an integer max), then scales, clamps (max/min return their second operand on NaN: y second keeps a NaN)
-// and rounds to fp8.
+// through an integer max), then scales, clamps (max/min return their second operand on NaN: y second keeps a NaN;
+// 16-bit targets keep an infinite product, fp8 ones clamp it too) and rounds to the target.
 template <int FMT, bool SAT>
-MIXPREC_AVX512 inline __m128i step(__m512 v, __m512 s, __m512 lo, __m512 hi, __m512i& amax_bits) {
-  amax_bits = _mm512_max_epi32(amax_bits, _mm512_and_si512(_mm512_castps_si512(v), i32(INT32_MAX)));
+MIXPREC_AVX512 inline Packed<FMT> step(__m512 v, __m512 s, __m512 lo, __m512 hi, __m512i& amax_bits) {
+  const __m512i abs_bits = _mm512_and_si512(_mm512_castps_si512(v), i32(INT32_MAX));
+  amax_bits = _mm512_max_epi32(amax_bits, abs_bits);
   __m512 y = _mm512_mul_ps(v, s);
-  if constexpr (SAT) y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
-  return f32_to_fp8_bytes<FMT, SAT>(y);
+  if constexpr (SAT) {
+    const __m512 c = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+    if constexpr (FMT >= kBF16) {
+      const __mmask16 inf = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(y), i32(INT32_MAX)),
+                                                    i32(0x7F800000));
+      y = _mm512_mask_mov_ps(c, inf, y);
+    } else {
+      y = c;
+    }
+  }
+  if constexpr (FMT == kBF16) {
+    return f32_to_bf16_bits(y);
+  } else if constexpr (FMT == kF16) {
+    return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // IEEE, exactly c10's rounding
+  } else {
+    return f32_to_fp8_bytes<FMT, SAT>(y);
+  }
+}
+
+template <int FMT>
+MIXPREC_AVX512 inline void store(void* out, int64_t i, Packed<FMT> q) {
+  if constexpr (FMT >= kBF16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), q);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + i), q);
+}
+
+template <int FMT>
+MIXPREC_AVX512 inline void store_masked(void* out, int64_t i, __mmask16 m, Packed<FMT> q) {
+  if constexpr (FMT >= kBF16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, m, q);
+  else _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + i, m, q);
 }
 
 template <int FMT, bool SAT, typename Src>
-MIXPREC_AVX512 float range(const Src* x, uint8_t* out, int64_t n, float scale, float fmax) {
+MIXPREC_AVX512 float range(const Src* x, void* out, int64_t n, float scale, float fmax) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(fmax), lo = _mm512_set1_ps(-fmax);
   __m512i amax_bits = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {  // four vectors an iteration: independent chains for the out-of-order core
-    const __m128i q0 = step<FMT, SAT>(load16(x + i), s, lo, hi, amax_bits);
-    const __m128i q1 = step<FMT, SAT>(load16(x + i + 16), s, lo, hi, amax_bits);
-    const __m128i q2 = step<FMT, SAT>(load16(x + i + 32), s, lo, hi, amax_bits);
-    const __m128i q3 = step<FMT, SAT>(load16(x + i + 48), s, lo, hi, amax_bits);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), q0);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 16), q1);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 32), q2);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 48), q3);
+    const Packed<FMT> q0 = step<FMT, SAT>(load16(x + i), s, lo, hi, amax_bits);
+    const Packed<FMT> q1 = step<FMT, SAT>(load16(x + i + 16), s, lo, hi, amax_bits);
+    const Packed<FMT> q2 = step<FMT, SAT>(load16(x + i + 32), s, lo, hi, amax_bits);
+    const Packed<FMT> q3 = step<FMT, SAT>(load16(x + i + 48), s, lo, hi, amax_bits);
+    store<FMT>(out, i, q0);
+    store<FMT>(out, i + 16, q1);
+    store<FMT>(out, i + 32, q2);
+    store<FMT>(out, i + 48, q3);
   }
-  for (; i + 16 <= n; i += 16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), step<FMT, SAT>(load16(x + i), s, lo, hi, amax_bits));
-  }
+  for (; i + 16 <= n; i += 16) store<FMT>(out, i, step<FMT, SAT>(load16(x + i), s, lo, hi, amax_bits));
   if (i < n) {  // masked lanes load as 0 (no effect on max|x|) and are not stored
     const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m128i q = step<FMT, SAT>(load16(x + i, m), s, lo, hi, amax_bits);
-    _mm_mask_storeu_epi8(out + i, m, q);
+    store_masked<FMT>(out, i, m, step<FMT, SAT>(load16(x + i, m), s, lo, hi, amax_bits));
   }
   const int32_t bits = _mm512_reduce_max_epi32(amax_bits);
   float a;
@@ -97,12 +141,13 @@ MIXPREC_AVX512 float range(const Src* x, uint8_t* out, int64_t n, float scale, f
 }
 
 template <int FMT, bool SAT, typename Src>
-float run(const Src* x, uint8_t* out, int64_t numel, float scale, float fmax) {
+float run(const Src* x, void* out, int64_t numel, float scale, float fmax) {
+  constexpr int64_t kOutBytes = FMT >= kBF16 ? 2 : 1;
   const int64_t ntasks = at::divup(numel, kGrain);
   std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t lo = begin * kGrain, hi = std::min(numel, end * kGrain);
-    partial[begin] = range<FMT, SAT>(x + lo, out + lo, hi - lo, scale, fmax);
+    partial[begin] = range<FMT, SAT>(x + lo, static_cast<char*>(out) + lo * kOutBytes, hi - lo, scale, fmax);
   });
   float m = 0.0f;
   for (float p : partial) m = (std::isnan(p) || p > m) ? p : m;
@@ -112,7 +157,7 @@ float run(const Src* x, uint8_t* out, int64_t numel, float scale, float fmax) {
 }  // namespace
 
 template <typename Src>
-float cast_to_fp8_avx512(const Src* x, uint8_t* out, int64_t n, float scale, bool saturate, float fmax, int fmt) {
+float cast_avx512(const Src* x, void* out, int64_t n, float scale, bool saturate, float fmax, int fmt) {
   switch (fmt * 2 + saturate) {
     case 0: return run<0, false>(x, out, n, scale, fmax);
     case 1: return run<0, true>(x, out, n, scale, fmax);
@@ -120,7 +165,11 @@ float cast_to_fp8_avx512(const Src* x, uint8_t* out, int64_t n, float scale, boo
     case 3: return run<1, true>(x, out, n, scale, fmax);
     case 4: return run<2, false>(x, out, n, scale, fmax);
     case 5: return run<2, true>(x, out, n, scale, fmax);
-    default: TORCH_CHECK(false, "mixprec: cast_to_fp8_avx512: bad format ", fmt);
+    case 6: return run<kBF16, false>(x, out, n, scale, fmax);
+    case 7: return run<kBF16, true>(x, out, n, scale, fmax);
+    case 8: return run<kF16, false>(x, out, n, scale, fmax);
+    case 9: return run<kF16, true>(x, out, n, scale, fmax);
+    default: TORCH_CHECK(false, "mixprec: cast_avx512: bad target format ", fmt);
   }
 }
 
@@ -129,14 +178,14 @@ float cast_to_fp8_avx512(const Src* x, uint8_t* out, int64_t n, float scale, boo
 bool avx512_enabled() { return false; }
 
 template <typename Src>
-float cast_to_fp8_avx512(const Src*, uint8_t*, int64_t, float, bool, float, int) {
+float cast_avx512(const Src*, void*, int64_t, float, bool, float, int) {
   TORCH_CHECK(false, "mixprec: this build has no AVX-512 path");
 }
 
 #endif
 
-template float cast_to_fp8_avx512(const float*, uint8_t*, int64_t, float, bool, float, int);
-template float cast_to_fp8_avx512(const c10::Half*, uint8_t*, int64_t, float, bool, float, int);
-template float cast_to_fp8_avx512(const c10::BFloat16*, uint8_t*, int64_t, float, bool, float, int);
+template float cast_avx512(const float*, void*, int64_t, float, bool, float, int);
+template float cast_avx512(const c10::Half*, void*, int64_t, float, bool, float, int);
+template float cast_avx512(const c10::BFloat16*, void*, int64_t, float, bool, float, int);
 
 }  // namespace mixprec::cpu
