@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "fp8_convert_avx512.h"
@@ -60,8 +59,18 @@ MIXPREC_AVX512 inline __m512 load16(const Src* p) {
 // Targets: FMT 0-2 are the fp8 formats of f32_to_fp8_bytes (16 bytes a vector), 3 = bfloat16, 4 = float16 (16
 // halfwords a vector, in a 256-bit register).
 constexpr int kBF16 = 3, kF16 = 4;
+// (A specialization, not std::conditional_t: a vector type as a template argument drops its may_alias attribute,
+// which GCC warns about.)
+template <bool Wide>
+struct PackedOf {
+  using type = __m128i;
+};
+template <>
+struct PackedOf<true> {
+  using type = __m256i;
+};
 template <int FMT>
-using Packed = std::conditional_t<(FMT >= kBF16), __m256i, __m128i>;
+using Packed = typename PackedOf<(FMT >= kBF16)>::type;
 
 // fp32 -> bf16 bits, round to nearest even as c10 does ((u + 0x7FFF + lsb) >> 16, overflow rounding to inf); a NaN
 // keeps its sign and top payload bits, made quiet (c10 writes 0x7FC0, torch's vectorized casts other patterns:
