@@ -136,6 +136,27 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "
                              f"got {a.flatten()[i].tolist()}, expected {e.flatten()[i].tolist()}")
 
 
+# The C++ CPU kernels' code paths on this machine: their AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the AVX-512 code off;
+# on a machine without AVX-512 it is the only path) and, where the CPU and torch have AVX-512, the AVX-512 code of
+# cast_and_scale and of unscale_ for 16-bit tensors (csrc/cpu/*_avx512.cpp), which serves calls there by default.
+# Tests that probe a kernel's rounding, tails and task split take the `cpu_isa` fixture with these parameters.
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+CPU_ISAS = [pytest.param("avx2", id="avx2"),
+            pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+                not _AVX512, reason="the CPU (or torch's ATEN_CPU_CAPABILITY) has no AVX-512: the AVX2 path only"))]
+
+
+@pytest.fixture
+def cpu_isa(request, monkeypatch):
+    """Runs the test on one code path of the CPU kernels (indirect parameter: "avx2" or "avx512")."""
+    if request.param == "avx2":
+        monkeypatch.setenv("MIXPREC_CPU_ISA", "avx2")
+    else:
+        monkeypatch.delenv("MIXPREC_CPU_ISA", raising=False)
+    assert backends.cpu_vector_isa() in (request.param, None)
+    return request.param
+
+
 def poison_allocator(nbytes: int, device: str) -> None:
     """Fill a block of `nbytes` with 0xFF bytes and free it, so that the next allocation of that size (which the
     CUDA caching allocator, and glibc for small CPU blocks, hand back) starts as NaN garbage, not zeros: an element

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import (DEVICES, OpLog, assert_bit_exact, backend_params, bits, extension_backend,
+from conftest import (CPU_ISAS, DEVICES, OpLog, assert_bit_exact, backend_params, bits, extension_backend,
                       poison_allocator, run_fresh_process, wide_random)
 
 import mixprec_ops
@@ -25,27 +25,6 @@ TARGETS = [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
 OP = "cast_and_scale"
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 6e-8, 2.0**-140, 65504.0, 65520.0,
             448.0, 464.0, 470.0, 480.0, 57344.0, 61440.0, 3.4e38, -3.4e38, 1.0, -1.0]
-
-
-# The C++ CPU kernel's code paths on this machine: its AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the
-# AVX-512 code off; on a machine without AVX-512 it is the only path) and, where the CPU and torch have AVX-512, its
-# AVX-512 code (csrc/cpu/cast_and_scale_avx512.cpp), which serves calls there by default. The tests below that
-# probe the kernel's rounding, tails and task split run on each path.
-_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-CPU_ISAS = [pytest.param("avx2", id="avx2"),
-            pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
-                not _AVX512, reason="the CPU (or torch's ATEN_CPU_CAPABILITY) has no AVX-512: the AVX2 path only"))]
-
-
-@pytest.fixture
-def cpu_isa(request, monkeypatch):
-    """Runs the test on one code path of the CPU kernel (indirect parameter: "avx2" or "avx512")."""
-    if request.param == "avx2":
-        monkeypatch.setenv("MIXPREC_CPU_ISA", "avx2")
-    else:
-        monkeypatch.delenv("MIXPREC_CPU_ISA", raising=False)
-    assert mixprec_ops.backends.cpu_vector_isa() in (request.param, None)
-    return request.param
 
 
 def make_x(n, src, device, specials=True):

@@ -1,16 +1,14 @@
 // AVX-512 path of the CPU cast_and_scale kernel: load, max|x|, scale, clamp and round in one loop, 16 elements a
-// vector, the tail under a mask (no scalar loop), for every source and target. The library is compiled for AVX2; these functions
-// carry target attributes (MIXPREC_AVX512) and run only when avx512_enabled() says so.
+// vector, the tail under a mask (no scalar loop), for every source and target. Target attributes, not build flags
+// (avx512_util.h): runs only when avx512_enabled() says so.
 #include "cast_and_scale_avx512.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -20,41 +18,11 @@ namespace mixprec::cpu {
 
 #if defined(MIXPREC_HAVE_AVX512)
 
-bool avx512_enabled() {
-  static const bool capable = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                              __builtin_cpu_supports("avx512vl") && at::get_cpu_capability().rfind("AVX512", 0) == 0;
-  if (!capable) return false;
-  const char* isa = std::getenv("MIXPREC_CPU_ISA");
-  return isa == nullptr || std::strcmp(isa, "avx2") != 0;
-}
-
 namespace {
 
 using namespace avx512;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, as in cast_and_scale.cpp
-
-// 16 elements of Src as fp32 (exact); the masked form reads only the lanes in m and zeroes the others.
-template <typename Src>
-MIXPREC_AVX512 inline __m512 load16(const Src* p, __mmask16 m) {
-  if constexpr (std::is_same_v<Src, float>) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    if constexpr (std::is_same_v<Src, c10::Half>) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-template <typename Src>
-MIXPREC_AVX512 inline __m512 load16(const Src* p) {
-  if constexpr (std::is_same_v<Src, float>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (std::is_same_v<Src, c10::Half>) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
 
 // Targets: FMT 0-2 are the fp8 formats of f32_to_fp8_bytes (16 bytes a vector), 3 = bfloat16, 4 = float16 (16
 // halfwords a vector, in a 256-bit register).
@@ -71,18 +39,6 @@ struct PackedOf<true> {
 };
 template <int FMT>
 using Packed = typename PackedOf<(FMT >= kBF16)>::type;
-
-// fp32 -> bf16 bits, round to nearest even as c10 does ((u + 0x7FFF + lsb) >> 16, overflow rounding to inf); a NaN
-// keeps its sign and top payload bits, made quiet (c10 writes 0x7FC0, torch's vectorized casts other patterns:
-// every test compares NaNs as NaNs).
-MIXPREC_AVX512 inline __m256i f32_to_bf16_bits(__m512 y) {
-  const __m512i u = _mm512_castps_si512(y);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), i32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, i32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
-                            _mm512_or_si512(_mm512_srli_epi32(u, 16), i32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
 
 // Folds |v| into amax_bits (the bits of |x| as int32 order like the floats, NaN above inf, so a NaN propagates
 // through an integer max), then scales, clamps (max/min return their second operand on NaN: y second keeps a NaN;
@@ -103,9 +59,9 @@ MIXPREC_AVX512 inline Packed<FMT> step(__m512 v, __m512 s, __m512 lo, __m512 hi,
     }
   }
   if constexpr (FMT == kBF16) {
-    return f32_to_bf16_bits(y);
+    return f32_to_16bit<c10::BFloat16>(y);
   } else if constexpr (FMT == kF16) {
-    return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // IEEE, exactly c10's rounding
+    return f32_to_16bit<c10::Half>(y);
   } else {
     return f32_to_fp8_bytes<FMT, SAT>(y);
   }
@@ -183,8 +139,6 @@ float cast_avx512(const Src* x, void* out, int64_t n, float scale, bool saturate
 }
 
 #else  // not x86-64 GCC/Clang: no AVX-512 path
-
-bool avx512_enabled() { return false; }
 
 template <typename Src>
 float cast_avx512(const Src*, void*, int64_t, float, bool, float, int) {

@@ -2,12 +2,9 @@
 #pragma once
 #include <cstdint>
 
-namespace mixprec::cpu {
+#include "cpu_isa.h"
 
-// True when the AVX-512 kernels may run: the CPU has AVX-512 F, BW and VL, torch's own CPU capability is AVX512
-// (so ATEN_CPU_CAPABILITY=avx2, which keeps torch's kernels off AVX-512, keeps ours off too), and the environment
-// variable MIXPREC_CPU_ISA is not "avx2" (read at every call: the tests run both paths in one process).
-bool avx512_enabled();
+namespace mixprec::cpu {
 
 // out = target(x * scale) over n contiguous elements, saturating finite products to +-fmax when `saturate` (fp8
 // targets: infinite ones too); returns max|x| (NaN if any x is NaN). fmt: 0 = e4m3fn with overflow -> NaN (torch

@@ -3,21 +3,12 @@
 // narrowing. Bit-identical to c10's conversion (torch's cast) and to the AVX2 and scalar versions:
 // tests/native/fp8_avx2_exhaustive.cpp checks every one of the 2^32 fp32 inputs where the CPU has AVX-512.
 //
-// Compiled with function target attributes, not -mavx512*: the library is built for AVX2 and picks this code at run
-// time (cast_and_scale_avx512.h: avx512_enabled), so every function here carries MIXPREC_AVX512 and may only be
-// called after that check.
+// Compiled with function target attributes, not -mavx512* (avx512_util.h): call only after avx512_enabled().
 #pragma once
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MIXPREC_HAVE_AVX512 1
-#include <immintrin.h>
-
-#include <cstdint>
-
-#define MIXPREC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#include "avx512_util.h"
+#if defined(MIXPREC_HAVE_AVX512)
 
 namespace mixprec::cpu::avx512 {
-
-MIXPREC_AVX512 inline __m512i i32(int32_t v) { return _mm512_set1_epi32(v); }
 
 // FMT: 0 = e4m3fn with torch < 2.12's overflow rule (overflow and inf -> NaN), 1 = e4m3fn saturating (later torch),
 // 2 = e5m2 (overflow -> inf). SAT: the caller has clamped y to +-(largest finite fp8) (NaN stays NaN), so only NaN

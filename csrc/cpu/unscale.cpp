@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../common.h"
+#include "unscale_avx512.h"
 #include "vec_util.h"
 
 namespace mixprec::cpu {
@@ -96,6 +97,7 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
   }
   const int nthreads = at::get_num_threads();
   std::vector<Acc> accs(nthreads);
+  const bool wide = avx512_enabled();  // 16-bit tensors on the AVX-512 loop (the same bits, the norm's too)
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     Acc& acc = accs[at::get_thread_num()];
     for (int64_t u = begin; u < end; ++u) {
@@ -103,8 +105,22 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
       const int64_t n = w.end - w.begin;
       switch (w.dtype) {
         case at::kFloat: run_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, acc); break;
-        case at::kHalf: run_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc); break;
-        case at::kBFloat16: run_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc); break;
+        case at::kHalf:
+          if (wide) {
+            unscale_16bit_avx512(static_cast<at::Half*>(w.data) + w.begin, n, inv, inv != 1.0f, return_norm,
+                                 &acc.sumsq, &acc.nonfinite);
+          } else {
+            run_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc);
+          }
+          break;
+        case at::kBFloat16:
+          if (wide) {
+            unscale_16bit_avx512(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, inv != 1.0f, return_norm,
+                                 &acc.sumsq, &acc.nonfinite);
+          } else {
+            run_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc);
+          }
+          break;
         default: TORCH_CHECK(false, "unreachable");
       }
     }
