@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "cast_and_scale_backward_avx512.h"
 #include "vec_util.h"
 
 namespace mixprec::cpu {
@@ -81,6 +82,7 @@ void dispatch_mode(const at::Tensor& x, const at::Tensor& g, at::Tensor& out, fl
   X* op = out.data_ptr<X>();
   const int64_t n = x.numel();
   const float fmax = finite_max(dtype);
+  if (avx512_enabled()) return cast_backward_avx512(xp, gp, op, n, s, sat, !is_fp8(dtype), fmax);
   if (!sat) return run<X, G, false, false>(xp, gp, op, n, s, fmax);
   if (is_fp8(dtype)) return run<X, G, true, false>(xp, gp, op, n, s, fmax);
   run<X, G, true, true>(xp, gp, op, n, s, fmax);
