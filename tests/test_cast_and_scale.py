@@ -474,16 +474,18 @@ def expected_backward(g, x, dst, scale, saturate):
 @pytest.mark.parametrize("dst", TARGETS, ids=str)
 def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
     """The CPU backward on each code path (AVX2 loop with an 8-wide body and a scalar tail; AVX-512 with 16 lanes,
-    a masked tail and fp8 grads gathered from their table): lengths either side of each vector width and of one
-    and two parallel tasks, every grad dtype, a tensor scale and a negative float one (the sign of the zeros where
-    saturated), saturate on and off; outputs poisoned first, bit for bit against the reference."""
+    a masked tail and fp8 grads widened by arithmetic): lengths either side of each vector width and of one and two
+    parallel tasks, every grad dtype (every fp8 bit pattern from 256 elements on), a tensor scale, a scale of 1
+    (from 21 elements on, x holds SPECIALS: the fp8 and fp16 largest finite values, which must pass, as
+    |x * s| <= fmax) and a negative float one (the sign of the zeros where saturated), saturate on and off; outputs
+    poisoned first, bit for bit against the reference."""
     backend = extension_backend(OP, "cpu")
     torch.manual_seed(152)
     for n in (1, 2, 15, 16, 17, 31, 33, 1037, 32769, 65553):
         x = make_x(n, src, "cpu")
         for gd in GRAD_DTYPES:
             g = make_grad(n, gd, "cpu")
-            for scale in (torch.tensor([2.75]), -3.0):
+            for scale in (torch.tensor([2.75]), 1.0, -3.0):
                 for saturate in (True, False):
                     got = run_backward(g, x, dst, scale, saturate, backend, "cpu")
                     assert_bit_exact(got, expected_backward(g, x, dst, scale, saturate),

@@ -182,37 +182,37 @@ def test_cpu_kernel_lengths_and_paths(dtype, cpu_isa, monkeypatch):
     """The CPU kernel on each code path (AVX2; AVX-512 for 16-bit tensors, csrc/cpu/unscale_avx512.cpp) over lengths
     that end at every place of its loops (vectors of 8 and 16, 1024-element norm blocks, 16384-element work units,
     the scalar tail), as one call over many tensors: the written values and found_inf bit for bit against the
-    reference, with an inf placed in the last tensor's tail, and the norm bit for bit against the AVX2 path (the
-    AVX-512 path adds the squares in the AVX2 loop's order, so a machine's norm does not depend on its ISA) and
-    within rtol 1e-5 of fp64 (the module docstring)."""
+    reference, and the norm bit for bit against the AVX2 path (the AVX-512 path adds the squares in the AVX2 loop's
+    order, so a machine's norm does not depend on its ISA) and within rtol 1e-5 of fp64 (the module docstring).
+    An inf is placed, one place at a time, in a full vector, in the masked 8-lane step and in the scalar tail of a
+    1037-element tensor (1037 = 64 x 16 + 8 + 5), with inv_scale 0.5 and 1 (the read-only path)."""
     backend = extension_backend(OP, "cpu")
     gen = torch.Generator().manual_seed(151)
-    lengths = [*range(1, 41), 1023, 1024, 1025, 1031, 1040, 2047, 2049, 16383, 16384, 16385, 17415, 40000]
+    lengths = [*range(1, 41), 1023, 1024, 1025, 1031, 1037, 1040, 2047, 2049, 16383, 16384, 16385, 17415, 40000]
     base = [(torch.randn(n, generator=gen) * 300).to(dtype) for n in lengths]
     base.append((torch.randn(257, 33, generator=gen) * 300).to(dtype)[:, 1::2])  # gapped: the ATen route
-    for inv_v, bad in ((0.5, False), (1.0, False), (7.0, False), (0.5, True)):
-        ts = [t.clone() for t in base]
-        if bad:
-            ts[-2][-1] = float("inf")
-        ref = [t.clone() for t in base]
-        if bad:
-            ref[-2][-1] = float("inf")
+    host = lengths.index(1037)
+    cases = [(inv_v, None) for inv_v in (0.5, 1.0, 7.0)]
+    cases += [(inv_v, pos) for inv_v in (0.5, 1.0) for pos in (500, 1027, 1035)]
+    for inv_v, pos in cases:
+        fresh = [t.clone() for t in base]
+        if pos is not None:
+            fresh[host][pos] = float("inf")
+        ts, ref, again = fresh, [t.clone() for t in fresh], [t.clone() for t in fresh]
         inv = torch.tensor([inv_v])
         found, found_ref = torch.zeros(1), torch.zeros(1)
         norm = mixprec_ops.unscale_(ts, inv, found, return_norm=True, backend=backend)
         unscale_reference(ref, inv, found_ref)
+        what = f"inv={inv_v} inf at {pos}"
         for i, (a, e) in enumerate(zip(ts, ref)):
-            assert_bit_exact(a, e, f"inv={inv_v} tensor {i} (n={a.numel()})")
-        assert found.item() == found_ref.item(), (inv_v, found.item(), found_ref.item())
+            assert_bit_exact(a, e, f"{what}: tensor {i} (n={a.numel()})")
+        assert found.item() == found_ref.item() == float(pos is not None), (what, found.item(), found_ref.item())
         monkeypatch.setenv("MIXPREC_CPU_ISA", "avx2")
-        again = [t.clone() for t in base]
-        if bad:
-            again[-2][-1] = float("inf")
         norm_avx2 = mixprec_ops.unscale_(again, inv, torch.zeros(1), return_norm=True, backend=backend)
         if cpu_isa == "avx512":
             monkeypatch.delenv("MIXPREC_CPU_ISA")
-        assert torch.equal(norm.view(torch.int32), norm_avx2.view(torch.int32)), (inv_v, norm.item(), norm_avx2.item())
-        if not bad:
+        assert torch.equal(norm.view(torch.int32), norm_avx2.view(torch.int32)), (what, norm.item(), norm_avx2.item())
+        if pos is None:
             assert norm.item() == pytest.approx(fp64_norm(base, inv_v), rel=1e-5)
 
 
