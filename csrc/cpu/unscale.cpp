@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "../common.h"
 #include "unscale_avx512.h"
@@ -75,7 +76,10 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
 }
 
 template <typename T>
-void run_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
+void run_range(T* p, int64_t n, float inv, bool want_norm, bool wide, Acc& acc) {
+  if constexpr (!std::is_same_v<T, float>) {  // 16-bit tensors on the AVX-512 loop where it runs (the same results)
+    if (wide) return unscale_16bit_avx512(p, n, inv, inv != 1.0f, want_norm, &acc.sumsq, &acc.nonfinite);
+  }
   if (inv == 1.0f) unscale_range<T, false>(p, n, inv, want_norm, acc);
   else unscale_range<T, true>(p, n, inv, want_norm, acc);
 }
@@ -97,29 +101,17 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
   }
   const int nthreads = at::get_num_threads();
   std::vector<Acc> accs(nthreads);
-  const bool wide = avx512_enabled();  // 16-bit tensors on the AVX-512 loop (the same bits, the norm's too)
+  const bool wide = avx512_enabled();  // (read once a call, not once a unit)
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     Acc& acc = accs[at::get_thread_num()];
     for (int64_t u = begin; u < end; ++u) {
       const Unit& w = units[u];
       const int64_t n = w.end - w.begin;
       switch (w.dtype) {
-        case at::kFloat: run_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, acc); break;
-        case at::kHalf:
-          if (wide) {
-            unscale_16bit_avx512(static_cast<at::Half*>(w.data) + w.begin, n, inv, inv != 1.0f, return_norm,
-                                 &acc.sumsq, &acc.nonfinite);
-          } else {
-            run_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, acc);
-          }
-          break;
+        case at::kFloat: run_range(static_cast<float*>(w.data) + w.begin, n, inv, return_norm, wide, acc); break;
+        case at::kHalf: run_range(static_cast<at::Half*>(w.data) + w.begin, n, inv, return_norm, wide, acc); break;
         case at::kBFloat16:
-          if (wide) {
-            unscale_16bit_avx512(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, inv != 1.0f, return_norm,
-                                 &acc.sumsq, &acc.nonfinite);
-          } else {
-            run_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, acc);
-          }
+          run_range(static_cast<at::BFloat16*>(w.data) + w.begin, n, inv, return_norm, wide, acc);
           break;
         default: TORCH_CHECK(false, "unreachable");
       }
