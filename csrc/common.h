@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -67,6 +70,10 @@ struct OverflowAt<c10::BFloat16> {
 };
 
 inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// The same, for an element type (the kernels' templates).
+template <typename T>
+constexpr bool kIsFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
 
 // t's elements lie inside memory it holds. A tensor whose storage was freed (FSDP frees grads and params with
 // untyped_storage().resize_(0)) or shrunk under it has a null or short buffer, which the kernels, reading raw

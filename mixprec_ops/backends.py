@@ -222,9 +222,8 @@ def cpu_vector_isa() -> str | None:
     (csrc/cpu/cpu_isa.cpp, avx512_enabled): "avx512" when torch's own CPU capability is AVX512 (the CPU has AVX-512
     F/BW/VL/DQ and ATEN_CPU_CAPABILITY does not lower it) and the environment variable MIXPREC_CPU_ISA is not "avx2":
     cast_and_scale (forward and backward), and unscale_ on 16-bit tensors, then run AVX-512 code, every other
-    kernel its AVX2 code. Else "avx2" on x86-64 (the
-    extension's default build), "native" on other machines, None without the extension. The variable is read at
-    every call, on both sides."""
+    kernel its AVX2 code. Else "avx2" on x86-64 (the extension's default build), "native" on other machines, None
+    without the extension. The variable is read at every call, on both sides."""
     if not _ext.LOADED:
         return None
     if platform.machine() not in ("x86_64", "AMD64"):

@@ -20,9 +20,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
-template <typename G>
-constexpr bool kIsFp8 = std::is_same_v<G, c10::Float8_e4m3fn> || std::is_same_v<G, c10::Float8_e5m2>;
-
 // The 256 fp32 values of an fp8 type, from c10's own conversion: a table lookup per element instead of c10's
 // ~10 integer ops (measured: the bf16 x / e4m3 grad case went from 2.5 GB/s to copy speed on 2 cores).
 template <typename G>

@@ -14,6 +14,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../common.h"
 #include "avx512_util.h"
 
 namespace mixprec::cpu {
@@ -25,9 +26,6 @@ namespace {
 using namespace avx512;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, as cast_and_scale_backward.cpp
-
-template <typename G>
-constexpr bool kIsFp8 = std::is_same_v<G, c10::Float8_e4m3fn> || std::is_same_v<G, c10::Float8_e5m2>;
 
 // 16 grad elements as fp32 (exact); masked lanes read nothing. fp8 by arithmetic, through fp16 (vcvtph2ps, exact for
 // fp16 subnormals too): an e5m2 byte is the high byte of the same value's fp16; an e4m3fn byte's low 7 bits put 7

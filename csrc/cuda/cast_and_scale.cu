@@ -31,9 +31,6 @@ __device__ __forceinline__ float scale_clamp(float v, float s, float fmax) {
   return y;
 }
 
-template <typename Dst>
-constexpr bool kIsFp8 = std::is_same_v<Dst, at::Float8_e4m3fn> || std::is_same_v<Dst, at::Float8_e5m2>;
-
 // Saturated values y (|y| <= fmax, or NaN) to fp8 with the hardware conversion, cvt.rn.satfinite.{e4m3,e5m2}x2.f32
 // (sm_89+; F2FP in SASS): two values per instruction instead of ~20 integer ops each in c10's
 // fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value. The bits are c10's: both round to nearest even (subnormal
