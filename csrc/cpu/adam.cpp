@@ -11,11 +11,19 @@
 // into an L1-resident fp32 buffer (prep_grad, templated on those flags), then the Adam update runs over the tile
 // (adam_tile, templated on param / state dtypes, masters, amsgrad and L2 decay). Both are chosen once per call, so
 // no runtime flag is tested inside a vector loop.
+//
+// With masters, the 16-bit param is written and never read: in large buckets it is stored past the cache (streaming
+// stores: no line read for ownership, 2 of the 30 B a param would otherwise move).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -50,6 +58,22 @@ struct Unit {
   int64_t slot, begin, end;
 };
 
+// Buckets of at least this many elements store 16-bit params past the cache (28 B a param: 7 MB, beyond the two
+// cores' L2 here). Measured on the 2-core CI machine, 100M params: 3-5% faster; smaller buckets stay in cache for
+// the next forward.
+constexpr int64_t kStreamMin = 1 << 18;
+
+// Stores two fp32 vectors as 2 * kLanes 16-bit values, 32-byte aligned, bypassing the cache.
+template <typename T>
+inline void stream2_from_f32(T* p, const fVec& a, const fVec& b) {
+#if defined(__AVX2__)
+  static_assert(sizeof(T) == 2, "only 16-bit params are streamed");
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), static_cast<__m256i>(at::vec::convert_from_float<T>(a, b)));
+#else
+  store2_from_f32(p, a, b);
+#endif
+}
+
 // NaN-propagating maximum with the same operand roles as at::vec::maximum(a, b) (= _mm256_max_ps(a, b) | NaN).
 inline float max_nan(float a, float b) {
   if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
@@ -79,8 +103,9 @@ void prep_grad(const void* grad, int64_t off, int64_t n, float gs, float clip, f
 }
 
 // The Adam update of elements [off, off + n) of one slot, the fp32 gradient already in g.
+// stream: the bucket is large enough to store 16-bit params past the cache (used with masters, where p is not read).
 template <typename P, typename S, bool kMaster, bool kAmsgrad, bool kL2>
-void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Consts& c) {
+void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Consts& c, bool stream) {
   P* p = static_cast<P*>(sl.param) + off;
   S* m = static_cast<S*>(sl.exp_avg) + off;
   S* v = static_cast<S*>(sl.exp_avg_sq) + off;
@@ -106,6 +131,10 @@ void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Con
     const fVec denom = vv.sqrt() / bc2 + eps;
     w = w - step_size * (m_ / denom);
   };
+  // 16-bit params are streamed from 32-byte aligned tiles (each store below writes 32 bytes at i + a multiple of
+  // 2 * kLanes elements); others take ordinary stores.
+  bool stream_p = false;
+  if constexpr (kMaster && sizeof(P) == 2) stream_p = stream && reinterpret_cast<uintptr_t>(p) % 32 == 0;
 
   // kVecs independent vectors per iteration: all loads, then the updates (interleaved by the compiler), then all
   // stores. The sqrt/div chain of one vector is long; several in flight keep the divider busy (4 beat 2 and 8,
@@ -135,7 +164,15 @@ void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Con
       store2_from_f32(v + k, vv[u], vv[u + 1]);
       if constexpr (kAmsgrad) store2_from_f32(vmax + k, vx[u], vx[u + 1]);
       if constexpr (kMaster) store2_from_f32(master + k, w[u], w[u + 1]);
-      store2_from_f32(p + k, w[u], w[u + 1]);
+      if constexpr (kMaster && sizeof(P) == 2) {
+        if (stream_p) {
+          stream2_from_f32(p + k, w[u], w[u + 1]);
+        } else {
+          store2_from_f32(p + k, w[u], w[u + 1]);
+        }
+      } else {
+        store2_from_f32(p + k, w[u], w[u + 1]);
+      }
     }
   }
   // Scalar tail (under kStep elements, only at the end of a tensor): the same IEEE operations one by one.
@@ -164,7 +201,7 @@ void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Con
 }
 
 using PrepFn = void (*)(const void*, int64_t, int64_t, float, float, float*);
-using TileFn = void (*)(const Slot&, int64_t, int64_t, const float*, const Consts&);
+using TileFn = void (*)(const Slot&, int64_t, int64_t, const float*, const Consts&, bool);
 
 template <typename G>
 PrepFn pick_prep(bool scale, bool clip, bool maximize) {
@@ -335,6 +372,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // Small buckets run on the calling thread: waking the pool costs more than the work. NB: at::parallel_for is an
   // inline template over `#pragma omp parallel`; a translation unit compiled without -fopenmp runs it serially.
   const int64_t grain = total < 2 * kChunk ? nunits : 1;
+  const bool stream = has_master && total >= kStreamMin;
   at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float gbuf[kTile];
     for (int64_t u = begin; u < end; ++u) {
@@ -349,9 +387,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           prep(sl.grad, off, len, gs, clip, gbuf);
           g = gbuf;
         }
-        tile(sl, off, len, g, c);
+        tile(sl, off, len, g, c, stream);
       }
     }
+#if defined(__AVX2__)
+    if (stream) _mm_sfence();  // the streamed stores are weakly ordered: visible before this thread's work ends
+#endif
   });
 }
 
