@@ -232,6 +232,23 @@ def test_fp8_nan_bytes_on_the_cpu_kernel(dst, cpu_isa):
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("src,dst", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
+def test_cpu_large_16bit_outputs(src, dst, cpu_isa):
+    """From 2^23 elements the AVX-512 code stores 16-bit outputs past the cache (kStreamMin in
+    csrc/cpu/cast_and_scale_avx512.cpp; every task's 64-element blocks, then the ordinary tail); the AVX2 code is
+    run on the same input. 2^23 + 45 elements (a task and a tail beyond the last block), read from an offset view,
+    SPECIALS spread over it and a NaN in the last full task: the output and amax against the reference, bit for bit."""
+    backend = extension_backend(OP, "cpu")
+    n = (1 << 23) + 45
+    x = make_x(n + 1, src, "cpu")[1:]
+    x[n - 50] = float("nan")
+    amax, amax_ref = torch.full((1,), 0.5), torch.full((1,), 0.5)
+    y = run(x, dst, torch.tensor([0.625]), amax, True, backend, "cpu")
+    assert_bit_exact(y, expected(x, dst, torch.tensor([0.625]), amax_ref, True), f"n={n}")
+    assert_bit_exact(amax, amax_ref, "amax")
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src", SOURCES, ids=str)
 @pytest.mark.parametrize("dst", TARGETS, ids=str)
 def test_cpu_kernel_lengths_and_tasks(src, dst, cpu_isa):
