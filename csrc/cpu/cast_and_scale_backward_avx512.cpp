@@ -11,6 +11,8 @@
 #include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -26,6 +28,9 @@ namespace {
 using namespace avx512;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, as cast_and_scale_backward.cpp
+// grad_x of at least this many elements is stored past the cache (streaming stores: no line read for ownership; x
+// and grad_x fp32 with a bf16 grad move 10 B an element instead of 14), as the forward's 16-bit outputs are.
+constexpr int64_t kStreamMin = 1 << 23;
 
 // 16 grad elements as fp32 (exact); masked lanes read nothing. fp8 by arithmetic, through fp16 (vcvtph2ps, exact for
 // fp16 subnormals too): an e5m2 byte is the high byte of the same value's fp16; an e4m3fn byte's low 7 bits put 7
@@ -52,8 +57,9 @@ MIXPREC_AVX512 inline __m512 load_grad(const G* p, __mmask16 m) {
   }
 }
 
+// grad_x of 16 elements in fp32 (masked lanes read nothing).
 template <typename X, typename G, bool SAT, bool KEEP_INF, bool FULL>
-MIXPREC_AVX512 inline void step(const X* x, const G* g, X* out, __mmask16 m, __m512 s, __m512 hi) {
+MIXPREC_AVX512 inline __m512 grad_x(const X* x, const G* g, __mmask16 m, __m512 s, __m512 hi) {
   __m512 gv = load_grad<G, FULL>(g, m);
   if constexpr (SAT) {
     const __m512 xs = _mm512_mul_ps(FULL ? load16(x) : load16(x, m), s);
@@ -63,7 +69,12 @@ MIXPREC_AVX512 inline void step(const X* x, const G* g, X* out, __mmask16 m, __m
                                                        _CMP_EQ_OQ);
     gv = _mm512_maskz_mov_ps(pass, gv);  // +0 where saturated, then times scale (the AVX2 loop's blend with 0)
   }
-  const __m512 r = _mm512_mul_ps(gv, s);
+  return _mm512_mul_ps(gv, s);
+}
+
+template <typename X, typename G, bool SAT, bool KEEP_INF, bool FULL>
+MIXPREC_AVX512 inline void step(const X* x, const G* g, X* out, __mmask16 m, __m512 s, __m512 hi) {
+  const __m512 r = grad_x<X, G, SAT, KEEP_INF, FULL>(x, g, m, s, hi);
   if constexpr (std::is_same_v<X, float>) {
     if constexpr (FULL) _mm512_storeu_ps(out, r);
     else _mm512_mask_storeu_ps(out, m, r);
@@ -74,10 +85,39 @@ MIXPREC_AVX512 inline void step(const X* x, const G* g, X* out, __mmask16 m, __m
   }
 }
 
+// One 64-byte line of grad_x (16 fp32 or 32 16-bit elements) at a 64-byte aligned out, stored past the cache, its
+// two halves back to back (a line the write-combining buffer holds whole is written without being read).
 template <typename X, typename G, bool SAT, bool KEEP_INF>
-MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
+MIXPREC_AVX512 inline void stream_line(const X* x, const G* g, X* out, __m512 s, __m512 hi) {
+  if constexpr (std::is_same_v<X, float>) {
+    _mm512_stream_ps(out, grad_x<X, G, SAT, KEEP_INF, true>(x, g, 0xFFFF, s, hi));
+  } else {
+    const __m256i q0 = f32_to_16bit<X>(grad_x<X, G, SAT, KEEP_INF, true>(x, g, 0xFFFF, s, hi));
+    const __m256i q1 = f32_to_16bit<X>(grad_x<X, G, SAT, KEEP_INF, true>(x + 16, g + 16, 0xFFFF, s, hi));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out), q0);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out + 16), q1);
+  }
+}
+
+// stream: grad_x goes past the cache (kStreamMin): ordinary vectors up to the first 64-byte boundary of out, then
+// whole lines streamed; the rest as without.
+template <typename X, typename G, bool SAT, bool KEEP_INF>
+MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale, float fmax, bool stream) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(fmax);
+  constexpr int64_t kLine = 64 / sizeof(X);  // elements a line
   int64_t i = 0;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+  if (stream && addr % sizeof(X) == 0) {
+    const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((64 - addr % 64) % 64 / sizeof(X)));
+    for (; i + 16 <= head; i += 16) step<X, G, SAT, KEEP_INF, true>(x + i, g + i, out + i, 0xFFFF, s, hi);
+    if (i < head) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (head - i)) - 1u);
+      step<X, G, SAT, KEEP_INF, false>(x + i, g + i, out + i, m, s, hi);
+      i = head;
+    }
+    for (; i + kLine <= n; i += kLine) stream_line<X, G, SAT, KEEP_INF>(x + i, g + i, out + i, s, hi);
+    _mm_sfence();  // weakly ordered: visible before this task's work is done
+  }
   for (; i + 16 <= n; i += 16) step<X, G, SAT, KEEP_INF, true>(x + i, g + i, out + i, 0xFFFF, s, hi);
   if (i < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
@@ -87,8 +127,9 @@ MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale
 
 template <typename X, typename G, bool SAT, bool KEEP_INF>
 void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
+  const bool stream = n >= kStreamMin;
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    range<X, G, SAT, KEEP_INF>(x + lo, g + lo, out + lo, hi - lo, scale, fmax);
+    range<X, G, SAT, KEEP_INF>(x + lo, g + lo, out + lo, hi - lo, scale, fmax, stream);
   });
 }
 
