@@ -172,21 +172,21 @@ def test_many_tensors_and_launch_splits(device, backend, master, ams):
 
 @pytest.mark.parametrize("P", [torch.bfloat16, torch.float16])
 def test_cpu_streamed_param_stores(P):
-    """With masters, the C++ CPU kernel stores 16-bit params past the cache (streaming stores, 32 bytes at a time) in
-    buckets of >= 2^18 elements (kStreamMin in csrc/cpu/adam.cpp; this bucket holds ~2^19), from 32-byte aligned
-    tiles only. Tensors here start 0, 1 (misaligned: ordinary stores) and 16 elements (32 bytes: streamed) into
-    their storage, with sizes that end inside a vector step; the params start as 0xFFFF (NaN) bytes: the kernel
-    must write every element from the master without reading the param (the reference's NaNs sit where the
-    masters hold NaN or overflow, ~2% of elements). Bit for bit against the reference;
-    a small bucket of the same tensors' first elements (no streaming) must give the same bits."""
+    """With masters, the C++ CPU kernel stores 16-bit params past the cache (streaming stores, a 64-byte line an
+    iteration) in buckets of >= 2^18 elements (kStreamMin in csrc/cpu/adam.cpp; this bucket holds ~2^19), from
+    64-byte aligned tiles only. Tensors here start 0 or 32 elements (64 bytes: streamed), 1 (misaligned) or 16 (32
+    bytes) into their storage (ordinary stores), with sizes that end inside a vector step; the params start as
+    0xFFFF (NaN) bytes: the kernel must write every element from the master without reading the param (the
+    reference's NaNs sit where the masters hold NaN or overflow, ~2% of elements). Bit for bit against the
+    reference; a small bucket of the same tensors' first elements (no streaming) must give the same bits."""
     backend = extension_backend("adam_step_", "cpu")
     gen = torch.Generator().manual_seed(13)
-    sizes = [200_003, 1, 65_536 + 31, 131_072, 100_017]
+    sizes = [200_003, 1, 65_536 + 31, 131_072, 100_017, 70_001]
 
     def bucket(sizes):
         d = make_bucket(P, "P", torch.float32, True, False, sizes, "contig", "cpu", gen)
         for i, t in enumerate(d["p"]):
-            off = (0, 1, 16)[i % 3]
+            off = (0, 1, 16, 32)[i % 4]
             store = torch.empty(t.numel() + off, dtype=P)
             store.view(torch.int16).fill_(-1)  # 0xFFFF: NaN in bf16 and fp16
             d["p"][i] = store[off:]
@@ -195,8 +195,8 @@ def test_cpu_streamed_param_stores(P):
     hp = (0.9, 0.999, 1e-8, 0.01, True, False)
     d = bucket(sizes)
     assert sum(sizes) >= 2**18 and all(t.isnan().all() for t in d["p"])
-    sc = adam_scalars([torch.tensor(float(s)) for s in (4, 1, 90, 2, 7)], 1e-3, 0.9, 0.999, 0.01)
-    small = {k: [t[:1000].clone() for t in v] for k, v in d.items()}  # 4,001 elements: ordinary stores
+    sc = adam_scalars([torch.tensor(float(s)) for s in (4, 1, 90, 2, 7, 3)], 1e-3, 0.9, 0.999, 0.01)
+    small = {k: [t[:1000].clone() for t in v] for k, v in d.items()}  # 5,001 elements: ordinary stores
     step_and_compare(d, sc, hp, backend, "streamed bucket: ")
     step_and_compare(small, sc, hp, backend, "small bucket: ")
     for i, (a, b) in enumerate(zip(d["p"], small["p"])):
