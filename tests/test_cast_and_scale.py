@@ -513,19 +513,24 @@ def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
 @pytest.mark.parametrize("src,gd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)], ids=str)
 def test_cpu_backward_large_outputs(src, gd, cpu_isa):
     """From 2^23 elements the AVX-512 backward stores grad_x past the cache (kStreamMin in
-    csrc/cpu/cast_and_scale_backward_avx512.cpp): in each parallel task, ordinary vectors (and a masked one) up to
-    grad_x's first 64-byte boundary, whole lines streamed, then the ordinary tail. 2^23 + 45 elements: with two
-    threads the second task starts (n + 1) // 2 elements in, off a line (a masked head of 9 elements, for fp32 and
-    16-bit x alike), and the tail is 13 or 29 elements. The AVX2 loop runs the same input. Bit for bit against the
-    reference."""
+    csrc/cpu/cast_and_scale_backward_avx512.cpp): in each parallel task, ordinary vectors (then a masked one) up to
+    grad_x's first 64-byte boundary, whole lines streamed, then the ordinary tail. Two threads (pinned here), so
+    the second task starts (n + 1) // 2 elements in: n = 2^23 + 45 gives a head of 9 elements (fp32 and 16-bit x
+    alike), n = 2^23 + 1 one of 15 (fp32) or 31 (16-bit: a full vector and a masked one). The AVX2 loop runs the
+    same inputs. Bit for bit against the reference."""
     backend = extension_backend(OP, "cpu")
     torch.manual_seed(153)
-    n = (1 << 23) + 45
-    x = make_x(n, src, "cpu")
-    g = make_grad(n, gd, "cpu")
     dst = torch.float8_e4m3fn if gd == torch.float8_e4m3fn else torch.bfloat16
-    got = run_backward(g, x, dst, torch.tensor([0.625]), True, backend, "cpu")
-    assert_bit_exact(got, expected_backward(g, x, dst, torch.tensor([0.625]), True), f"n={n}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in ((1 << 23) + 45, (1 << 23) + 1):
+            x = make_x(n, src, "cpu")
+            g = make_grad(n, gd, "cpu")
+            got = run_backward(g, x, dst, torch.tensor([0.625]), True, backend, "cpu")
+            assert_bit_exact(got, expected_backward(g, x, dst, torch.tensor([0.625]), True), f"n={n}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))

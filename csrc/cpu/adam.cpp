@@ -18,7 +18,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX2__)
+// Streaming stores need at::vec's AVX2 Vectorized (its __m256i): setup.py defines CPU_CAPABILITY_AVX2 with -mavx2.
+// Flags that give AVX2 another way (-march=haswell through MIXPREC_CPU_FLAGS) leave at::vec generic: plain stores.
+#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+#define MIXPREC_STREAM_STORES 1
 #include <immintrin.h>
 #endif
 
@@ -66,7 +69,7 @@ constexpr int64_t kStreamMin = 1 << 18;
 // Stores two fp32 vectors as 2 * kLanes 16-bit values, 32-byte aligned, bypassing the cache.
 template <typename T>
 inline void stream2_from_f32(T* p, const fVec& a, const fVec& b) {
-#if defined(__AVX2__)
+#if defined(MIXPREC_STREAM_STORES)
   static_assert(sizeof(T) == 2, "only 16-bit params are streamed");
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), static_cast<__m256i>(at::vec::convert_from_float<T>(a, b)));
 #else
@@ -388,7 +391,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         tile(sl, off, len, g, c, stream);
       }
     }
-#if defined(__AVX2__)
+#if defined(MIXPREC_STREAM_STORES)
     if (stream) _mm_sfence();  // the streamed stores are weakly ordered: visible before this thread's work ends
 #endif
   });
