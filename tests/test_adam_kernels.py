@@ -199,7 +199,7 @@ def test_cpu_streamed_param_stores(P):
     small = {k: [t[:1000].clone() for t in v] for k, v in d.items()}  # 5,001 elements: ordinary stores
     step_and_compare(d, sc, hp, backend, "streamed bucket: ")
     step_and_compare(small, sc, hp, backend, "small bucket: ")
-    for i, (a, b) in enumerate(zip(d["p"], small["p"])):
+    for i, (a, b) in enumerate(zip(d["p"], small["p"], strict=True)):
         assert_bit_exact(a[:1000], b, f"p[{i}] streamed against cached")
 
 
