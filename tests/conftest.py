@@ -138,7 +138,8 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "
 
 # The C++ CPU kernels' code paths on this machine: their AVX2 code (MIXPREC_CPU_ISA=avx2 keeps the AVX-512 code off;
 # on a machine without AVX-512 it is the only path) and, where the CPU and torch have AVX-512, the AVX-512 code of
-# cast_and_scale and of unscale_ for 16-bit tensors (csrc/cpu/*_avx512.cpp), which serves calls there by default.
+# cast_and_scale (forward and backward) and of unscale_ for 16-bit tensors (csrc/cpu/*_avx512.cpp), which serves
+# calls there by default.
 # Tests that probe a kernel's rounding, tails and task split take the `cpu_isa` fixture with these parameters.
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 CPU_ISAS = [pytest.param("avx2", id="avx2"),

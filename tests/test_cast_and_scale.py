@@ -234,8 +234,8 @@ def test_fp8_nan_bytes_on_the_cpu_kernel(dst, cpu_isa):
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src,dst", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
 def test_cpu_large_16bit_outputs(src, dst, cpu_isa):
-    """From 2^23 elements the AVX-512 code stores 16-bit outputs past the cache (kStreamMin in
-    csrc/cpu/cast_and_scale_avx512.cpp; every task's 64-element blocks, then the ordinary tail); the AVX2 code is
+    """From 2^23 elements the AVX-512 code stores 16-bit outputs past the cache (kCastStreamMin in
+    csrc/cpu/avx512_util.h; every task's 64-element blocks, then the ordinary tail); the AVX2 code is
     run on the same input. 2^23 + 45 elements (a task and a tail beyond the last block), read from an offset view,
     SPECIALS spread over it and a NaN in the last full task: the output and amax against the reference, bit for bit."""
     backend = extension_backend(OP, "cpu")
@@ -512,8 +512,8 @@ def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src,gd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)], ids=str)
 def test_cpu_backward_large_outputs(src, gd, cpu_isa):
-    """From 2^23 elements the AVX-512 backward stores grad_x past the cache (kStreamMin in
-    csrc/cpu/cast_and_scale_backward_avx512.cpp): in each parallel task, ordinary vectors (then a masked one) up to
+    """From 2^23 elements the AVX-512 backward stores grad_x past the cache (kCastStreamMin in
+    csrc/cpu/avx512_util.h): in each parallel task, ordinary vectors (then a masked one) up to
     grad_x's first 64-byte boundary, whole lines streamed, then the ordinary tail. Two threads (pinned here), so
     the second task starts (n + 1) // 2 elements in: n = 2^23 + 45 gives a head of 9 elements (fp32 and 16-bit x
     alike), n = 2^23 + 1 one of 15 (fp32) or 31 (16-bit: a full vector and a masked one). The AVX2 loop runs the

@@ -24,11 +24,6 @@ namespace {
 using namespace avx512;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, as in cast_and_scale.cpp
-// Casts of at least this many elements to a 16-bit target store the output past the cache (no line read for
-// ownership: f32 -> bf16 moves 6 B an element instead of 8). Measured at 16M elements on the 2-core CI machine:
-// f32 -> bf16 1.10x, f32 -> f16 1.15x; fp8 targets gain nothing (compute-bound there) and are not streamed. Smaller
-// outputs stay in cache for the op that reads them next.
-constexpr int64_t kStreamMin = 1 << 23;
 
 // Targets: FMT 0-2 are the fp8 formats of f32_to_fp8_bytes (16 bytes a vector), 3 = bfloat16, 4 = float16 (16
 // halfwords a vector, in a 256-bit register).
@@ -79,7 +74,7 @@ MIXPREC_AVX512 inline void store(void* out, int64_t i, Packed<FMT> q) {
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + i), q);
 }
 
-// A 16-bit target's vector stored past the cache (see kStreamMin); blocks() writes whole 64-byte lines.
+// A 16-bit target's vector stored past the cache (see kCastStreamMin); blocks() writes whole 64-byte lines.
 template <int FMT>
 MIXPREC_AVX512 inline void stream(void* out, int64_t i, Packed<FMT> q) {
   static_assert(FMT >= kBF16, "only 16-bit targets are streamed");
@@ -138,7 +133,7 @@ float run(const Src* x, void* out, int64_t numel, float scale, float fmax) {
   constexpr int64_t kOutBytes = FMT >= kBF16 ? 2 : 1;
   const int64_t ntasks = at::divup(numel, kGrain);
   std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
-  const bool stream_out = numel >= kStreamMin;
+  const bool stream_out = numel >= kCastStreamMin;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t lo = begin * kGrain, hi = std::min(numel, end * kGrain);
     partial[begin] =

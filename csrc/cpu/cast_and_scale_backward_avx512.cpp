@@ -28,9 +28,6 @@ namespace {
 using namespace avx512;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, as cast_and_scale_backward.cpp
-// grad_x of at least this many elements is stored past the cache (streaming stores: no line read for ownership; x
-// and grad_x fp32 with a bf16 grad move 10 B an element instead of 14), as the forward's 16-bit outputs are.
-constexpr int64_t kStreamMin = 1 << 23;
 
 // 16 grad elements as fp32 (exact); masked lanes read nothing. fp8 by arithmetic, through fp16 (vcvtph2ps, exact for
 // fp16 subnormals too): an e5m2 byte is the high byte of the same value's fp16; an e4m3fn byte's low 7 bits put 7
@@ -99,7 +96,8 @@ MIXPREC_AVX512 inline void stream_line(const X* x, const G* g, X* out, __m512 s,
   }
 }
 
-// stream: grad_x goes past the cache (kStreamMin): ordinary vectors up to the first 64-byte boundary of out, then
+// stream: grad_x goes past the cache (kCastStreamMin; fp32 x and grad_x with a bf16 grad move 10 B an element
+// instead of 14): ordinary vectors up to the first 64-byte boundary of out, then
 // whole lines streamed; the rest as without.
 template <typename X, typename G, bool SAT, bool KEEP_INF>
 MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale, float fmax, bool stream) {
@@ -127,7 +125,7 @@ MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale
 
 template <typename X, typename G, bool SAT, bool KEEP_INF>
 void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
-  const bool stream = n >= kStreamMin;
+  const bool stream = n >= kCastStreamMin;
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     range<X, G, SAT, KEEP_INF>(x + lo, g + lo, out + lo, hi - lo, scale, fmax, stream);
   });

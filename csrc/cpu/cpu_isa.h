@@ -1,5 +1,5 @@
-// Which vector code the CPU kernels run: the AVX-512 paths (cast_and_scale_avx512.cpp, unscale_avx512.cpp) or the
-// AVX2 code the library is compiled for.
+// Which vector code the CPU kernels run: the AVX-512 paths (cast_and_scale_avx512.cpp,
+// cast_and_scale_backward_avx512.cpp, unscale_avx512.cpp) or the AVX2 code the library is compiled for.
 #pragma once
 
 namespace mixprec::cpu {

@@ -1,7 +1,8 @@
 // AVX-512 path of the CPU unscale_ kernel for fp16 and bf16 tensors: 16 lanes a vector, so the widening, the
 // multiply and the rounding back take half the instructions of the AVX2 loop (unscale.cpp), whose results it
-// reproduces: the same values (a NaN's payload aside: avx512_util.h), found_inf, and the norm bit for bit. Target attributes, not build flags (avx512_util.h): runs only when
-// avx512_enabled() says so. (fp32 tensors stay on the AVX2 loop: they stream at the memory's rate already.)
+// reproduces: the same values (a NaN's payload aside: avx512_util.h), found_inf, and the norm bit for bit. Target
+// attributes, not build flags (avx512_util.h): runs only when avx512_enabled() says so. (fp32 tensors stay on the
+// AVX2 loop: they stream at the memory's rate already.)
 #include "unscale_avx512.h"
 
 #include <c10/util/BFloat16.h>
