@@ -10,13 +10,16 @@ synchronize), so the spins never pile up. The host's side is reported separately
 queuing one call (what a loop of small calls costs when the device is faster than the host). CPU: time.perf_counter
 around each call (torch CPU ops return when done). Calls rotate over several input sets whose total size aims at 4x
 the last-level cache, so a small case cannot be served from a cache warmed by the previous repetition (see `n_sets`:
-at most max_sets sets, so the smallest cases may cover less).
+at most max_sets sets, so the smallest cases may cover less). Each round calls the implementations in its own order
+(`call_order`), so that none always follows the same one: a call pays for what its predecessor left behind (on the
+CPU, up to a cache full of dirty lines to write back; see `call_order`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +70,15 @@ def _sleep_cycles_per_s(device: torch.device) -> float:
     return 2_000_000 / max(a.elapsed_time(b) * 1e-3, 1e-6)
 
 
+def call_order(r: int, nf: int) -> list[int]:
+    """The order in which round r calls the nf implementations: a permutation drawn from a generator seeded by r
+    (the same every run), so that over a run each implementation follows each other one about equally often. In a
+    fixed order each would always follow the same one, and pay for what it leaves: on the 2-core CPU, a call right
+    after torch's foreach AdamW (which writes large temporaries) took 0.2-0.5 ms longer at 1M params (1.2 ms alone;
+    bench/NOTES.md, "Call order")."""
+    return random.Random(r).sample(range(nf), nf)
+
+
 def _quantile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -82,7 +94,7 @@ def measure(
     min_reps: int = 5,
     budget_s: float = 1.0,
 ) -> list[Timing]:
-    """Time each fn(input set), interleaved: rep r calls every fn once, in turn, so that a machine whose speed
+    """Time each fn(input set), interleaved: rep r calls every fn once, in call_order(r), so that a machine whose speed
     drifts during the run (other load, a host scheduler) slows all of them alike and their ratios stay fair. Call
     j (counting every call of every fn) uses inputs[j % len(inputs)], so no call finds its data in the cache that
     the previous call warmed. Stops after `reps` rounds, or once `budget_s` x len(fns) of wall time is spent and
@@ -115,7 +127,8 @@ def measure(
             # Each round starts on an idle device: every call adds a spin, so without this the device would fall
             # further behind each round, the launch queue would fill, and host_s would time waiting for a slot.
             torch.cuda.synchronize(device)
-            for n, f in enumerate(fns):
+            for n in call_order(r, nf):
+                f = fns[n]
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda._sleep(spin)
                 a.record()
@@ -131,7 +144,8 @@ def measure(
         times = [[a.elapsed_time(b) * 1e-3 for a, b in ev] for ev in events]
     else:
         for r in range(reps):
-            for n, f in enumerate(fns):
+            for n in call_order(r, nf):
+                f = fns[n]
                 s = time.perf_counter()
                 f(inputs[j % k])
                 times[n].append(time.perf_counter() - s)

@@ -2075,6 +2075,55 @@ def test_steady_bucket_call_skips_the_packets_argument_walk(monkeypatch):
     assert walks == []
 
 
+def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
+    """The bucket op is called with the subclasses' torch function handling off: otherwise torch looks up
+    __torch_function__ on the bucket (a torch.ScriptObject), where the failed lookup throws a C++ exception and formats
+    a Python AttributeError, ~15 us a call (bench/NOTES.md, "A failed attribute lookup a step"). Params of a subclass
+    with a __torch_function__ of its own therefore get no bucket: their steady steps take the lists' op, which their
+    __torch_function__ sees, and they step bit for bit as plain params do."""
+    from mixprec_ops.ops import adam as ops_adam
+
+    extension_backend(OP, "cpu")
+    if not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::AdamBucket")
+    seen = []
+
+    class Logged(torch.nn.Parameter):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    enabled = []  # torch function handling at each bucket op call
+    real = ops_adam._BUCKET_OP
+    monkeypatch.setattr(ops_adam, "_BUCKET_OP",
+                        lambda *a: (enabled.append(torch._C._is_torch_function_enabled()), real(*a))[1])
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=g).to(torch.bfloat16) for n in (6, 11)]
+    grads = [[torch.randn(t.shape, generator=g).to(torch.bfloat16) for t in init] for _ in range(4)]
+    runs = {}
+    for kind in ("plain", "logged"):
+        ps = [torch.nn.Parameter(t.clone()) if kind == "plain" else Logged(t.clone()) for t in init]
+        opt = AdamW(ps, lr=1e-2, backend="cpu")
+        for i, gs in enumerate(grads):
+            for p, gr in zip(ps, gs, strict=True):
+                p.grad = gr.clone()
+            if i == len(grads) - 1:
+                seen.clear()
+            opt.step()
+        buckets = [b for _, _, bs, _ in opt._steady["per_group"] for b in bs]
+        assert buckets and opt._steady["used"]  # the last steps came from the record
+        runs[kind] = (ps, opt, [b.bucket for b in buckets])
+    plain_buckets, logged_buckets = runs["plain"][2], runs["logged"][2]
+    assert all(b is not None for b in plain_buckets) and all(b is None for b in logged_buckets)
+    assert enabled and not any(enabled)  # the plain params' steps: the bucket op, handling off
+    assert any("adam_step_" in f for f in seen), seen  # the subclass saw its step op (the last, steady step)
+    for (p, q) in zip(runs["plain"][0], runs["logged"][0], strict=True):
+        assert_bit_exact(q.detach(), p.detach(), "param")
+        for k, v in runs["plain"][1].state[p].items():
+            assert_bit_exact(runs["logged"][1].state[q][k], v, k)
+
+
 def test_steady_records_back_off_while_unused(monkeypatch):
     """A record that no step uses (the params with grads differ every step, as with experts a router skipped) costs
     about a third of a full planning: the next records wait 1, 2, 4, ... fully planned steps, and once the grads

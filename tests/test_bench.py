@@ -453,6 +453,26 @@ def test_every_input_set_is_warmed_before_timing():
     assert set(order[:len(inputs)]) == set(inputs) and len(order) == len(inputs) + 5
 
 
+def test_each_round_calls_the_implementations_in_its_own_order():
+    """A call pays for what the call before it left (on a CPU, a cache of dirty lines to write back): in a fixed
+    order each implementation would always follow the same one. Every round calls each fn once, the order differs
+    between rounds, each fn follows each other one about as often, and the orders are the same every run."""
+    from collections import Counter
+
+    from bench import timing
+
+    log = []
+    fns = [lambda x, i=i: log.append(i) for i in range(3)]
+    timing.measure(fns, [0], torch.device("cpu"), reps=60, warmup=1, min_reps=60, budget_s=100.0)
+    timed = log[-180:]
+    rounds = [timed[i:i + 3] for i in range(0, 180, 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 6  # every permutation of three occurs
+    follows = Counter(p for p in zip(timed, timed[1:], strict=False) if p[0] != p[1])
+    assert len(follows) == 6 and min(follows.values()) >= 15, follows  # ~20-30 each; a fixed order: 3 pairs only
+    assert [timing.call_order(r, 3) for r in range(60)] == rounds
+
+
 def test_unscale_bench_times_the_writing_path():
     """The unscale_ timing sets alternate inv_scale 2.0 / 0.5 (every call writes; with 1.0 our kernels took their
     read-only path while torch's wrote, so the bandwidth counted writes that never happened), and the values come

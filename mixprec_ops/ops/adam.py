@@ -226,6 +226,7 @@ _HAS_BUCKET = _ext.LOADED and _ext.has_kernel("adam_step_bucket_", "CompositeExp
 # eager execution. The packet itself where a torch lacks the attribute.
 _BUCKET_OP = (getattr(torch.ops.mixprec.adam_step_bucket_, "_op", torch.ops.mixprec.adam_step_bucket_)
               if _HAS_BUCKET else None)
+_NO_SUBCLASS_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
@@ -234,8 +235,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
     """Dispatch one fused step over a bucket of tensors that share (param dtype, grad dtype, state dtype, masters
     or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend. bucket: None,
     or a torch.classes.mixprec.AdamBucket (new_bucket) holding these very state lists, exp_avgs to masters, while
-    the params' .grad are `grads`: the C++ backends then take the params and it in place of the lists (in plain
-    eager execution), which saves converting five lists from Python at each call (~0.1 us a tensor)."""
+    the params' .grad are `grads`, and the params are torch.Tensor or nn.Parameter objects (no subclass): the C++
+    backends then take the params and it in place of the lists (in plain eager execution), which saves converting
+    five lists from Python at each call (~0.1 us a tensor)."""
     if not params:
         return
     b = _select(params[0].device, backend)
@@ -261,7 +263,13 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
             else:
                 op(*args)
     elif bucket is not None and _checks.eager_unobserved() and not backends.transform_active():
-        _BUCKET_OP(params, bucket, *args[6:])
+        # Subclasses' torch function handling off for the call: before the call, torch looks up __torch_function__
+        # on every argument that is not a plain tensor, and on the bucket (a torch.ScriptObject) the failed lookup
+        # throws and catches a C++ exception and formats a Python AttributeError: ~15 us a call on the CI CPU, half
+        # the op's host time at 40 params. Callers pass a bucket only for torch.Tensor / nn.Parameter params, which
+        # have no __torch_function__ of their own to miss (optim._steady._Bucket.plain).
+        with _NO_SUBCLASS_TORCH_FUNCTION():
+            _BUCKET_OP(params, bucket, *args[6:])
     else:
         torch.ops.mixprec.adam_step_(*args)
 

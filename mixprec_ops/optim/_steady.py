@@ -18,6 +18,7 @@ from operator import attrgetter, is_, is_not, itemgetter
 import torch
 
 from .. import _ext
+from .._checks import PLAIN
 from ..ops.adam import new_bucket
 
 _grad = attrgetter("grad")
@@ -46,8 +47,8 @@ def _kinds(tensors):
 class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
-    __slots__ = ("params", "lists", "bucket", "buf", "states", "lens", "getter", "held", "signature", "sizes",
-                 "pkinds", "gkinds", "plans", "versions", "ptrs")
+    __slots__ = ("params", "lists", "bucket", "plain", "buf", "states", "lens", "getter", "held", "signature",
+                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs")
 
     def __init__(self, entries, lists, buf, keys, versions):
         ps = lists[0]
@@ -58,6 +59,10 @@ class _Bucket:
         # the state lists on the C++ side too (ops.adam.adam_step_'s bucket), made at the record's first use: a
         # third of the cost of recording, which records no step uses (the back-off's case) need not pay
         self.bucket = None
+        # torch.Tensor and nn.Parameter params only: the C++ bucket's op is called with the subclasses' torch function
+        # handling off (ops.adam.adam_step_), which another subclass's __torch_function__ would miss; its params
+        # take the lists' op. (Their types are read here, once: a param's __class__ reassigned later is not seen.)
+        self.plain = set(map(type, ps)) <= PLAIN
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
@@ -203,7 +208,7 @@ class SteadyStepMixin:
                     gs = b.grads_if_unchanged()
                     if gs is None:
                         return None
-                    if b.bucket is None:
+                    if b.bucket is None and b.plain:
                         b.bucket = new_bucket(*b.lists)
                     units.append(((b.params, gs, *b.lists), b.buf, self.backend, b.bucket))
                 out.append((group, ps, units))
