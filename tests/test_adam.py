@@ -2124,6 +2124,42 @@ def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
             assert_bit_exact(runs["logged"][1].state[q][k], v, k)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_steady_steps_read_versions_once_when_the_launch_keeps_them(backend, monkeypatch):
+    """A steady step checks the params' version counters before its launch, and reads them again after it (what
+    the launch left is what the next step compares with). The C++ kernels leave them as they are: once a launch has
+    shown that, the reading after is skipped. The reference backend moves them (its copy_), so it reads them after
+    every step."""
+    import mixprec_ops.optim._steady as steady
+
+    if backend == "cpu":
+        extension_backend(OP, "cpu")
+    reads = []
+    monkeypatch.setattr(steady, "_version", lambda t: reads.append(t) or t._version)
+    ps = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in (5, 9, 3)]
+    opt = AdamW(ps, lr=1e-3, backend=backend)
+    per_step = []
+    for _ in range(5):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        reads.clear()
+        opt.step()
+        per_step.append(len(reads))
+    # step 0 plans in full (no sweep); step 1 checks and reads after; then the check alone on the C++ kernel
+    want = [0, 6, 3, 3, 3] if backend == "cpu" else [0, 6, 6, 6, 6]
+    assert per_step == want, per_step
+    # a write after the reading stopped is still seen: the master takes it (lr 0: the step then writes the param
+    # back from its master unchanged, so a master that missed the write would undo it)
+    ps[1].detach().mul_(2.0)
+    written = ps[1].detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.equal(ps[1].detach(), written)
+    assert torch.equal(opt.state[ps[1]]["master_param"].to(torch.bfloat16), written)
+
+
 def test_steady_records_back_off_while_unused(monkeypatch):
     """A record that no step uses (the params with grads differ every step, as with experts a router skipped) costs
     about a third of a full planning: the next records wait 1, 2, 4, ... fully planned steps, and once the grads
