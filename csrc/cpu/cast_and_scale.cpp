@@ -11,6 +11,7 @@
 #include "cast_and_scale_avx512.h"
 #include "fp8_convert.h"
 #include "fp8_convert_avx2.h"
+#include "prefetch.h"
 #include "vec_util.h"
 
 namespace mixprec::cpu {
@@ -27,6 +28,7 @@ inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep
   const fVec s(scale), hi(fmax), lo(-fmax), inf(std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch_stream(x, i);  // a later tile's input (prefetch.h)
     fVec v = load_f32(x + i);
     amax_acc = at::vec::maximum(amax_acc, v.abs());
     fVec y = v * s;
@@ -82,6 +84,7 @@ inline void scale_store_fp8(const Src* x, int64_t n, float scale, float fmax, ui
   __m256i amax_bits = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    prefetch_ahead<4 * kLanes * sizeof(Src)>(x + i);  // a later tile's input (prefetch.h)
     __m256i q[4];
     for (int u = 0; u < 4; ++u) {
       const __m256 v = load_f32(x + i + u * kLanes);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fp8_convert_avx512.h"
+#include "prefetch.h"
 
 namespace mixprec::cpu {
 
@@ -87,13 +88,14 @@ MIXPREC_AVX512 inline void store_masked(void* out, int64_t i, __mmask16 m, Packe
   else _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + i, m, q);
 }
 
-// Elements [0, 64 * (n / 64)): four vectors an iteration (independent chains for the out-of-order core); Stream:
-// their stores bypass the cache. Returns the elements done.
+// Elements [0, 64 * (n / 64)): four vectors an iteration (independent chains for the out-of-order core), their input
+// requested kPrefetchBytes ahead; Stream: their stores bypass the cache. Returns the elements done.
 template <int FMT, bool SAT, bool Stream, typename Src>
 MIXPREC_AVX512 inline int64_t blocks(const Src* x, void* out, int64_t n, __m512 s, __m512 lo, __m512 hi,
                                      __m512i& amax_bits) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
+    prefetch_ahead<64 * sizeof(Src)>(x + i);
     Packed<FMT> q[4];
     for (int u = 0; u < 4; ++u) q[u] = step<FMT, SAT>(load16(x + i + 16 * u), s, lo, hi, amax_bits);
     for (int u = 0; u < 4; ++u) {

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "prefetch.h"
 #include "unscale_avx512.h"
 #include "vec_util.h"
 
@@ -43,6 +44,7 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
     // Two vectors at a time: 16-bit types load, convert and store a whole register pair at once. The squares are
     // added in element order, as one vector at a time would (the norm's bits do not depend on the pairing).
     for (; i + 2 * kLanes <= stop; i += 2 * kLanes) {
+      prefetch_stream(p, i);  // a later block (prefetch.h)
       fVec a, b;
       load2_f32(p + i, a, b);
       a = a * s;

@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "avx512_util.h"
+#include "prefetch.h"
 
 namespace mixprec::cpu {
 
@@ -58,7 +59,10 @@ MIXPREC_AVX512 void range(T* p, int64_t n, float inv, double* sumsq, bool* nonfi
   while (i + 8 <= n) {
     __m256 sq = _mm256_setzero_ps();
     const int64_t stop = std::min(n, i + kFlush);
-    for (; i + 16 <= stop; i += 16) step<T, WRITE, NORM, true>(p + i, 0xFFFF, s, amax_bits, sq);
+    for (; i + 16 <= stop; i += 16) {
+      prefetch_stream(p, i);  // a later block (prefetch.h)
+      step<T, WRITE, NORM, true>(p + i, 0xFFFF, s, amax_bits, sq);
+    }
     if (i + 8 <= stop) {
       step<T, WRITE, NORM, false>(p + i, 0x00FF, s, amax_bits, sq);
       i += 8;

@@ -1,0 +1,31 @@
+// Software prefetch for the CPU kernels' loops over memory-sized inputs. Each iteration requests the lines it will
+// read kPrefetchBytes later: a page ahead of its loads, where the hardware prefetcher (which stops at each 4 KB
+// page) has not gone yet. Values are unchanged; a request past the end of an input is harmless (a prefetch never
+// faults). Measured on the 2-core CI machine, inputs rotated out of cache (bench/NOTES.md, seventeenth session).
+#pragma once
+#include <cstdint>
+
+namespace mixprec::cpu {
+
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Requests the kBytes bytes at p + kPrefetchBytes (whole 64-byte lines; p need not be aligned) for reading.
+template <int64_t kBytes>
+inline void prefetch_ahead(const void* p) {
+  static_assert(kBytes > 0 && kBytes % 64 == 0, "whole lines");
+  const char* a = static_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t l = 0; l < kBytes; l += 64) __builtin_prefetch(a + l, 0, 3);
+}
+
+// For loops that step through p by at most a line at a time (a step of 64 bytes or a divisor of it, from i = 0):
+// at element i, requests the line kPrefetchBytes ahead when i starts a new 64-byte stretch, one request a line. (A
+// burst of requests for a whole tile at its start ran 0.8-0.9x on the AVX2 cast loop: the core stalls while they
+// wait for line-fill buffers.)
+template <typename T>
+inline void prefetch_stream(const T* p, int64_t i) {
+  if (i * static_cast<int64_t>(sizeof(T)) % 64 == 0) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p + i) + kPrefetchBytes, 0, 3);
+  }
+}
+
+}  // namespace mixprec::cpu
