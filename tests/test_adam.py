@@ -2122,6 +2122,15 @@ def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
         assert_bit_exact(q.detach(), p.detach(), "param")
         for k, v in runs["plain"][1].state[p].items():
             assert_bit_exact(runs["logged"][1].state[q][k], v, k)
+    # A plain param made a subclass after the record (same id, data and version): its steps are seen from the next
+    ps, opt, _ = runs["plain"]
+    ps[0].__class__ = Logged
+    for _ in range(2):
+        seen.clear()
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt.step()
+        assert any("adam_step_" in f for f in seen), seen
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

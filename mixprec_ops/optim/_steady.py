@@ -61,7 +61,8 @@ class _Bucket:
         self.bucket = None
         # torch.Tensor and nn.Parameter params only: the C++ bucket's op is called with the subclasses' torch function
         # handling off (ops.adam.adam_step_), which another subclass's __torch_function__ would miss; its params
-        # take the lists' op. (Their types are read here, once: a param's __class__ reassigned later is not seen.)
+        # take the lists' op. Checked again at each step (grads_if_unchanged): a param whose class changes to such
+        # a subclass (p.__class__ = ..., torch.utils.swap_tensors) keeps its id, data and version.
         self.plain = set(map(type, ps)) <= PLAIN
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
@@ -87,6 +88,8 @@ class _Bucket:
         """This step's grads for the launch, or None when the recorded lists no longer serve. The optimizer's state
         maps these params to the recorded state dicts (SteadyStepMixin._steady_step has checked it whole)."""
         ps = self.params
+        if self.plain and not set(map(type, ps)) <= PLAIN:  # (~20 ns a param)
+            return None  # a param became a subclass: its next record gives it no bucket
         if self.signature is not None:  # (the data pointers included)
             gs, signature = _SIGNATURE(ps)
             if not gs or not torch.equal(signature, self.signature):
