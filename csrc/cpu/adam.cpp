@@ -19,13 +19,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-// Streaming stores need at::vec's AVX2 Vectorized (its __m256i): setup.py defines CPU_CAPABILITY_AVX2 with -mavx2.
-// Flags that give AVX2 another way (-march=haswell through MIXPREC_CPU_FLAGS) leave at::vec generic: plain stores.
-#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
-#define MIXPREC_STREAM_STORES 1
-#include <immintrin.h>
-#endif
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -68,10 +61,11 @@ struct Unit {
 // cache for the next forward.
 constexpr int64_t kStreamMin = 1 << 18;
 
-// Stores two fp32 vectors as 2 * kLanes 16-bit values, 32-byte aligned, bypassing the cache.
+// Stores two fp32 vectors as 2 * kLanes 16-bit values, 32-byte aligned, bypassing the cache (with at::vec's AVX2
+// Vectorized, whose __m256i the streaming store takes; plain stores otherwise: vec_util.h).
 template <typename T>
 inline void stream2_from_f32(T* p, const fVec& a, const fVec& b) {
-#if defined(MIXPREC_STREAM_STORES)
+#if defined(MIXPREC_VEC_AVX2)
   static_assert(sizeof(T) == 2, "only 16-bit params are streamed");
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), static_cast<__m256i>(at::vec::convert_from_float<T>(a, b)));
 #else
@@ -92,7 +86,7 @@ void prep_grad(const void* grad, int64_t off, int64_t n, float gs, float clip, f
   const fVec s(gs), c(clip);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    prefetch_stream(g, i);  // a later tile's grads (prefetch.h)
+    prefetch_stream<kLanes>(g, i);  // a later tile's grads (prefetch.h)
     fVec x = load_f32(g + i);
     if constexpr (kScale) x = x / s;
     if constexpr (kClip) x = x * c;
@@ -403,7 +397,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         tile(sl, off, len, g, c, stream);
       }
     }
-#if defined(MIXPREC_STREAM_STORES)
+#if defined(MIXPREC_VEC_AVX2)
     if (stream) _mm_sfence();  // the streamed stores are weakly ordered: visible before this thread's work ends
 #endif
   });

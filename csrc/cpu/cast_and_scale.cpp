@@ -28,7 +28,7 @@ inline void scale_tile(const Src* x, int64_t n, float scale, bool sat, bool keep
   const fVec s(scale), hi(fmax), lo(-fmax), inf(std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    prefetch_stream(x, i);  // a later tile's input (prefetch.h)
+    prefetch_stream<kLanes>(x, i);  // a later tile's input (prefetch.h)
     fVec v = load_f32(x + i);
     amax_acc = at::vec::maximum(amax_acc, v.abs());
     fVec y = v * s;
@@ -71,14 +71,9 @@ inline void store_tile(const float* buf, int64_t n, Dst* y) {
   }
 }
 
-// The fused fp8 loop below mixes at::vec's fVec with raw __m256: it needs at::vec's AVX2 Vectorized, which setup.py
-// selects only with -mavx2 (CPU_CAPABILITY_AVX2). Flags that give AVX2 another way (MIXPREC_CPU_FLAGS=-march=haswell)
-// leave at::vec generic: the tile-by-tile path then serves fp8 targets too.
-#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
-#define MIXPREC_FP8_FUSED_AVX2 1
-#endif
-
-#if defined(MIXPREC_FP8_FUSED_AVX2)
+// (The fused fp8 loop mixes fVec with raw __m256: only with at::vec's AVX2 code, vec_util.h; otherwise the
+// tile-by-tile path serves fp8 targets too.)
+#if defined(MIXPREC_VEC_AVX2)
 // fp8 targets: scale, clamp, amax and the rounding in one loop, 32 elements at a time (no fp32 tile written and
 // read back), with the adder-based AVX2 rounding (fp8_convert_avx2.h); the last n % 32 go the scalar way.
 template <int FMT, bool SAT, typename Src>
@@ -123,7 +118,7 @@ inline void scale_store_fp8(const Src* x, int64_t n, float scale, bool sat, floa
 template <typename Src, typename Dst>
 inline void tile(const Src* x, int64_t n, float scale, bool sat, bool keep_inf, float fmax, float* buf, Dst* y,
                  fVec& amax_acc, float& tail_max) {
-#if defined(MIXPREC_FP8_FUSED_AVX2)
+#if defined(MIXPREC_VEC_AVX2)
   if constexpr (std::is_same_v<Dst, at::Float8_e4m3fn>) {
     uint8_t* out = reinterpret_cast<uint8_t*>(y);
     if (e4m3fn_overflow_is_nan()) return scale_store_fp8<0>(x, n, scale, sat, fmax, out, buf, amax_acc, tail_max);

@@ -56,10 +56,9 @@ void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
       // a later part's input (prefetch.h; x is read only to saturate). Not with fp8 grads: their table lookups, one
       // element at a time, bound the loop; with requests it read 0.7-0.94x at 16M (bf16 x), but that row varied
       // 5.1-8.5 ms between runs of the same code here, so no gain is shown either way
-      // (indices from lo: a thread's part may start anywhere, and prefetch_stream counts stretches from its base)
       if constexpr (!kIsFp8<G>) {
-        prefetch_stream(g + lo, i - lo);
-        if constexpr (SAT) prefetch_stream(x + lo, i - lo);
+        prefetch_stream<kLanes>(g, i);
+        if constexpr (SAT) prefetch_stream<kLanes>(x, i);
       }
       fVec gv = load_grad(g + i);
       if constexpr (SAT) {

@@ -114,20 +114,18 @@ MIXPREC_AVX512 void range(const X* x, const G* g, X* out, int64_t n, float scale
       step<X, G, SAT, KEEP_INF, false>(x + i, g + i, out + i, m, s, hi);
       i = head;
     }
-    // a line of x an iteration, and the grads' share of one (prefetch.h; from i = head, so g's stretches count
-    // from there)
-    const G* g0 = g + i;
-    for (const int64_t i0 = i; i + kLine <= n; i += kLine) {
+    // a line of x an iteration, and the grads' share of one (prefetch.h)
+    for (; i + kLine <= n; i += kLine) {
       if constexpr (SAT) prefetch_ahead<64>(x + i);
       if constexpr (kLine * sizeof(G) >= 64) prefetch_ahead<kLine * sizeof(G)>(g + i);
-      else prefetch_stream(g0, i - i0);
+      else prefetch_stream<kLine>(g, i);
       stream_line<X, G, SAT, KEEP_INF>(x + i, g + i, out + i, s, hi);
     }
     _mm_sfence();  // weakly ordered: visible before this task's work is done
   }
   for (; i + 16 <= n; i += 16) {
-    if constexpr (SAT) prefetch_stream(x, i);
-    prefetch_stream(g, i);
+    if constexpr (SAT) prefetch_stream<16>(x, i);
+    prefetch_stream<16>(g, i);
     step<X, G, SAT, KEEP_INF, true>(x + i, g + i, out + i, 0xFFFF, s, hi);
   }
   if (i < n) {

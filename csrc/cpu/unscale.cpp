@@ -44,7 +44,7 @@ void unscale_range(T* p, int64_t n, float inv, bool want_norm, Acc& acc) {
     // Two vectors at a time: 16-bit types load, convert and store a whole register pair at once. The squares are
     // added in element order, as one vector at a time would (the norm's bits do not depend on the pairing).
     for (; i + 2 * kLanes <= stop; i += 2 * kLanes) {
-      prefetch_stream(p, i);  // a later block (prefetch.h)
+      prefetch_stream<2 * kLanes>(p, i);  // a later block (prefetch.h)
       fVec a, b;
       load2_f32(p + i, a, b);
       a = a * s;

@@ -60,7 +60,7 @@ MIXPREC_AVX512 void range(T* p, int64_t n, float inv, double* sumsq, bool* nonfi
     __m256 sq = _mm256_setzero_ps();
     const int64_t stop = std::min(n, i + kFlush);
     for (; i + 16 <= stop; i += 16) {
-      prefetch_stream(p, i);  // a later block (prefetch.h)
+      prefetch_stream<16>(p, i);  // a later block (prefetch.h)
       step<T, WRITE, NORM, true>(p + i, 0xFFFF, s, amax_bits, sq);
     }
     if (i + 8 <= stop) {

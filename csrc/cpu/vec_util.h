@@ -7,6 +7,14 @@
 
 #include <tuple>
 
+// at::vec's AVX2 Vectorized is in use (fVec converts to and from __m256 / __m256i): setup.py defines
+// CPU_CAPABILITY_AVX2 with -mavx2. Flags that give AVX2 another way (MIXPREC_CPU_FLAGS=-march=haswell) leave at::vec
+// generic, so code mixing fVec with raw AVX2 intrinsics is compiled only under this macro.
+#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+#define MIXPREC_VEC_AVX2 1
+#include <immintrin.h>
+#endif
+
 namespace mixprec::cpu {
 
 using fVec = at::vec::Vectorized<float>;
