@@ -161,6 +161,60 @@ def find_cublaslt(cuda_home, cuda_major):
     return None
 
 
+def linking_cxx():
+    """The C++ compiler that links the extension, as a command list: $CXX, else Python's configured CXX (for a C++
+    extension setuptools swaps the link command's program for this one)."""
+    import shlex
+    import sysconfig
+
+    return shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+
+
+def loaded_libstdcxx(maps="/proc/self/maps"):
+    """The path of the libstdc++.so.6 this process has loaded (torch's), or None."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def stdcxx_link_args(cxx=None, maps="/proc/self/maps"):
+    """Link arguments that make the extension use the shared libstdc++, the one torch uses.
+
+    A compiler whose search path holds only libstdc++.a links it into the .so (the GPU image's /opt/gcc/bin/g++,
+    2026-11-30: our _C.abi3.so then needed no libstdc++.so.6 and defined its own std::locale). Two libstdc++ in one
+    process: our copy's num_put facet was never set up, and the first error message that formatted an integer
+    (TORCH_CHECK(..., "params[", i, "] has no grad")) crashed the process with SIGSEGV inside
+    std::ostream::_M_insert<long>; messages of strings and dtypes did not. If the compiler cannot name a shared
+    libstdc++.so, the one this process has loaded is passed by path: the linker then binds every std:: symbol to it
+    before the compiler's trailing -lstdc++ reaches the archive, and the .so needs libstdc++.so.6 like torch."""
+    if platform.system() != "Linux":
+        return []
+    cxx = linking_cxx() if cxx is None else cxx
+    try:
+        found = subprocess.run([*cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        log(f"libstdc++: could not ask {' '.join(cxx)} for its libstdc++.so ({e}); linking as it does")
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    lib = loaded_libstdcxx(maps)
+    if lib is None:
+        log(f"WARNING: {' '.join(cxx)} finds no shared libstdc++.so and this process has none loaded: the extension "
+            "may carry a static libstdc++, whose error messages with numbers crash the process; set CXX to a "
+            "compiler with a shared libstdc++ (e.g. CXX=/usr/bin/g++)")
+        return []
+    log(f"libstdc++: {' '.join(cxx)} has no shared libstdc++.so (it would link libstdc++.a into the extension); "
+        f"linking {lib}, the one torch uses")
+    return [lib]
+
+
 def write_build_info(use_cuda, archs):
     import torch
 
@@ -196,7 +250,8 @@ def extensions():
         cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec uses AVX2 intrinsics, not its generic path
     # Headers as dependencies: setuptools only compares sources with the .so, so a header-only edit would ship stale.
     headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
-    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], depends=headers, py_limited_api=True)
+    kw = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp", *stdcxx_link_args()], depends=headers,
+              py_limited_api=True)
     if use_cuda:
         import torch
 
