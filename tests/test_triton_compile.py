@@ -221,6 +221,45 @@ def test_bit_exact_kernels_negate_exactly(aot, kernel):
     assert not bad, "float negations:\n" + "\n".join(bad)
 
 
+# The kernels whose launchers take `wrap` (torch.library.wrap_triton, for triton_ops) and that have float arguments:
+# under torch.compile, Inductor's generated wrapper launches them, and it types a Python float argument fp64 where
+# Triton's own launch types it fp32 (unscale_ is not a triton_op yet; its launcher is ready to be).
+WRAP_TRITON_FLOAT_KERNELS = ["_cast_and_scale_kernel", "_cast_and_scale_backward_kernel", "_unscale_kernel"]
+
+
+@pytest.mark.parametrize("kernel", WRAP_TRITON_FLOAT_KERNELS)
+def test_fp64_float_arguments_compile_to_fp32_math(aot, kernel):
+    """Every variant also compiles with its float arguments typed fp64, as Inductor launches it, and does its math in
+    fp32 all the same (no fp64 arithmetic, comparison or select in the TTIR): on the H200 (2026-11-30) the forward's
+    fp8 rows failed to compile so (the saturation bound made y fp64), and the backward compared |x * s| in fp64."""
+    recs = _records(aot, kernel)
+    typed = [r for r in recs if r["floats"] == "fp64"]
+    assert {r["target"] for r in typed} == TARGETS, "each target's variants again with fp64 floats"
+    plain = [r for r in recs if r["floats"] == "fp32"]
+    # every case row again (not the forward's two extra rows: another torch's overflow rule, a subnormal scale)
+    assert len(typed) >= len(plain) - 2 * len(TARGETS), "each case row again with fp64 floats"
+    for r in typed:
+        assert r["ok"], f"[{r['target']}] {r['variant']}:\n{r['error']}"
+        assert r["ttir"]["f64_math"] == 0, f"[{r['target']}] {r['variant']}: fp64 math in the TTIR"
+
+
+def test_wrap_triton_kernels_are_listed(aot):
+    """WRAP_TRITON_FLOAT_KERNELS names every kernel launched through wrap_triton (a launcher's `wrap(KERNEL)[grid]`,
+    read from the source) whose compiled signature has a float argument: a new one must get fp64 cases too."""
+    import ast
+    import pathlib
+
+    wrapped = set()
+    for path in (pathlib.Path(__file__).resolve().parent.parent / "triton_kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "wrap"
+                    and node.args and isinstance(node.args[0], ast.Name)):
+                wrapped.add(node.args[0].id)
+    assert {"_cast_and_scale_kernel", "_matmul_kernel"} <= wrapped, "the pattern this test reads changed"
+    with_floats = {r["kernel"] for r in aot["records"] if r["kernel"] in wrapped and r["float_args"]}
+    assert with_floats == set(WRAP_TRITON_FLOAT_KERNELS)
+
+
 def test_shared_memory_fits(aot):
     """Each variant's shared memory fits its target's GPUs, except persistent TMA matmul configs that
     triton_kernels.matmul.candidates would not offer for that output dtype on that target: for those the launcher's

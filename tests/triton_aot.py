@@ -67,6 +67,8 @@ TTIR_WATCH = {
     # a 2-D tile of pointers offset by 32-bit values: an i32 product of a stride there can wrap (matmul's tiles
     # must all be offset in 64 bits)
     "addptr_2d_i32": r"tt\.addptr [^\n]*: tensor<\d+x\d+x!tt\.ptr<[^>]*>>, tensor<\d+x\d+xi32>",
+    # float arithmetic, comparisons and selects in fp64 (scalar or tensor): an fp64 argument leaking into fp32 math
+    "f64_math": r"arith\.(?:addf|subf|mulf|divf|cmpf|select)\b[^\n]*[x ]f64\b",
 }
 
 
@@ -93,6 +95,7 @@ class Case:
     call: Callable = field(compare=False)
     patches: tuple = ()
     info: tuple = ()
+    floats: str = "fp32"  # the type of the Python float arguments; "fp64" as Inductor types them (see below)
 
 
 def _cast_cases():
@@ -127,6 +130,13 @@ def _cast_cases():
         # A Python scale that fp32 holds only as a subnormal (the interpreter passes it as fp64; compiled: fp32)
         yield Case("cast_and_scale", "_cast_and_scale_kernel", "fp32->bf16 subnormal python scale", cap,
                    call("float32", "bfloat16", False, False, True, 1000, 1e-40))
+        # The op launches through wrap_triton, so under torch.compile Inductor's wrapper launches it, typing every
+        # Python float argument fp64 (torch's inductor config _use_fp64_for_unbacked_floats, torch 2.11 and 2.14):
+        # each row again so. (The H200 of 2026-11-30 failed to compile the fp8 rows so: "Cannot bitcast data-type
+        # of size 64 to data-type of size 32".)
+        for label, *args in rows:
+            yield Case("cast_and_scale", "_cast_and_scale_kernel", f"{label} (floats fp64: Inductor)", cap,
+                       call(*args), floats="fp64")
 
 
 def _cast_backward_cases():
@@ -150,6 +160,9 @@ def _cast_backward_cases():
     for cap in TARGETS:
         for label, *args in rows:
             yield Case("cast_and_scale", "_cast_and_scale_backward_kernel", label, cap, call(*args))
+            # launched through wrap_triton too: Inductor's fp64 floats (see _cast_cases)
+            yield Case("cast_and_scale", "_cast_and_scale_backward_kernel", f"{label} (floats fp64: Inductor)", cap,
+                       call(*args), floats="fp64")
 
 
 def _unscale_cases():
@@ -163,6 +176,9 @@ def _unscale_cases():
 
     for cap, dt, norm in itertools.product(TARGETS, ("float32", "float16", "bfloat16"), (False, True)):
         yield Case("unscale", "_unscale_kernel", f"{dt}{' norm' if norm else ''}", cap, call(dt, norm))
+        # its launcher takes `wrap` (torch.library.wrap_triton): Inductor's fp64 floats (see _cast_cases)
+        yield Case("unscale", "_unscale_kernel", f"{dt}{' norm' if norm else ''} (floats fp64: Inductor)", cap,
+                   call(dt, norm), floats="fp64")
 
 
 def _adam_cases():
@@ -360,9 +376,10 @@ def record(pkg, case: Case):
 
 
 # ---------------------------------------------------------------------------------------------- compiling
-def specialise(fn, args, kwargs, cap):
+def specialise(fn, args, kwargs, cap, floats="fp32"):
     """What `fn[grid](*args, **kwargs)` hands to triton.compile on an sm_`cap` GPU: the same steps as
     JITFunction.run (Triton 3.6 and 3.8 alike), with the target given instead of asked of a driver.
+    `floats`: the type given to Python float arguments (Triton's launch: fp32; Inductor's wrapper: fp64).
     Returns (ASTSource, target, options dict, {constexpr name: value})."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -378,6 +395,11 @@ def specialise(fn, args, kwargs, cap):
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     names = list(signature)
+    if floats != "fp32":
+        values = bound_args.values() if isinstance(bound_args, dict) else bound_args
+        for name, v in zip(names, values):
+            if isinstance(v, float) and signature[name] == "fp32":
+                signature[name] = floats
     shown = {names[path[0]]: _show(v) for path, v in constexprs.items() if len(path) == 1}
     return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__, shown
 
@@ -417,7 +439,7 @@ def resource_usage(cubin: bytes) -> dict | None:
 def _empty_record(case: Case, error: str | None = None) -> dict:
     return {"kernel": case.kernel, "variant": case.variant, "target": f"sm_{case.cap}", "ok": False, "error": error,
             "seconds": None, "constexprs": None, "ptx": None, "ttir": None, "shared": None, "res": None,
-            **dict(case.info)}
+            "floats": case.floats, "float_args": None, **dict(case.info)}
 
 
 def run_case(pkg, case: Case) -> dict:
@@ -428,7 +450,8 @@ def run_case(pkg, case: Case) -> dict:
     t0 = time.perf_counter()
     try:
         fn, args, kwargs = record(pkg, case)
-        src, target, options, rec["constexprs"] = specialise(fn, args, kwargs, case.cap)
+        src, target, options, rec["constexprs"] = specialise(fn, args, kwargs, case.cap, case.floats)
+        rec["float_args"] = sorted(k for k, t in src.signature.items() if t in ("fp32", "fp64"))
         compiled = triton.compile(src, target=target, options=options)
         ptx = compiled.asm["ptx"]
         if not compiled.asm.get("cubin"):

@@ -41,6 +41,9 @@ def _cast_and_scale_kernel(x_ptr, y_ptr, n, scale_ptr, scale_value, amax_ptr, fm
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load_f32(x_ptr, offs, mask, 2 if SRC_BF16 else 0)  # bf16 arrives as int16 bits
+    # fp32 whatever the launch typed it: Inductor types a Python float argument fp64 (torch's
+    # config._use_fp64_for_unbacked_floats), which made y fp64 and the fp8 bit conversion fail to compile.
+    fmax = tl.full((), fmax, tl.float32)
     if HAS_AMAX:
         # |x| as int32 bits: order-preserving for non-negative floats, NaN above inf (propagates like torch.amax).
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -143,6 +146,7 @@ def _cast_and_scale_backward_kernel(g_ptr, x_ptr, out_ptr, n, scale_ptr, scale_v
     else:
         s = tl.full((), scale_value, tl.float32)  # the interpreter passes Python floats as fp64 scalars
     g = _load_f32(g_ptr, offs, mask, G_KIND)
+    fmax = tl.full((), fmax, tl.float32)  # as in the forward: an fp64 bound would compare |x * s| in fp64
     if SAT:
         a = tl.abs(_load_f32(x_ptr, offs, mask, X_KIND) * s)
         passes = a <= fmax  # NaN: False

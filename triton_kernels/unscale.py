@@ -27,6 +27,9 @@ def _unscale_kernel(tab_ptr, map_ptr, inv_ptr, found_ptr, partial_ptr, overflow_
     p = tl.load(row).to(tl.pointer_type(DTYPE))
     numel = tl.load(row + 1)
     inv = tl.load(inv_ptr)
+    # fp32 however the launch typed it (Triton's own launch: fp32; Inductor's wrapper: fp64, which would compare in
+    # fp64 against the bf16 bound 3.3961775292304957e38, just above fp32's 0x7F7F8000, a value that rounds to inf).
+    overflow_at = tl.full((), overflow_at, tl.float32)
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
