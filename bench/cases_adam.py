@@ -68,14 +68,12 @@ def _ours(backend, label=None, tiles=None):
     return fn
 
 
-# An experiment row, not a backend (the targets skip labels with a colon): the Triton AdamW kernel with one
-# 1024-element block a program (CHUNK = BLOCK = 1024, 4 warps) instead of a loop over 65536 elements in 1024-element
-# blocks (8 warps). The op's kernel issues one block's loads at a time: ~56 B a thread, 74 registers (sm_90, AOT),
-# so 3 programs and ~43 KB of loads in flight an SM. The experiment: 72 registers, 7 programs, ~100 KB, about what
-# the CUDA kernel keeps in flight (92-93% of copy on the H200 against Triton's 80-85%). More programs (one per 1024
-# elements) and a larger program map. The next GPU run says which to keep.
-EXPERIMENT_TILES = "triton:chunk1024w4"
-TILES = (1024, 1024, 4)
+# An experiment row, not a backend (the targets skip labels with a colon): the Triton AdamW kernel at the tiles it
+# had until 2026-11-30, a loop over 65536 elements in 1024-element blocks a program, 8 warps, beside the op's one
+# 1024-element block a program with 4 warps (triton_kernels/adam.py says why that won: 90% and 96% of copy on the
+# H200 at 100M and 1e9 params against 80% and 85%). Kept one more GPU run to confirm the swap on the op's own rows.
+EXPERIMENT_TILES = "triton:chunk65536w8"
+TILES = (65536, 1024, 8)
 
 
 @contextlib.contextmanager
@@ -143,7 +141,7 @@ def _case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
              + [Impl(b, _ours(b)) for b in ctx.backends])
     if "triton" in ctx.backends:
         impls.append(Impl(EXPERIMENT_TILES, _ours("triton", EXPERIMENT_TILES, TILES),
-                          "the Triton kernel at CHUNK = BLOCK = 1024, 4 warps: an experiment"))
+                          "the Triton kernel at CHUNK 65536, BLOCK 1024, 8 warps (the tiles before 2026-11-30): an experiment"))
     return Case("adam_step_", name, n, BYTES_PER_PARAM * n, lambda seed: _make(sizes, dev, seed), impls,
                 _check(sizes, dev), set_bytes=BYTES_PER_PARAM * n, tensor_bytes=BYTES_PER_PARAM * n,
                 baseline_bytes=TORCH_BYTES_PER_PARAM * n,

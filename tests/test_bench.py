@@ -586,10 +586,11 @@ def test_adam_case_check_compares_every_state_tensor():
     assert bad is not None and "param 5 exp_avg_sq" in bad, bad
 
 
-def test_adam_experiment_row_steps_with_one_block_a_program(monkeypatch):
-    """The AdamW cases time the Triton kernel at CHUNK = BLOCK = 1024, 4 warps beside the op's tiles, as a row of
-    its own with its own optimizer: bit-exact against the reference like the op's rows, launched with those tiles
-    and only during its own steps (the module's tiles restored after, the op's rows untouched)."""
+def test_adam_experiment_row_steps_with_the_old_tiles(monkeypatch):
+    """The AdamW cases time the Triton kernel at its former tiles (CHUNK 65536, BLOCK 1024, 8 warps) beside the op's
+    (one 1024-element block a program, 4 warps), as a row of its own with its own optimizer: bit-exact against the
+    reference like the op's rows, launched with those tiles and only during its own steps (the module's tiles
+    restored after, the op's rows untouched)."""
     why = mixprec_ops.backends.unavailable_reason("adam_step_", "triton", torch.device("cpu"))
     if why is not None:
         pytest.skip(f"the Triton AdamW kernel on CPU tensors: {why}")
@@ -597,18 +598,20 @@ def test_adam_experiment_row_steps_with_one_block_a_program(monkeypatch):
 
     from bench import cases_adam
 
-    case = cases_adam._case(Ctx(torch.device("cpu"), True, ("triton",)), "small", [3000, 5, 1030, 1])
+    sizes = [70000, 5, 1030, 1]
+    case = cases_adam._case(Ctx(torch.device("cpu"), True, ("triton",)), "small", sizes)
     impl = next(i for i in case.impls if i.backend == cases_adam.EXPERIMENT_TILES)
     seen = []
     real = ta._adam_kernel
     monkeypatch.setattr(ta, "_adam_kernel", type("K", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
         seen.append((grid[0], k["CHUNK"], k["BLOCK"], k["num_warps"])), real[grid](*a, **k))[1]})())
     assert case.check(impl) is None
-    assert seen and all(x[1:] == (1024, 1024, 4) for x in seen) and seen[0][0] == 3 + 1 + 2 + 1  # 1024s a program
-    assert (ta.CHUNK, ta.BLOCK, ta.NUM_WARPS) == (65536, 1024, 8)
+    assert seen and all(x[1:] == (65536, 1024, 8) for x in seen) and seen[0][0] == 2 + 1 + 1 + 1  # 65536s a program
+    assert (ta.CHUNK, ta.BLOCK, ta.NUM_WARPS) == (1024, 1024, 4)
     seen.clear()
     op = next(i for i in case.impls if i.backend == "triton")
-    assert case.check(op) is None and all(x[1:] == (65536, 1024, 8) for x in seen)
+    assert case.check(op) is None and seen
+    assert all(x[1:] == (1024, 1024, 4) for x in seen) and seen[0][0] == 69 + 1 + 2 + 1  # 1024s a program
 
 
 def test_adam_scalars_cases_check_bits():
