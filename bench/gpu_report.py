@@ -173,17 +173,32 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+def report_name(rep: dict) -> str:
+    """<date>-<gpu>, or <date>-<HHMM>-<gpu> when bench/results already holds another run of that GPU that day."""
+    name = f"{rep['date'][:10]}-{slug(rep['gpu'])}"
+    try:
+        other = json.load(open(os.path.join(RESULTS_DIR, name + ".json"))).get("date")
+    except (OSError, ValueError):
+        return name
+    if other == rep["date"]:
+        return name
+    return f"{rep['date'][:10]}-{rep['date'][11:13]}{rep['date'][14:16]}-{slug(rep['gpu'])}"
+
+
 def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[str | None, dict]:
     """The newest bench/results/*.json other than `exclude` from the same GPU whose bench rows were timed the same
     way (bench schema `schema`): (its name, {(op, case, backend, numel): row}); (None, {}) when there is none (a
     CPU run is never compared with a GPU's figures, nor device-only timing with the first run's)."""
-    files = sorted(f for f in glob.glob(os.path.join(RESULTS_DIR, "*.json"))
-                   if f != exclude and f.endswith(f"-{gpu_slug}.json"))
-    for f in reversed(files):
+    docs = []
+    for f in glob.glob(os.path.join(RESULTS_DIR, "*.json")):
+        if f == exclude or not f.endswith(f"-{gpu_slug}.json"):
+            continue
         try:
             doc = json.load(open(f))
         except (OSError, ValueError):
             continue
+        docs.append((str(doc.get("date") or ""), f, doc))  # newest by the run's date (two runs can share a day)
+    for _, f, doc in sorted(docs, key=lambda d: d[:2], reverse=True):
         bench = doc.get("bench") or doc
         if schema is not None and bench.get("schema") != schema:
             continue
@@ -417,7 +432,7 @@ def main(argv=None) -> int:
         rep = json.load(open(made))
     else:
         rep = build(out)
-    name = f"{rep['date'][:10]}-{slug(rep['gpu'])}"
+    name = report_name(rep)
     dest = os.path.join(RESULTS_DIR, name + ".json")
     prev_name, prev_rows = previous(dest, slug(rep["gpu"]), (rep.get("bench") or {}).get("schema"))
     md = summary_md(rep, prev_name, prev_rows)

@@ -442,6 +442,25 @@ def test_gpu_report_compares_like_with_like(tmp_path, monkeypatch, capsys):
     assert gpu_report.targets([], [g])[0]["value"] == "0.999x"
 
 
+def test_gpu_report_keeps_two_runs_of_one_day(tmp_path, monkeypatch):
+    """A second run of the same GPU on the same day is filed as <date>-<HHMM>-<gpu> (the H200 runs of 2026-11-30
+    00:37 and 18:03: the second overwrote the first), refiling the same run keeps its name, and the newest run to
+    compare with is the newest by its date, not by file name ("2026-11-30-1803-..." sorts before "2026-11-30-n...")."""
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(gpu_report, "RESULTS_DIR", str(results))
+    first = {"gpu": "NVIDIA H200", "date": "2026-11-30T00:37:38+00:00", "bench": {"schema": 2, "results": []}}
+    second = {**first, "date": "2026-11-30T18:03:21+00:00"}
+    assert gpu_report.report_name(first) == "2026-11-30-nvidia-h200"
+    json.dump(first, open(results / "2026-11-30-nvidia-h200.json", "w"))
+    assert gpu_report.report_name(first) == "2026-11-30-nvidia-h200"  # refiled: same name
+    assert gpu_report.report_name(second) == "2026-11-30-1803-nvidia-h200"
+    json.dump(second, open(results / "2026-11-30-1803-nvidia-h200.json", "w"))
+    assert gpu_report.previous("", "nvidia-h200", 2)[0] == "2026-11-30-1803-nvidia-h200.json"
+    assert gpu_report.previous(str(results / "2026-11-30-1803-nvidia-h200.json"), "nvidia-h200", 2)[0] == \
+        "2026-11-30-nvidia-h200.json"
+
+
 def test_every_input_set_is_warmed_before_timing():
     """What a first call per input set does (an optimizer creating its state) stays out of the timed calls: the
     warm-up reaches every set (it covered only the first `warmup` ones)."""
