@@ -255,6 +255,27 @@ def train_md(t: dict | None) -> list[str]:
     return L + [""]
 
 
+def read_host_profile(out: str) -> list[dict] | None:
+    """bench/host_profile.py's timings (gpu_check's hostprof step): [{case, impl, host_us, synced_us}]."""
+    path = os.path.join(out, "hostprof", "host_profile.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        doc = json.load(open(path))
+    except ValueError:
+        return None
+    return [{k: c.get(k) for k in ("case", "impl", "host_us", "synced_us")} for c in doc.get("cases", [])]
+
+
+def host_profile_md(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    L = ["", "host time of small AdamW steps (hostprof/host_profile.md has the profiler tables):", "",
+         "| case | impl | host us | synced us |", "| --- | --- | ---: | ---: |"]
+    L += [f"| {r['case']} | {r['impl']} | {fmt(r['host_us'], '.1f')} | {fmt(r['synced_us'], '.1f')} |" for r in rows]
+    return L + [""]
+
+
 def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
     L = [
         f"# mixprec_ops GPU check: {rep['gpu']} ({rep['date']})",
@@ -292,6 +313,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
                  + (f" ({o['ended']})" if o["ended"] else "")
                  + (f"; first: {o['first_errors'][0][:200]}" if o["first_errors"] else ""))
     L += train_md(rep.get("train_gpt"))
+    L += host_profile_md(rep.get("host_profile"))
     b = rep.get("bench")
     if not b:
         L.append("bench: no results")
@@ -405,6 +427,7 @@ def build(out: str) -> dict:
         "sanitizer": read_sanitizer(out),
         "bench": bench,
         "train_gpt": read_train(out),
+        "host_profile": read_host_profile(out),
         # judged again from the rows (a results file of an older bench has no "targets"), for the run's device: a
         # CPU run against the CPU targets, never against an H200's
         "targets": targets(bench.get("results", []), bench.get("geomeans"), bool(bench.get("partial")),

@@ -461,6 +461,30 @@ def test_gpu_report_keeps_two_runs_of_one_day(tmp_path, monkeypatch):
         "2026-11-30-nvidia-h200.json"
 
 
+def test_host_profile_attributes_a_steady_step(tmp_path):
+    """bench.host_profile (a gpu_check step) times each implementation's small steps and says where the host time
+    goes: our steps are the steady ones (the C++ bucket op in the profile, not a full planning each step), each
+    case has both implementations, the tables land in the markdown, and gpu_report's summary lists the timings."""
+    from bench import host_profile
+
+    if mixprec_ops.backends.unavailable_reason("adam_step_", "cpu", torch.device("cpu")) is not None:
+        pytest.skip("no C++ CPU backend")
+    out = tmp_path / "hostprof"  # where gpu_check puts it, and gpu_report reads it
+    assert host_profile.main(["--device", "cpu", "--out", str(out), "--steps", "5", "--scale", "0.001"]) == 0
+    doc = json.load(open(out / "host_profile.json"))
+    got = {(c["case"], c["impl"]) for c in doc["cases"]}
+    assert got == {(case, impl) for case in host_profile.cases(0.001) for impl in ("ours-cpu", "torch-fused")}
+    for c in doc["cases"]:
+        assert c["host_us"] > 0 and c["synced_us"] > 0 and c["profile"] and c["python"]
+        names = {r["name"] for r in c["profile"]}
+        if c["impl"] == "ours-cpu":
+            assert "mixprec::adam_step_bucket_" in names, names
+    md = (out / "host_profile.md").read_text()
+    assert md.count("| op or runtime call |") == 4 and md.count("| Python function |") == 4
+    rows = gpu_report.read_host_profile(str(tmp_path))
+    assert len(rows) == 4 and sum(line.startswith("| AdamW") for line in gpu_report.host_profile_md(rows)) == 4
+
+
 def test_every_input_set_is_warmed_before_timing():
     """What a first call per input set does (an optimizer creating its state) stays out of the timed calls: the
     warm-up reaches every set (it covered only the first `warmup` ones)."""
