@@ -314,6 +314,50 @@ def _elf_section(data, name):
     return None
 
 
+def elf_needed(path):
+    """The DT_NEEDED names of the ELF64 little-endian shared object `path` (the libraries it asks the loader for)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    dynamic, dynstr = _elf_section(data, ".dynamic"), _elf_section(data, ".dynstr")
+    names = []
+    for off in range(0, len(dynamic or b"") - 15, 16):
+        tag, val = struct.unpack_from("<qQ", dynamic, off)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED
+            names.append(dynstr[val:dynstr.index(b"\0", val)].decode())
+    return names
+
+
+def elf_defined_dynamic(path):
+    """The names of the symbols `path` defines and exports (.dynsym entries with a section index)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    dynsym, dynstr = _elf_section(data, ".dynsym") or b"", _elf_section(data, ".dynstr") or b""
+    out = []
+    for off in range(24, len(dynsym) - 23, 24):  # Elf64_Sym: name u32, info u8, other u8, shndx u16, value, size
+        name, _info, _other, shndx = struct.unpack_from("<IBBH", dynsym, off)
+        if shndx != 0 and name:
+            out.append(dynstr[name:dynstr.index(b"\0", name)].decode())
+    return out
+
+
+def libstdcxx_problem(path):
+    """None if the extension at `path` uses the shared libstdc++ only; else what is wrong. A static copy, whole or in
+    part (symbols a too-old shared one lacks, taken from libstdc++.a by the compiler's trailing -lstdc++), shows as
+    the C++ runtime's own symbols defined in the extension: the locale and iostream machinery that crashed there."""
+    if "libstdc++.so.6" not in elf_needed(path):
+        return f"{path} does not need libstdc++.so.6: a static libstdc++ was linked in"
+    own = [n for n in elf_defined_dynamic(path) if n.startswith(("_ZNSt6locale", "_ZNKSt6locale", "_ZNSt8ios_base"))]
+    if own:
+        return f"{path} defines {len(own)} of the C++ runtime's symbols itself (e.g. {own[0]}): part of libstdc++.a"
+    return None
+
+
 def glibc_needed(path):
     """The newest GLIBC_X.Y symbol version the shared object `path` references, as (X, Y), or None."""
     with open(path, "rb") as f:
