@@ -170,6 +170,38 @@ def test_many_tensors_and_launch_splits(device, backend, master, ams):
     step_and_compare(d, sc, hp, backend)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("adam_step_") if p.values[1] == "triton"])
+def test_triton_huge_bucket_raises_its_chunk(device, backend, monkeypatch):
+    """The Triton kernel's program map holds 16 bytes a program, one program a 1024 elements: past MAX_PROGRAMS
+    (~1e9 elements) each program covers twice, four times ... as many, in a loop over 1024-element blocks. Here the
+    cap is made tiny: the launch gets CHUNK 2048 (and the next step, served from the cached table, the same), every
+    element is stepped exactly as the reference does, and the program count fits the raised chunk."""
+    from mixprec_ops.triton_kernels import adam as ta
+    from mixprec_ops.triton_kernels import tables
+
+    monkeypatch.setattr(ta, "MAX_PROGRAMS", 2)
+    seen = []
+    real = ta._adam_kernel
+    monkeypatch.setattr(ta, "_adam_kernel", type("K", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
+        seen.append((grid[0], k["CHUNK"])), real[grid](*a, **k))[1]})())
+    tables.clear_table_cache()
+    gen = torch.Generator().manual_seed(11)
+    sizes = [3000, 5, 1030]  # 4035 elements: > 2 x 1024, <= 2 x 2048
+    d = make_bucket(torch.bfloat16, "P", torch.float32, True, False, sizes, "contig", device, gen)
+    steps = [torch.tensor(3.0, device=device) for _ in sizes]
+    sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
+    hp = (0.9, 0.999, 1e-8, 0.01, True, False)
+    step_and_compare(d, sc, hp, backend)
+    step_and_compare(d, sc, hp, backend, "second step: ")
+    assert seen == [(2 + 1 + 1, 2048)] * 2
+    monkeypatch.setattr(ta, "MAX_PROGRAMS", 1 << 20)
+    tables.clear_table_cache()
+    seen.clear()
+    step_and_compare(d, sc, hp, backend, "uncapped: ")
+    assert seen == [(3 + 1 + 2, 1024)]
+    tables.clear_table_cache()
+
+
 @pytest.mark.parametrize("P", [torch.bfloat16, torch.float16])
 def test_cpu_streamed_param_stores(P):
     """With masters, the C++ CPU kernel stores 16-bit params past the cache (streaming stores, a 64-byte line an

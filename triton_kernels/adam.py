@@ -26,16 +26,19 @@ import triton
 import triton.language as tl
 
 from .fp_convert import f32_to_bf16_bits
-from .tables import get_tables
+from .tables import get_tables_capped
 
 # One 1024-element block a program, 4 warps (8 elements a thread). On the H200 (2026-11-30, bench rows side by side)
 # this reached 90% of copy at 100M params and 96% at 1e9 (735.7 us, 6.92 ms), where a loop over 65536 elements in
 # 1024-element blocks with 8 warps reached 80% and 85% (827.6 us, 7.78 ms): that kernel issued one block's loads at a
 # time, ~3 programs and ~43 KB of loads in flight an SM against ~7 programs and ~100 KB here (the CUDA kernel's
-# amount). The price: a program-map entry (16 bytes) a 1024 elements, 16 MB at 1e9 params, built once a bucket.
-CHUNK = 1024  # elements per program
+# amount). The price: a program-map entry (16 bytes) a program, built at a bucket's first step and whenever its
+# tensors' addresses change. Past MAX_PROGRAMS (~1e9 elements, 16 MB) a program covers 2048, 4096, ... elements
+# instead (a loop over 1024-element blocks, as the former tiles did), so the map stays under ~16 MB.
+CHUNK = 1024  # elements per program (the least: tables.get_tables_capped doubles it for huge buckets)
 BLOCK = 1024  # elements per loop iteration of a program
 NUM_WARPS = 4
+MAX_PROGRAMS = 1 << 20
 
 # Storage kinds (constexpr): how a tensor is loaded and stored. bf16 travels as int16 bits.
 _F32, _F16, _BF16 = 0, 1, 2
@@ -221,7 +224,7 @@ def launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
     if master:
         master_col = len(lists)
         lists.append(masters)
-    rows, prog_map, n_programs = get_tables(lists, device, CHUNK, "adam_step_")
+    (rows, prog_map, n_programs), chunk = get_tables_capped(lists, device, CHUNK, "adam_step_", MAX_PROGRAMS)
     if n_programs == 0:
         return
     beta1, beta2 = float(beta1), float(beta2)
@@ -236,5 +239,5 @@ def launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         ROW=len(lists) + 2, AMSGRAD=amsgrad, MASTER=master, VMAX_COL=vmax_col, MASTER_COL=master_col,
         HAS_WD=float(weight_decay) != 0.0, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip_coef is not None,
-        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH_OPTS,
+        CHUNK=chunk, BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH_OPTS,
     )

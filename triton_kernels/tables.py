@@ -24,7 +24,8 @@ import torch
 TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per dtype bucket of each param group)
 # and at most this many bytes of them, or 8x the largest table if more: with zero_grad(set_to_none=True) the grads
 # are new tensors each step, and where the allocator does not hand back the same addresses, every step made one
-# more table for the same bucket (16 bytes per chunk of the bucket's elements: ~1.7 MB for 7e9), up to
+# more table for the same bucket (16 bytes per program: ~1.7 MB for 7e9 at unscale_'s 65536 elements a program;
+# AdamW's 1024 a program is capped at 2**20 programs, 16 MB, by raising its chunk past ~1e9 elements), up to
 # TABLE_CACHE_SIZE of them. A budget in bytes, not per bucket size: the buckets of identical layers (a param group
 # per layer) are alike in size but all live, and must all stay.
 TABLE_CACHE_BYTES = 64 << 20
@@ -32,6 +33,7 @@ _tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); leas
 _nbytes = {}  # key -> its buffer's bytes
 _readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
+_chunk_used = {}  # key -> the chunk its table was built with, where get_tables_capped raised it
 
 
 def _capturing(device):
@@ -45,6 +47,14 @@ _numel = torch.Tensor.numel
 def get_tables(lists, device, chunk, op):
     """(rows, prog_map, n_programs) for parallel `lists` of tensors (lists[0][i], lists[1][i], ... share numel),
     each program covering `chunk` elements of one tensor. Rows are len(lists) + 2 int64 wide."""
+    return get_tables_capped(lists, device, chunk, op, None)[0]
+
+
+def get_tables_capped(lists, device, chunk, op, max_programs):
+    """((rows, prog_map, n_programs), chunk used): as get_tables, but where `chunk` would make more than
+    `max_programs` programs (None: no cap), each program covers chunk * 2**k elements, the smallest such that they
+    do not. Decided when the table is built (from the numels, which the cache key reads anyway) and kept with it:
+    a hit costs nothing more. The launcher passes the chunk used to its kernel."""
     # (map over the unbound methods: the sweeps run in C, ~2x faster than generator expressions over 10,000 tensors)
     ptrs = tuple(tuple(map(_data_ptr, lst)) for lst in lists)
     numels = tuple(map(_numel, lists[0]))
@@ -57,19 +67,26 @@ def get_tables(lists, device, chunk, op):
             _captured.add(key)
         if device.type == "cuda":
             _note_reader(key, hit[0])
-        return hit
+        return hit, _chunk_used.get(key, chunk)
     if capturing:
         raise RuntimeError(f"mixprec_ops {op} (triton): a new set of tensors while a CUDA graph is being captured; "
                            "run one call with the same tensors before capturing (it builds the device table that "
                            "the captured kernel reads): keep grads in place (zero_grad(set_to_none=False)), or use "
                            "backend='cuda', which needs no table")
-    host, off, n_programs = _build(ptrs, numels, chunk)
+    used = chunk
+    if max_programs is not None:
+        total = sum(numels)
+        while total > used * max_programs:  # (programs <= total / used + tensors: a bound, near enough)
+            used *= 2
+    host, off, n_programs = _build(ptrs, numels, used)
     buf = host.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else host
     entry = (buf[:off], buf[off:], n_programs)
     _tables[key] = entry
     if device.type == "cuda":
         _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
     _nbytes[key] = buf.numel() * buf.element_size()
+    if used != chunk:
+        _chunk_used[key] = used
     total = sum(_nbytes.values())
     limit = max(TABLE_CACHE_BYTES, 8 * max(_nbytes.values())) + sum(_nbytes[k] for k in _captured)
     while len(_tables) > TABLE_CACHE_SIZE + len(_captured) or total > limit:
@@ -78,8 +95,9 @@ def get_tables(lists, device, chunk, op):
             break
         del _tables[old]
         _readers.pop(old, None)
+        _chunk_used.pop(old, None)
         total -= _nbytes.pop(old)
-    return entry
+    return entry, used
 
 
 def _build(ptrs, numels, chunk):
@@ -117,3 +135,4 @@ def clear_table_cache():
     _captured.clear()
     _readers.clear()
     _nbytes.clear()
+    _chunk_used.clear()
