@@ -185,10 +185,12 @@ def report_name(rep: dict) -> str:
     return f"{rep['date'][:10]}-{rep['date'][11:13]}{rep['date'][14:16]}-{slug(rep['gpu'])}"
 
 
-def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[str | None, dict]:
+def previous(exclude: str, gpu_slug: str, schema: int | None = None, before: str | None = None
+             ) -> tuple[str | None, dict]:
     """The newest bench/results/*.json other than `exclude` from the same GPU whose bench rows were timed the same
-    way (bench schema `schema`): (its name, {(op, case, backend, numel): row}); (None, {}) when there is none (a
-    CPU run is never compared with a GPU's figures, nor device-only timing with the first run's)."""
+    way (bench schema `schema`), and dated before `before` when given (a report made again later compares with the
+    run before it, not with a later one): (its name, {(op, case, backend, numel): row}); (None, {}) when there is
+    none (a CPU run is never compared with a GPU's figures, nor device-only timing with the first run's)."""
     docs = []
     for f in glob.glob(os.path.join(RESULTS_DIR, "*.json")):
         if f == exclude or not f.endswith(f"-{gpu_slug}.json"):
@@ -197,7 +199,10 @@ def previous(exclude: str, gpu_slug: str, schema: int | None = None) -> tuple[st
             doc = json.load(open(f))
         except (OSError, ValueError):
             continue
-        docs.append((str(doc.get("date") or ""), f, doc))  # newest by the run's date (two runs can share a day)
+        date = str(doc.get("date") or "")
+        if before is not None and date >= before:
+            continue
+        docs.append((date, f, doc))  # newest by the run's date (two runs can share a day)
     for _, f, doc in sorted(docs, key=lambda d: d[:2], reverse=True):
         bench = doc.get("bench") or doc
         if schema is not None and bench.get("schema") != schema:
@@ -446,7 +451,7 @@ def main(argv=None) -> int:
             ap.error("--commit-results files a gpu_check output directory, not a report .json")
         rep = json.load(open(a.outdir))
         prev_name, prev_rows = previous(os.path.abspath(a.outdir), slug(rep["gpu"]),
-                                        (rep.get("bench") or {}).get("schema"))
+                                        (rep.get("bench") or {}).get("schema"), rep.get("date"))
         print(summary_md(rep, prev_name, prev_rows))
         return 0
     out = os.path.abspath(a.outdir)
@@ -457,7 +462,7 @@ def main(argv=None) -> int:
         rep = build(out)
     name = report_name(rep)
     dest = os.path.join(RESULTS_DIR, name + ".json")
-    prev_name, prev_rows = previous(dest, slug(rep["gpu"]), (rep.get("bench") or {}).get("schema"))
+    prev_name, prev_rows = previous(dest, slug(rep["gpu"]), (rep.get("bench") or {}).get("schema"), rep.get("date"))
     md = summary_md(rep, prev_name, prev_rows)
     if not (a.commit_results and os.path.exists(made)):
         try:

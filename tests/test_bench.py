@@ -459,6 +459,10 @@ def test_gpu_report_keeps_two_runs_of_one_day(tmp_path, monkeypatch):
     assert gpu_report.previous("", "nvidia-h200", 2)[0] == "2026-11-30-1803-nvidia-h200.json"
     assert gpu_report.previous(str(results / "2026-11-30-1803-nvidia-h200.json"), "nvidia-h200", 2)[0] == \
         "2026-11-30-nvidia-h200.json"
+    # the first run's report made again: compared with nothing before it, not with the later run
+    assert gpu_report.previous(str(results / "2026-11-30-nvidia-h200.json"), "nvidia-h200", 2, first["date"]) == \
+        (None, {})
+    assert gpu_report.previous("", "nvidia-h200", 2, second["date"])[0] == "2026-11-30-nvidia-h200.json"
 
 
 def test_host_profile_attributes_a_steady_step(tmp_path):

@@ -240,6 +240,7 @@ def test_fp64_float_arguments_compile_to_fp32_math(aot, kernel):
     assert len(typed) >= len(plain) - 2 * len(TARGETS), "each case row again with fp64 floats"
     for r in typed:
         assert r["ok"], f"[{r['target']}] {r['variant']}:\n{r['error']}"
+        assert "fp64" in r["float_args"].values(), f"{r['variant']}: compiled without an fp64 argument"
         assert r["ttir"]["f64_math"] == 0, f"[{r['target']}] {r['variant']}: fp64 math in the TTIR"
 
 

@@ -451,7 +451,7 @@ def run_case(pkg, case: Case) -> dict:
     try:
         fn, args, kwargs = record(pkg, case)
         src, target, options, rec["constexprs"] = specialise(fn, args, kwargs, case.cap, case.floats)
-        rec["float_args"] = sorted(k for k, t in src.signature.items() if t in ("fp32", "fp64"))
+        rec["float_args"] = {k: t for k, t in src.signature.items() if t in ("fp32", "fp64")}  # name: type
         compiled = triton.compile(src, target=target, options=options)
         ptx = compiled.asm["ptx"]
         if not compiled.asm.get("cubin"):
