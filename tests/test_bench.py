@@ -704,8 +704,9 @@ def test_cast_backward_cases_check_bits():
 
 
 def test_cast_experiment_row_times_the_triton_kernel_at_8192(monkeypatch):
-    """The bench times the Triton cast at 8192 elements a program beside the op (4096) for 2-byte sources, as a row
-    of its own that passes the same bit check and that no target judges."""
+    """The bench times the Triton cast at 8192 elements a program beside the op (4096) for 2-byte sources and for
+    casts with amax, as a row of its own that passes the same bit check and that no target judges; the GPU's extra
+    case (f32 -> e4m3 without amax) is not run on a CPU."""
     pytest.importorskip("triton")
     from mixprec_ops.triton_kernels import cast_and_scale as tk
 
@@ -716,13 +717,18 @@ def test_cast_experiment_row_times_the_triton_kernel_at_8192(monkeypatch):
     monkeypatch.setattr(cases_cast, "sizes", lambda ctx: [20_000])
     cases = cases_cast.cases(Ctx(torch.device("cpu"), True, ("triton",)))
     rows = {(c.name, i.backend): (c, i) for c in cases for i in c.impls}
-    assert {n for n, b in rows if b == cases_cast.EXPERIMENT_8K} == {"bf16->e4m3 +amax"}
+    assert {n for n, b in rows if b == cases_cast.EXPERIMENT_8K} == {"bf16->e4m3 +amax", "f32->e4m3 +amax"}
+    assert "f32->e4m3" not in {n for n, _ in rows}
     blocks = []
     real = tk._cast_and_scale_kernel
     monkeypatch.setattr(tk, "_cast_and_scale_kernel", type("K", (), {
         "__getitem__": lambda self, grid: lambda *a, **k: (blocks.append(k["BLOCK"]), real[grid](*a, **k))[1]})())
     c, impl = rows[("bf16->e4m3 +amax", cases_cast.EXPERIMENT_8K)]
     assert c.check(impl) is None and blocks == [8192]
+    c32, impl32 = rows[("f32->e4m3 +amax", cases_cast.EXPERIMENT_8K)]
+    assert c32.check(impl32) is None and blocks == [8192, 8192]
+    gpu_names = {c.name for c in cases_cast.cases(Ctx(torch.device("cuda"), True, ("cuda",)))}
+    assert "f32->e4m3" in gpu_names and "f32->e4m3 +amax" in gpu_names
     assert c.check(Impl(impl.backend, lambda d: impl.fn({**d, "x": d["x"][:-1]}))) is not None  # a wrong one fails
     # the bench's filter of unavailable backends reads the label's backend ("triton"; the whole label raised)
     from bench import cli
