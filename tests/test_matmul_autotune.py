@@ -290,7 +290,8 @@ def test_candidates(km):
     assert with_tma[:len(large)] == large and {c.variant for c in with_tma[len(large):]} == {km.TMA}
     narrow = km.candidates(100, 40, 4096, True)  # no tile more than twice N's power of two
     assert narrow and all(c.block_n <= 128 for c in narrow) and km.TMA in {c.variant for c in narrow}
-    assert km.candidates(100, 16, 4096, True) == km._LARGE_CONFIGS[-1:]  # nothing fits: the smallest tiled one
+    assert km.candidates(100, 16, 4096, True) == km._MID_M_CONFIGS[:1]  # the only tile no wider than 2 x N
+    assert km.candidates(200, 16, 4096, True) == km._LARGE_CONFIGS[-1:]  # nothing fits: the smallest tiled one
     # TMA configs whose shared memory (pipeline + epilogue tile in the output dtype) exceeds the device's are not
     # offered: on an H200 (227 KB) fp32 outputs lose 128x256x64 s3 and 128x128x128 s3
     h200 = 232448
@@ -305,6 +306,9 @@ def test_candidates(km):
     assert [c for c in small if c.variant == km.SPLIT_K] == list(km._SMALL_M_SPLIT_CONFIGS)
     mid = km.candidates(128, 4096, 11008, False)
     assert [c for c in mid if c.variant == km.SPLIT_K] == list(km._MID_M_SPLIT_CONFIGS) and mid[0].variant == km.TILED
+    # 64 < M <= 128: the tall, narrow tiles too (one tile row covers M), not beyond
+    assert set(km._MID_M_CONFIGS) <= set(mid) and not set(km._MID_M_CONFIGS) & set(large)
+    assert not set(km._MID_M_CONFIGS) & set(km.candidates(129, 4096, 4096, False) + small)
     assert km.SPLIT_K not in {c.variant for c in large + km.candidates(129, 4096, 4096, False)}
     short = km.candidates(16, 4096, 1024, False)  # 8 K tiles of 128: two runs of 4, not four of 2
     assert [c.split_k for c in short if c.variant == km.SPLIT_K] == [2]

@@ -214,7 +214,7 @@ def _matmul_cases(mm):
     """Every KernelConfig the launcher can pick (read from matmul's own config tables) on each target where it is
     offered (TMA: sm_90 only), with the epilogue constexprs cycling so that each value occurs: activation, bias
     (in the operand dtype and fp32), pre-activation store, output dtype, operand dtype, operand layouts."""
-    tiled = list(dict.fromkeys(mm._SMALL_M_CONFIGS + mm._LARGE_CONFIGS))
+    tiled = list(dict.fromkeys(mm._SMALL_M_CONFIGS + mm._LARGE_CONFIGS + mm._MID_M_CONFIGS))
     acts = list(mm.ACTIVATIONS)
     outs = ("float16", "bfloat16", "float32")
     abs_ = ("float16", "bfloat16")
@@ -254,10 +254,12 @@ def _matmul_cases(mm):
             # for TMA the A_KM x B_NK constexprs, where (col, col) gets an extra compile below.
             if cfg.variant == mm.TMA:
                 a_col, b_col = divmod(n_tma % 4, 2)
+                act = acts[(n_tma + 2) % len(acts)]  # the TMA set's own cycle (the extra cases below add the rest)
                 n_tma += 1
             else:
                 a_col, b_col = divmod(i % 4, 2)
-            args = (abs_[i % 2], outs[i % 3], acts[i % len(acts)], (None, "ab", "fp32")[i % 3], i % 4 == 3,
+                act = acts[i % len(acts)]
+            args = (abs_[i % 2], outs[i % 3], act, (None, "ab", "fp32")[i % 3], i % 4 == 3,
                     bool(a_col), bool(b_col), 264 if i % 2 else 256)
             yield case(cfg, cap, args)
             if cfg.variant == mm.TMA:
