@@ -275,7 +275,7 @@ def read_host_profile(out: str) -> list[dict] | None:
 def host_profile_md(rows: list[dict] | None) -> list[str]:
     if not rows:
         return []
-    L = ["", "host time of small AdamW steps (hostprof/host_profile.md has the profiler tables):", "",
+    L = ["", "host time of small steps (hostprof/host_profile.md has the profiler tables):", "",
          "| case | impl | host us | synced us |", "| --- | --- | ---: | ---: |"]
     L += [f"| {r['case']} | {r['impl']} | {fmt(r['host_us'], '.1f')} | {fmt(r['synced_us'], '.1f')} |" for r in rows]
     return L + [""]

@@ -1,12 +1,13 @@
-"""Where a small optimizer step's host time goes: mixprec_ops.optim.AdamW against torch's fused AdamW.
+"""Where the host time of small steps goes: mixprec_ops.optim.AdamW against torch's fused AdamW, and unscale_.
 
     python3 -m bench.host_profile [--device cuda|cpu] [--out DIR] [--steps N] [--scale S]
 
 Why: on the H200 (2026-11-30, bench rows "AdamW bf16+masters 1M params", 40 tensors) our CUDA step took 44 us of
 device time against torch's 98 us, but 546 us of host time a call against torch's 481 us, and the host decides a
 loop of such steps. The bench says how long; this says where. For each case (40 tensors of 1M params in all, as the
-bench's row; 2000 x 4096) and each implementation (ours on each backend the device has; torch.optim.AdamW(fused=True)
-on fp32 params + _foreach_copy_ to bf16, the bench's baseline):
+bench's row; 2000 x 4096; and a bare unscale_ over 2000 x 4096 fp32 grads) and each implementation (ours on each
+backend the device has; torch.optim.AdamW(fused=True) on fp32 params + _foreach_copy_ to bf16, the bench's baseline;
+torch._amp_foreach_non_finite_check_and_unscale_ for unscale_):
   - host: the median wall time of one step() while the device is kept busy by a spin queued ahead (as bench.timing
     does), so a step that waits for the device shows up here as a long host time;
   - synced: the median of one step() followed by a synchronize;
@@ -32,12 +33,26 @@ import torch
 from .cases_adam import HP, _params, split_sizes
 
 
-def _impls(device: torch.device):
+def _impls(device: torch.device, op: str = "adam_step_"):
     from mixprec_ops import backends
 
     ours = [b for b in (("cuda", "triton") if device.type == "cuda" else ("cpu",))
-            if backends.unavailable_reason("adam_step_", b, device) is None]
+            if backends.unavailable_reason(op, b, device) is None]
     return [f"ours-{b}" for b in ours] + ["torch-fused"]
+
+
+def _make_unscale(impl: str, sizes, device):
+    """One unscale_ call over fresh fp32 grads of `sizes` (inv_scale 1.0: the values stay as they are, call after
+    call; the kernels still read every element and write none, as torch's does at 1.0)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ts = [torch.randn(n, generator=g, device=device) for n in sizes]
+    inv, found = torch.ones((), device=device), torch.zeros(1, device=device)
+    if impl == "torch-fused":
+        return lambda: torch._amp_foreach_non_finite_check_and_unscale_(ts, found, inv)
+    from mixprec_ops import unscale_
+
+    backend = impl.removeprefix("ours-")
+    return lambda: unscale_(ts, inv, found, backend=backend)
 
 
 def _make(impl: str, sizes, device):
@@ -104,8 +119,8 @@ def _cprofile(step, steps: int, rows: int = 15) -> tuple[list[dict], str]:
     return out, "\n".join(lines)
 
 
-def measure(impl: str, sizes, device, steps: int) -> dict:
-    step = _make(impl, sizes, device)
+def measure(impl: str, sizes, device, steps: int, op: str = "adam_step_") -> dict:
+    step = (_make if op == "adam_step_" else _make_unscale)(impl, sizes, device)
     for _ in range(5):  # state creation, first-call compilation, the steady step's recording
         step()
     _sync(device)
@@ -130,9 +145,12 @@ def measure(impl: str, sizes, device, steps: int) -> dict:
             "profile": prof_rows, "python": py_rows, "md": prof_md + "\n\n" + py_md}
 
 
-def cases(scale: float) -> dict[str, list[int]]:
-    return {"AdamW 1M params in 40 tensors": split_sizes(max(40, int(1_000_000 * scale)), 40),
-            "AdamW 2000 x 4096": [max(1, int(4096 * scale))] * 2000}
+def cases(scale: float) -> dict[str, tuple[str, list[int]]]:
+    """{name: (op, tensor sizes)}."""
+    return {"AdamW 1M params in 40 tensors": ("adam_step_", split_sizes(max(40, int(1_000_000 * scale)), 40)),
+            "AdamW 2000 x 4096": ("adam_step_", [max(1, int(4096 * scale))] * 2000),
+            # the bare unscale_ over 2000 tensors read 0.50x (CUDA) and 0.23x (Triton) a call on the H200
+            "unscale_ 2000 x 4096 fp32": ("unscale_", [max(1, int(4096 * scale))] * 2000)}
 
 
 def main(argv=None) -> int:
@@ -151,9 +169,9 @@ def main(argv=None) -> int:
           "host: median wall time of one step() with the device busy (a spin ahead); synced: step() + synchronize.",
           "", "| case | impl | host us | synced us |", "| --- | --- | ---: | ---: |"]
     details = []
-    for name, sizes in cases(a.scale).items():
-        for impl in _impls(device):
-            r = measure(impl, sizes, device, a.steps)
+    for name, (op, sizes) in cases(a.scale).items():
+        for impl in _impls(device, op):
+            r = measure(impl, sizes, device, a.steps, op)
             doc["cases"].append({"case": name, **{k: v for k, v in r.items() if k != "md"}})
             md.append(f"| {name} | {impl} | {r['host_us']:.1f} | {r['synced_us']:.1f} |")
             details += ["", f"## {name}: {impl}", "", r["md"]]

@@ -482,11 +482,12 @@ def test_host_profile_attributes_a_steady_step(tmp_path):
         assert c["host_us"] > 0 and c["synced_us"] > 0 and c["profile"] and c["python"]
         names = {r["name"] for r in c["profile"]}
         if c["impl"] == "ours-cpu":
-            assert "mixprec::adam_step_bucket_" in names, names
+            assert ("mixprec::adam_step_bucket_" if c["case"].startswith("AdamW") else "mixprec::unscale_") in names
     md = (out / "host_profile.md").read_text()
-    assert md.count("| op or runtime call |") == 4 and md.count("| Python function |") == 4
+    assert md.count("| op or runtime call |") == 6 and md.count("| Python function |") == 6
     rows = gpu_report.read_host_profile(str(tmp_path))
-    assert len(rows) == 4 and sum(line.startswith("| AdamW") for line in gpu_report.host_profile_md(rows)) == 4
+    assert len(rows) == 6 and sum(line.startswith(("| AdamW", "| unscale_")) for line in
+                                  gpu_report.host_profile_md(rows)) == 6
 
 
 def test_every_input_set_is_warmed_before_timing():
