@@ -33,7 +33,7 @@ Config selection (launch_matmul), per call:
   (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a GPU bf16 and fp16 go to the
   tensor cores directly.
 - On a GPU, eager calls: the candidates for the shape (a small-M set for M <= 64, a large set otherwise, pruned by
-  N and K, plus split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key
+  N and K, plus tall tiles and split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key
   (select_config) and the fastest is kept in memory and in the on-disk cache (tune_cache.py:
   $MIXPREC_CACHE_DIR/matmul_autotune.json, default ~/.cache/mixprec_ops), so a later process reuses it without
   benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the
@@ -380,11 +380,12 @@ _SMALL_M_CONFIGS = (_tiled(16, 64, 128, 4, 4), _tiled(16, 128, 64, 4, 4), _tiled
 _LARGE_CONFIGS = (_tiled(128, 128, 64, 8, 3), _tiled(128, 256, 64, 8, 3), _tiled(64, 256, 32, 4, 4),
                   _tiled(128, 128, 32, 4, 4), _tiled(128, 64, 32, 4, 4), _tiled(64, 128, 64, 4, 4),
                   _tiled(64, 64, 64, 4, 4))
-# Tall, narrow tiles for 64 < M <= 128 (candidates add them to the large set there): one tile row covers all of M,
-# so each program streams its own columns of B once, and N / 32 or N / 64 programs fill the GPU. On the H200
-# (2026-11-30) the tuner's best of the sets above ran M=128 at 0.54-0.77x torch for N <= 11008 (K=4096, N=4096:
-# 64x128 tiles, 64 programs on 132 SMs, 29.0 us against torch's 16.2 us): the layer's weight is the traffic, and
-# half the SMs streamed it.
+# Tall, narrow tiles for 64 < M <= 128 (candidates add them to the large set there, when one of it fits): one tile
+# row covers all of M, so each program streams its own columns of B once; 128x32 makes N / 32 programs (128 at
+# N=4096, where 64x128 and 128x64 make 64). On the H200 (2026-11-30) the tuner's best of the sets above ran M=128 at
+# 0.54-0.77x torch (K=4096, N=4096: 64x128 tiles, 64 programs on 132 SMs, 29.0 us against torch's 16.3 us): the
+# layer's weight is the traffic, and half the SMs streamed it. The 128x64 one differs from the large set's 128x64x32
+# in BLOCK_K and stages only.
 _MID_M_CONFIGS = (_tiled(128, 32, 128, 4, 3), _tiled(128, 64, 128, 4, 3))
 # Persistent TMA configs. Shared memory: stages x (BM + BN) x BK x 2 bytes of pipeline plus the epilogue's BM x BN
 # tile in the output dtype (tma_shared_bytes); H100/H200 allow 227 KB per block, so fp32 outputs there drop the
@@ -420,18 +421,23 @@ def tma_shared_bytes(cfg: KernelConfig, out_bytes: int) -> int:
 def candidates(m: int, n: int, k: int, tma: bool, out_bytes: int = 2,
                shared_limit: int | None = None) -> tuple[KernelConfig, ...]:
     """The configs to try for this shape: the small-M set for M <= 64, else the large set (with the tall, narrow
-    tiles for M <= 128), without tiles much
-    larger than the problem; for M <= 128 the split-K configs that leave each run of K at least SPLIT_K_MIN_K_TILES
+    tiles for M <= 128 when one of the large set fits), without tiles much larger than the problem (nothing fits:
+    the set's smallest); for M <= 128 the split-K configs that leave each run of K at least SPLIT_K_MIN_K_TILES
     tiles; plus the persistent TMA configs when `tma` (the caller decided eligibility) whose shared memory for an
     output of `out_bytes` per element fits `shared_limit` (bytes per block; None: no limit). On an H200 (227 KB) two
     of them do not fit an fp32 output."""
-    base = _SMALL_M_CONFIGS if m <= 64 else _LARGE_CONFIGS + (_MID_M_CONFIGS if m <= SPLIT_K_MAX_M else ())
+    base = _SMALL_M_CONFIGS if m <= 64 else _LARGE_CONFIGS
     pn, pk = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(k))
 
     def fits(c):
         return c.block_n <= 2 * pn and c.block_k <= 2 * pk
 
-    kept = tuple(c for c in base if fits(c)) or base[-1:]
+    kept = tuple(c for c in base if fits(c))
+    # The tall tiles only beside a fitting large one: a lone candidate runs untuned (graph capture, autotune off),
+    # and these need ~120-144 KB of shared memory, over the 99 KB of sm_86/89/120.
+    if kept and 64 < m <= SPLIT_K_MAX_M:
+        kept += tuple(c for c in _MID_M_CONFIGS if fits(c))
+    kept = kept or base[-1:]
     if m <= SPLIT_K_MAX_M:
         split = _SMALL_M_SPLIT_CONFIGS if m <= 64 else _MID_M_SPLIT_CONFIGS
         kept += tuple(c for c in split if fits(c) and triton.cdiv(k, c.block_k) >= SPLIT_K_MIN_K_TILES * c.split_k)
