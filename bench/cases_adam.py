@@ -141,7 +141,8 @@ def _case(ctx: Ctx, name: str, sizes: list[int]) -> Case:
              + [Impl(b, _ours(b)) for b in ctx.backends])
     if "triton" in ctx.backends:
         impls.append(Impl(EXPERIMENT_TILES, _ours("triton", EXPERIMENT_TILES, TILES),
-                          "the Triton kernel at CHUNK 65536, BLOCK 1024, 8 warps (the tiles before 2026-11-30): an experiment"))
+                          "the Triton kernel at CHUNK 65536, BLOCK 1024, 8 warps (the tiles before 2026-11-30): "
+                          "an experiment"))
     return Case("adam_step_", name, n, BYTES_PER_PARAM * n, lambda seed: _make(sizes, dev, seed), impls,
                 _check(sizes, dev), set_bytes=BYTES_PER_PARAM * n, tensor_bytes=BYTES_PER_PARAM * n,
                 baseline_bytes=TORCH_BYTES_PER_PARAM * n,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import os
 import pstats
@@ -95,7 +94,8 @@ def _profile_table(step, device, steps: int, rows: int = 20) -> tuple[list[dict]
     avg = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     out = [{"name": e.key, "calls_per_step": e.count / steps, "self_cpu_us_per_step": e.self_cpu_time_total / steps,
             "cpu_us_per_step": e.cpu_time_total / steps} for e in avg]
-    lines = ["| op or runtime call | calls/step | self CPU us/step | incl. CPU us/step |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| op or runtime call | calls/step | self CPU us/step | incl. CPU us/step |",
+             "| --- | ---: | ---: | ---: |"]
     lines += [f"| `{r['name'][:70]}` | {r['calls_per_step']:g} | {r['self_cpu_us_per_step']:.1f} | "
               f"{r['cpu_us_per_step']:.1f} |" for r in out]
     return out, "\n".join(lines)

@@ -33,8 +33,8 @@ Config selection (launch_matmul), per call:
   (the interpreter's bf16 tl.dot is wrong, see shared/notes/environment.md); on a GPU bf16 and fp16 go to the
   tensor cores directly.
 - On a GPU, eager calls: the candidates for the shape (a small-M set for M <= 64, a large set otherwise, pruned by
-  N and K, plus tall tiles and split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked once per key
-  (select_config) and the fastest is kept in memory and in the on-disk cache (tune_cache.py:
+  N and K, plus tall tiles and split-K configs for M <= 128 and the TMA configs where eligible) are benchmarked
+  once per key (select_config) and the fastest is kept in memory and in the on-disk cache (tune_cache.py:
   $MIXPREC_CACHE_DIR/matmul_autotune.json, default ~/.cache/mixprec_ops), so a later process reuses it without
   benchmarking. The key (tune_key) holds the GPU name and compute capability, the Triton and torch versions, the
   shape bucket (M rounded up to a power of two, N, K), the operand, output and bias dtypes, the activation and
