@@ -79,11 +79,17 @@ constexpr bool kIsFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<
 // untyped_storage().resize_(0)) or shrunk under it has a null or short buffer, which the kernels, reading raw
 // pointers, would dereference (a crash on the CPU, an illegal address on a GPU). Index i < 0: no index in the name.
 inline bool allocated(const at::Tensor& t) {
-  if (t.numel() == 0) return true;
-  if (!t.has_storage() || t.storage().data() == nullptr) return false;
-  int64_t last = t.storage_offset();  // the furthest element, in elements from the storage's start
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return static_cast<uint64_t>(last + 1) * t.element_size() <= t.storage().nbytes();
+  // (read on the TensorImpl: no Storage copies, no dim wrapping; it runs on every tensor of every call)
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->numel() == 0) return true;
+  if (!impl->has_storage()) return false;
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (storage.data() == nullptr) return false;
+  const auto sizes = impl->sizes();
+  const auto strides = impl->strides();
+  int64_t last = impl->storage_offset();  // the furthest element, in elements from the storage's start
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  return static_cast<uint64_t>(last + 1) * impl->itemsize() <= storage.nbytes();
 }
 
 inline void check_allocated(const at::Tensor& t, const char* name, int64_t i = -1) {
@@ -98,6 +104,7 @@ inline void check_allocated(const at::Tensor& t, const char* name, int64_t i = -
 // (a view such as as_strided((4, 4), (1, 1))), the sufficient rule that, dims ordered by stride, each stride exceeds
 // the span of the smaller ones (an exotic non-overlapping view may fail it and is then refused too).
 inline bool may_share_memory(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;  // (the common case, from a cached flag)
   const at::MemOverlap o = at::has_internal_overlap(t);
   if (o != at::MemOverlap::TooHard) return o == at::MemOverlap::Yes;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with more than one element

@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "hold_args.h"
+
 namespace mixprec {
 namespace {
 
@@ -51,6 +53,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorL
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) { m.impl("param_grad_signature", &param_grad_signature); }
+// (through holding_args: the params, whose only other owner is their Python object, are released after the GIL is
+// taken back, once; csrc/hold_args.h)
+TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
+  m.impl("param_grad_signature", holding_args<&param_grad_signature>());
+}
 
 }  // namespace mixprec

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "adam_bucket.h"
+#include "hold_args.h"
 
 extern "C" {
 // `import mixprec_ops._C` loads this library, which runs the static registrations below. No Python bindings:
@@ -69,7 +70,9 @@ TORCH_LIBRARY(mixprec, m) {
       "adam_step_bucket_(Tensor(a!)[] params, __torch__.torch.classes.mixprec.AdamBucket bucket, Tensor scalars, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor? clip_coef) -> ()");
-  m.impl("adam_step_bucket_", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, &mixprec::adam_step_bucket));
+  // (through holding_args: the params are released after the GIL is taken back, once a step; csrc/hold_args.h)
+  m.impl("adam_step_bucket_",
+         torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, mixprec::holding_args<&mixprec::adam_step_bucket>()));
 }
 
 // The ops' gradients live in Python, around them (mixprec::linear and the autograd.Functions of mixprec_ops.ops).

@@ -2245,3 +2245,33 @@ def test_steady_record_lets_params_be_swapped_and_collected():
     del p, opt
     gc.collect()
     assert all(r() is None for r in refs), "the cycle through the param was not collected"
+
+
+def test_steady_steps_release_the_params_they_pass():
+    """The steady step passes its params to two C++ ops (mixprec::param_grad_signature, mixprec::adam_step_bucket_),
+    which hold them through the call and drop them after taking the GIL, once (csrc/hold_args.h). Params whose only
+    owner is Python keep their refcounts step after step (a reference kept would leak them and block
+    torch.utils.swap_tensors; one dropped twice would free a live param), from the main thread and another."""
+    import sys
+    import threading
+
+    ps = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in (3, 64, 1000) * 10]
+    opt = AdamW(ps, lr=0.1)  # (steps that move every bf16 param)
+
+    def steps(k):
+        for _ in range(k):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+
+    steps(3)
+    assert opt._steady is not None and opt._steady["used"]
+    before = [sys.getrefcount(p) for p in ps]
+    w = [p.detach().clone() for p in ps]
+    steps(2)
+    th = threading.Thread(target=steps, args=(2,))
+    th.start()
+    th.join()
+    assert opt._steady["used"]
+    assert [sys.getrefcount(p) for p in ps] == before
+    assert all(not torch.equal(p, v) for p, v in zip(ps, w, strict=True))  # (the steps ran)

@@ -153,6 +153,42 @@ def test_opcheck_extension_op(device):
                                torch.zeros(1, device=device), rn))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_extension_op_releases_every_argument(device):
+    """The C++ op keeps a reference to its arguments through the call and drops them after taking the GIL, once
+    (csrc/hold_args.h). Tensors whose only owner is Python (fresh ones, not grads held by params) must come back with
+    their Python refcounts as they were, on success and on a refused call, from the main thread and another, and be
+    freed when Python drops them: a reference dropped twice would free a live tensor, one kept would leak it."""
+    import gc
+    import sys
+    import threading
+    import weakref
+
+    extension_backend(OP, device)
+    op = torch.ops.mixprec.unscale_.default
+    ts = [torch.randn(n, device=device).to(DTYPES[i % 3]) for i, n in enumerate((5, 1, 300, 64, 7) * 40)]
+    for t in ts:
+        t.tag = "mine"  # kept on the Python object: a dead and re-made wrapper would not have it
+    inv, found = torch.tensor([0.5], device=device), torch.zeros(1, device=device)
+    before = [sys.getrefcount(t) for t in ts]
+    orig = [t.clone() for t in ts]
+    op(ts, inv, found, True)
+    assert all(torch.equal(t, e * 0.5) for t, e in zip(ts, orig, strict=True))
+    th = threading.Thread(target=op, args=(ts, torch.tensor([2.0], device=device), found, False))
+    th.start()
+    th.join()
+    with pytest.raises(RuntimeError, match=r"tensors\[3\] must be float32"):
+        op(ts[:3] + [torch.zeros(3, dtype=torch.int32, device=device)] + ts[3:], inv, found, False)
+    assert [sys.getrefcount(t) for t in ts] == before
+    assert all(t.tag == "mine" for t in ts)
+    for i, (t, e) in enumerate(zip(ts, orig, strict=True)):
+        assert_bit_exact(t, e, f"tensor {i}")  # times 0.5, then 2.0 (both exact): written by both calls
+    refs = [weakref.ref(t) for t in ts]
+    del ts, t, th
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 def test_norm_range_does_not_depend_on_the_tensor_size(device, backend):
     """Every kernel squares in fp32, whatever the size: a finite 1e20 gives an inf norm (found_inf stays 0: the

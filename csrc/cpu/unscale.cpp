@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "../hold_args.h"
 #include "prefetch.h"
 #include "unscale_avx512.h"
 #include "vec_util.h"
@@ -138,6 +139,7 @@ at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("unscale_", &unscale_cpu); }
+// (through holding_args: a call from Python drops its list after taking the GIL back, once; csrc/hold_args.h)
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("unscale_", holding_args<&unscale_cpu>()); }
 
 }  // namespace mixprec::cpu

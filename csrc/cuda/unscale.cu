@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "../common.h"
+#include "../hold_args.h"
 #include "multi_tensor.cuh"
 
 namespace mixprec::cuda {
@@ -143,6 +144,7 @@ at::Tensor unscale_cuda(at::TensorList tensors, const at::Tensor& inv_scale, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("unscale_", &unscale_cuda); }
+// (through holding_args: a call from Python drops its list after taking the GIL back, once; csrc/hold_args.h)
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("unscale_", holding_args<&unscale_cuda>()); }
 
 }  // namespace mixprec::cuda
