@@ -5,9 +5,9 @@
 Why: on the H200 (2026-11-30, bench rows "AdamW bf16+masters 1M params", 40 tensors) our CUDA step took 44 us of
 device time against torch's 98 us, but 546 us of host time a call against torch's 481 us, and the host decides a
 loop of such steps. The bench says how long; this says where. For each case (40 tensors of 1M params in all, as the
-bench's row; 2000 x 4096; and a bare unscale_ over 2000 x 4096 fp32 grads) and each implementation (ours on each
-backend the device has; torch.optim.AdamW(fused=True) on fp32 params + _foreach_copy_ to bf16, the bench's baseline;
-torch._amp_foreach_non_finite_check_and_unscale_ for unscale_):
+bench's row; 2000 x 4096; a bare unscale_ over 2000 x 4096 fp32 grads, fresh and as params' .grad) and each
+implementation (ours on each backend the device has; torch.optim.AdamW(fused=True) on fp32 params + _foreach_copy_
+to bf16, the bench's baseline; torch._amp_foreach_non_finite_check_and_unscale_ for unscale_):
   - host: the median wall time of one step() while the device is kept busy by a spin queued ahead (as bench.timing
     does), so a step that waits for the device shows up here as a long host time;
   - synced: the median of one step() followed by a synchronize;
@@ -40,11 +40,18 @@ def _impls(device: torch.device, op: str = "adam_step_"):
     return [f"ours-{b}" for b in ours] + ["torch-fused"]
 
 
-def _make_unscale(impl: str, sizes, device):
+def _make_unscale(impl: str, sizes, device, held: bool = False):
     """One unscale_ call over fresh fp32 grads of `sizes` (inv_scale 1.0: the values stay as they are, call after
-    call; the kernels still read every element and write none, as torch's does at 1.0)."""
+    call; the kernels still read every element and write none, as torch's does at 1.0). held: the grads of params
+    (p.grad), which their params also own, instead of tensors only Python owns (the two differ in what a call from
+    Python costs per tensor on torch >= 2.10: csrc/hold_args.h)."""
     g = torch.Generator(device=device).manual_seed(0)
     ts = [torch.randn(n, generator=g, device=device) for n in sizes]
+    if held:
+        params = [torch.nn.Parameter(torch.empty_like(t)) for t in ts]
+        for p, t in zip(params, ts, strict=True):
+            p.grad = t
+        ts = [p.grad for p in params]
     inv, found = torch.ones((), device=device), torch.zeros(1, device=device)
     if impl == "torch-fused":
         return lambda: torch._amp_foreach_non_finite_check_and_unscale_(ts, found, inv)
@@ -120,7 +127,8 @@ def _cprofile(step, steps: int, rows: int = 15) -> tuple[list[dict], str]:
 
 
 def measure(impl: str, sizes, device, steps: int, op: str = "adam_step_") -> dict:
-    step = (_make if op == "adam_step_" else _make_unscale)(impl, sizes, device)
+    step = (_make(impl, sizes, device) if op == "adam_step_"
+            else _make_unscale(impl, sizes, device, held=op == "unscale_ held"))
     for _ in range(5):  # state creation, first-call compilation, the steady step's recording
         step()
     _sync(device)
@@ -150,7 +158,8 @@ def cases(scale: float) -> dict[str, tuple[str, list[int]]]:
     return {"AdamW 1M params in 40 tensors": ("adam_step_", split_sizes(max(40, int(1_000_000 * scale)), 40)),
             "AdamW 2000 x 4096": ("adam_step_", [max(1, int(4096 * scale))] * 2000),
             # the bare unscale_ over 2000 tensors read 0.50x (CUDA) and 0.23x (Triton) a call on the H200
-            "unscale_ 2000 x 4096 fp32": ("unscale_", [max(1, int(4096 * scale))] * 2000)}
+            "unscale_ 2000 x 4096 fp32": ("unscale_", [max(1, int(4096 * scale))] * 2000),
+            "unscale_ 2000 x 4096 fp32, p.grad": ("unscale_ held", [max(1, int(4096 * scale))] * 2000)}
 
 
 def main(argv=None) -> int:
@@ -170,7 +179,7 @@ def main(argv=None) -> int:
           "", "| case | impl | host us | synced us |", "| --- | --- | ---: | ---: |"]
     details = []
     for name, (op, sizes) in cases(a.scale).items():
-        for impl in _impls(device, op):
+        for impl in _impls(device, op.split()[0]):
             r = measure(impl, sizes, device, a.steps, op)
             doc["cases"].append({"case": name, **{k: v for k, v in r.items() if k != "md"}})
             md.append(f"| {name} | {impl} | {r['host_us']:.1f} | {r['synced_us']:.1f} |")

@@ -79,7 +79,7 @@ constexpr bool kIsFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<
 // untyped_storage().resize_(0)) or shrunk under it has a null or short buffer, which the kernels, reading raw
 // pointers, would dereference (a crash on the CPU, an illegal address on a GPU). Index i < 0: no index in the name.
 inline bool allocated(const at::Tensor& t) {
-  // (read on the TensorImpl: no Storage copies, no dim wrapping; it runs on every tensor of every call)
+  // (read on the TensorImpl: no dim wrapping, no storage-access check; it runs on every tensor of every call)
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (impl->numel() == 0) return true;
   if (!impl->has_storage()) return false;
@@ -104,7 +104,7 @@ inline void check_allocated(const at::Tensor& t, const char* name, int64_t i = -
 // (a view such as as_strided((4, 4), (1, 1))), the sufficient rule that, dims ordered by stride, each stride exceeds
 // the span of the smaller ones (an exotic non-overlapping view may fail it and is then refused too).
 inline bool may_share_memory(const at::Tensor& t) {
-  if (t.is_contiguous()) return false;  // (the common case, from a cached flag)
+  if (t.is_contiguous()) return false;  // (cannot overlap itself; the common case, from a cached flag)
   const at::MemOverlap o = at::has_internal_overlap(t);
   if (o != at::MemOverlap::TooHard) return o == at::MemOverlap::Yes;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with more than one element

@@ -1,5 +1,7 @@
 // release_held (csrc/hold_args.h): the one place outside the module's init that calls into Python, through the
-// limited API (Py_IsInitialized, PyGILState_Ensure / _Release: safe on any thread, nested or not).
+// limited API (Py_IsInitialized, PyGILState_Ensure / _Release). It takes the GIL where and when torch's own decref
+// of those Python objects would have (c10's PyInterpreter decref: the same Py_IsInitialized check, then the GIL),
+// once instead of once a tensor; nested calls (the GIL already held) are fine, and the deadlock hazard is torch's.
 #include "hold_args.h"
 
 #include <Python.h>
@@ -27,7 +29,7 @@ bool needs_gil(const std::vector<c10::IValue>& held) {
 
 }  // namespace
 
-void release_held(std::vector<c10::IValue>& held) {
+void release_held(std::vector<c10::IValue>& held) noexcept {
   if (!needs_gil(held) || !Py_IsInitialized()) {
     held.clear();
     return;

@@ -1,17 +1,18 @@
 // A boxed kernel around an unboxed one that keeps a reference to every argument through the call and drops them
-// afterwards, under one GIL acquisition when that release would free a tensor's hold on its Python object.
+// afterwards, under one GIL acquisition when that release would end a tensor's hold on its Python object.
 //
 // Why (torch >= 2.10, "PyObject preservation"): a tensor whose only other owner is its Python object has
 // refcount 1; a C++ reference taken while the GIL is held (the stack the Python call builds) makes it 2 and increfs
 // the Python object, and dropping it back to 1 decrefs that object, which takes the GIL. torch.ops releases the GIL
 // around the dispatch, and the unboxed wrapper drops the list arguments there: one GIL round trip per tensor. Over
-// 2,000 fresh tensors (a list that torch.autograd.grad returned, the bench's bare unscale_) that was ~40% of a CPU
-// call (bench/NOTES.md, "The GIL round trip per tensor"). torch's own foreach bindings drop their lists after
-// taking the GIL back. Grads read from .grad are also held by their params, and pay nothing either way.
+// 2,000 fresh tensors (a list that torch.autograd.grad returned, the bench's bare unscale_) those round trips cost
+// ~150-190 us of a ~400 us CPU call (bench/NOTES.md, "The GIL round trip per tensor"). torch's own foreach
+// bindings drop their lists after taking the GIL back. Grads read from .grad are also held by their params: they
+// pay nothing either way.
 //
-// For list-taking ops called from Python (unscale_). A C++ caller that calls it unboxed gets its arguments boxed
-// (a copy of each list): ops that C++ code calls typed (adam_step_, from adam_step_bucket_) keep their unboxed
-// kernels.
+// For ops called from Python with lists: unscale_, param_grad_signature, adam_step_bucket_. A C++ caller that calls
+// such an op unboxed gets its arguments boxed (a copy of each list): ops that C++ code calls typed (adam_step_,
+// from adam_step_bucket_) keep their unboxed kernels.
 #pragma once
 #include <ATen/core/boxing/KernelFunction.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -24,7 +25,13 @@
 namespace mixprec {
 
 // Drops `held`; first takes the GIL (once) when a tensor in it has a Python object and no other C++ owner.
-void release_held(std::vector<c10::IValue>& held);
+void release_held(std::vector<c10::IValue>& held) noexcept;
+
+// Calls release_held when the kernel returns or throws (a refused call releases its arguments the same way).
+struct ReleaseHeld {
+  std::vector<c10::IValue>& held;
+  ~ReleaseHeld() { release_held(held); }
+};
 
 template <auto Fn>
 void call_holding_args(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
@@ -32,8 +39,8 @@ void call_holding_args(const c10::OperatorHandle& op, c10::DispatchKeySet ks, to
       c10::CompileTimeFunctionPointer<std::remove_pointer_t<decltype(Fn)>, Fn>());
   const auto n = static_cast<std::ptrdiff_t>(op.schema().arguments().size());
   std::vector<c10::IValue> held(stack->end() - n, stack->end());  // (a list's copy shares its elements)
+  const ReleaseHeld release{held};
   kernel.callBoxed(op, ks, stack);
-  release_held(held);
 }
 
 // m.impl(name, holding_args<&kernel>()): the kernel, registered through call_holding_args.

@@ -2269,9 +2269,17 @@ def test_steady_steps_release_the_params_they_pass():
     before = [sys.getrefcount(p) for p in ps]
     w = [p.detach().clone() for p in ps]
     steps(2)
-    th = threading.Thread(target=steps, args=(2,))
+    errors = []
+
+    def in_thread():
+        try:
+            steps(2)
+        except Exception as e:  # (a thread's exception would only be printed)
+            errors.append(e)
+
+    th = threading.Thread(target=in_thread)
     th.start()
     th.join()
-    assert opt._steady["used"]
+    assert not errors and opt._steady["used"]
     assert [sys.getrefcount(p) for p in ps] == before
     assert all(not torch.equal(p, v) for p, v in zip(ps, w, strict=True))  # (the steps ran)

@@ -174,7 +174,8 @@ def test_extension_op_releases_every_argument(device):
     orig = [t.clone() for t in ts]
     op(ts, inv, found, True)
     assert all(torch.equal(t, e * 0.5) for t, e in zip(ts, orig, strict=True))
-    th = threading.Thread(target=op, args=(ts, torch.tensor([2.0], device=device), found, False))
+    th = threading.Thread(target=op, args=(ts, torch.tensor([2.0], device=device), found, False))  # (a failure
+    # here leaves the tensors at half their values: the bit-exact check below)
     th.start()
     th.join()
     with pytest.raises(RuntimeError, match=r"tensors\[3\] must be float32"):
