@@ -29,11 +29,11 @@ TABLE_CACHE_SIZE = 256  # recent buckets whose device tables are kept (one per d
 # TABLE_CACHE_SIZE of them. A budget in bytes, not per bucket size: the buckets of identical layers (a param group
 # per layer) are alike in size but all live, and must all stay.
 TABLE_CACHE_BYTES = 64 << 20
-_tables = collections.OrderedDict()  # key -> (rows, prog_map, n_programs); least recently used first
+# key -> ((rows, prog_map, n_programs), the chunk the table was built with); least recently used first
+_tables = collections.OrderedDict()
 _nbytes = {}  # key -> its buffer's bytes
 _readers = {}  # key -> the CUDA streams recorded on the table's buffer (its creation stream included)
 _captured = set()  # keys whose tables a captured CUDA graph reads: never evicted (the graph keeps their addresses)
-_chunk_used = {}  # key -> the chunk its table was built with, where get_tables_capped raised it
 
 
 def _capturing(device):
@@ -66,8 +66,8 @@ def get_tables_capped(lists, device, chunk, op, max_programs):
         if capturing:
             _captured.add(key)
         if device.type == "cuda":
-            _note_reader(key, hit[0])
-        return hit, _chunk_used.get(key, chunk)
+            _note_reader(key, hit[0][0])
+        return hit
     if capturing:
         raise RuntimeError(f"mixprec_ops {op} (triton): a new set of tensors while a CUDA graph is being captured; "
                            "run one call with the same tensors before capturing (it builds the device table that "
@@ -81,12 +81,10 @@ def get_tables_capped(lists, device, chunk, op, max_programs):
     host, off, n_programs = _build(ptrs, numels, used)
     buf = host.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else host
     entry = (buf[:off], buf[off:], n_programs)
-    _tables[key] = entry
+    _tables[key] = (entry, used)
     if device.type == "cuda":
         _readers[key] = {torch.cuda.current_stream(device)}  # the allocator already orders its own stream
     _nbytes[key] = buf.numel() * buf.element_size()
-    if used != chunk:
-        _chunk_used[key] = used
     total = sum(_nbytes.values())
     limit = max(TABLE_CACHE_BYTES, 8 * max(_nbytes.values())) + sum(_nbytes[k] for k in _captured)
     while len(_tables) > TABLE_CACHE_SIZE + len(_captured) or total > limit:
@@ -95,7 +93,6 @@ def get_tables_capped(lists, device, chunk, op, max_programs):
             break
         del _tables[old]
         _readers.pop(old, None)
-        _chunk_used.pop(old, None)
         total -= _nbytes.pop(old)
     return entry, used
 
@@ -135,4 +132,3 @@ def clear_table_cache():
     _captured.clear()
     _readers.clear()
     _nbytes.clear()
-    _chunk_used.clear()
