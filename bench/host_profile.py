@@ -126,9 +126,8 @@ def _cprofile(step, steps: int, rows: int = 15) -> tuple[list[dict], str]:
     return out, "\n".join(lines)
 
 
-def measure(impl: str, sizes, device, steps: int, op: str = "adam_step_") -> dict:
-    step = (_make(impl, sizes, device) if op == "adam_step_"
-            else _make_unscale(impl, sizes, device, held=op == "unscale_ held"))
+def measure(impl: str, sizes, device, steps: int, op: str = "adam_step_", held: bool = False) -> dict:
+    step = _make(impl, sizes, device) if op == "adam_step_" else _make_unscale(impl, sizes, device, held)
     for _ in range(5):  # state creation, first-call compilation, the steady step's recording
         step()
     _sync(device)
@@ -153,13 +152,13 @@ def measure(impl: str, sizes, device, steps: int, op: str = "adam_step_") -> dic
             "profile": prof_rows, "python": py_rows, "md": prof_md + "\n\n" + py_md}
 
 
-def cases(scale: float) -> dict[str, tuple[str, list[int]]]:
-    """{name: (op, tensor sizes)}."""
-    return {"AdamW 1M params in 40 tensors": ("adam_step_", split_sizes(max(40, int(1_000_000 * scale)), 40)),
-            "AdamW 2000 x 4096": ("adam_step_", [max(1, int(4096 * scale))] * 2000),
+def cases(scale: float) -> dict[str, tuple[str, list[int], bool]]:
+    """{name: (op, tensor sizes, held)}; held: unscale_'s grads as params' .grad (_make_unscale)."""
+    return {"AdamW 1M params in 40 tensors": ("adam_step_", split_sizes(max(40, int(1_000_000 * scale)), 40), False),
+            "AdamW 2000 x 4096": ("adam_step_", [max(1, int(4096 * scale))] * 2000, False),
             # the bare unscale_ over 2000 tensors read 0.50x (CUDA) and 0.23x (Triton) a call on the H200
-            "unscale_ 2000 x 4096 fp32": ("unscale_", [max(1, int(4096 * scale))] * 2000),
-            "unscale_ 2000 x 4096 fp32, p.grad": ("unscale_ held", [max(1, int(4096 * scale))] * 2000)}
+            "unscale_ 2000 x 4096 fp32": ("unscale_", [max(1, int(4096 * scale))] * 2000, False),
+            "unscale_ 2000 x 4096 fp32, p.grad": ("unscale_", [max(1, int(4096 * scale))] * 2000, True)}
 
 
 def main(argv=None) -> int:
@@ -178,9 +177,9 @@ def main(argv=None) -> int:
           "host: median wall time of one step() with the device busy (a spin ahead); synced: step() + synchronize.",
           "", "| case | impl | host us | synced us |", "| --- | --- | ---: | ---: |"]
     details = []
-    for name, (op, sizes) in cases(a.scale).items():
-        for impl in _impls(device, op.split()[0]):
-            r = measure(impl, sizes, device, a.steps, op)
+    for name, (op, sizes, held) in cases(a.scale).items():
+        for impl in _impls(device, op):
+            r = measure(impl, sizes, device, a.steps, op, held)
             doc["cases"].append({"case": name, **{k: v for k, v in r.items() if k != "md"}})
             md.append(f"| {name} | {impl} | {r['host_us']:.1f} | {r['synced_us']:.1f} |")
             details += ["", f"## {name}: {impl}", "", r["md"]]
