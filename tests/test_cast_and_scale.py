@@ -234,10 +234,10 @@ def test_fp8_nan_bytes_on_the_cpu_kernel(dst, cpu_isa):
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src,dst", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
 def test_cpu_large_16bit_outputs(src, dst, cpu_isa):
-    """From 2^23 elements the AVX-512 code stores 16-bit outputs past the cache (kCastStreamMin in
-    csrc/cpu/avx512_util.h; every task's 64-element blocks, then the ordinary tail); the AVX2 code is
-    run on the same input. 2^23 + 45 elements (a task and a tail beyond the last block), read from an offset view,
-    SPECIALS spread over it and a NaN in the last full task: the output and amax against the reference, bit for bit."""
+    """From 2^23 elements both code paths store 16-bit outputs past the cache (kCastStreamMin in csrc/cpu/prefetch.h;
+    every task's 64-element blocks on AVX-512, 32-element ones on AVX2, then the ordinary tail). 2^23 + 45 elements
+    (a task and a tail beyond the last block), read from an offset view, SPECIALS spread over it and a NaN in the
+    last full task: the output and amax against the reference, bit for bit."""
     backend = extension_backend(OP, "cpu")
     n = (1 << 23) + 45
     x = make_x(n + 1, src, "cpu")[1:]
@@ -253,13 +253,13 @@ def test_cpu_large_16bit_outputs(src, dst, cpu_isa):
 @pytest.mark.parametrize("dst", TARGETS, ids=str)
 def test_cpu_kernel_lengths_and_tasks(src, dst, cpu_isa):
     """The CPU kernel's loops split each task's range into 64- and 16-element pieces and a masked tail (AVX-512), or
-    32-element fused fp8 pieces, 1024-element tiles and 8-wide and scalar tails (AVX2), and the tensor into
-    32768-element parallel tasks whose max|x| are combined: every length 1..130, lengths either side of one and two
-    tasks, from an offset view (the same kernel on a pointer not 64-byte aligned) and a transposed one (walked in
-    memory order); SPECIALS (infinities, NaN, values either side of each target's overflow) at random places from
-    length 21 on. Outputs are poisoned first; the results and amax must equal the reference bit for bit, with a
-    NaN, and separately an inf, placed in the last task only (a max|x| lost in the combination of tasks or in the
-    tail shows)."""
+    32-element fused pieces (within 1024-element tiles for fp8 targets) and 8-wide and scalar tails (AVX2), and the
+    tensor into 32768-element parallel tasks whose max|x| are combined: every length 1..130, lengths either side of
+    one and two tasks, from an offset view (the same kernel on a pointer not 64-byte aligned) and a transposed one
+    (walked in memory order); SPECIALS (infinities, NaN, values either side of each target's overflow) at random
+    places from length 21 on. Outputs are poisoned first; the results and amax must equal the reference bit for bit,
+    with a NaN, and separately an inf, placed in the last task only (a max|x| lost in the combination of tasks or in
+    the tail shows)."""
     backend = extension_backend(OP, "cpu")
     gen = torch.Generator().manual_seed(15)
     specials = torch.tensor(SPECIALS)
@@ -513,7 +513,7 @@ def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
 @pytest.mark.parametrize("src,gd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)], ids=str)
 def test_cpu_backward_large_outputs(src, gd, cpu_isa):
     """From 2^23 elements the AVX-512 backward stores grad_x past the cache (kCastStreamMin in
-    csrc/cpu/avx512_util.h): in each parallel task, ordinary vectors (then a masked one) up to
+    csrc/cpu/prefetch.h): in each parallel task, ordinary vectors (then a masked one) up to
     grad_x's first 64-byte boundary, whole lines streamed, then the ordinary tail. Two threads (pinned here), so
     the second task starts (n + 1) // 2 elements in: n = 2^23 + 45 gives a head of 9 elements (fp32 and 16-bit x
     alike), n = 2^23 + 1 one of 15 (fp32) or 31 (16-bit: a full vector and a masked one). The AVX2 loop runs the

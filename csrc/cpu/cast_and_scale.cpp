@@ -112,6 +112,72 @@ inline void scale_store_fp8(const Src* x, int64_t n, float scale, bool sat, floa
   if (sat) return scale_store_fp8<FMT, true>(x, n, scale, fmax, out, buf, amax_acc, tail_max);
   scale_store_fp8<FMT, false>(x, n, scale, fmax, out, buf, amax_acc, tail_max);
 }
+
+// 16-bit targets: max|x|, scale, clamp and rounding in one loop over a thread's whole range, 32 elements (64 output
+// bytes, a line) an iteration, two vectors rounded by one at::vec conversion (round to nearest even, torch's own);
+// Stream: whole aligned lines stored past the cache (kCastStreamMin, prefetch.h). Returns the elements done.
+template <typename Dst, bool SAT, bool Stream, typename Src>
+inline int64_t blocks16(const Src* x, Dst* out, int64_t n, float scale, float fmax, __m256i& amax_bits) {
+  const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(fmax), lo = _mm256_set1_ps(-fmax);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), inf_bits = _mm256_set1_epi32(0x7F800000);
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    prefetch_ahead<4 * kLanes * sizeof(Src)>(x + i);
+    __m256 y[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load_f32(x + i + u * kLanes);
+      amax_bits = _mm256_max_epi32(amax_bits, _mm256_and_si256(_mm256_castps_si256(v), abs_mask));
+      y[u] = _mm256_mul_ps(v, s);
+      if constexpr (SAT) {  // finite overflow clamps (y second: NaN stays); an infinite product stays infinite
+        const __m256 c = _mm256_min_ps(hi, _mm256_max_ps(lo, y[u]));
+        const __m256i inf = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(y[u]), abs_mask), inf_bits);
+        y[u] = _mm256_blendv_ps(c, y[u], _mm256_castsi256_ps(inf));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = at::vec::convert_from_float<Dst>(fVec(y[2 * h]), fVec(y[2 * h + 1]));
+      __m256i* dst = reinterpret_cast<__m256i*>(out + i + 2 * h * kLanes);
+      if constexpr (Stream) _mm256_stream_si256(dst, q);
+      else _mm256_storeu_si256(dst, q);
+    }
+  }
+  if constexpr (Stream) _mm_sfence();  // weakly ordered: visible before this task's work is done
+  return i;
+}
+
+template <typename Dst, bool SAT, typename Src>
+float range16(const Src* x, Dst* out, int64_t n, float scale, float fmax, bool stream) {
+  __m256i amax_bits = _mm256_setzero_si256();
+  const int64_t i = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0
+                        ? blocks16<Dst, SAT, true>(x, out, n, scale, fmax, amax_bits)
+                        : blocks16<Dst, SAT, false>(x, out, n, scale, fmax, amax_bits);
+  fVec acc(_mm256_castsi256_ps(amax_bits));
+  float m = 0.0f;
+  if (i < n) {  // the last n % 32: the tile path
+    alignas(64) float buf[4 * kLanes];
+    scale_tile(x + i, n - i, scale, SAT, true, fmax, buf, acc, m);
+    store_tile(buf, n - i, out + i);
+  }
+  float lanes[kLanes];
+  acc.store(lanes);
+  for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
+  return m;
+}
+
+template <typename Src, typename Dst>
+float run16(const Src* x, Dst* y, int64_t numel, float scale, bool sat, float fmax) {
+  const int64_t ntasks = at::divup(numel, kGrain);
+  std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
+  const bool stream = numel >= kCastStreamMin;
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t lo = begin * kGrain, n = std::min(numel, end * kGrain) - lo;
+    partial[begin] = sat ? range16<Dst, true>(x + lo, y + lo, n, scale, fmax, stream)
+                         : range16<Dst, false>(x + lo, y + lo, n, scale, fmax, stream);
+  });
+  float m = 0.0f;
+  for (float p : partial) m = (std::isnan(p) || p > m) ? p : m;
+  return m;
+}
 #endif
 
 // One tile: scaled into buf, then rounded into y; fp8 targets on AVX2 in one fused loop.
@@ -171,8 +237,13 @@ float dispatch_dst(const Src* x, at::Tensor& y, int64_t numel, float scale, bool
   const float fmax = finite_max(dtype);
   if (avx512_enabled()) return cast_avx512(x, y.data_ptr(), numel, scale, sat, fmax, avx512_format(dtype));
   switch (dtype) {
+#if defined(MIXPREC_VEC_AVX2)
+    case at::kHalf: return run16(x, y.data_ptr<at::Half>(), numel, scale, sat, fmax);
+    case at::kBFloat16: return run16(x, y.data_ptr<at::BFloat16>(), numel, scale, sat, fmax);
+#else
     case at::kHalf: return run(x, y.data_ptr<at::Half>(), numel, scale, sat, true, fmax);
     case at::kBFloat16: return run(x, y.data_ptr<at::BFloat16>(), numel, scale, sat, true, fmax);
+#endif
     case at::kFloat8_e4m3fn: return run(x, y.data_ptr<at::Float8_e4m3fn>(), numel, scale, sat, false, fmax);
     case at::kFloat8_e5m2: return run(x, y.data_ptr<at::Float8_e5m2>(), numel, scale, sat, false, fmax);
     default: TORCH_CHECK(false, "unreachable");
