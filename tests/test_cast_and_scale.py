@@ -490,9 +490,9 @@ def expected_backward(g, x, dst, scale, saturate):
 @pytest.mark.parametrize("src", SOURCES, ids=str)
 @pytest.mark.parametrize("dst", TARGETS, ids=str)
 def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
-    """The CPU backward on each code path (AVX2 loop with an 8-wide body and a scalar tail; AVX-512 with 16 lanes,
-    a masked tail and fp8 grads widened by arithmetic): lengths either side of each vector width and of one and two
-    parallel tasks, every grad dtype (every fp8 bit pattern from 256 elements on), a tensor scale, a scale of 1
+    """The CPU backward on each code path (AVX2 loop with a 16-wide body, an 8-wide step and a scalar tail; AVX-512
+    with 16 lanes, a masked tail and fp8 grads widened by arithmetic): lengths either side of each vector width and
+    of one and two parallel tasks, every grad dtype (every fp8 bit pattern from 256 elements on), a tensor scale, a scale of 1
     (from 21 elements on, x holds SPECIALS: the fp8 and fp16 largest finite values, which must pass, as
     |x * s| <= fmax) and a negative float one (the sign of the zeros where saturated), saturate on and off; outputs
     poisoned first, bit for bit against the reference."""
@@ -512,12 +512,11 @@ def test_cpu_backward_lengths_and_paths(src, dst, cpu_isa):
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("src,gd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)], ids=str)
 def test_cpu_backward_large_outputs(src, gd, cpu_isa):
-    """From 2^23 elements the AVX-512 backward stores grad_x past the cache (kCastStreamMin in
-    csrc/cpu/prefetch.h): in each parallel task, ordinary vectors (then a masked one) up to
-    grad_x's first 64-byte boundary, whole lines streamed, then the ordinary tail. Two threads (pinned here), so
-    the second task starts (n + 1) // 2 elements in: n = 2^23 + 45 gives a head of 9 elements (fp32 and 16-bit x
-    alike), n = 2^23 + 1 one of 15 (fp32) or 31 (16-bit: a full vector and a masked one). The AVX2 loop runs the
-    same inputs. Bit for bit against the reference."""
+    """From 2^23 elements the backward stores grad_x past the cache (kCastStreamMin in csrc/cpu/prefetch.h): in each
+    parallel task, ordinary stores up to grad_x's first 64-byte boundary (AVX-512: vectors, then a masked one;
+    AVX2: two vectors, one, then scalars), whole lines streamed, then the ordinary tail. Two threads (pinned here),
+    so the second task starts (n + 1) // 2 elements in: n = 2^23 + 45 gives a head of 9 elements (fp32 and 16-bit x
+    alike), n = 2^23 + 1 one of 15 (fp32) or 31 (16-bit). Bit for bit against the reference."""
     backend = extension_backend(OP, "cpu")
     torch.manual_seed(153)
     dst = torch.float8_e4m3fn if gd == torch.float8_e4m3fn else torch.bfloat16

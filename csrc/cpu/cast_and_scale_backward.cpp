@@ -47,36 +47,93 @@ inline fVec load_grad(const G* p) {
   }
 }
 
+// kLanes results: grad_x = (m ? grad_y : 0) * scale, m = "saturation left x * scale as it was".
+template <typename X, typename G, bool SAT, bool KEEP_INF>
+inline fVec grad_vec(const X* x, const G* g, const fVec& s, const fVec& hi) {
+  fVec gv = load_grad(g);
+  if constexpr (SAT) {
+    const fVec a = (load_f32(x) * s).abs();
+    fVec pass = a <= hi;  // all bits set where true; NaN compares false
+    if constexpr (KEEP_INF) pass = pass | (a == fVec(std::numeric_limits<float>::infinity()));
+    gv = fVec::blendv(fVec(0.0f), gv, pass);
+  }
+  return gv * s;
+}
+
+// Elements [i, end) with ordinary stores: two vectors an iteration (16-bit x: one conversion for both), then one,
+// then scalars.
+template <typename X, typename G, bool SAT, bool KEEP_INF>
+void plain(const X* x, const G* g, X* out, int64_t i, int64_t end, float scale, float fmax) {
+  const fVec s(scale), hi(fmax);
+  for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+    // a later part's input (prefetch.h; x is read only to saturate). Not with fp8 grads: their table lookups, one
+    // element at a time, bound the loop; with requests it read 0.7-0.94x at 16M (bf16 x), but that row varied
+    // 5.1-8.5 ms between runs of the same code here, so no gain is shown either way
+    if constexpr (!kIsFp8<G>) {
+      prefetch_stream<2 * kLanes>(g, i);
+      if constexpr (SAT) prefetch_stream<2 * kLanes>(x, i);
+    }
+    store2_from_f32(out + i, grad_vec<X, G, SAT, KEEP_INF>(x + i, g + i, s, hi),
+                    grad_vec<X, G, SAT, KEEP_INF>(x + i + kLanes, g + i + kLanes, s, hi));
+  }
+  if (i + kLanes <= end) {
+    store_from_f32(out + i, grad_vec<X, G, SAT, KEEP_INF>(x + i, g + i, s, hi));
+    i += kLanes;
+  }
+  for (; i < end; ++i) {
+    float gv = static_cast<float>(g[i]);
+    if constexpr (SAT) {
+      const float a = std::fabs(static_cast<float>(x[i]) * scale);
+      if (!(a <= fmax || (KEEP_INF && std::isinf(a)))) gv = 0.0f;
+    }
+    out[i] = static_cast<X>(gv * scale);
+  }
+}
+
+#if defined(MIXPREC_VEC_AVX2)
+// From 2^23 elements grad_x goes past the cache (kCastStreamMin, prefetch.h; fp32 x and grad_x with a bf16 grad move
+// 10 B an element instead of 14): ordinary stores up to out's first 64-byte boundary, then whole lines streamed,
+// then the rest as without. Returns the elements done.
+template <typename X, typename G, bool SAT, bool KEEP_INF>
+int64_t streamed(const X* x, const G* g, X* out, int64_t i, int64_t end, float scale, float fmax) {
+  constexpr int64_t kLine = 64 / sizeof(X);  // elements a line: 16 fp32 or 32 16-bit
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(out + i);
+  const int64_t head = std::min<int64_t>(end, i + static_cast<int64_t>((64 - addr % 64) % 64 / sizeof(X)));
+  plain<X, G, SAT, KEEP_INF>(x, g, out, i, head, scale, fmax);
+  const fVec s(scale), hi(fmax);
+  for (i = head; i + kLine <= end; i += kLine) {
+    if constexpr (!kIsFp8<G>) {  // a line of x and the grads' share of one a page ahead (prefetch.h)
+      if constexpr (SAT) prefetch_ahead<64>(x + i);
+      if constexpr (kLine * sizeof(G) >= 64) prefetch_ahead<kLine * sizeof(G)>(g + i);
+      else prefetch_stream<kLine>(g, i);
+    }
+    for (int64_t k = i; k < i + kLine; k += 2 * kLanes) {
+      const fVec a = grad_vec<X, G, SAT, KEEP_INF>(x + k, g + k, s, hi);
+      const fVec b = grad_vec<X, G, SAT, KEEP_INF>(x + k + kLanes, g + k + kLanes, s, hi);
+      if constexpr (std::is_same_v<X, float>) {
+        _mm256_stream_ps(out + k, a);
+        _mm256_stream_ps(out + k + kLanes, b);
+      } else {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(out + k), at::vec::convert_from_float<X>(a, b));
+      }
+    }
+  }
+  _mm_sfence();  // weakly ordered: visible before this task's work is done
+  return i;
+}
+#endif
+
 template <typename X, typename G, bool SAT, bool KEEP_INF>
 void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
+  const bool stream = n >= kCastStreamMin;
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    const fVec s(scale), hi_v(fmax), inf(std::numeric_limits<float>::infinity()), zero(0.0f);
     int64_t i = lo;
-    for (; i + kLanes <= hi; i += kLanes) {
-      // a later part's input (prefetch.h; x is read only to saturate). Not with fp8 grads: their table lookups, one
-      // element at a time, bound the loop; with requests it read 0.7-0.94x at 16M (bf16 x), but that row varied
-      // 5.1-8.5 ms between runs of the same code here, so no gain is shown either way
-      if constexpr (!kIsFp8<G>) {
-        prefetch_stream<kLanes>(g, i);
-        if constexpr (SAT) prefetch_stream<kLanes>(x, i);
-      }
-      fVec gv = load_grad(g + i);
-      if constexpr (SAT) {
-        const fVec a = (load_f32(x + i) * s).abs();
-        fVec pass = a <= hi_v;  // all bits set where true; NaN compares false
-        if constexpr (KEEP_INF) pass = pass | (a == inf);
-        gv = fVec::blendv(zero, gv, pass);
-      }
-      store_from_f32(out + i, gv * s);
-    }
-    for (; i < hi; ++i) {
-      float gv = static_cast<float>(g[i]);
-      if constexpr (SAT) {
-        const float a = std::fabs(static_cast<float>(x[i]) * scale);
-        if (!(a <= fmax || (KEEP_INF && std::isinf(a)))) gv = 0.0f;
-      }
-      out[i] = static_cast<X>(gv * scale);
-    }
+#if defined(MIXPREC_VEC_AVX2)
+    if (stream) i = streamed<X, G, SAT, KEEP_INF>(x, g, out, i, hi, scale, fmax);
+#else
+    (void)stream;
+#endif
+    plain<X, G, SAT, KEEP_INF>(x, g, out, i, hi, scale, fmax);
   });
 }
 
