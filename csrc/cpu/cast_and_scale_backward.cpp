@@ -129,7 +129,9 @@ void run(const X* x, const G* g, X* out, int64_t n, float scale, float fmax) {
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     int64_t i = lo;
 #if defined(MIXPREC_VEC_AVX2)
-    if (stream) i = streamed<X, G, SAT, KEEP_INF>(x, g, out, i, hi, scale, fmax);
+    if (stream && reinterpret_cast<uintptr_t>(out) % sizeof(X) == 0) {  // (empty_like's always is)
+      i = streamed<X, G, SAT, KEEP_INF>(x, g, out, i, hi, scale, fmax);
+    }
 #else
     (void)stream;
 #endif
