@@ -10,7 +10,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <exception>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -32,6 +35,40 @@ inline std::string dims(at::IntArrayRef d) {
   }
   return s + "]";
 }
+
+// Moves the version counters of the tensors an in-place kernel writes, once, when the kernel returns (not when it
+// throws: a refused call writes nothing), as torch's own in-place ops do (their ADInplaceOrView kernels): autograd
+// then sees the write (a forward, then optimizer.step(), then backward raises "modified by an inplace operation"
+// as with torch.optim; the Triton ops bump through their custom op), and the optimizer sees its own steps move its
+// params (it reads the versions back after each launch). Inference tensors have no counter and are skipped; a
+// normal tensor's moves in inference mode too, as torch's. Constructed first thing in the kernel; the lists are the
+// kernel's own arguments.
+class VersionBump {
+ public:
+  explicit VersionBump(std::initializer_list<at::TensorList> lists, const at::Tensor* single = nullptr)
+      : single_(single), exceptions_(std::uncaught_exceptions()) {
+    TORCH_INTERNAL_ASSERT(lists.size() <= lists_.size());
+    for (at::TensorList l : lists) lists_[count_++] = l;
+  }
+  VersionBump(const VersionBump&) = delete;
+  VersionBump& operator=(const VersionBump&) = delete;
+  ~VersionBump() {
+    if (std::uncaught_exceptions() > exceptions_) return;
+    for (size_t i = 0; i < count_; ++i) {
+      for (const at::Tensor& t : lists_[i]) bump(t);
+    }
+    if (single_ != nullptr) bump(*single_);
+  }
+
+ private:
+  static void bump(const at::Tensor& t) {  // (never throws: bump() refuses only a tensor without a counter)
+    if (t.defined() && t.unsafeGetTensorImpl()->version_counter().enabled()) t.unsafeGetTensorImpl()->bump_version();
+  }
+  std::array<at::TensorList, 5> lists_{};
+  size_t count_ = 0;
+  const at::Tensor* single_;
+  int exceptions_;
+};
 
 inline bool is_float_source(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;

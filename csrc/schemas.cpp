@@ -78,8 +78,8 @@ TORCH_LIBRARY(mixprec, m) {
 // The ops' gradients live in Python, around them (mixprec::linear and the autograd.Functions of mixprec_ops.ops).
 // Reached directly with inputs that require grad (say, torch.compile of torch.func.grad, which sees through those
 // wrappers), an op must fail at backward, naming itself, not hand back zero gradients with a warning (torch's
-// default autograd fallback). When nothing requires grad this kernel only redispatches (version counters stay as
-// they were: the in-place ops do not move them, as before; the optimizer reads them back after its step).
+// default autograd fallback). When nothing requires grad this kernel only redispatches; the in-place kernels move
+// the versions of what they write themselves (VersionBump, csrc/common.h).
 TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("cast_and_scale", torch::autograd::autogradNotImplementedFallback());
   m.impl("cast_and_scale_backward", torch::autograd::autogradNotImplementedFallback());

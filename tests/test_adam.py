@@ -2134,11 +2134,10 @@ def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_steady_steps_read_versions_once_when_the_launch_keeps_them(backend, monkeypatch):
+def test_steady_steps_read_versions_before_and_after_each_launch(backend, monkeypatch):
     """A steady step checks the params' version counters before its launch, and reads them again after it (what
-    the launch left is what the next step compares with). The C++ kernels leave them as they are: once a launch has
-    shown that, the reading after is skipped. The reference backend moves them (its copy_), so it reads them after
-    every step."""
+    the launch left is what the next step compares with: every backend's launch moves them, as torch's in-place ops
+    do)."""
     import mixprec_ops.optim._steady as steady
 
     if backend == "cpu":
@@ -2154,9 +2153,8 @@ def test_steady_steps_read_versions_once_when_the_launch_keeps_them(backend, mon
         reads.clear()
         opt.step()
         per_step.append(len(reads))
-    # step 0 plans in full (no sweep); step 1 checks and reads after; then the check alone on the C++ kernel
-    want = [0, 6, 3, 3, 3] if backend == "cpu" else [0, 6, 6, 6, 6]
-    assert per_step == want, per_step
+    # step 0 plans in full (no sweep); then each step checks before and reads after
+    assert per_step == [0, 6, 6, 6, 6], per_step
     # a write after the reading stopped is still seen: the master takes it (lr 0: the step then writes the param
     # back from its master unchanged, so a master that missed the write would undo it)
     ps[1].detach().mul_(2.0)
@@ -2283,3 +2281,27 @@ def test_steady_steps_release_the_params_they_pass():
     assert not errors and opt._steady["used"]
     assert [sys.getrefcount(p) for p in ps] == before
     assert all(not torch.equal(p, v) for p, v in zip(ps, w, strict=True))  # (the steps ran)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP) + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_step_between_forward_and_backward_raises(device, backend):
+    """As with torch.optim (checked first, the same setup): a step that writes a param autograd saved for backward
+    makes that backward raise "modified by an inplace operation", not compute grads from the stepped weights.
+    Every backend moves the versions of what it writes (the C++ / CUDA kernels: csrc/common.h VersionBump), the
+    steady-state steps too (the bucket op: the later steps here)."""
+
+    def steps(make_opt):
+        torch.manual_seed(3)
+        lin = torch.nn.Linear(8, 4, device=device).to(torch.bfloat16)
+        opt = make_opt(lin.parameters())
+        x = torch.randn(3, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(4):
+            y = lin(x).float().square().sum()
+            for p in lin.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward()
+
+    steps(lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    steps(lambda ps: AdamW(ps, lr=1e-3, backend=backend))

@@ -486,3 +486,35 @@ def test_scalars_op_cpu_lr_with_cuda_steps_refused():
     extension_backend("adam_step_", "cuda")
     with pytest.raises(RuntimeError, match="lr must be on cuda"):
         torch.ops.mixprec.adam_scalars(torch.zeros(3, device="cuda"), torch.tensor(1e-3), 0.0, 0.9, 0.999, 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extension_kernel_bumps_what_it_writes(device):
+    """The C++ / CUDA adam_step_ moves the version counter of every tensor it writes (params, moments, max moments,
+    masters) by one a call, as torch's in-place ops do (autograd's check of tensors saved for backward relies on it;
+    csrc/common.h VersionBump), and not the grads'. A refused call moves none; in inference mode they move as
+    torch's own in-place ops move a normal tensor's there. The bucket op (adam_step_bucket_) calls this kernel: its
+    steps move the params too (test_adam.py, test_step_between_forward_and_backward_raises)."""
+    backend = extension_backend("adam_step_", device)
+    gen = torch.Generator().manual_seed(6)
+    hp = (0.9, 0.999, 1e-8, 0.01, True, False)
+    d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, [5, 1031], "contig", device, gen)
+    sc = adam_scalars([torch.tensor(1.0, device=device)] * 2, 1e-3, 0.9, 0.999, 0.01)
+
+    def versions():
+        return {k: [t._version for t in v] for k, v in d.items()}
+
+    before = versions()
+    run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+    after = versions()
+    delta = {k: [a - b for a, b in zip(after[k], before[k], strict=True)] for k in d}
+    assert delta == {"p": [1, 1], "g": [0, 0], "m": [1, 1], "v": [1, 1], "x": [1, 1], "w": [1, 1]}, delta
+
+    bad = dict(d, g=[d["g"][0].to(torch.int32), d["g"][1]])  # refused: an integer grad
+    with pytest.raises((RuntimeError, TypeError, ValueError), match="grads"):
+        run(adam_step_, bad, sc, hp, None, None, None, backend=backend)
+    assert versions() == after
+
+    with torch.inference_mode():
+        run(adam_step_, d, sc, hp, None, None, None, backend=backend)
+    assert versions() == {k: [v + (k != "g") for v in after[k]] for k in d}

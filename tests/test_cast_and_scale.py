@@ -802,3 +802,20 @@ def test_torch_func_transforms_run_the_reference():
     per_row = torch.func.vmap(torch.func.grad(
         lambda r: mixprec_ops.cast_and_scale(r, torch.bfloat16, 3.0).float().sum()))(x)
     assert torch.equal(per_row, torch.full((4, 6), 3.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extension_kernel_bumps_amax_version(device):
+    """The C++ / CUDA cast_and_scale moves amax's version counter by one a call (it writes amax in place; csrc/common.h
+    VersionBump), as torch's in-place ops do, and not x's or scale's; without amax nothing moves; a refused call
+    (an unsupported target) moves none."""
+    backend = extension_backend(OP, device)
+    x = make_x(1000, torch.float32, device)
+    scale, amax = torch.tensor([0.5], device=device), torch.zeros(1, device=device)
+    before = (x._version, scale._version, amax._version)
+    mixprec_ops.cast_and_scale(x, torch.bfloat16, scale, amax=amax, backend=backend)
+    assert (x._version, scale._version, amax._version) == (before[0], before[1], before[2] + 1)
+    mixprec_ops.cast_and_scale(x, torch.float8_e4m3fn, scale, backend=backend)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match="dtype"):
+        torch.ops.mixprec.cast_and_scale(x, torch.int8, scale, 1.0, amax, True)
+    assert (x._version, scale._version, amax._version) == (before[0], before[1], before[2] + 1)

@@ -332,3 +332,27 @@ def test_triton_route_groups_the_list_once(device, backend, monkeypatch):
         for o, r in zip(ts, ref, strict=True):
             assert_bit_exact(o, r)
         assert torch.equal(fi, fi_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extension_kernel_bumps_what_it_writes(device):
+    """The C++ / CUDA unscale_ moves the version counter of every tensor it writes (each tensor of the list, in
+    place, and found_inf) by one a call, as torch's in-place ops do (csrc/common.h VersionBump), and not inv_scale's;
+    a refused call moves none. So a grad unscaled after autograd saved it fails its backward as with torch's ops."""
+    backend = extension_backend(OP, device)
+    ts = make_list(device)
+    fi, inv = torch.zeros(1, device=device), torch.tensor([0.5], device=device)
+    before = [t._version for t in ts] + [fi._version, inv._version]
+    mixprec_ops.unscale_(ts, inv, fi, backend=backend)
+    after = [t._version for t in ts] + [fi._version, inv._version]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1] * (len(ts) + 1) + [0]
+    with pytest.raises((RuntimeError, TypeError, ValueError), match="found_inf"):
+        torch.ops.mixprec.unscale_(ts, inv, torch.zeros(1, device=device, dtype=torch.float64), False)
+    assert [t._version for t in ts] + [fi._version, inv._version] == after
+
+    w = torch.randn(3, 4, device=device, requires_grad=True)
+    g = torch.randn(4, 3, device=device)  # a tensor autograd saves, then unscaled in place: its backward refuses
+    y = (w @ g).sum()
+    mixprec_ops.unscale_([g], inv, fi, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

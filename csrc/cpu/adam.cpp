@@ -303,6 +303,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& clip_coef) {
+  const VersionBump bump({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters});
   const size_t n = params.size();
   check_list_size(grads, "grads", n);
   check_list_size(exp_avgs, "exp_avgs", n);

@@ -252,6 +252,7 @@ float dispatch_dst(const Src* x, at::Tensor& y, int64_t numel, float scale, bool
 
 at::Tensor cast_and_scale_cpu(const at::Tensor& x_in, at::ScalarType dtype, const std::optional<at::Tensor>& scale,
                               double scale_value, const std::optional<at::Tensor>& amax, bool saturate) {
+  const VersionBump bump({}, amax.has_value() ? &*amax : nullptr);
   check_cast_and_scale_args(x_in, dtype, scale, amax);
   const at::Tensor x = walkable(x_in) ? x_in : x_in.contiguous();
   at::Tensor y = at::empty_like(x, x.options().dtype(dtype));  // same strides as x: walk both linearly

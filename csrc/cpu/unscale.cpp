@@ -89,6 +89,7 @@ void run_range(T* p, int64_t n, float inv, bool want_norm, bool wide, Acc& acc) 
 
 at::Tensor unscale_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                        bool return_norm) {
+  const VersionBump bump({tensors}, &found_inf);
   check_unscale_args(tensors, inv_scale, found_inf);
   const float inv = inv_scale.item<float>();
   std::vector<Unit> units;

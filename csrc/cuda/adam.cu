@@ -309,6 +309,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const at::Tensor& scalars, double beta1, double beta2, double eps, double weight_decay,
                     bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  const VersionBump bump({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters});
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, "grads must have one tensor per param (", n, "), got ", grads.size());
   TORCH_CHECK(exp_avgs.size() == n, "exp_avgs must have one tensor per param (", n, "), got ", exp_avgs.size());

@@ -190,6 +190,7 @@ void dispatch_dst(const at::Tensor& x, at::Tensor& y, at::ScalarType dtype, cons
 
 at::Tensor cast_and_scale_cuda(const at::Tensor& x_in, at::ScalarType dtype, const std::optional<at::Tensor>& scale,
                                double scale_value, const std::optional<at::Tensor>& amax, bool saturate) {
+  const VersionBump bump({}, amax.has_value() ? &*amax : nullptr);
   check_cast_and_scale_args(x_in, dtype, scale, amax);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = walkable(x_in) ? x_in : x_in.contiguous();

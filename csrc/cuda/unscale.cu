@@ -106,6 +106,7 @@ int64_t launch_group(const std::vector<at::Tensor>& ts, const float* inv, float*
 
 at::Tensor unscale_cuda(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                         bool return_norm) {
+  const VersionBump bump({tensors}, &found_inf);
   check_unscale_args(tensors, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(inv_scale.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

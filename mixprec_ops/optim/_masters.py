@@ -85,8 +85,8 @@ class MasterSyncMixin:
 
     def _note_versions(self, planned):
         """After every launch of the step: each master-carrying param's version counter, as our own writes left it
-        (read, not predicted: the C++ ops do not move it, the Triton op and the reference do, and params that are
-        views of one buffer share one counter). ~0.09 us per param."""
+        (read, not predicted: every backend moves it, as torch's in-place ops do, and params that are views of one
+        buffer share one counter). ~0.09 us per param."""
         for _, buckets, fallback in planned:
             for entries in [e for e, _ in buckets.values()] + [fallback]:
                 for e in entries:

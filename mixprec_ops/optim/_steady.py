@@ -48,7 +48,7 @@ class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
     __slots__ = ("params", "lists", "bucket", "plain", "buf", "states", "lens", "getter", "held", "signature",
-                 "sizes", "pkinds", "gkinds", "plans", "versions", "kept", "ptrs")
+                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs")
 
     def __init__(self, entries, lists, buf, keys, versions):
         ps = lists[0]
@@ -79,9 +79,6 @@ class _Bucket:
         # versions go back into the plans when the record is dropped (_forget_steady)
         self.plans = [e[4] for e in entries]
         self.versions = versions if masters else None
-        # a step from this record left every param's version counter as it found it (the C++ kernels do not move
-        # them; the Triton op does): later steps need not read them again afterwards (SteadyStepMixin._steady_noted)
-        self.kept = False
         self.ptrs = list(map(_data_ptr, ps)) if masters and python else None
 
     def grads_if_unchanged(self):
@@ -234,14 +231,12 @@ class SteadyStepMixin:
     def _steady_noted(self):
         """After a step from the record: each master-carrying param's version counter as our launch left it (kept in
         the record; _forget_steady hands them to the plans). Before the launch they equalled b.versions (checked by
-        grads_if_unchanged); once a launch has left them so, the bucket's launches are known not to move them, and
-        later steps skip the sweep (~70 ns a param)."""
+        grads_if_unchanged); every backend's launch moves them (as torch's in-place ops do), views of one buffer
+        share a counter, so they are read, not predicted (~70 ns a param)."""
         for _, _, buckets, _ in self._steady["per_group"]:
             for b in buckets:
-                if b.versions is not None and not b.kept:
-                    now = list(map(_version, b.params))
-                    b.kept = now == b.versions
-                    b.versions = now
+                if b.versions is not None:
+                    b.versions = list(map(_version, b.params))
 
     def _forget_steady(self):
         """Before a fully planned step: drop the record, its params' versions handed back to their plans. A record
