@@ -2,7 +2,9 @@
 // direct torch.ops.mixprec.* call fails as clearly as the Python wrappers (which run the same checks first).
 #pragma once
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -40,15 +42,23 @@ inline std::string dims(at::IntArrayRef d) {
 // throws: a refused call writes nothing), as torch's own in-place ops do (their ADInplaceOrView kernels): autograd
 // then sees the write (a forward, then optimizer.step(), then backward raises "modified by an inplace operation"
 // as with torch.optim; the Triton ops bump through their custom op), and the optimizer sees its own steps move its
-// params (it reads the versions back after each launch). Inference tensors have no counter and are skipped; a
-// normal tensor's moves in inference mode too, as torch's. Constructed first thing in the kernel; the lists are the
-// kernel's own arguments.
+// params (it reads the versions back after each launch). A normal tensor's moves in inference mode too, as torch's;
+// an inference tensor (no counter) is refused outside inference mode before anything is written, as torch refuses
+// it. While it lives, the kernel's own ATen calls (copy_, fill_) run below ADInplaceOrView, as in torch's
+// ADInplaceOrView kernels, so that they do not move the counters a second time. Constructed first thing in the
+// kernel; the lists are the kernel's own arguments.
 class VersionBump {
  public:
   explicit VersionBump(std::initializer_list<at::TensorList> lists, const at::Tensor* single = nullptr)
       : single_(single), exceptions_(std::uncaught_exceptions()) {
     TORCH_INTERNAL_ASSERT(lists.size() <= lists_.size());
     for (at::TensorList l : lists) lists_[count_++] = l;
+    if (!c10::InferenceMode::is_enabled()) {
+      for (size_t i = 0; i < count_; ++i) {
+        for (const at::Tensor& t : lists_[i]) refuse_inference(t);
+      }
+      if (single_ != nullptr) refuse_inference(*single_);
+    }
   }
   VersionBump(const VersionBump&) = delete;
   VersionBump& operator=(const VersionBump&) = delete;
@@ -64,6 +74,12 @@ class VersionBump {
   static void bump(const at::Tensor& t) {  // (never throws: bump() refuses only a tensor without a counter)
     if (t.defined() && t.unsafeGetTensorImpl()->version_counter().enabled()) t.unsafeGetTensorImpl()->bump_version();
   }
+  static void refuse_inference(const at::Tensor& t) {
+    TORCH_CHECK(!t.defined() || !t.is_inference(),
+                "mixprec: an in-place update of an inference tensor outside InferenceMode is not allowed (torch "
+                "refuses it too): create the tensor outside torch.inference_mode(), or call the op inside it");
+  }
+  at::AutoDispatchBelowADInplaceOrView below_;  // (destroyed after the destructor's bumps)
   std::array<at::TensorList, 5> lists_{};
   size_t count_ = 0;
   const at::Tensor* single_;

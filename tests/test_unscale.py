@@ -338,7 +338,8 @@ def test_triton_route_groups_the_list_once(device, backend, monkeypatch):
 def test_extension_kernel_bumps_what_it_writes(device):
     """The C++ / CUDA unscale_ moves the version counter of every tensor it writes (each tensor of the list, in
     place, and found_inf) by one a call, as torch's in-place ops do (csrc/common.h VersionBump), and not inv_scale's;
-    a refused call moves none. So a grad unscaled after autograd saved it fails its backward as with torch's ops."""
+    a refused call moves none; inference mode and inference tensors as torch. So a grad unscaled after autograd saved
+    it fails its backward as with torch's ops."""
     backend = extension_backend(OP, device)
     ts = make_list(device)
     fi, inv = torch.zeros(1, device=device), torch.tensor([0.5], device=device)
@@ -349,6 +350,21 @@ def test_extension_kernel_bumps_what_it_writes(device):
     with pytest.raises((RuntimeError, TypeError, ValueError), match="found_inf"):
         torch.ops.mixprec.unscale_(ts, inv, torch.zeros(1, device=device, dtype=torch.float64), False)
     assert [t._version for t in ts] + [fi._version, inv._version] == after
+
+    # in inference mode a normal tensor's counter moves too, once (the non-dense tensors' copy_ and found_inf's
+    # fill_ inside the kernel do not move it again), as torch's own in-place ops
+    ts[4][3] = float("inf")
+    before = [t._version for t in ts] + [fi._version]
+    with torch.inference_mode():
+        mixprec_ops.unscale_(ts, inv, fi, backend=backend)
+    assert fi.item() == 1.0
+    assert [t._version for t in ts] + [fi._version] == [v + 1 for v in before]
+    # an inference tensor outside inference mode is refused before anything is written, as torch refuses it
+    with torch.inference_mode():
+        frozen = torch.ones(5, device=device)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        torch.ops.mixprec.unscale_([frozen], inv, torch.zeros(1, device=device), False)
+    assert torch.equal(frozen, torch.ones(5, device=device))
 
     w = torch.randn(3, 4, device=device, requires_grad=True)
     g = torch.randn(4, 3, device=device)  # a tensor autograd saves, then unscaled in place: its backward refuses
