@@ -53,24 +53,23 @@ class VersionBump {
       : single_(single), exceptions_(std::uncaught_exceptions()) {
     TORCH_INTERNAL_ASSERT(lists.size() <= lists_.size());
     for (at::TensorList l : lists) lists_[count_++] = l;
-    if (!c10::InferenceMode::is_enabled()) {
-      for (size_t i = 0; i < count_; ++i) {
-        for (const at::Tensor& t : lists_[i]) refuse_inference(t);
-      }
-      if (single_ != nullptr) refuse_inference(*single_);
-    }
+    if (!c10::InferenceMode::is_enabled()) each(refuse_inference);
   }
   VersionBump(const VersionBump&) = delete;
   VersionBump& operator=(const VersionBump&) = delete;
   ~VersionBump() {
     if (std::uncaught_exceptions() > exceptions_) return;
-    for (size_t i = 0; i < count_; ++i) {
-      for (const at::Tensor& t : lists_[i]) bump(t);
-    }
-    if (single_ != nullptr) bump(*single_);
+    each(bump);
   }
 
  private:
+  template <typename F>
+  void each(F f) const {  // every tensor the kernel writes
+    for (size_t i = 0; i < count_; ++i) {
+      for (const at::Tensor& t : lists_[i]) f(t);
+    }
+    if (single_ != nullptr) f(*single_);
+  }
   static void bump(const at::Tensor& t) {  // (never throws: bump() refuses only a tensor without a counter)
     if (t.defined() && t.unsafeGetTensorImpl()->version_counter().enabled()) t.unsafeGetTensorImpl()->bump_version();
   }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "../common.h"
 #include "cast_and_scale_avx512.h"
@@ -19,6 +20,20 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 constexpr int64_t kTile = 1024;      // elements converted per inner tile (fits L1 as fp32)
+
+// max|x| folds, NaN-propagating: a NaN taken in wins and stays.
+inline float fold_max(float m, float v) { return (std::isnan(v) || v > m) ? v : m; }
+inline float fold_lanes(float m, const fVec& acc) {
+  float lanes[kLanes];
+  acc.store(lanes);
+  for (int64_t l = 0; l < kLanes; ++l) m = fold_max(m, lanes[l]);
+  return m;
+}
+inline float fold_partials(const std::vector<float>& partial) {
+  float m = 0.0f;
+  for (float p : partial) m = fold_max(m, p);
+  return m;
+}
 
 // Scales one tile into fp32 `buf`, applies saturation, and folds max|x| into `amax_acc`/`tail_max` (NaN
 // propagates: at::vec::maximum does, and the scalar update takes a NaN).
@@ -158,10 +173,7 @@ float range16(const Src* x, Dst* out, int64_t n, float scale, float fmax, bool s
     scale_tile(x + i, n - i, scale, SAT, true, fmax, buf, acc, m);
     store_tile(buf, n - i, out + i);
   }
-  float lanes[kLanes];
-  acc.store(lanes);
-  for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
-  return m;
+  return fold_lanes(m, acc);
 }
 
 template <typename Src, typename Dst>
@@ -174,9 +186,7 @@ float run16(const Src* x, Dst* y, int64_t numel, float scale, bool sat, float fm
     partial[begin] = sat ? range16<Dst, true>(x + lo, y + lo, n, scale, fmax, stream)
                          : range16<Dst, false>(x + lo, y + lo, n, scale, fmax, stream);
   });
-  float m = 0.0f;
-  for (float p : partial) m = (std::isnan(p) || p > m) ? p : m;
-  return m;
+  return fold_partials(partial);
 }
 #endif
 
@@ -203,7 +213,6 @@ float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_
   std::vector<float> partial(std::max<int64_t>(ntasks, 1), 0.0f);
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kTile];
-    float lanes[kLanes];
     for (int64_t t = begin; t < end; ++t) {
       fVec acc(0.0f);
       float m = 0.0f;
@@ -212,14 +221,10 @@ float run(const Src* x, Dst* y, int64_t numel, float scale, bool sat, bool keep_
         const int64_t n = std::min(kTile, hi - i);
         tile(x + i, n, scale, sat, keep_inf, fmax, buf, y + i, acc, m);
       }
-      acc.store(lanes);
-      for (int64_t l = 0; l < kLanes; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
-      partial[t] = m;
+      partial[t] = fold_lanes(m, acc);
     }
   });
-  float m = 0.0f;
-  for (float p : partial) m = (std::isnan(p) || p > m) ? p : m;
-  return m;
+  return fold_partials(partial);
 }
 
 // The AVX-512 code's number for a target (cast_and_scale_avx512.h).
