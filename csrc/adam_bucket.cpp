@@ -1,10 +1,18 @@
-// mixprec::adam_step_bucket_: mixprec::adam_step_ over params and an AdamBucket's state lists (csrc/adam_bucket.h),
-// the grads read from the params (p.grad) at the call. One kernel for every device: it calls adam_step_'s own
-// kernel for the params' device through the dispatcher, unboxed, below autograd (the op's autograd kernel, as
-// adam_step_'s, refuses params that require grad under grad mode), so the checks and the launches are adam_step_'s.
-// Registered in csrc/schemas.cpp, after the class (the kernel's signature names it: registered from another file's
-// static initializer, it could come first, and loading the library aborts).
+// mixprec::AdamBucket's kernels (csrc/adam_bucket.h), one for every device:
+// - adam_bucket_unchanged: the steady-state step's check that the params still have the metadata the bucket's lists
+//   were made for (their signature, csrc/param_grad_signature.h), compared here rather than returned to Python as a
+//   tensor and compared there (no tensor made, no grads handed out, one op call);
+// - adam_step_bucket_: a whole launch of the optimizer over the params and the bucket's state lists, the grads read
+//   from the params (p.grad) at the call: the per-tensor scalars from the bucket's step counters (adam_scalars),
+//   adam_step_, then the counters' count (+1, or +0 when found_inf says the step is skipped). Three ops that the
+//   optimizer called one by one from Python (~10 us of host time each on the CI CPU), here called typed through the
+//   dispatcher below autograd, so the checks and the launches are those ops' own: adam_step_'s autograd kernel
+//   refuses params that require grad under grad mode, and its checks run before the count, which a refused call
+//   leaves unchanged.
+// Registered in csrc/schemas.cpp, after the class (the kernels' signatures name it: registered from another file's
+// static initializer, they could come first, and loading the library aborts).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/eq.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -12,19 +20,43 @@
 #include <vector>
 
 #include "adam_bucket.h"
+#include "common.h"
+#include "param_grad_signature.h"
 
 namespace mixprec {
 
 using AdamStep = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       const at::Tensor&, double, double, double, double, bool, bool, const std::optional<at::Tensor>&,
                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using AdamScalars = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double, double, double, double);
 
-void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket, const at::Tensor& scalars,
-                      double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& clip_coef) {
-  static const auto op =
+AdamBucket::AdamBucket(const std::vector<at::Tensor>& params, std::vector<at::Tensor> exp_avgs_,
+                       std::vector<at::Tensor> exp_avg_sqs_, std::vector<at::Tensor> max_exp_avg_sqs_,
+                       std::vector<at::Tensor> masters_)
+    : exp_avgs(std::move(exp_avgs_)),
+      exp_avg_sqs(std::move(exp_avg_sqs_)),
+      max_exp_avg_sqs(std::move(max_exp_avg_sqs_)),
+      masters(std::move(masters_)) {
+  TORCH_CHECK(append_param_grad_signature(params, signature, nullptr),
+              "AdamBucket: every param must have a grad when the bucket is made");
+}
+
+bool adam_bucket_unchanged(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket) {
+  thread_local std::vector<int64_t> sig;  // (its capacity kept from call to call)
+  sig.clear();
+  return append_param_grad_signature(params, sig, nullptr) && sig == bucket->signature;
+}
+
+void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket, const at::Tensor& steps,
+                      const std::optional<at::Tensor>& lr, double lr_value, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  static const auto step_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::adam_step_", "").typed<AdamStep>();
+  static const auto scalars_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::adam_scalars", "").typed<AdamScalars>();
+  TORCH_CHECK(steps.dim() == 1 && steps.size(0) == static_cast<int64_t>(params.size()),
+              "steps must be a 1-D tensor of one counter a param (", params.size(), "), got shape ", steps.sizes());
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -32,10 +64,20 @@ void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket
     TORCH_CHECK(g.defined(), "params[", i, "] has no grad");
     grads.push_back(g);
   }
-  // below autograd and the view/in-place bookkeeping: straight to the device's kernel (no boxing of the lists)
+  // The counters' version moves once, when the call returns, as with the add_ that counted from Python (params and
+  // states: adam_step_'s kernel moves theirs). Constructed before the guard below: both hold it, this one longest.
+  const VersionBump bump({}, &steps);
+  // below autograd and the view/in-place bookkeeping: straight to the device's kernels (no boxing of the lists)
   const c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
-  op.call(params, grads, bucket->exp_avgs, bucket->exp_avg_sqs, bucket->max_exp_avg_sqs, bucket->masters, scalars,
-          beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf, clip_coef);
+  const at::Tensor scalars = scalars_op.call(steps, lr, lr_value, beta1, beta2, weight_decay);
+  step_op.call(params, grads, bucket->exp_avgs, bucket->exp_avg_sqs, bucket->max_exp_avg_sqs, bucket->masters,
+               scalars, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf, clip_coef);
+  // a skipped step does not count (+ (found_inf == 0)), as with torch's fused Adam under a GradScaler
+  if (found_inf.has_value()) {
+    steps.add_(at::eq(found_inf->reshape({}), 0));
+  } else {
+    steps.add_(1.0);
+  }
 }
 
 }  // namespace mixprec

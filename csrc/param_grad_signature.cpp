@@ -11,19 +11,17 @@
 #include <vector>
 
 #include "hold_args.h"
+#include "param_grad_signature.h"
 
 namespace mixprec {
-namespace {
 
 // Per param: its dims, sizes, dtype, device, contiguity and data pointer; then its grad's dtype (-1: no grad) and
 // two flags: the grad is a plain strided tensor (no Python subclass with its own dispatch, such as DTensor), and it
 // lies on the param's device with the param's sizes, contiguous. Equal signatures mean equal metadata: the Python
-// side compares them whole (torch.equal), never element by element.
-std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorList params) {
-  std::vector<int64_t> sig;
-  sig.reserve(params.size() * 12);
-  std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
+// side compares them whole (torch.equal), never element by element; the AdamBucket keeps its own (adam_bucket.cpp).
+bool append_param_grad_signature(at::TensorList params, std::vector<int64_t>& sig, std::vector<at::Tensor>* grads) {
+  sig.reserve(sig.size() + params.size() * 12);
+  if (grads != nullptr) grads->reserve(grads->size() + params.size());
   bool all = true;
   for (const at::Tensor& p : params) {
     sig.push_back(p.dim());
@@ -43,9 +41,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorL
     const bool plain = g.layout() == at::kStrided && !g.key_set().has(c10::DispatchKey::Python);
     sig.push_back(plain ? 1 : 0);
     sig.push_back(plain && g.device() == p.device() && g.sizes() == p.sizes() && g.is_contiguous() ? 1 : 0);
-    if (all) grads.push_back(g);
+    if (all && grads != nullptr) grads->push_back(g);
   }
-  if (!all) grads.clear();
+  if (!all && grads != nullptr) grads->clear();
+  return all;
+}
+
+namespace {
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorList params) {
+  std::vector<int64_t> sig;
+  std::vector<at::Tensor> grads;
+  append_param_grad_signature(params, sig, &grads);
   at::Tensor out = at::empty({static_cast<int64_t>(sig.size())}, at::TensorOptions().dtype(at::kLong));
   if (!sig.empty()) std::memcpy(out.data_ptr<int64_t>(), sig.data(), sig.size() * sizeof(int64_t));
   return {std::move(grads), out};

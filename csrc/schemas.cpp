@@ -61,16 +61,23 @@ TORCH_LIBRARY(mixprec, m) {
   // optimizer's steady-state step rests on (csrc/param_grad_signature.cpp). Reads metadata only; any device.
   m.def("param_grad_signature(Tensor[] params) -> (Tensor[], Tensor)");
   // The state lists of one adam_step_ launch (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters: csrc/adam_bucket.h),
-  // held between the optimizer's steady-state steps; adam_step_bucket_ is adam_step_ over the params and them, the
-  // grads read from the params (p.grad) at the call.
+  // held between the optimizer's steady-state steps, made from the launch's params (each with its grad; only their
+  // metadata signature is kept) and those lists. adam_bucket_unchanged: the params' signature is still the one the
+  // bucket was made with. adam_step_bucket_: the scalars from the step counters `steps` (1-D float32, one a param:
+  // the optimizer's step buffer; lr as adam_scalars takes it), adam_step_ over the params and the bucket's lists,
+  // the grads read from the params (p.grad) at the call, then steps += (found_inf == 0) (+1 without found_inf).
   m.class_<mixprec::AdamBucket>("AdamBucket")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>>());
+                       std::vector<at::Tensor>, std::vector<at::Tensor>>());
+  m.def("adam_bucket_unchanged(Tensor[] params, __torch__.torch.classes.mixprec.AdamBucket bucket) -> bool");
   m.def(
-      "adam_step_bucket_(Tensor(a!)[] params, __torch__.torch.classes.mixprec.AdamBucket bucket, Tensor scalars, "
-      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, "
-      "Tensor? found_inf, Tensor? clip_coef) -> ()");
-  // (through holding_args: the params are released after the GIL is taken back, once a step; csrc/hold_args.h)
+      "adam_step_bucket_(Tensor(a!)[] params, __torch__.torch.classes.mixprec.AdamBucket bucket, Tensor(b!) steps, "
+      "Tensor? lr, float lr_value, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
+      "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // (through holding_args: the params are released after the GIL is taken back, once a call; csrc/hold_args.h)
+  m.impl("adam_bucket_unchanged",
+         torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
+                         mixprec::holding_args<&mixprec::adam_bucket_unchanged>()));
   m.impl("adam_step_bucket_",
          torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, mixprec::holding_args<&mixprec::adam_step_bucket>()));
 }

@@ -1820,7 +1820,7 @@ STEADY_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("sweep", ["cpp", "python"])
+@pytest.mark.parametrize("sweep", ["bucket", "signature", "python"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("change", list(STEADY_CHANGES))
 def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
@@ -1828,15 +1828,24 @@ def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
     Against a twin optimizer that plans every step in full, each change between two steps (grads, state, params,
     groups, options, writes to the params) gives the same bits in every param and state tensor, and the record is
     used exactly when it may be: for a change of the hyperparameters or of grad values, not for the rest. The
-    metadata sweep both ways: the extension's mixprec::param_grad_signature, and the Python sweeps without it."""
+    metadata sweep three ways: the C++ bucket's own check (mixprec::adam_bucket_unchanged, from the record's second
+    use on), the extension's mixprec::param_grad_signature (no bucket), and the Python sweeps (neither)."""
     import mixprec_ops.optim._steady as steady
+    from mixprec_ops.ops import adam as ops_adam
 
     if backend == "cpu":
         extension_backend(OP, "cpu")
+    if sweep != "bucket":
+        monkeypatch.setattr(steady, "bucket_usable", lambda: False)
+    elif not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::AdamBucket")
     if sweep == "python":
         monkeypatch.setattr(steady, "_SIGNATURE", None)
     elif steady._SIGNATURE is None:
         pytest.skip("the extension lacks mixprec::param_grad_signature")
+    checked = []  # the bucket's checks (sweep "bucket")
+    real_check = steady.bucket_unchanged
+    monkeypatch.setattr(steady, "bucket_unchanged", lambda ps, b: checked.append(real_check(ps, b)) or checked[-1])
     fn, reusable, every_step = STEADY_CHANGES[change]
     if change == "grad_fp32" and not hasattr(torch.Tensor, "grad_dtype"):
         pytest.skip("an fp32 grad for a bf16 param needs torch >= 2.10 (grad_dtype)")
@@ -1856,6 +1865,11 @@ def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
                 fn(m, o)
             o.step()
     taken = [u is not None for u in used]
+    if sweep == "bucket":  # (the record is made at step 0 and first used at step 1; the bucket checks from step 2;
+        # a change may be seen before it: test_param_grad_signature_sees_every_metadata_change checks it alone)
+        assert checked and checked[0], checked
+    else:
+        assert not checked
     # Step 4 reuses the planning of step 3, except where that planning copied a strided grad (not recorded) or where
     # the grads change dtype at step 4 (made in the param's dtype, which changed at step 3; the record of step 3 then
     # went unused, so step 4 does not record: the back-off); the last step is served again.
@@ -1875,11 +1889,17 @@ def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
 def test_param_grad_signature_sees_every_metadata_change():
     """mixprec::param_grad_signature (the steady step's C++ metadata sweep): the grads come back only when every
     param has one, and the signature changes with each piece of metadata the recorded launch lists rest on, including
-    the changes that keep the data pointer (a reshaped or transposed view assigned to p.data)."""
+    the changes that keep the data pointer (a reshaped or transposed view assigned to p.data). The AdamBucket's own
+    check (mixprec::adam_bucket_unchanged, the same signature kept in C++) turns false on each of them."""
     import mixprec_ops.optim._steady as steady
+    from mixprec_ops.ops import adam as ops_adam
 
-    if steady._SIGNATURE is None:
-        pytest.skip("the extension lacks mixprec::param_grad_signature")
+    if steady._SIGNATURE is None or not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::param_grad_signature or the AdamBucket")
+
+    def bucket_of(ps):
+        return ops_adam.new_bucket(ps, [torch.zeros_like(p, dtype=torch.float32) for p in ps],
+                                   [torch.zeros_like(p, dtype=torch.float32) for p in ps], [], [])
     from torch.testing._internal.two_tensor import TwoTensor
 
     def fresh():
@@ -1915,13 +1935,22 @@ def test_param_grad_signature_sees_every_metadata_change():
     for name, edit in edits.items():
         ps = fresh()
         _, before = steady._SIGNATURE(ps)
+        bucket = bucket_of(ps)
+        assert ops_adam.bucket_unchanged(ps, bucket), name
         edit(ps)
         grads, after = steady._SIGNATURE(ps)
         assert not torch.equal(after, before), name
+        assert not ops_adam.bucket_unchanged(ps, bucket), name
     ps = fresh()
+    bucket = bucket_of(ps)
     ps[b].grad = None
     grads, after = steady._SIGNATURE(ps)
     assert grads == [] and not torch.equal(after, base)
+    assert not ops_adam.bucket_unchanged(ps, bucket)
+    with pytest.raises(RuntimeError, match="every param must have a grad"):
+        bucket_of(ps)
+    ps = fresh()
+    assert not ops_adam.bucket_unchanged(ps[:1], bucket_of(ps))  # fewer params
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -1983,10 +2012,12 @@ def test_steady_record_keeps_no_dropped_param_alive():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_adam_bucket_steps_its_own_lists(device):
-    """ops.adam.adam_step_(..., bucket=AdamBucket): the state lists held on the C++ side (the optimizer's steady step)
-    give the bits of the same call with the lists, grads read from the params, clipping, grad scale and a found_inf
-    that skips; the bucket's own state tensors are what it steps (shown by passing other state lists beside it); and
-    the op refuses a param without a grad, and params that require grad under grad mode, as adam_step_ does."""
+    """ops.adam.adam_step_bucket_ (the optimizer's steady step): the state lists held on the C++ side give the bits of
+    adam_scalars + adam_step_ + the counters' add_ with the lists (grads read from the params; lr a float, a float32
+    or a float64 tensor; clipping, grad scale and a found_inf that skips: then the counters do not move either); the
+    bucket's own state tensors are what it steps; the counters' version moves once a call; a refused call (grad mode
+    with params that require grad, a param without a grad, a bad found_inf, counters of the wrong shape) leaves the
+    counters as they were. bucket_unchanged: true for new grads of the same kind, false when a grad is gone."""
     from mixprec_ops.ops import adam as ops_adam
 
     backend = extension_backend(OP, device)
@@ -2005,41 +2036,98 @@ def test_adam_bucket_steps_its_own_lists(device):
         return ps, ms, vs, [p.detach().float() + 1e-3 for p in ps]
 
     a, b = tensors(), tensors()
-    bucket = ops_adam.new_bucket(a[1], a[2], [], a[3])
-    steps = torch.rand(4, generator=gen).mul(10).floor().to(device)
-    scalars = ops_adam.adam_scalars(steps, 1e-2, 0.9, 0.999, 0.1, backend=backend)
+    bucket = ops_adam.new_bucket(a[0], a[1], a[2], [], a[3])
+    assert ops_adam.bucket_unchanged(a[0], bucket)
+    steps_a = torch.rand(4, generator=gen).mul(10).floor().to(device)
+    steps_b = steps_a.clone()
+    hp = (0.9, 0.999, 1e-8, 0.1, True, False)
 
-    def step(ps, ms, vs, masters, bk, grad_scale=None, found_inf=None, clip=None):
-        ops_adam.adam_step_(ps, [p.grad for p in ps], ms, vs, [], masters, scalars, 0.9, 0.999, 1e-8, 0.1, True,
-                            False, grad_scale, found_inf, clip, backend=backend, bucket=bk)
+    def by_lists(lr, grad_scale=None, found_inf=None, clip=None):
+        scalars = ops_adam.adam_scalars(steps_b, lr, 0.9, 0.999, 0.1, backend=backend)
+        ops_adam.adam_step_(b[0], [p.grad for p in b[0]], b[1], b[2], [], b[3], scalars, *hp, grad_scale, found_inf,
+                            clip, backend=backend)
+        steps_b.add_(1.0 if found_inf is None else (found_inf.reshape(()) == 0).float())
 
+    def compare(what):
+        for x, y in zip(a, b):
+            for i, (s, t) in enumerate(zip(x, y)):
+                assert_bit_exact(s.detach(), t.detach(), f"{what}: tensor {i}")
+        assert_bit_exact(steps_a, steps_b, f"{what}: counters")
+
+    lrs = [1e-2, torch.tensor(3e-3, device=device), torch.tensor([2e-3], device=device, dtype=torch.float64)]
+    extras = [(), (torch.tensor([4.0], device=device), torch.zeros(1, device=device),
+                   torch.tensor([0.5], device=device)), (None, torch.ones(1, device=device), None)]
     with torch.no_grad():
-        for extra in [(), (torch.tensor([4.0], device=device), torch.zeros(1, device=device),
-                           torch.tensor([0.5], device=device))]:
-            step(*a, bucket, *extra)
-            step(*b, None, *extra)
-    for x, y in zip(a, b):
-        for i, (s, t) in enumerate(zip(x, y)):
-            assert_bit_exact(s.detach(), t.detach(), f"tensor {i}")
+        for lr in lrs:
+            for extra in extras:
+                version = steps_a._version
+                ops_adam.adam_step_bucket_(a[0], bucket, steps_a, lr, *hp, *extra)
+                assert steps_a._version == version + 1
+                by_lists(lr, *extra)
+                compare(f"lr {lr!r}, {len(extra)} extras")
+    assert steps_a.min().item() >= 6  # (6 counted steps, 3 skipped)
     other = tensors()
-    before = [[t.detach().clone() for t in lst] for lst in a + other]
+    before = [[t.detach().clone() for t in lst] for lst in other[1:]]
     with torch.no_grad():
-        step(a[0], *other[1:], bucket, found_inf=torch.ones(1, device=device))
-        for lst0, lst1 in zip(before, a + other):  # found_inf set: nothing written anywhere
-            for s, t in zip(lst0, lst1):
-                assert_bit_exact(t.detach(), s, "skipped step")
-        step(a[0], *other[1:], bucket)
-    assert not all(torch.equal(s, t) for s, t in zip(before[1], a[1])), "the bucket's exp_avgs not stepped"
-    for lst0, lst1 in zip(before[5:], other[1:]):  # the state lists passed beside the bucket: untouched
+        ops_adam.adam_step_bucket_(a[0], bucket, steps_a, 1e-2, *hp)
+    assert not all(torch.equal(s, t) for s, t in zip(b[1], a[1])), "the bucket's exp_avgs not stepped"
+    for lst0, lst1 in zip(before, other[1:]):  # lists made beside the bucket: untouched
         for s, t in zip(lst0, lst1):
-            assert_bit_exact(t, s, "a state list passed beside the bucket")
-    with pytest.raises(RuntimeError, match="requires grad"):  # grad mode on: as torch.ops.mixprec.adam_step_
-        torch.ops.mixprec.adam_step_bucket_(a[0], bucket, scalars, 0.9, 0.999, 1e-8, 0.1, True, False, None, None,
-                                            None)
+            assert_bit_exact(t, s, "a state list beside the bucket")
+    counted, version = steps_a.clone(), steps_a._version
+
+    def refused(match, *args, grad_mode=False):
+        with torch.set_grad_enabled(grad_mode), pytest.raises((RuntimeError, ValueError), match=match):
+            torch.ops.mixprec.adam_step_bucket_(*args)
+        assert_bit_exact(steps_a, counted, "the counters after a refused call")
+        assert steps_a._version == version
+
+    refused("requires grad", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None, grad_mode=True)
+    refused("found_inf", a[0], bucket, steps_a, None, 1e-2, *hp, None, torch.zeros(2, device=device), None)
+    refused("steps must be a 1-D tensor of one counter a param", a[0], bucket, steps_a[:3], None, 1e-2, *hp, None,
+            None, None)
+    for p in a[0]:  # new grads of the same kind: the same signature
+        p.grad = torch.randn_like(p)
+    assert ops_adam.bucket_unchanged(a[0], bucket)
     a[0][2].grad = None
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"params\[2\] has no grad"):
-        torch.ops.mixprec.adam_step_bucket_(a[0], bucket, scalars, 0.9, 0.999, 1e-8, 0.1, True, False, None, None,
-                                            None)
+    assert not ops_adam.bucket_unchanged(a[0], bucket)
+    refused(r"params\[2\] has no grad", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None)
+
+
+@pytest.mark.parametrize("found_inf", [False, True])
+def test_steady_step_is_two_op_calls_a_bucket(found_inf):
+    """In plain eager execution a steady step calls two ops a bucket from Python: the bucket's metadata check and its
+    launch, which runs the scalars, the step and the counters' add (+ (found_inf == 0) under a scaler) inside
+    (bench/NOTES.md, "Twenty-first session"). torch's profiler sees every op the dispatcher runs, nested ones too,
+    without a dispatch mode (which would turn the bucket off). Two buckets here: bf16 params with masters, fp32."""
+    from mixprec_ops.ops import adam as ops_adam
+
+    extension_backend(OP, "cpu")
+    if not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::AdamBucket")
+    ps = [torch.nn.Parameter(torch.randn(5, 3).to(dt)) for dt in (torch.bfloat16, torch.float32) for _ in range(3)]
+    opt = AdamW(ps, lr=1e-3, backend="cpu")
+    extra = {"found_inf": torch.zeros(1)} if found_inf else {}
+
+    def grads():
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        for k, v in extra.items():  # (as torch.amp.GradScaler.step hands them over)
+            setattr(opt, k, v)
+
+    for _ in range(3):  # recorded, first used (the buckets made), then the buckets serve
+        grads()
+        opt.step()
+    grads()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    events = [e for e in prof.events() if "::" in e.name]
+    top = [e.name for e in events if e.cpu_parent is None or "::" not in e.cpu_parent.name]
+    assert top == ["mixprec::adam_bucket_unchanged"] * 2 + ["mixprec::adam_step_bucket_"] * 2, top
+    for launch in (e for e in events if e.name == "mixprec::adam_step_bucket_"):
+        inside = {e.name for e in events if e.cpu_parent is launch}
+        assert {"mixprec::adam_scalars", "mixprec::adam_step_", "aten::add_"} <= inside, inside
+        assert ("aten::eq" in inside) == found_inf, inside
 
 
 def test_steady_bucket_call_skips_the_packets_argument_walk(monkeypatch):

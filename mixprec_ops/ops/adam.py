@@ -218,26 +218,29 @@ def _check_combination(pt, gt, has_master):
 
 
 _select = backends.selector(OP, _get_triton_op)  # registers the Triton op when it picks it
-# the extension has mixprec::AdamBucket and adam_step_bucket_ (one built before them has not)
-_HAS_BUCKET = _ext.LOADED and _ext.has_kernel("adam_step_bucket_", "CompositeExplicitAutograd")
-# The bucket op's C++ entry, past its torch.ops packet: the packet of an op taking a script object first walks every
-# argument, list items included, looking for a FakeScriptObject (torch/_ops.py _must_dispatch_in_python; 25 us at 40
-# params, 0.5-1 ms at 2,000 on the CI CPU). Only compile/export make those, and the bucket is passed only in plain
-# eager execution. The packet itself where a torch lacks the attribute.
-_BUCKET_OP = (getattr(torch.ops.mixprec.adam_step_bucket_, "_op", torch.ops.mixprec.adam_step_bucket_)
-              if _HAS_BUCKET else None)
+# the extension has mixprec::AdamBucket, adam_bucket_unchanged and adam_step_bucket_ taking the step counters (one
+# built before them has not)
+_HAS_BUCKET = (_ext.LOADED and _ext.has_kernel("adam_bucket_unchanged", "CompositeExplicitAutograd")
+               and _ext.has_kernel("adam_step_bucket_", "CompositeExplicitAutograd"))
+
+
+def _past_packet(packet):
+    """An op's C++ entry, past its torch.ops packet: the packet of an op taking a script object first walks every
+    argument, list items included, looking for a FakeScriptObject (torch/_ops.py _must_dispatch_in_python; 25 us at
+    40 params, 0.5-1 ms at 2,000 on the CI CPU). Only compile/export make those, and a bucket is passed only in plain
+    eager execution (bucket_usable). The packet itself where a torch lacks the attribute."""
+    return getattr(packet, "_op", packet)
+
+
+_BUCKET_OP = _past_packet(torch.ops.mixprec.adam_step_bucket_) if _HAS_BUCKET else None
+_UNCHANGED_OP = _past_packet(torch.ops.mixprec.adam_bucket_unchanged) if _HAS_BUCKET else None
 _NO_SUBCLASS_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scalars, beta1, beta2, eps,
-               weight_decay, decoupled, maximize, grad_scale=None, found_inf=None, clip_coef=None, *, backend=None,
-               bucket=None):
+               weight_decay, decoupled, maximize, grad_scale=None, found_inf=None, clip_coef=None, *, backend=None):
     """Dispatch one fused step over a bucket of tensors that share (param dtype, grad dtype, state dtype, masters
-    or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend. bucket: None,
-    or a torch.classes.mixprec.AdamBucket (new_bucket) holding these very state lists, exp_avgs to masters, while
-    the params' .grad are `grads`, and the params are torch.Tensor or nn.Parameter objects (no subclass): the C++
-    backends then take the params and it in place of the lists (in plain eager execution), which saves converting
-    five lists from Python at each call (~0.1 us a tensor)."""
+    or not) and one device. Callers (mixprec_ops.optim) validate; this layer only picks the backend."""
     if not params:
         return
     b = _select(params[0].device, backend)
@@ -262,21 +265,49 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
                 torch._C._increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *masters])
             else:
                 op(*args)
-    elif bucket is not None and _checks.eager_unobserved() and not backends.transform_active():
-        # Subclasses' torch function handling off for the call: before the call, torch looks up __torch_function__
-        # on every argument that is not a plain tensor, and on the bucket (a torch.ScriptObject) the failed lookup
-        # throws and catches a C++ exception and formats a Python AttributeError: ~15 us a call on the CI CPU, half
-        # the op's host time at 40 params. Callers pass a bucket only for torch.Tensor / nn.Parameter params, which
-        # have no __torch_function__ of their own to miss (optim._steady._Bucket.plain).
-        with _NO_SUBCLASS_TORCH_FUNCTION():
-            _BUCKET_OP(params, bucket, *args[6:])
     else:
         torch.ops.mixprec.adam_step_(*args)
 
 
-def new_bucket(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
-    """A torch.classes.mixprec.AdamBucket holding these state lists, for adam_step_'s `bucket`; None when the loaded
-    extension lacks it (then the lists are passed at each call)."""
+# The bucket: the optimizer's steady-state step (mixprec_ops/optim/_steady.py) keeps each launch's state lists on the
+# C++ side (csrc/adam_bucket.h), so that a step converts only the params from Python (~0.1 us a tensor), checks
+# their metadata in one call and launches the scalars, the step and the counters' count in one more.
+
+def bucket_usable() -> bool:
+    """Whether a bucket may be passed now: the extension has it, and plain eager execution that nothing needs to see
+    an op in (no mode, no torch.func transform): a bucket is a torch.ScriptObject, which fake tensors and transforms
+    do not take, and its ops are called past their packets (_past_packet)."""
+    return _HAS_BUCKET and _checks.eager_unobserved() and not backends.transform_active()
+
+
+def new_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
+    """A torch.classes.mixprec.AdamBucket holding these state lists and the signature of `params` (each with its
+    grad; their metadata only, not the tensors), for bucket_unchanged and adam_step_bucket_; None when the loaded
+    extension lacks it."""
     if not _HAS_BUCKET:
         return None
-    return torch.classes.mixprec.AdamBucket(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+    return torch.classes.mixprec.AdamBucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+
+
+def bucket_unchanged(params, bucket) -> bool:
+    """Whether params (torch.Tensor or nn.Parameter objects, no subclass) still have the signature `bucket` was made
+    with: the same metadata and data pointers, each with a grad of the same kind (mixprec::param_grad_signature's
+    contents; csrc/param_grad_signature.cpp). Only when bucket_usable()."""
+    # Subclasses' torch function handling off for the call: torch would look up __torch_function__ on the bucket (a
+    # torch.ScriptObject), where the failed lookup throws and catches a C++ exception and formats a Python
+    # AttributeError: ~15 us a call on the CI CPU. Plain params have no __torch_function__ of their own to miss.
+    with _NO_SUBCLASS_TORCH_FUNCTION():
+        return _UNCHANGED_OP(params, bucket)
+
+
+def adam_step_bucket_(params, bucket, steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                      grad_scale=None, found_inf=None, clip_coef=None):
+    """One launch of the C++ / CUDA backend over params and the state lists `bucket` holds, the grads read from the
+    params (p.grad) at the call: the scalars from `steps` (the bucket's step buffer: 1-D float32, one counter a param,
+    on the params' device) and lr (a float, or a 1-element float32 / float64 tensor on that device), adam_step_, then
+    steps += 1, or + (found_inf == 0) with a found_inf: what adam_scalars, adam_step_ and steps.add_ do, in one op
+    call (mixprec::adam_step_bucket_). Params as for bucket_unchanged; only when bucket_usable()."""
+    lr_t, lr_value = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, float(lr))
+    with _NO_SUBCLASS_TORCH_FUNCTION():  # (as in bucket_unchanged)
+        _BUCKET_OP(params, bucket, steps, lr_t, lr_value, float(beta1), float(beta2), float(eps), float(weight_decay),
+                   bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)

@@ -2,10 +2,12 @@
 same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
 contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
 planning's launch lists, the state lists held on the C++ side too (mixprec::AdamBucket, so that the launch converts
-only the params from Python), and only reads the new grads.
+only the params from Python, and the scalars, the step and the counters' count are one op call), and only reads the
+new grads.
 
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
-in one C++ call (mixprec::param_grad_signature) when the extension has it. At 2,000 small params on the CI CPU a step
+in one C++ call when the extension has it (mixprec::adam_bucket_unchanged against the bucket's own record, or
+mixprec::param_grad_signature where no bucket is passed: its first step, a subclass's params, a dispatch mode). At 2,000 small params on the CI CPU a step
 takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state optimizer step"). Any difference, or anything
 the checks cannot read, sends the step to the full planning (adam.py: _collect, _bucket_group), which raises the
 errors, creates missing state and resyncs written params; that step records anew."""
@@ -19,7 +21,7 @@ import torch
 
 from .. import _ext
 from .._checks import PLAIN
-from ..ops.adam import new_bucket
+from ..ops.adam import bucket_unchanged, bucket_usable, new_bucket
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
@@ -56,12 +58,12 @@ class _Bucket:
         masters = lists[5]
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
         self.lists = lists[2:]
-        # the state lists on the C++ side too (ops.adam.adam_step_'s bucket), made at the record's first use: a
-        # third of the cost of recording, which records no step uses (the back-off's case) need not pay
+        # the state lists on the C++ side too (ops.adam.new_bucket), made at the record's first use: a third of the
+        # cost of recording, which records no step uses (the back-off's case) need not pay
         self.bucket = None
-        # torch.Tensor and nn.Parameter params only: the C++ bucket's op is called with the subclasses' torch function
-        # handling off (ops.adam.adam_step_), which another subclass's __torch_function__ would miss; its params
-        # take the lists' op. Checked again at each step (grads_if_unchanged): a param whose class changes to such
+        # torch.Tensor and nn.Parameter params only: the C++ bucket's ops are called with the subclasses' torch
+        # function handling off (ops.adam.bucket_unchanged, adam_step_bucket_), which another subclass's
+        # __torch_function__ would miss; its params take the signature and the lists' op. Checked again at each step (grads_if_unchanged): a param whose class changes to such
         # a subclass (p.__class__ = ..., torch.utils.swap_tensors) keeps its id, data and version.
         self.plain = set(map(type, ps)) <= PLAIN
         self.buf = buf
@@ -81,13 +83,19 @@ class _Bucket:
         self.versions = versions if masters else None
         self.ptrs = list(map(_data_ptr, ps)) if masters and python else None
 
-    def grads_if_unchanged(self):
-        """This step's grads for the launch, or None when the recorded lists no longer serve. The optimizer's state
-        maps these params to the recorded state dicts (SteadyStepMixin._steady_step has checked it whole)."""
+    def grads_if_unchanged(self, usable):
+        """This step's grads for the launch, or None when the recorded lists no longer serve; True when the bucket
+        checked them (usable: ops.adam.bucket_usable() this step), whose op then reads them from the params. The
+        optimizer's state maps these params to the recorded state dicts (SteadyStepMixin._steady_step has checked it
+        whole)."""
         ps = self.params
         if self.plain and not set(map(type, ps)) <= PLAIN:  # (~20 ns a param)
             return None  # a param became a subclass: its next record gives it no bucket
-        if self.signature is not None:  # (the data pointers included)
+        if usable and self.bucket is not None:  # (the data pointers included)
+            if not bucket_unchanged(ps, self.bucket):
+                return None
+            gs = True
+        elif self.signature is not None:  # (the data pointers included)
             gs, signature = _SIGNATURE(ps)
             if not gs or not torch.equal(signature, self.signature):
                 return None
@@ -201,6 +209,7 @@ class SteadyStepMixin:
         if rec["cuda"] and torch.cuda.is_current_stream_capturing():
             return None  # a capture needs the full planning's per-param step counts
         out = []
+        usable = bucket_usable()
         try:
             for gi, ps, buckets, options in rec["per_group"]:
                 group = groups[gi]
@@ -208,12 +217,13 @@ class SteadyStepMixin:
                     return None
                 units = []
                 for b in buckets:
-                    gs = b.grads_if_unchanged()
+                    gs = b.grads_if_unchanged(usable)
                     if gs is None:
                         return None
-                    if b.bucket is None and b.plain:
-                        b.bucket = new_bucket(*b.lists)
-                    units.append(((b.params, gs, *b.lists), b.buf, self.backend, b.bucket))
+                    if usable and b.bucket is None and b.plain:
+                        b.bucket = new_bucket(b.params, *b.lists)  # (every param has its grad: checked just now)
+                    units.append(((b.params, None if gs is True else gs, *b.lists), b.buf, self.backend,
+                                  b.bucket if usable else None))
                 out.append((group, ps, units))
         except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
             return None

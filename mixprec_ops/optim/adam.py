@@ -15,7 +15,7 @@ from .._checks import FLOAT_SOURCES
 from .._dtensor import DTensor, any_dtensor
 from .._dtensor import local as _local
 from ..ops.adam import _select as _select_backend
-from ..ops.adam import adam_scalars, adam_step_
+from ..ops.adam import adam_scalars, adam_step_, adam_step_bucket_
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
 from ._steady import SteadyStepMixin
@@ -662,7 +662,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         """The launches of one planned group: [(lists, steps, backend, bucket)]. lists: (params, grads, exp_avgs,
         exp_avg_sqs, max_exp_avg_sqs, masters), as adam_step_ takes them; steps: the bucket's step buffer (a tensor),
         or the per-param counters (a list: fallback entries, a bucket met during capture); bucket: the state lists
-        held on the C++ side (a steady step's, see _steady.py), else None."""
+        held on the C++ side (a steady step's, see _steady.py: then the grads may be None), else None."""
         units = [(self._lists(entries, amsgrad), buf if buf is not None else [e[4][self._STEP] for e in entries],
                   self.backend, None) for entries, buf in buckets.values()]
         units += [(self._lists([e], amsgrad), [e[4][self._STEP]], "torch", None) for e in fallback]
@@ -685,14 +685,20 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
             return counted[dev]
 
         for lists, steps, backend, bucket in units:
-            self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend, bucket)
+            if self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend,
+                            bucket):
+                continue  # (the bucket op counted the step)
             if isinstance(steps, torch.Tensor):  # the step buffer: one add for the bucket
                 steps.add_(count(steps.device))
             else:
                 torch._foreach_add_(steps, count(steps[0].device))
 
     def _launch(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend, bucket):
-        dev = lists[0][0].device
+        """One unit's launch (_units). Returns True when it counted the step too (the bucket op), else the caller
+        counts it. lists[1] (the grads) is None when a steady step's bucket checked them (_steady.py): read from the
+        params here if the bucket cannot take the launch after all."""
+        params = lists[0]
+        dev = params[0].device
         backend = _select_backend(dev, backend)  # once, for the scalars and the step
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
@@ -704,10 +710,19 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 lr = lr.item()
             else:
                 lr = lr.to(dev)
+        on = lambda t: t if t is None or t.device == dev else t.to(dev)  # noqa: E731  (no op when it is there)
+        if (bucket is not None and backend in ("cpu", "cuda") and isinstance(steps, torch.Tensor)
+                and (not isinstance(lr, torch.Tensor) or lr.dtype in (torch.float32, torch.float64))):
+            # the steady step's bucket (given only when ops.adam.bucket_usable() held): scalars, step and count in
+            # one op call
+            adam_step_bucket_(params, bucket, steps, lr, beta1, beta2, group["eps"], group["weight_decay"], decoupled,
+                              group["maximize"], on(grad_scale), on(found_inf), on(clip))
+            return True
+        grads = lists[1] if lists[1] is not None else [p.grad for p in params]
         scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"], backend=backend)
-        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        adam_step_(*lists, scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled, group["maximize"],
-                   on(grad_scale), on(found_inf), on(clip), backend=backend, bucket=bucket)
+        adam_step_(params, grads, *lists[2:], scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled,
+                   group["maximize"], on(grad_scale), on(found_inf), on(clip), backend=backend)
+        return False
 
 
 class AdamW(Adam):
