@@ -1886,6 +1886,48 @@ def test_steady_step_equals_full_planning(change, backend, sweep, monkeypatch):
             assert_bit_exact(sa[k], sb[k], f"param {i} {k}")
 
 
+@pytest.mark.parametrize("lr", ["float", "float32", "float64", "bfloat16"])
+def test_steady_bucket_steps_equal_full_planning_under_a_scaler(lr, monkeypatch):
+    """The steady step's bucket launch (scalars, step and count in one op) against a twin that plans every step in
+    full: a grad scaler's grad_scale and found_inf (two skipped steps, which must not count), clipping, two groups
+    and three dtype buckets, lr a float or a tensor (a bfloat16 lr is not one the scalars op takes: those launches
+    take the lists, the grads read from the params). Same bits in every param, state tensor and step counter."""
+    from mixprec_ops.ops import adam as ops_adam
+
+    extension_backend(OP, "cpu")
+    if not ops_adam._HAS_BUCKET:
+        pytest.skip("the extension lacks mixprec::AdamBucket")
+    models = [clone_setup(torch.bfloat16, "cpu", mixed=True) for _ in range(2)]
+    value = {"float": 1e-2, "float32": torch.tensor(1e-2), "float64": torch.tensor(1e-2, dtype=torch.float64),
+             "bfloat16": torch.tensor(1e-2, dtype=torch.bfloat16)}[lr]
+    opts = [AdamW([{"params": m[0].parameters(), "weight_decay": 0.1},
+                   {"params": m[2].parameters(), "betas": (0.8, 0.99)}],
+                  lr=copy.deepcopy(value), max_grad_norm=0.5, backend="cpu") for m in models]  # (lr: both groups)
+    monkeypatch.setattr(opts[1], "_steady_step", lambda: None)  # the twin: full planning at every step
+    launches = []
+    real = ops_adam._BUCKET_OP
+    monkeypatch.setattr(ops_adam, "_BUCKET_OP", lambda *a: launches.append(a[2]) or real(*a))
+    for step in range(7):
+        for m, o in zip(models, opts):
+            grads_for(m, "cpu", seed=step)
+            for p in m.parameters():
+                p.grad.mul_(64.0)
+            o.grad_scale = torch.full((1,), 64.0)
+            o.found_inf = torch.full((1,), 1.0 if step in (3, 5) else 0.0)
+            o.step()
+    rec = opts[0]._steady
+    assert rec["used"] and all(b.bucket is not None for _, _, bs, _ in rec["per_group"] for b in bs)
+    assert len([b for _, _, bs, _ in rec["per_group"] for b in bs]) >= 3
+    assert (len(launches) > 0) == (lr != "bfloat16"), len(launches)  # (steps 2-6 launched through the buckets)
+    pa, pb = (list(m.parameters()) for m in models)
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert_bit_exact(a.detach(), b.detach(), f"param {i}")
+        sa, sb = opts[0].state[a], opts[1].state[b]
+        assert set(sa) == set(sb) and sa["step"].item() == 5.0, (i, set(sa), set(sb))
+        for k in sa:
+            assert_bit_exact(sa[k], sb[k], f"param {i} {k}")
+
+
 def test_param_grad_signature_sees_every_metadata_change():
     """mixprec::param_grad_signature (the steady step's C++ metadata sweep): the grads come back only when every
     param has one, and the signature changes with each piece of metadata the recorded launch lists rest on, including
@@ -2039,7 +2081,7 @@ def test_adam_bucket_steps_its_own_lists(device):
     bucket = ops_adam.new_bucket(a[0], a[1], a[2], [], a[3])
     assert ops_adam.bucket_unchanged(a[0], bucket)
     steps_a = torch.rand(4, generator=gen).mul(10).floor().to(device)
-    steps_b = steps_a.clone()
+    steps_b, start = steps_a.clone(), steps_a.clone()
     hp = (0.9, 0.999, 1e-8, 0.1, True, False)
 
     def by_lists(lr, grad_scale=None, found_inf=None, clip=None):
@@ -2065,7 +2107,7 @@ def test_adam_bucket_steps_its_own_lists(device):
                 assert steps_a._version == version + 1
                 by_lists(lr, *extra)
                 compare(f"lr {lr!r}, {len(extra)} extras")
-    assert steps_a.min().item() >= 6  # (6 counted steps, 3 skipped)
+    assert_bit_exact(steps_a, start + 6, "the counters")  # (6 counted steps, 3 skipped)
     other = tensors()
     before = [[t.detach().clone() for t in lst] for lst in other[1:]]
     with torch.no_grad():
@@ -2086,6 +2128,8 @@ def test_adam_bucket_steps_its_own_lists(device):
     refused("found_inf", a[0], bucket, steps_a, None, 1e-2, *hp, None, torch.zeros(2, device=device), None)
     refused("steps must be a 1-D tensor of one counter a param", a[0], bucket, steps_a[:3], None, 1e-2, *hp, None,
             None, None)
+    refused("lr must be a float32 or float64 tensor", a[0], bucket, steps_a, torch.tensor(1e-2, device=device,
+            dtype=torch.bfloat16), 0.0, *hp, None, None, None)  # (adam_scalars' own check)
     for p in a[0]:  # new grads of the same kind: the same signature
         p.grad = torch.randn_like(p)
     assert ops_adam.bucket_unchanged(a[0], bucket)
@@ -2164,7 +2208,8 @@ def test_steady_bucket_call_skips_the_packets_argument_walk(monkeypatch):
 
 
 def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
-    """The bucket op is called with the subclasses' torch function handling off: otherwise torch looks up
+    """The bucket's ops (its check and its launch) are called with the subclasses' torch function handling off:
+    otherwise torch looks up
     __torch_function__ on the bucket (a torch.ScriptObject), where the failed lookup throws a C++ exception and formats
     a Python AttributeError, ~15 us a call (bench/NOTES.md, "A failed attribute lookup a step"). Params of a subclass
     with a __torch_function__ of its own therefore get no bucket: their steady steps take the lists' op, which their
@@ -2182,10 +2227,13 @@ def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
             seen.append(str(func))
             return super().__torch_function__(func, types, args, kwargs or {})
 
-    enabled = []  # torch function handling at each bucket op call
-    real = ops_adam._BUCKET_OP
-    monkeypatch.setattr(ops_adam, "_BUCKET_OP",
-                        lambda *a: (enabled.append(torch._C._is_torch_function_enabled()), real(*a))[1])
+    enabled = {}  # torch function handling at each call of the bucket's two ops
+    for name in ("_BUCKET_OP", "_UNCHANGED_OP"):
+        def logged(*a, real=getattr(ops_adam, name), name=name):
+            enabled.setdefault(name, []).append(torch._C._is_torch_function_enabled())
+            return real(*a)
+
+        monkeypatch.setattr(ops_adam, name, logged)
     g = torch.Generator().manual_seed(3)
     init = [torch.randn(n, generator=g).to(torch.bfloat16) for n in (6, 11)]
     grads = [[torch.randn(t.shape, generator=g).to(torch.bfloat16) for t in init] for _ in range(4)]
@@ -2204,7 +2252,8 @@ def test_steady_bucket_call_skips_the_torch_function_lookups(monkeypatch):
         runs[kind] = (ps, opt, [b.bucket for b in buckets])
     plain_buckets, logged_buckets = runs["plain"][2], runs["logged"][2]
     assert all(b is not None for b in plain_buckets) and all(b is None for b in logged_buckets)
-    assert enabled and not any(enabled)  # the plain params' steps: the bucket op, handling off
+    # the plain params' steps: the bucket's check and launch, handling off
+    assert set(enabled) == {"_BUCKET_OP", "_UNCHANGED_OP"} and not any(sum(enabled.values(), [])), enabled
     assert any("adam_step_" in f for f in seen), seen  # the subclass saw its step op (the last, steady step)
     for (p, q) in zip(runs["plain"][0], runs["logged"][0], strict=True):
         assert_bit_exact(q.detach(), p.detach(), "param")
@@ -2334,10 +2383,11 @@ def test_steady_record_lets_params_be_swapped_and_collected():
 
 
 def test_steady_steps_release_the_params_they_pass():
-    """The steady step passes its params to two C++ ops (mixprec::param_grad_signature, mixprec::adam_step_bucket_),
-    which hold them through the call and drop them after taking the GIL, once (csrc/hold_args.h). Params whose only
-    owner is Python keep their refcounts step after step (a reference kept would leak them and block
-    torch.utils.swap_tensors; one dropped twice would free a live param), from the main thread and another."""
+    """The steady step passes its params to C++ ops (mixprec::param_grad_signature at the record's first use, then
+    mixprec::adam_bucket_unchanged; mixprec::adam_step_bucket_), which hold them through the call and drop them after
+    taking the GIL, once (csrc/hold_args.h). Params whose only owner is Python keep their refcounts step after step (a
+    reference kept would leak them and block torch.utils.swap_tensors; one dropped twice would free a live param),
+    from the main thread and another."""
     import sys
     import threading
 

@@ -7,8 +7,8 @@ new grads.
 
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
 in one C++ call when the extension has it (mixprec::adam_bucket_unchanged against the bucket's own record, or
-mixprec::param_grad_signature where no bucket is passed: its first step, a subclass's params, a dispatch mode). At 2,000 small params on the CI CPU a step
-takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state optimizer step"). Any difference, or anything
+mixprec::param_grad_signature where no bucket is passed: its first step, a subclass's params, a dispatch mode). At
+2,000 small params on the CI CPU a step takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state optimizer step"). Any difference, or anything
 the checks cannot read, sends the step to the full planning (adam.py: _collect, _bucket_group), which raises the
 errors, creates missing state and resyncs written params; that step records anew."""
 
@@ -63,8 +63,9 @@ class _Bucket:
         self.bucket = None
         # torch.Tensor and nn.Parameter params only: the C++ bucket's ops are called with the subclasses' torch
         # function handling off (ops.adam.bucket_unchanged, adam_step_bucket_), which another subclass's
-        # __torch_function__ would miss; its params take the signature and the lists' op. Checked again at each step (grads_if_unchanged): a param whose class changes to such
-        # a subclass (p.__class__ = ..., torch.utils.swap_tensors) keeps its id, data and version.
+        # __torch_function__ would miss; its params take the signature and the lists' op. Checked again at each step
+        # (grads_if_unchanged): a param whose class changes to such a subclass (p.__class__ = ...,
+        # torch.utils.swap_tensors) keeps its id, data and version.
         self.plain = set(map(type, ps)) <= PLAIN
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
