@@ -36,11 +36,17 @@ TORCH_LIBRARY(mixprec, m) {
   // the exact element-wise definition). masters / max_exp_avg_sqs are empty lists when unused. scalars is a
   // (len(params), 3) fp32 tensor of per-tensor [step_size, bias_correction2_sqrt, decay_factor]. Nothing is
   // written when found_inf holds a non-zero value.
-  m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor scalars, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? clip_coef) -> ()");
+#define MIXPREC_ADAM_STEP_ARGS                                                                                   \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                     \
+  "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor scalars, float beta1, float beta2, float eps, "   \
+  "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "                  \
+  "Tensor? clip_coef) -> ()"
+  m.def("adam_step_" MIXPREC_ADAM_STEP_ARGS);
+  // adam_step_ for C++ callers (adam_step_bucket_): the same kernels registered unboxed, so that a typed call passes
+  // the lists by reference; adam_step_'s own are boxed (holding_args: a call from Python releases its lists after
+  // taking the GIL back, once, instead of once a tensor: csrc/hold_args.h), and a typed call would box six lists.
+  m.def("_adam_step_unboxed_" MIXPREC_ADAM_STEP_ARGS);
+#undef MIXPREC_ADAM_STEP_ARGS
   // The (n, 3) fp32 per-tensor scalars [step_size, bias_correction2_sqrt, decay_factor] of an Adam step from n step
   // counters (float32, the count before this step), computed in fp64: see adam_scalars_reference in
   // mixprec_ops/ops/adam.py. lr: a 1-element float32/float64 tensor on the steps' device, or None and then lr_value.
@@ -92,6 +98,7 @@ TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("cast_and_scale_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("unscale_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_step_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_adam_step_unboxed_", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_scalars", torch::autograd::autogradNotImplementedFallback());
   m.impl("adam_step_bucket_", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul", torch::autograd::autogradNotImplementedFallback());

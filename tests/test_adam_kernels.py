@@ -518,3 +518,45 @@ def test_extension_kernel_bumps_what_it_writes(device):
     with torch.inference_mode():
         run(adam_step_, d, sc, hp, None, None, None, backend=backend)
     assert versions() == {k: [v + (k != "g") for v in after[k]] for k in d}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extension_op_releases_every_argument(device):
+    """The C++ / CUDA adam_step_ op holds its arguments through the call and drops them after taking the GIL, once
+    (csrc/hold_args.h), where the lists' release would otherwise take it once for each tensor whose only other owner
+    is its Python object (params and states: 4 a param with masters; bench/NOTES.md, "Twenty-first session"). Such
+    tensors come back with their Python refcounts and attributes as they were, on success and on a refused call,
+    from the main thread and another, and are freed when Python drops them: a reference dropped twice would free a
+    live tensor, one kept would leak it."""
+    import gc
+    import sys
+    import threading
+    import weakref
+
+    extension_backend("adam_step_", device)
+    gen = torch.Generator().manual_seed(7)
+    d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, [5, 1031, 64] * 10, "contig", device, gen)
+    mine = [t for k in "pmvxw" for t in d[k]]  # the written tensors, each held by its Python object alone
+    for t in mine:
+        t.tag = "mine"
+    sc = adam_scalars([torch.tensor(1.0, device=device)] * 30, 1e-3, 0.9, 0.999, 0.01)
+    args = ([d["p"], d["g"], d["m"], d["v"], d["x"], d["w"], sc, 0.9, 0.999, 1e-8, 0.01, True, False, None, None,
+             None])
+    before = [sys.getrefcount(t) for t in mine]
+    orig = [t.clone() for t in mine]
+    with torch.no_grad():
+        torch.ops.mixprec.adam_step_(*args)
+        th = threading.Thread(target=torch.ops.mixprec.adam_step_, args=args)
+        th.start()
+        th.join()
+        bad = list(args)
+        bad[1] = d["g"][:3] + [d["g"][3].to(torch.int32)] + d["g"][4:]
+        with pytest.raises(RuntimeError, match=r"grads\[3\]"):
+            torch.ops.mixprec.adam_step_(*bad)
+    assert [sys.getrefcount(t) for t in mine] == before
+    assert all(t.tag == "mine" for t in mine)
+    assert all(not torch.equal(t, o) for t, o in zip(mine[-30:], orig[-30:], strict=True))  # (masters: stepped)
+    refs = [weakref.ref(t) for t in mine]
+    del mine, d, args, bad, th, t, orig
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../hold_args.h"
 #include "prefetch.h"
 #include "vec_util.h"
 
@@ -406,6 +407,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+// adam_step_ through holding_args (a call from Python drops its lists after taking the GIL back, once: the params
+// and states, held by their Python objects alone, cost one GIL round trip each otherwise; csrc/hold_args.h), and
+// unboxed as _adam_step_unboxed_ for adam_step_bucket_'s typed call (csrc/schemas.cpp).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("adam_step_", holding_args<&adam_step_cpu>());
+  m.impl("_adam_step_unboxed_", &adam_step_cpu);
+}
 
 }  // namespace mixprec::cpu

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../hold_args.h"
 #include "multi_tensor.cuh"
 
 namespace mixprec::cuda {
@@ -401,6 +402,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
+// (as the CPU kernel: adam_step_ through holding_args, _adam_step_unboxed_ for adam_step_bucket_; csrc/cpu/adam.cpp)
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("adam_step_", holding_args<&adam_step_cuda>());
+  m.impl("_adam_step_unboxed_", &adam_step_cuda);
+}
 
 }  // namespace mixprec::cuda
