@@ -6,9 +6,9 @@
 //   from the params (p.grad) at the call: the per-tensor scalars from the bucket's step counters (adam_scalars),
 //   adam_step_, then the counters' count (+1, or +0 when found_inf says the step is skipped). Three ops that the
 //   optimizer called one by one from Python (~10 us of host time each on the CI CPU), here called typed through the
-//   dispatcher (adam_step_'s kernels as _adam_step_unboxed_, csrc/schemas.cpp) below autograd (this op's own Autograd kernel, csrc/schemas.cpp, refuses params that require grad
-//   under grad mode), so the checks and the launches are those ops' own; adam_step_'s checks run before the count,
-//   which a refused call leaves unchanged.
+//   dispatcher (adam_step_'s kernels as _adam_step_unboxed_, csrc/schemas.cpp) below autograd (this op's own
+//   Autograd kernel, csrc/schemas.cpp, refuses params that require grad under grad mode), so the checks and the
+//   launches are those ops' own; adam_step_'s checks run before the count, which a refused call leaves unchanged.
 // Registered in csrc/schemas.cpp, after the class (the kernels' signatures name it: registered from another file's
 // static initializer, they could come first, and loading the library aborts).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -52,11 +52,13 @@ void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket
                       double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
   static const auto step_op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::_adam_step_unboxed_", "").typed<AdamStep>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::_adam_step_unboxed_", "")
+          .typed<AdamStep>();
   static const auto scalars_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::adam_scalars", "").typed<AdamScalars>();
   TORCH_CHECK(steps.dim() == 1 && steps.size(0) == static_cast<int64_t>(params.size()),
-              "steps must be a 1-D tensor of one counter a param (", params.size(), "), got shape ", dims(steps.sizes()));
+              "steps must be a 1-D tensor of one counter a param (", params.size(), "), got shape ",
+              dims(steps.sizes()));
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {

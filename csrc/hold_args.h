@@ -10,9 +10,10 @@
 // bindings drop their lists after taking the GIL back. Grads read from .grad are also held by their params: they
 // pay nothing either way.
 //
-// For ops called from Python with lists: unscale_, adam_step_, param_grad_signature, adam_bucket_unchanged,
-// adam_step_bucket_. A C++ caller that calls such an op unboxed gets its arguments boxed (a copy of each list): C++
-// code calls adam_step_'s kernels as _adam_step_unboxed_ (the same kernels registered unboxed, csrc/schemas.cpp).
+// For ops called from Python with lists: unscale_, adam_step_, param_grad_signature, grad_kinds,
+// adam_bucket_unchanged, adam_step_bucket_. A C++ caller that calls such an op unboxed gets its arguments boxed (a
+// copy of each list): C++ code calls adam_step_'s kernels as _adam_step_unboxed_ (the same kernels registered
+// unboxed, csrc/schemas.cpp).
 #pragma once
 #include <ATen/core/boxing/KernelFunction.h>
 #include <ATen/core/dispatch/Dispatcher.h>

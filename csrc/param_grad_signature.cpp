@@ -1,5 +1,6 @@
 // mixprec::param_grad_signature: the metadata sweep of the optimizer's steady-state step (mixprec_ops/optim/_steady.py)
-// in one C++ call instead of ~8 Python sweeps over thousands of params. Reads metadata only, on any device.
+// in one C++ call instead of ~8 Python sweeps over thousands of params; mixprec::grad_kinds: the grad checks of its
+// full planning (mixprec_ops/optim/adam.py, _collect) in one. Both read metadata only, on any device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DispatchKey.h>
@@ -10,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
 #include "hold_args.h"
 #include "param_grad_signature.h"
 
@@ -58,12 +60,35 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorL
   return {std::move(grads), out};
 }
 
+// Per param (int8): 0 no grad; 1 a grad the optimizer's full planning takes as it is (a dense strided tensor of a
+// float dtype it steps, on the param's device, of the param's shape, neither it nor the param a Python subclass with
+// its own dispatch); 2 anything else, which the Python checks then read (mixprec_ops/optim/adam.py, _collect: they
+// raise the error, or handle DTensor params). Metadata only, any device.
+at::Tensor grad_kinds(at::TensorList params) {
+  at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kChar));
+  int8_t* o = out.data_ptr<int8_t>();
+  for (const at::Tensor& p : params) {
+    const at::Tensor& g = p.grad();
+    int8_t kind = 0;
+    if (g.defined()) {
+      const bool plain = !g.key_set().has(c10::DispatchKey::Python) && !p.key_set().has(c10::DispatchKey::Python);
+      kind = plain && g.layout() == at::kStrided && is_float_source(g.scalar_type()) && g.device() == p.device() &&
+                     g.sizes() == p.sizes()
+                 ? 1
+                 : 2;
+    }
+    *o++ = kind;
+  }
+  return out;
+}
+
 }  // namespace
 
 // (through holding_args: the params, whose only other owner is their Python object, are released after the GIL is
 // taken back, once; csrc/hold_args.h)
 TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
   m.impl("param_grad_signature", holding_args<&param_grad_signature>());
+  m.impl("grad_kinds", holding_args<&grad_kinds>());
 }
 
 }  // namespace mixprec

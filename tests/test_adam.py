@@ -1928,6 +1928,70 @@ def test_steady_bucket_steps_equal_full_planning_under_a_scaler(lr, monkeypatch)
             assert_bit_exact(sa[k], sb[k], f"param {i} {k}")
 
 
+def test_grad_kinds_sends_every_other_grad_to_the_python_checks(monkeypatch):
+    """mixprec::grad_kinds (the full planning's grad checks in one C++ sweep, Adam._collect): 0 for no grad, 1 only for
+    a dense float32/float16/bfloat16 grad of the param's shape on its device (a plain tensor or nn.Parameter, fp32
+    for a 16-bit param included), 2 for everything the Python checks must read: a sparse, integer, float64,
+    other-shape or (with a GPU) other-device grad, a dispatch subclass (DTensor's kind) as grad or param. _collect
+    gives the same groups and params with the sweep as without it, and the same errors."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    import mixprec_ops.optim.adam as adam_mod
+
+    if adam_mod._GRAD_KINDS is None:
+        pytest.skip("the extension lacks mixprec::grad_kinds")
+
+    def param(grad, p=None):
+        p = torch.nn.Parameter(torch.randn(3, 4).to(torch.bfloat16)) if p is None else p
+        if grad is not None:
+            try:
+                p.grad = grad
+            except RuntimeError:  # (through .data: the setter refuses other dtypes, shapes, devices)
+                p.grad = torch.zeros_like(p)
+                p.grad.data = grad
+        return p
+
+    cases = {
+        "no grad": (param(None), 0),
+        "bf16": (param(torch.randn(3, 4).to(torch.bfloat16)), 1),
+        "fp32 for bf16": (param(torch.randn(3, 4)), 1),
+        "fp16": (param(torch.randn(3, 4).half()), 1),
+        "transposed grad": (param(torch.randn(4, 3).to(torch.bfloat16).t()), 1),  # (planning copies it)
+        "sparse": (param(torch.randn(3, 4).to(torch.bfloat16).to_sparse()), 2),
+        "int": (param(torch.ones(3, 4, dtype=torch.int32)), 2),
+        "float64": (param(torch.randn(3, 4, dtype=torch.float64)), 2),
+        "shape": (param(torch.randn(12).to(torch.bfloat16)), 2),
+        "subclass grad": (param(TwoTensor(torch.randn(3, 4), torch.randn(3, 4)).to(torch.bfloat16)), 2),
+        "subclass param": (param(torch.randn(3, 4), torch.nn.Parameter(TwoTensor(torch.randn(3, 4),
+                                                                                     torch.randn(3, 4)))), 2),
+    }
+    if HAS_CUDA:  # (torch refuses a grad on another device than a CPU param's, even through .data, without one)
+        cases["other device"] = (param(torch.randn(3, 4, device="cuda").to(torch.bfloat16)), 2)
+    # (a subclass param's own dispatch would receive the op: _collect never passes one; its grad kind is 2 anyway)
+    plain = [k for k in cases if k != "subclass param"]
+    kinds = adam_mod._GRAD_KINDS([cases[k][0] for k in plain]).tolist()
+    assert dict(zip(plain, kinds, strict=True)) == {k: cases[k][1] for k in plain}
+    calls = []
+
+    def collected(groups, sweep):
+        monkeypatch.setattr(adam_mod, "_GRAD_KINDS", (lambda ps: calls.append(ps) or real(ps)) if sweep else None)
+        opt = AdamW(groups, lr=1e-3)
+        try:
+            return [(id(g), [id(p) for p in ps]) for g, ps in opt._collect()]
+        except Exception as e:  # noqa: BLE001  (the same error either way)
+            return (type(e), str(e))
+
+    real = adam_mod._GRAD_KINDS
+    good = [k for k, (_, want) in cases.items() if want < 2]
+    for bad in [None] + [k for k in cases if k not in good]:
+        names = good + ([bad] if bad else [])
+        groups = [{"params": [cases[k][0] for k in names[:3]]}, {"params": [cases[k][0] for k in names[3:]]}]
+        with_sweep, without = collected(groups, True), collected(groups, False)
+        assert with_sweep == without, bad
+        assert (bad is None or bad in ("subclass grad", "subclass param")) == isinstance(with_sweep, list), bad
+    assert calls and not any(id(cases["subclass param"][0]) in map(id, ps) for ps in calls)
+
+
 def test_param_grad_signature_sees_every_metadata_change():
     """mixprec::param_grad_signature (the steady step's C++ metadata sweep): the grads come back only when every
     param has one, and the signature changes with each piece of metadata the recorded launch lists rest on, including

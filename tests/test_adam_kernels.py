@@ -534,6 +534,11 @@ def test_extension_op_releases_every_argument(device):
     import weakref
 
     extension_backend("adam_step_", device)
+    # (the refcounts below cannot tell the GIL acquisitions apart: the registration is what keeps them to one; the
+    # dump's format is torch's internal one)
+    kind = "CPU" if device == "cpu" else "CUDA"
+    line = next(x for x in torch._C._dispatch_dump("mixprec::adam_step_").splitlines() if x.startswith(kind + ":"))
+    assert line.rstrip().endswith("[ boxed ]"), line  # holding_args, not an unboxed kernel
     gen = torch.Generator().manual_seed(7)
     d = make_bucket(torch.bfloat16, "P", torch.float32, True, True, [5, 1031, 64] * 10, "contig", device, gen)
     mine = [t for k in "pmvxw" for t in d[k]]  # the written tensors, each held by its Python object alone

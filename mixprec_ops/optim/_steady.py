@@ -8,9 +8,10 @@ new grads.
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
 in one C++ call when the extension has it (mixprec::adam_bucket_unchanged against the bucket's own record, or
 mixprec::param_grad_signature where no bucket is passed: its first step, a subclass's params, a dispatch mode). At
-2,000 small params on the CI CPU a step takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state optimizer step"). Any difference, or anything
-the checks cannot read, sends the step to the full planning (adam.py: _collect, _bucket_group), which raises the
-errors, creates missing state and resyncs written params; that step records anew."""
+2,000 small params on the CI CPU a step takes ~0.4 of a fully planned one (bench/NOTES.md, "The steady-state
+optimizer step"). Any difference, or anything the checks cannot read, sends the step to the full planning (adam.py:
+_collect, _bucket_group), which raises the errors, creates missing state and resyncs written params; that step
+records anew."""
 
 from __future__ import annotations
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 import numbers
 from collections import defaultdict
+from itertools import compress
 
 import torch
 
-from .. import backends
+from .. import _checks, _ext, backends
 from .._checks import FLOAT_SOURCES
 from .._dtensor import DTensor, any_dtensor
 from .._dtensor import local as _local
@@ -21,6 +22,9 @@ from ._masters import MasterSyncMixin, _versions, check_state_shape
 from ._steady import SteadyStepMixin
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# mixprec::grad_kinds (the full planning's grad checks in one C++ sweep, _collect), or None: the Python checks
+_GRAD_KINDS = (torch.ops.mixprec.grad_kinds.default
+               if _ext.has_kernel("grad_kinds", "CompositeExplicitAutograd") else None)
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -372,9 +376,22 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
 
     # ------------------------------------------------------------------------------------------------ step
     def _collect(self):
-        """Validate every param with a grad before anything is touched; return [(group, [params])]."""
+        """Validate every param with a grad before anything is touched; return [(group, [params])]. A group whose
+        grads mixprec::grad_kinds finds plain (the extension's one C++ sweep, in plain eager execution) skips the
+        Python checks below (~1 us a param); any other grad sends its group through them (they raise, or handle
+        DTensor). Only for groups of torch.Tensor / nn.Parameter params: a subclass's __torch_dispatch__ (DTensor,
+        a quantized weight's) would otherwise receive the op."""
         out = []
+        sweep = (_GRAD_KINDS is not None and not self._has_dtensor_params and _checks.eager_unobserved()
+                 and not backends.transform_active())
         for gi, group in enumerate(self.param_groups):
+            if sweep and set(map(type, group["params"])) <= _checks.PLAIN:
+                kinds = _GRAD_KINDS(group["params"]).tolist()
+                if 2 not in kinds:
+                    ps = list(compress(group["params"], kinds))
+                    if ps:
+                        out.append((group, ps))
+                    continue
             ps = []
             for i, p in enumerate(group["params"]):
                 g = p.grad
