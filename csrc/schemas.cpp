@@ -107,4 +107,9 @@ TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("matmul", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_pre", torch::autograd::autogradNotImplementedFallback());
   m.impl("matmul_rowsum", torch::autograd::autogradNotImplementedFallback());
+  // Metadata-only ops (int8 codes, a bool, a signature and the grads as they are): nothing to differentiate, and
+  // torch's default autograd fallback would build an AccumulateGrad node a param when called under grad mode
+  m.impl("param_grad_signature", torch::CppFunction::makeFallthrough());
+  m.impl("grad_kinds", torch::CppFunction::makeFallthrough());
+  m.impl("adam_bucket_unchanged", torch::CppFunction::makeFallthrough());
 }

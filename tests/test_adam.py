@@ -1960,6 +1960,8 @@ def test_grad_kinds_sends_every_other_grad_to_the_python_checks(monkeypatch):
         "sparse": (param(torch.randn(3, 4).to(torch.bfloat16).to_sparse()), 2),
         "int": (param(torch.ones(3, 4, dtype=torch.int32)), 2),
         "float64": (param(torch.randn(3, 4, dtype=torch.float64)), 2),
+        "fp8": (param(torch.randn(3, 4).to(torch.float8_e4m3fn)), 2),
+        "complex": (param(torch.randn(3, 4, dtype=torch.complex64)), 2),
         "shape": (param(torch.randn(12).to(torch.bfloat16)), 2),
         "subclass grad": (param(TwoTensor(torch.randn(3, 4), torch.randn(3, 4)).to(torch.bfloat16)), 2),
         "subclass param": (param(torch.randn(3, 4), torch.nn.Parameter(TwoTensor(torch.randn(3, 4),
