@@ -60,9 +60,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorL
   return {std::move(grads), out};
 }
 
-// Per param (int8): 0 no grad; 1 a grad the optimizer's full planning takes as it is (a dense strided tensor of a
-// float dtype it steps, on the param's device, of the param's shape, neither it nor the param a Python subclass with
-// its own dispatch); 2 anything else, which the Python checks then read (mixprec_ops/optim/adam.py, _collect: they
+// Per param (int8): 0 no grad; 1 a grad that passes the optimizer's Python checks (a strided tensor of a float dtype
+// it steps, on the param's device, of the param's shape, neither it nor the param a Python subclass with its own
+// dispatch; the planning may still copy it into the param's layout); 2 anything else, which the Python checks then read (mixprec_ops/optim/adam.py, _collect: they
 // raise the error, or handle DTensor params). Metadata only, any device.
 at::Tensor grad_kinds(at::TensorList params) {
   at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kChar));

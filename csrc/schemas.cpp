@@ -66,8 +66,8 @@ TORCH_LIBRARY(mixprec, m) {
   // The grads of `params` (an empty list unless every param has one) and a 1-D int64 CPU tensor of the metadata the
   // optimizer's steady-state step rests on (csrc/param_grad_signature.cpp). Reads metadata only; any device.
   m.def("param_grad_signature(Tensor[] params) -> (Tensor[], Tensor)");
-  // Per param, an int8 CPU tensor: 0 no grad, 1 a grad the optimizer's full planning takes as it is, 2 one its
-  // Python checks must read (csrc/param_grad_signature.cpp). Reads metadata only; any device.
+  // Per param, an int8 CPU tensor: 0 no grad, 1 a grad that passes the optimizer's Python checks, 2 one they must
+  // read (csrc/param_grad_signature.cpp). Reads metadata only; any device.
   m.def("grad_kinds(Tensor[] params) -> Tensor");
   // The state lists of one adam_step_ launch (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters: csrc/adam_bucket.h),
   // held between the optimizer's steady-state steps, made from the launch's params (each with its grad; only their
