@@ -80,6 +80,14 @@ def eager_unobserved() -> bool:
                 or (torch._C._len_torch_function_stack() and not only_device_modes()))
 
 
+def eager_untransformed() -> bool:
+    """eager_unobserved() and no torch.func transform or forward-AD level (backends.transform_active: a transform's
+    wrapped tensors are of type torch.Tensor too): where plain C++ ops may be called past their Python wrappers."""
+    from .backends import transform_active
+
+    return eager_unobserved() and not transform_active()
+
+
 def walkable(t) -> bool:
     """t's elements fill one run of memory (non-overlapping and dense): the cached contiguity flag first (~0.07 us),
     the op call (~1.6 us; 3.2 ms of host time over 2,000 grads on the CI CPU) only for the others."""
@@ -91,14 +99,10 @@ PLAIN = frozenset(PLAIN_TYPES)
 
 def plain_eager(tensor_lists, tensors) -> bool:
     """Whether nothing needs to see a custom op (a Triton op's Python wrapper, ~1 us a mutated tensor for its
-    version bumps alone): eager_unobserved() and no torch.func transform or forward-AD level (backends.
-    transform_active: a transform's wrapped tensors are of type torch.Tensor too), plain tensors only (lists of
-    tensors, and single tensors or None), and no autograd to record (grad mode off, or nothing requiring grad). The
-    caller then runs the op's body and bumps the versions of what it mutates itself (torch._C._increment_version
-    takes a list: one C++ call)."""
-    from .backends import transform_active
-
-    if not eager_unobserved() or transform_active():
+    version bumps alone): eager_untransformed(), plain tensors only (lists of tensors, and single tensors or None),
+    and no autograd to record (grad mode off, or nothing requiring grad). The caller then runs the op's body and
+    bumps the versions of what it mutates itself (torch._C._increment_version takes a list: one C++ call)."""
+    if not eager_untransformed():
         return False
     ts = [t for t in tensors if t is not None]
     if not set(map(type, ts)) <= PLAIN or not all(set(map(type, lst)) <= PLAIN for lst in tensor_lists):

@@ -277,7 +277,7 @@ def bucket_usable() -> bool:
     """Whether a bucket may be passed now: the extension has it, and plain eager execution that nothing needs to see
     an op in (no mode, no torch.func transform): a bucket is a torch.ScriptObject, which fake tensors and transforms
     do not take, and its ops are called past their packets (_past_packet)."""
-    return _HAS_BUCKET and _checks.eager_unobserved() and not backends.transform_active()
+    return _HAS_BUCKET and _checks.eager_untransformed()
 
 
 def new_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):

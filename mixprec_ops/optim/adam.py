@@ -382,8 +382,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         DTensor). Only for groups of torch.Tensor / nn.Parameter params: a subclass's __torch_dispatch__ (DTensor,
         a quantized weight's) would otherwise receive the op."""
         out = []
-        sweep = (_GRAD_KINDS is not None and not self._has_dtensor_params and _checks.eager_unobserved()
-                 and not backends.transform_active())
+        sweep = _GRAD_KINDS is not None and not self._has_dtensor_params and _checks.eager_untransformed()
         for gi, group in enumerate(self.param_groups):
             if sweep and set(map(type, group["params"])) <= _checks.PLAIN:
                 kinds = _GRAD_KINDS(group["params"]).tolist()
