@@ -14,7 +14,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, OpLog, assert_bit_exact, backend_params, extension_backend, poison_allocator
+from conftest import (DEVICES, HAS_CUDA, OpLog, assert_bit_exact, assert_lists_bit_exact, backend_params,
+                      extension_backend, poison_allocator, to_device)
 
 from mixprec_ops.ops.adam import adam_scalars, adam_scalars_reference, adam_step_, adam_step_reference
 
@@ -50,17 +51,17 @@ def layout(t, kind):
 def make_bucket(P, G, S, master, ams, sizes, kind, device, gen):
     G = P if G == "P" else G
     d = {k: [] for k in ("p", "g", "m", "v", "x", "w")}
-    for n in sizes:
-        p = rand(n, P, device, gen)
-        d["p"].append(layout(p, kind))
-        d["g"].append(layout(rand(n, G, device, gen), kind))
-        d["m"].append(layout(rand(n, S, device, gen), kind))
-        d["v"].append(layout(rand(n, S, device, gen, positive=True), kind))
+    for n in sizes:  # made on the CPU (the generator's draws in this order), then moved a list at a time
+        p = rand(n, P, "cpu", gen)
+        d["p"].append(p)
+        d["g"].append(rand(n, G, "cpu", gen))
+        d["m"].append(rand(n, S, "cpu", gen))
+        d["v"].append(rand(n, S, "cpu", gen, positive=True))
         if ams:
-            d["x"].append(layout(rand(n, S, device, gen, positive=True), kind))
+            d["x"].append(rand(n, S, "cpu", gen, positive=True))
         if master:
-            d["w"].append(layout(p.float() + rand(n, torch.float32, device, gen) * 1e-3, kind))
-    return d
+            d["w"].append(p.float() + rand(n, torch.float32, "cpu", gen) * 1e-3)
+    return {k: [layout(t, kind) for t in to_device(v, device)] for k, v in d.items()}
 
 
 def run(fn, d, sc, hp, gs, fi, cl, **kw):
@@ -73,8 +74,7 @@ def step_and_compare(d, sc, hp, backend, what=""):
     run(adam_step_reference, ref, sc, hp, None, None, None)
     run(adam_step_, d, sc, hp, None, None, None, backend=backend)
     for k in d:
-        for i, (o, e) in enumerate(zip(d[k], ref[k])):
-            assert_bit_exact(o, e, f"{what}{k}[{i}]")
+        assert_lists_bit_exact(d[k], ref[k], f"{what}{k}")
 
 
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
@@ -91,7 +91,7 @@ def test_bit_identical_to_reference(device, backend, combo):
         b1, b2, eps, lr = rnd.choice([(0.9, 0.999, 1e-8, 1e-3), (0.8, 0.95, 1e-6, 0.1), (0.0, 0.0, 0.0, 1.0)])
         wd = rnd.choice([0.0, 0.1])
         hp = (b1, b2, eps, wd, rnd.random() < 0.5, rnd.random() < 0.3)
-        steps = [torch.tensor(float(rnd.randint(0, 1000)), device=device) for _ in d["p"]]
+        steps = to_device([torch.tensor(float(rnd.randint(0, 1000))) for _ in d["p"]], device)
         sc = adam_scalars(steps, lr, b1, b2, wd)
         # every row its own decay too (one lr gives every row the same): each tensor must read its own row
         sc[:, 2] -= torch.arange(len(steps), device=device) * 2.0**-12
@@ -104,11 +104,10 @@ def test_bit_identical_to_reference(device, backend, combo):
             run(adam_step_reference, ref, sc, hp, gs, fi, cl)
             run(adam_step_, out, sc, hp, gs, fi, cl, backend=backend)
             for k in d:
-                for i, (r, o, orig) in enumerate(zip(ref[k], out[k], d[k])):
-                    what = f"{k}[{i}] n={r.numel()} ams={ams} layout={kind} found_inf={fi_val}"
-                    assert_bit_exact(o, r, what)
-                    if fi_val == 1.0:
-                        assert_bit_exact(o, orig, what + " (written despite found_inf)")
+                what = f"{k} (sizes {[t.numel() for t in d[k]]}) ams={ams} layout={kind} found_inf={fi_val}"
+                assert_lists_bit_exact(out[k], ref[k], what)
+                if fi_val == 1.0:
+                    assert_lists_bit_exact(out[k], d[k], what + " (written despite found_inf)")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params("adam_step_") if p.values[1] == "triton"])
@@ -164,7 +163,7 @@ def test_many_tensors_and_launch_splits(device, backend, master, ams):
     n_t = 1000 if not (backend == "triton" and device == "cpu") else 120
     sizes = [(i * 53) % 3001 + 1 for i in range(n_t)]
     d = make_bucket(torch.bfloat16, "P", torch.float32, master, ams, sizes, "contig", device, gen)
-    steps = [torch.tensor(float(i % 7), device=device) for i in range(n_t)]
+    steps = to_device([torch.tensor(float(i % 7)) for i in range(n_t)], device)
     sc = adam_scalars(steps, 1e-3, 0.9, 0.999, 0.01)
     hp = (0.9, 0.999, 1e-8, 0.01, True, False)
     step_and_compare(d, sc, hp, backend)
@@ -276,10 +275,9 @@ def test_any_nonzero_found_inf_skips(device, backend):
         run(adam_step_, d, sc, hp, None, fi, None, backend=backend)
         run(adam_step_reference, ref, sc, hp, None, fi, None)
         for k in d:
-            for i, (o, e, b) in enumerate(zip(d[k], ref[k], before[k])):
-                assert_bit_exact(o, e, f"found_inf={fi_val} {k}[{i}]")
-                if fi_val != 0:
-                    assert_bit_exact(o, b, f"found_inf={fi_val} {k}[{i}] written")
+            assert_lists_bit_exact(d[k], ref[k], f"found_inf={fi_val} {k}")
+            if fi_val != 0:
+                assert_lists_bit_exact(d[k], before[k], f"found_inf={fi_val} {k} written")
         assert fi_val != 0 or not torch.equal(d["w"][1], before["w"][1]), "found_inf=-0.0 must step"
 
 
@@ -301,8 +299,7 @@ def test_every_backend_refuses_the_same_combinations(device, backend, P, G, mast
     with pytest.raises(RuntimeError, match=text):
         run(adam_step_, d, sc, (0.9, 0.999, 1e-8, 0.0, True, False), None, None, None, backend=backend)
     for k in d:
-        for i, (o, e) in enumerate(zip(d[k], before[k])):
-            assert_bit_exact(o, e, f"{k}[{i}]")
+        assert_lists_bit_exact(d[k], before[k], k)
 
 
 
@@ -379,12 +376,15 @@ def test_scalars_op_divides_once(device):
     want = [np.float32(lr / (1.0 - b1)) for b1, lr in cases]
     assert sum(np.float32(lr * (1.0 / (1.0 - b1))) != w for (b1, lr), w in zip(cases, want)) >= 20
     steps = torch.zeros(1, device=device)  # t = 1
-    for (b1, lr), w in zip(cases, want):
-        lr_t = torch.tensor(lr, dtype=torch.float64, device=device)
-        for got in (torch.ops.mixprec.adam_scalars(steps, None, lr, b1, 0.999, 0.0),
-                    torch.ops.mixprec.adam_scalars(steps, lr_t, 0.0, b1, 0.999, 0.0),
-                    adam_scalars_reference(steps, lr, b1, 0.999, 0.0)):
-            assert got[0, 0].item() == w, (b1, lr, got[0, 0].item(), w)
+    lr_ts = to_device([torch.tensor(lr, dtype=torch.float64) for _, lr in cases], device)
+    got = []  # each case's three step sizes, read back at the end in one transfer
+    for (b1, lr), lr_t in zip(cases, lr_ts, strict=True):
+        got += [torch.ops.mixprec.adam_scalars(steps, None, lr, b1, 0.999, 0.0)[0, 0],
+                torch.ops.mixprec.adam_scalars(steps, lr_t, 0.0, b1, 0.999, 0.0)[0, 0],
+                adam_scalars_reference(steps, lr, b1, 0.999, 0.0)[0, 0]]
+    got = torch.stack(got).view(-1, 3).tolist()
+    for (b1, lr), w, g in zip(cases, want, got, strict=True):
+        assert g == [float(w)] * 3, (b1, lr, g, w)  # op with a float lr, op with an fp64 lr tensor, reference
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ISAS, DEVICES, HAS_CUDA, assert_bit_exact, backend_params, extension_backend
+from conftest import (CPU_ISAS, DEVICES, HAS_CUDA, assert_bit_exact, assert_lists_bit_exact, backend_params,
+                      extension_backend, to_host)
 
 import mixprec_ops
 from mixprec_ops.ops import unscale_reference
@@ -37,15 +38,14 @@ def fp64_norm(ts, inv):
 @pytest.mark.parametrize("return_norm", [False, True])
 def test_matches_reference(device, backend, return_norm):
     ts = make_list(device)
-    ref = [t.cpu().clone() for t in ts]
+    ref = [t.clone() for t in to_host(ts)]
     inv = torch.tensor([1 / 1024.0 * 0.999], device=device)
     found = torch.zeros(1, device=device)
     found_ref = torch.zeros(1)
     expected_norm = fp64_norm(ts, inv.item())
     norm = mixprec_ops.unscale_(ts, inv, found, return_norm=return_norm, backend=backend)
     ref_norm = unscale_reference(ref, inv.cpu(), found_ref, return_norm)
-    for i, (a, e) in enumerate(zip(ts, ref)):
-        assert_bit_exact(a, e, f"tensor {i}")
+    assert_lists_bit_exact(ts, ref, "tensor")
     assert found.item() == 0.0 and found_ref.item() == 0.0
     if return_norm:
         assert norm.shape == () and norm.dtype == torch.float32 and norm.device == inv.device
@@ -67,14 +67,13 @@ def test_non_finite_sets_found_inf(device, backend, bad, dtype, inv):
     victim = torch.randn(5000, device=device).to(dtype)
     victim[torch.randint(0, 5000, (1,)).item()] = bad
     ts.insert(3, victim)
-    ref = [t.cpu().clone() for t in ts]
+    ref = [t.clone() for t in to_host(ts)]
     found = torch.zeros(1, device=device)
     norm = mixprec_ops.unscale_(ts, torch.tensor([inv], device=device), found, return_norm=True, backend=backend)
     assert found.item() == 1.0
     assert not math.isfinite(norm.item())
     unscale_reference(ref, torch.tensor([inv]), torch.zeros(1))
-    for i, (a, e) in enumerate(zip(ts, ref)):  # like torch: everything is still unscaled
-        assert_bit_exact(a, e, f"tensor {i}")
+    assert_lists_bit_exact(ts, ref, "tensor")  # like torch: everything is still unscaled
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP) + [pytest.param("cpu", "torch", id="cpu-torch")])
@@ -106,13 +105,12 @@ def test_many_tensors_bounded_launches(device, backend):
     processed exactly once."""
     sizes = [(i * 37) % 4099 + 1 for i in range(3000)]
     ts = [torch.randn(n, device=device).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
-    ref = [t.cpu().clone() for t in ts]
+    ref = [t.clone() for t in to_host(ts)]
     inv = torch.tensor([0.37], device=device)
     found = torch.zeros(1, device=device)
     norm = mixprec_ops.unscale_(ts, inv, found, return_norm=True, backend=backend)
     unscale_reference(ref, inv.cpu(), torch.zeros(1))
-    for i, (a, e) in enumerate(zip(ts, ref)):
-        assert_bit_exact(a, e, f"tensor {i}")
+    assert_lists_bit_exact(ts, ref, "tensor")
     assert norm.item() == pytest.approx(math.sqrt(sum(float(r.double().square().sum()) for r in ref)), rel=1e-5)
 
 
@@ -126,8 +124,7 @@ def test_matches_torch_amp_kernel(device):
         f1, f2 = torch.zeros(1, device=device), torch.zeros(1, device=device)
         mixprec_ops.unscale_(ts, inv, f1)
         torch._amp_foreach_non_finite_check_and_unscale_(theirs, f2, inv)
-        for a, b in zip(ts, theirs):
-            assert_bit_exact(a, b)
+        assert_lists_bit_exact(ts, theirs, str(dtype))
         assert f1.item() == f2.item()
 
 
