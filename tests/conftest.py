@@ -164,7 +164,7 @@ def assert_lists_bit_exact(actual, expected, what: str = "", names: bool = True)
     a failure names the first differing pair as `what[i]`."""
     actual, expected = list(actual), list(expected)
     assert len(actual) == len(expected), (what, len(actual), len(expected))
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype and a.shape == e.shape, (f"{what}[{i}]" if names else what, a.dtype, a.shape,
                                                            e.dtype, e.shape)
     host = to_host(actual + expected)

@@ -14,8 +14,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import (DEVICES, HAS_CUDA, OpLog, assert_bit_exact, assert_lists_bit_exact, backend_params,
-                      extension_backend, poison_allocator, to_device)
+from conftest import (
+    DEVICES,
+    HAS_CUDA,
+    OpLog,
+    assert_bit_exact,
+    assert_lists_bit_exact,
+    backend_params,
+    extension_backend,
+    poison_allocator,
+    to_device,
+)
 
 from mixprec_ops.ops.adam import adam_scalars, adam_scalars_reference, adam_step_, adam_step_reference
 

@@ -10,8 +10,16 @@ import math
 
 import pytest
 import torch
-from conftest import (CPU_ISAS, DEVICES, HAS_CUDA, assert_bit_exact, assert_lists_bit_exact, backend_params,
-                      extension_backend, to_host)
+from conftest import (
+    CPU_ISAS,
+    DEVICES,
+    HAS_CUDA,
+    assert_bit_exact,
+    assert_lists_bit_exact,
+    backend_params,
+    extension_backend,
+    to_host,
+)
 
 import mixprec_ops
 from mixprec_ops.ops import unscale_reference
