@@ -109,6 +109,14 @@ def read_test_report(out: str) -> dict | None:
     c["failed_tests"] = list(reasons)[:20]
     c["reasons"] = dict(list(reasons.items())[:40])
     c["slowest"] = [[r["nodeid"], r["seconds"]] for r in sorted(calls, key=lambda r: -r["seconds"])[:10]]
+    # where the workers' time went, by test function (its parametrizations summed): [function, cases, seconds]
+    by_fn: dict[str, list] = {}
+    for r in calls:
+        f = by_fn.setdefault(r["nodeid"].split("[")[0], [0, 0.0])
+        f[0] += 1
+        f[1] += r["seconds"]
+    c["call_seconds"] = round(sum(r["seconds"] for r in calls), 1)
+    c["by_function"] = [[k, n, round(sec, 1)] for k, (n, sec) in sorted(by_fn.items(), key=lambda kv: -kv[1][1])[:40]]
     c["source"] = "tests.jsonl (written as the tests ran)"
     return c
 
@@ -132,7 +140,8 @@ def read_junit(out: str) -> dict | None:
         if tc.find("failure") is not None or tc.find("error") is not None
     ][:20]
     if live:  # the reasons and durations only the live report has
-        c["reasons"], c["slowest"] = live["reasons"], live["slowest"]
+        for k in ("reasons", "slowest", "call_seconds", "by_function"):
+            c[k] = live[k]
     return c
 
 
@@ -300,6 +309,9 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         L += [f"- `{k}`: {v}" for k, v in t.get("reasons", {}).items()]
         if t.get("slowest"):
             L.append("slowest: " + ", ".join(f"{n.split('::')[-1]} {sec:.0f} s" for n, sec in t["slowest"][:5]))
+        if t.get("by_function"):
+            L.append(f"test time {t['call_seconds']:.0f} s over all workers; most by function: " + ", ".join(
+                f"{f.split('::')[-1]} {sec:.0f} s ({n})" for f, n, sec in t["by_function"][:6]))
     else:
         L.append(f"tests: {t['error'] if t else 'no junit.xml'}")
     s = rep.get("sanitizer")

@@ -124,7 +124,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """Bit-for-bit equality, except that any NaN matches any NaN (payloads differ between CPU and GPU casts).
     The pair is read back in one transfer (see assert_lists_bit_exact) and compared on the host."""
-    assert_lists_bit_exact([actual], [expected], what, names=False)
+    assert_lists_bit_exact([actual], [expected], labels=[what])
 
 
 def _host_bit_exact(a: torch.Tensor, e: torch.Tensor, what: str) -> None:
@@ -159,18 +159,18 @@ def to_host(tensors) -> list:
     return out
 
 
-def assert_lists_bit_exact(actual, expected, what: str = "", names: bool = True) -> None:
-    """assert_bit_exact for each pair of two equally long tensor lists, all read back in one transfer (to_host);
-    a failure names the first differing pair as `what[i]`."""
+def assert_lists_bit_exact(actual, expected, what: str = "", labels=None) -> None:
+    """assert_bit_exact for each pair of two equally long tensor lists, all read back in one transfer per element
+    width (to_host); a failure names the first differing pair by labels[i], or as `what[i]` without labels."""
     actual, expected = list(actual), list(expected)
     assert len(actual) == len(expected), (what, len(actual), len(expected))
+    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"{what}[{i}]")
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert a.dtype == e.dtype and a.shape == e.shape, (f"{what}[{i}]" if names else what, a.dtype, a.shape,
-                                                           e.dtype, e.shape)
+        assert a.dtype == e.dtype and a.shape == e.shape, (label(i), a.dtype, a.shape, e.dtype, e.shape)
     host = to_host(actual + expected)
     n = len(actual)
     for i in range(n):
-        _host_bit_exact(host[i], host[n + i], f"{what}[{i}]" if names else what)
+        _host_bit_exact(host[i], host[n + i], label(i))
 
 
 def to_device(tensors, device) -> list:

@@ -16,7 +16,16 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, OpLog, assert_bit_exact, backend_params, extension_backend, run_fresh_process
+from conftest import (
+    DEVICES,
+    HAS_CUDA,
+    OpLog,
+    assert_bit_exact,
+    backend_params,
+    extension_backend,
+    run_fresh_process,
+    to_device,
+)
 
 import mixprec_ops
 from mixprec_ops.amp import GradScaler
@@ -33,11 +42,12 @@ def mlp(dtype=torch.float32, device="cpu", seed=0):
 def data(n, device="cpu", dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(17, 9, generator=g)
-    out = []
+    xs, ys = [], []
     for _ in range(n):
         x = torch.randn(32, 17, generator=g)
-        out.append((x.to(device, dtype), (x @ w).tanh().to(device, dtype)))
-    return out
+        xs.append(x.to(dtype))
+        ys.append((x @ w).tanh().to(dtype))
+    return list(zip(to_device(xs, device), to_device(ys, device), strict=True))  # (one transfer: see to_device)
 
 
 def loss_fn(model, x, y):

@@ -210,6 +210,7 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
     conftest.pytest_runtest_logreport(rep("tests/t.py::a", "call", "passed", 12.5))
     conftest.pytest_runtest_logreport(rep("tests/t.py::b[cuda]", "call", "failed", 0.5,
                                           "x = 1\nE   AssertionError: dx\nE   assert 2 == 1\n\ntests/t.py:9: Err"))
+    conftest.pytest_runtest_logreport(rep("tests/t.py::b[cpu]", "call", "passed", 1.5))
     conftest.pytest_runtest_logreport(rep("tests/t.py::c", "setup", "skipped", 0.0))
     conftest.pytest_runtest_logreport(rep("tests/t.py::d", "setup", "failed", 0.2, "fixture 'gpu' not found"))
     conftest.pytest_runtest_logreport(rep("tests/t.py::a", "teardown", "failed", 0.1, "E   OSError: busy"))
@@ -220,14 +221,18 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
         f.write('{"nodeid": "tests/t.py::f", "wh')
     t = gpu_report.read_junit(str(tmp_path))
     # as pytest counts: a passed, with an error in its teardown besides; d's setup an error; g's crash a failure
-    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (5, 1, 2, 2, 1), t
+    assert (t["tests"], t["passed"], t["failures"], t["errors"], t["skipped"]) == (6, 2, 2, 2, 1), t
     assert t["reasons"] == {"tests/t.py::b[cuda]": "E   AssertionError: dx",
                             "tests/t.py::d [setup]": "fixture 'gpu' not found",
                             "tests/t.py::a [teardown]": "E   OSError: busy",
                             "tests/t.py::g": "worker 'gw1' crashed"}
     assert t["slowest"][0] == ["tests/t.py::a", 12.5] and "tests.jsonl" in t["source"]
+    # the time by test function, its parametrizations summed (b's two cases), calls only (not setup or teardown)
+    assert t["by_function"] == [["tests/t.py::a", 1, 12.5], ["tests/t.py::b", 2, 2.0], ["tests/t.py::g", 1, 0.0]]
+    assert t["call_seconds"] == 14.5
     md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": t}, None, {})
     assert "- `tests/t.py::b[cuda]`: E   AssertionError: dx" in md and "slowest: a 12 s" in md
+    assert "test time 14 s over all workers; most by function: a 12 s (1), b 2 s (2), g 0 s (1)" in md, md
 
 
 def test_gpu_report_reads_each_sanitizer_tool(tmp_path):

@@ -13,8 +13,19 @@ import os
 
 import pytest
 import torch
-from conftest import (CPU_ISAS, DEVICES, OpLog, assert_bit_exact, backend_params, bits, extension_backend,
-                      poison_allocator, run_fresh_process, wide_random)
+from conftest import (
+    CPU_ISAS,
+    DEVICES,
+    OpLog,
+    assert_bit_exact,
+    assert_lists_bit_exact,
+    backend_params,
+    bits,
+    extension_backend,
+    poison_allocator,
+    run_fresh_process,
+    wide_random,
+)
 
 import mixprec_ops
 from mixprec_ops.ops import cast_and_scale_reference
@@ -54,15 +65,19 @@ def expected(x, dtype, scale, amax, saturate):
 @pytest.mark.parametrize("n", [0, 1, 7, 1023, 65537])
 def test_all_dtype_pairs_and_sizes(device, backend, src, dst, n):
     x = make_x(n, src, device)
-    for scale in (None, 0.3712, torch.tensor([2.75], device=device)):
+    x_host, scale_t = x.cpu(), torch.tensor([2.75])
+    got, want, labels = [], [], []  # read back and compared at the end (one transfer per element width: to_host)
+    for scale, scale_host in ((None, None), (0.3712, 0.3712), (scale_t.to(device), scale_t)):
         for saturate in (True, False):
             amax = torch.full((1,), 0.125, device=device)
-            amax_ref = amax.cpu().clone()
+            amax_ref = torch.full((1,), 0.125)
             y = run(x, dst, scale, amax, saturate, backend, device)
-            ref = expected(x, dst, scale, amax_ref, saturate)
             assert y.device == x.device
-            assert_bit_exact(y, ref, f"{src}->{dst} n={n} scale={scale} saturate={saturate}")
-            assert_bit_exact(amax, amax_ref, "amax")
+            what = f"{src}->{dst} n={n} scale={scale_host} saturate={saturate}"
+            got += [y, amax]
+            want += [expected(x_host, dst, scale_host, amax_ref, saturate), amax_ref]
+            labels += [what, f"{what}: amax"]
+    assert_lists_bit_exact(got, want, labels=labels)
 
 
 @pytest.mark.slow
@@ -552,17 +567,24 @@ def test_backward_kernels_match_reference(device, backend, src, dst):
     a minute or two of its test time; tests/test_triton_compile.py compiles every grad kind for sm_80/sm_90)."""
     n = 1037
     x = make_x(n, src, device)
+    x_host, scale_t = x.cpu(), torch.tensor([2.75])
     grad_dtypes = [dst, torch.float32] if (device, backend) == ("cuda", "triton") else GRAD_DTYPES
+    got, want, labels = [], [], []  # read back and compared at the end (one transfer: to_host)
     for gd in grad_dtypes:
         g = make_grad(n, gd, device)
-        for scale in (torch.tensor([2.75], device=device), 0.3712, -3.0):
+        g_host = g.cpu()
+        for scale, scale_host in ((scale_t.to(device), scale_t), (0.3712, 0.3712), (-3.0, -3.0)):
             for saturate in (True, False):
-                got = run_backward(g, x, dst, scale, saturate, backend, device)
-                want = expected_backward(g, x, dst, scale, saturate)
-                assert got.device == x.device
-                assert_bit_exact(got, want, f"grad {gd}, scale {scale}, saturate {saturate}")
-                if saturate and scale == 0.3712 and dst == torch.float8_e4m3fn:
-                    assert (got == 0).any() and (got != 0).any()  # saturated and passing elements both met
+                out = run_backward(g, x, dst, scale, saturate, backend, device)
+                assert out.device == x.device
+                got.append(out)
+                want.append(expected_backward(g_host, x_host, dst, scale_host, saturate))
+                labels.append(f"grad {gd}, scale {scale_host}, saturate {saturate}")
+    assert_lists_bit_exact(got, want, labels=labels)
+    if dst == torch.float8_e4m3fn:  # saturated (zero) and passing elements both met, at the float scale
+        for w, what in zip(want, labels, strict=True):
+            if "scale 0.3712, saturate True" in what:
+                assert (w == 0).any() and (w != 0).any(), what
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
