@@ -310,7 +310,7 @@ def summary_md(rep: dict, prev_name: str | None, prev_rows: dict) -> str:
         if t.get("slowest"):
             L.append("slowest: " + ", ".join(f"{n.split('::')[-1]} {sec:.0f} s" for n, sec in t["slowest"][:5]))
         if t.get("by_function"):
-            L.append(f"test time {t['call_seconds']:.0f} s over all workers; most by function: " + ", ".join(
+            L.append(f"test time {t['call_seconds']:.0f} s (call phases, all workers); most by function: " + ", ".join(
                 f"{f.split('::')[-1]} {sec:.0f} s ({n})" for f, n, sec in t["by_function"][:6]))
     else:
         L.append(f"tests: {t['error'] if t else 'no junit.xml'}")

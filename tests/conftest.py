@@ -143,7 +143,8 @@ def to_host(tensors) -> list:
     """The tensors copied to the CPU in one transfer per (device, element width), not one per tensor: on the GPU
     machine each read-back is a stream sync, and with a dozen test processes sharing one GPU a sync waits for this
     process's time slice (~1.5 ms each in the run of 2026-11-30: a test comparing 1000-tensor lists one tensor at a
-    time took 56 s). Same dtypes, shapes and bits; contiguous."""
+    time took 56 s). Same dtypes, shapes and bits; contiguous. CPU tensors come back as they are (made contiguous:
+    aliases, not copies)."""
     out = [None] * len(tensors)
     groups = {}
     for i, t in enumerate(tensors):
@@ -164,6 +165,7 @@ def assert_lists_bit_exact(actual, expected, what: str = "", labels=None) -> Non
     width (to_host); a failure names the first differing pair by labels[i], or as `what[i]` without labels."""
     actual, expected = list(actual), list(expected)
     assert len(actual) == len(expected), (what, len(actual), len(expected))
+    assert labels is None or len(labels) == len(actual), (len(labels), len(actual))
     label = (lambda i: labels[i]) if labels is not None else (lambda i: f"{what}[{i}]")
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype and a.shape == e.shape, (label(i), a.dtype, a.shape, e.dtype, e.shape)
@@ -175,7 +177,9 @@ def assert_lists_bit_exact(actual, expected, what: str = "", labels=None) -> Non
 
 def to_device(tensors, device) -> list:
     """CPU tensors moved to `device` in one transfer per element width (on the GPU each copy from pageable memory
-    syncs: see to_host), each then its own allocation (a clone on the device), as a per-tensor .to(device) makes."""
+    syncs: see to_host), each then its own contiguous allocation (a clone on the device), without requires_grad.
+    To the CPU: the tensors themselves, as .to("cpu") returns them."""
+    assert all(t.device.type == "cpu" for t in tensors), "to_device moves CPU tensors"
     if torch.device(device).type == "cpu":
         return list(tensors)
     out = [None] * len(tensors)

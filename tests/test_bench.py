@@ -232,7 +232,7 @@ def test_live_test_report_gives_reasons_and_durations(tmp_path, monkeypatch):
     assert t["call_seconds"] == 14.5
     md = gpu_report.summary_md({"gpu": "G", "date": "D", "steps": [], "tests": t}, None, {})
     assert "- `tests/t.py::b[cuda]`: E   AssertionError: dx" in md and "slowest: a 12 s" in md
-    assert "test time 14 s over all workers; most by function: a 12 s (1), b 2 s (2), g 0 s (1)" in md, md
+    assert "test time 14 s (call phases, all workers); most by function: a 12 s (1), b 2 s (2), g 0 s (1)" in md, md
 
 
 def test_gpu_report_reads_each_sanitizer_tool(tmp_path):
