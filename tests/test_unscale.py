@@ -232,15 +232,21 @@ def test_cpu_kernel_lengths_and_paths(dtype, cpu_isa, monkeypatch):
     gen = torch.Generator().manual_seed(151)
     lengths = [*range(1, 41), 1023, 1024, 1025, 1031, 1037, 1040, 2047, 2049, 16383, 16384, 16385, 17415, 40000]
     base = [(torch.randn(n, generator=gen) * 300).to(dtype) for n in lengths]
-    base.append((torch.randn(257, 33, generator=gen) * 300).to(dtype)[:, 1::2])  # gapped: the ATen route
+    full = (torch.randn(257, 33, generator=gen) * 300).to(dtype)
+    base.append(full[:, 1::2])  # gapped: the ATen route
+
+    def copies():  # (clone() makes a gapped view contiguous: the last one is sliced from a copy of its matrix)
+        return [t.clone() for t in base[:-1]] + [full.clone()[:, 1::2]]
+
     host = lengths.index(1037)
     cases = [(inv_v, None) for inv_v in (0.5, 1.0, 7.0)]
     cases += [(inv_v, pos) for inv_v in (0.5, 1.0) for pos in (500, 1027, 1035)]
     for inv_v, pos in cases:
-        fresh = [t.clone() for t in base]
+        ts, ref, again = copies(), copies(), copies()
+        assert not ts[-1].is_contiguous() and not again[-1].is_contiguous()
         if pos is not None:
-            fresh[host][pos] = float("inf")
-        ts, ref, again = fresh, [t.clone() for t in fresh], [t.clone() for t in fresh]
+            for t in (ts, ref, again):
+                t[host][pos] = float("inf")
         inv = torch.tensor([inv_v])
         found, found_ref = torch.zeros(1), torch.zeros(1)
         norm = mixprec_ops.unscale_(ts, inv, found, return_norm=True, backend=backend)
