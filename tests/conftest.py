@@ -154,6 +154,10 @@ def to_host(tensors) -> list:
         else:
             groups.setdefault((t.device, t.element_size()), []).append((i, t))
     for members in groups.values():
+        if all(t.numel() == 0 for _, t in members):  # nothing to read: no transfer
+            for i, t in members:
+                out[i] = torch.empty(t.shape, dtype=t.dtype)
+            continue
         flat = torch.cat([bits(t).reshape(-1) for _, t in members]).cpu()
         for (i, t), chunk in zip(members, flat.split([t.numel() for _, t in members]), strict=True):
             out[i] = chunk.view(t.dtype).reshape(t.shape)
@@ -173,6 +177,19 @@ def assert_lists_bit_exact(actual, expected, what: str = "", labels=None) -> Non
     n = len(actual)
     for i in range(n):
         _host_bit_exact(host[i], host[n + i], label(i))
+
+
+def outside(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the elements of t's base tensor (t._base, contiguous) that the view t does not reach: the gap
+    columns of a strided slice, the element before an offset view, the tail after a slice. A kernel writing t in
+    place must leave them as they were; an empty tensor for a t that is not a view."""
+    b = t._base
+    if b is None:
+        return t.new_empty(0)
+    assert b.is_contiguous(), "outside() reads views of contiguous tensors"
+    keep = torch.ones(b.numel(), dtype=torch.bool, device=b.device)
+    keep.as_strided(t.shape, t.stride(), t.storage_offset() - b.storage_offset()).fill_(False)
+    return b.reshape(-1)[keep]
 
 
 def to_device(tensors, device) -> list:

@@ -1239,20 +1239,31 @@ def test_group_options_and_duplicates_are_checked_when_added():
 
 @pytest.mark.parametrize("device,backend", backend_ids())
 def test_steady_steps_resync_nothing_for_fallback_and_view_params(device, backend, monkeypatch):
-    """No spurious master resync: a transposed bf16 param whose grads come contiguous (stepped by the reference,
-    which moves the version counter) and params that are views of one buffer (one shared counter, moved once per
-    param by every backend) — the versions are read after the step, not predicted."""
+    """No spurious master resync: a bf16 param with gaps (its rows every other column of a buffer: stepped by the
+    reference, which moves the version counter), a transposed one whose grads come contiguous (copied into its
+    layout for the kernel) and params that are views of one buffer (one shared counter, moved once per param by
+    every backend) — the versions are read after the step, not predicted."""
+    import mixprec_ops.optim.adam as adam_mod
+
     spy = _ResyncSpy(monkeypatch)
+    served = []
+    real = adam_mod.adam_step_
+    monkeypatch.setattr(adam_mod, "adam_step_", lambda *a, backend=None, **k: (
+        served.append((len(a[0]), backend)), real(*a, backend=backend, **k))[1])
     flat = torch.randn(3 * 24).to(torch.bfloat16).to(device)
     views = [torch.nn.Parameter(flat[i * 24:(i + 1) * 24].view(4, 6)) for i in range(3)]
     transposed = torch.nn.Parameter(torch.randn(5, 7).to(torch.bfloat16).to(device).t())
-    ps = views + [transposed]
+    gapped = torch.nn.Parameter(torch.randn(5, 14).to(torch.bfloat16).to(device)[:, ::2])
+    ps = views + [transposed, gapped]
     o = AdamW(ps, lr=1e-3, backend=backend)
     for _ in range(4):
         for p in ps:
             p.grad = torch.randn(p.shape, dtype=p.dtype, device=device)  # contiguous, whatever p's strides
         o.step()
     assert spy.count == 0
+    # every step: the four walkable params in one launch, the gapped one by the reference (a step with a fallback
+    # param is planned in full each time, never recorded)
+    assert served == [(4, served[0][1]), (1, "torch")] * 4 and (backend == "torch") == (served[0][1] == "torch"), served
 
 
 @pytest.mark.parametrize("backend,compiler", [("torch", "aot_eager"), ("cpu", "inductor")])

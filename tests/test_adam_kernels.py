@@ -22,6 +22,7 @@ from conftest import (
     assert_lists_bit_exact,
     backend_params,
     extension_backend,
+    outside,
     poison_allocator,
     to_device,
 )
@@ -48,8 +49,8 @@ def rand(n, dtype, device, gen, positive=False):
 
 def layout(t, kind):
     n = t.numel()
-    if kind == "offset":  # storage offset of one element: misaligned for 16-byte access
-        b = torch.empty(n + 1, dtype=t.dtype, device=t.device)
+    if kind == "offset":  # storage offset of one element: misaligned for 16-byte access (b[0]: see outside())
+        b = torch.full((n + 1,), -7.0, dtype=t.dtype, device=t.device)
         b[1:] = t
         return b[1:]
     if kind == "perm" and n % 6 == 0:  # dense but permuted (same strides for every tensor of the entry)
@@ -80,10 +81,12 @@ def run(fn, d, sc, hp, gs, fi, cl, **kw):
 def step_and_compare(d, sc, hp, backend, what=""):
     """One step of `backend` on bucket d against the reference on copies: bit for bit, every list."""
     ref = {k: [t.clone() for t in v] for k, v in d.items()}
+    around = {k: [outside(t) for t in v] for k, v in d.items()}  # what the views do not reach must stay as it is
     run(adam_step_reference, ref, sc, hp, None, None, None)
     run(adam_step_, d, sc, hp, None, None, None, backend=backend)
     for k in d:
         assert_lists_bit_exact(d[k], ref[k], f"{what}{k}")
+        assert_lists_bit_exact([outside(t) for t in d[k]], around[k], f"{what}{k} (outside the views)")
 
 
 @pytest.mark.parametrize("device,backend", backend_params("adam_step_"))
@@ -114,11 +117,13 @@ def test_bit_identical_to_reference(device, backend, combo):
             out = {k: [layout(t.clone(), kind) if kind == "offset" else t.clone() for t in v] for k, v in d.items()}
             assert kind != "offset" or all(t.storage_offset() == 1 for v in out.values() for t in v)
             assert kind != "perm" or not out["p"][-1].is_contiguous()
+            around = {k: [outside(t) for t in v] for k, v in out.items()}  # (b[0] of each offset view)
             run(adam_step_reference, ref, sc, hp, gs, fi, cl)
             run(adam_step_, out, sc, hp, gs, fi, cl, backend=backend)
             for k in d:
                 what = f"{k} (sizes {[t.numel() for t in d[k]]}) ams={ams} layout={kind} found_inf={fi_val}"
                 assert_lists_bit_exact(out[k], ref[k], what)
+                assert_lists_bit_exact([outside(t) for t in out[k]], around[k], what + " (outside the views)")
                 if fi_val == 1.0:
                     assert_lists_bit_exact(out[k], d[k], what + " (written despite found_inf)")
 

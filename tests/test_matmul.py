@@ -119,7 +119,8 @@ def test_layouts(device, backend, dtype):
     big_b = rand(2 * k, n + 5, dtype=dtype, device=device)
     a_s, b_s = big_a[::2, 1::3], big_b[::2, 2:2 + n]         # strided slices with offsets
     bias = rand(n, dtype=dtype, device=device)
-    for name, a, b in [("a.t()", a_t, b_t[:, :]), ("b.t()", a_s, b_t), ("both strided", a_s, b_s),
+    b_rows = rand(k, n, dtype=dtype, device=device)          # row-major b
+    for name, a, b in [("a.t()", a_t, b_rows), ("b.t()", a_s, b_t), ("both strided", a_s, b_s),
                        ("both transposed", a_t, b_t)]:
         assert not (a.is_contiguous() and b.is_contiguous())
         check(mixprec_ops.matmul(a, b, bias=bias, activation="silu", backend=backend), a, b, bias, "silu", what=name)

@@ -18,6 +18,7 @@ from conftest import (
     assert_lists_bit_exact,
     backend_params,
     extension_backend,
+    outside,
     to_host,
 )
 
@@ -47,6 +48,7 @@ def fp64_norm(ts, inv):
 def test_matches_reference(device, backend, return_norm):
     ts = make_list(device)
     ref = [t.clone() for t in to_host(ts)]
+    around = [outside(t) for t in ts]  # the gaps of the strided views and what lies beyond the slices
     inv = torch.tensor([1 / 1024.0 * 0.999], device=device)
     found = torch.zeros(1, device=device)
     found_ref = torch.zeros(1)
@@ -54,6 +56,8 @@ def test_matches_reference(device, backend, return_norm):
     norm = mixprec_ops.unscale_(ts, inv, found, return_norm=return_norm, backend=backend)
     ref_norm = unscale_reference(ref, inv.cpu(), found_ref, return_norm)
     assert_lists_bit_exact(ts, ref, "tensor")
+    assert sum(a.numel() for a in around) > 0
+    assert_lists_bit_exact([outside(t) for t in ts], around, "outside the views of tensor")
     assert found.item() == 0.0 and found_ref.item() == 0.0
     if return_norm:
         assert norm.shape == () and norm.dtype == torch.float32 and norm.device == inv.device
@@ -247,6 +251,7 @@ def test_cpu_kernel_lengths_and_paths(dtype, cpu_isa, monkeypatch):
         if pos is not None:
             for t in (ts, ref, again):
                 t[host][pos] = float("inf")
+        gaps = outside(ts[-1])  # the gapped view's other columns: the ATen route must not write them
         inv = torch.tensor([inv_v])
         found, found_ref = torch.zeros(1), torch.zeros(1)
         norm = mixprec_ops.unscale_(ts, inv, found, return_norm=True, backend=backend)
@@ -254,6 +259,7 @@ def test_cpu_kernel_lengths_and_paths(dtype, cpu_isa, monkeypatch):
         what = f"inv={inv_v} inf at {pos}"
         for i, (a, e) in enumerate(zip(ts, ref)):
             assert_bit_exact(a, e, f"{what}: tensor {i} (n={a.numel()})")
+        assert_bit_exact(outside(ts[-1]), gaps, f"{what}: the gapped view's other columns")
         assert found.item() == found_ref.item() == float(pos is not None), (what, found.item(), found_ref.item())
         monkeypatch.setenv("MIXPREC_CPU_ISA", "avx2")
         norm_avx2 = mixprec_ops.unscale_(again, inv, torch.zeros(1), return_norm=True, backend=backend)
