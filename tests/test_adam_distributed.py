@@ -254,6 +254,13 @@ def scenario_zero(rank, backend, out_dir):
     return out
 
 
+def _count_steady(opt):
+    """A list that records, at each step of opt, whether it was a steady-state step (optim/_steady.py)."""
+    used, real = [], opt._steady_step
+    opt._steady_step = lambda: (rec := real(), used.append(rec is not None))[0]
+    return used
+
+
 def _full_masters(opt, model):
     out = {}
     for n, p in model.named_parameters():
@@ -375,6 +382,7 @@ def scenario_dtensor_edges(rank, backend, out_dir):
     opt = ours(model.parameters(), backend, master_weights="auto")
     resyncs, resync = [], opt._resync
     opt._resync = lambda pairs: (resyncs.append(len(pairs)), resync(pairs))[1]
+    used = _count_steady(opt)
     train(model, opt, local_batches(rank, torch.bfloat16)[:3])
     with torch.no_grad():
         model[0].weight.zero_()
@@ -382,7 +390,33 @@ def scenario_dtensor_edges(rank, backend, out_dir):
     for g in opt.param_groups:
         g["lr"], g["weight_decay"] = 0.0, 0.0
     train(model, opt, local_batches(rank, torch.bfloat16)[3:4])
-    out["write"] = dict(resyncs=resyncs, params=full_params(model), masters=_full_masters(opt, model))
+    out["write"] = dict(resyncs=resyncs, steady=used, params=full_params(model), masters=_full_masters(opt, model))
+    # steady: FSDP2 params take the steady-state step (the last planning reused: optim/_steady.py), against a twin
+    # that plans every step in full: a write under no_grad at step 2 (a DTensor op: it moves the DTensor's version
+    # counter only), a grad dropped at step 5 and back at step 6, clipping on (the norm across the shards)
+    twins = {}
+    batches = local_batches(rank, torch.bfloat16)
+    for impl in ("steady", "full"):
+        model = _fsdp_model(mesh, torch.bfloat16)
+        opt = ours(model.parameters(), backend, max_grad_norm=MAX_NORM)
+        if impl == "full":
+            opt._steady_step = lambda: None
+        used = _count_steady(opt)
+        for step in range(8):
+            x, y = batches[step % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, x, y).backward()
+            if step == 2:
+                with torch.no_grad():
+                    model[0].weight.mul_(0.5)
+            if step == 5:
+                model[2].bias.grad = None
+            opt.step()
+        twins[impl] = dict(steady=used, params=full_params(model), masters=_full_masters(opt, model),
+                           states={f"{n} {k}": v.full_tensor().clone() for n, p in model.named_parameters()
+                                   for k, v in opt.state[p].items() if k in ("exp_avg", "exp_avg_sq")},
+                           steps=[float(opt.state[p]["step"]) for p in model.parameters()])
+    out["steady"] = twins
     # norm
     norm = {}
     hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
@@ -869,15 +903,38 @@ def test_grad_scaler_over_fsdp2_shards_skips_on_every_rank(results, opt_name):
 # ------------------------------------------------------------------------------------------------ DTensor edges
 def test_fsdp2_write_between_steps_reaches_the_masters(results):
     """A write to FSDP2 bf16 params under no_grad (zero_, copy_: DTensor ops) is kept by the next step (lr 0: the
-    params and masters equal what was written, on every rank); the steady steps before it resynced nothing (FSDP2's
-    own traffic does not look like a write)."""
+    params and masters equal what was written, on every rank); the steps before it resynced nothing (FSDP2's own
+    traffic does not look like a write): the first planned in full, the next two steady (the planning reused), and
+    the write sent the fourth back to the full planning, which resynced the two written params."""
     for rank, r in enumerate(results("dtensor_edges")):
         w = r["write"]
-        assert w["resyncs"][:3] == [0, 0, 0] and w["resyncs"][3] >= 2, (rank, w["resyncs"])
+        assert w["steady"] == [False, True, True, False], (rank, w["steady"])
+        assert w["resyncs"][0] == 0 and w["resyncs"][1] >= 2 and len(w["resyncs"]) == 2, (rank, w["resyncs"])
         for name, value in (("0.weight", 0.0), ("2.weight", 0.5)):
             for k in ("params", "masters"):
                 t = w[k][name]
                 assert torch.equal(t.float(), torch.full_like(t.float(), value)), (rank, k, name, t.abs().max())
+
+
+def test_fsdp2_steady_steps_equal_full_planning(results):
+    """FSDP2 (DTensor) params take the steady-state step: the steps whose planning could be reused were (not the
+    first; not the one after a write under no_grad, which the DTensor's own version counter shows; not a step whose
+    params with grads changed, nor the next, whose record waits: the back-off), and every rank's params, masters,
+    moments and step counts are bit-identical to a twin that planned every step in full (bf16 params with masters,
+    clipping across the shards)."""
+    for rank, r in enumerate(results("dtensor_edges")):
+        steady, full = r["steady"]["steady"], r["steady"]["full"]
+        assert steady["steady"] == [False, True, False, True, True, False, False, False], (rank, steady["steady"])
+        assert not any(full["steady"])
+        assert steady["steps"] == full["steps"] and sorted(set(steady["steps"])) == [7.0, 8.0], (rank, steady["steps"])
+        for what in ("params", "masters", "states"):
+            for n, t in steady[what].items():
+                u = full[what][n]
+                assert t.dtype == u.dtype and torch.equal(t.view(torch.int16 if t.dtype == torch.bfloat16
+                                                                 else torch.int32),
+                                                          u.view(torch.int16 if u.dtype == torch.bfloat16
+                                                                 else torch.int32)), (rank, what, n)
+        assert_moved({n: t.float() for n, t in steady["params"].items()}, f"rank {rank} steady")
 
 
 @pytest.mark.parametrize("case", ["fp16", "bf16", "hsdp_fp32"])

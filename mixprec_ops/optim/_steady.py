@@ -1,9 +1,10 @@
 """The steady-state step of mixprec_ops.optim.Adam: when nothing the last step's planning rested on has changed (the
 same params with grads, in the same groups and options, holding the same state tensors, their grads plain and
-contiguous with the same shapes, dtypes and devices, no param written outside the optimizer), the step reuses that
-planning's launch lists, the state lists held on the C++ side too (mixprec::AdamBucket, so that the launch converts
-only the params from Python, and the scalars, the step and the counters' count are one op call), and only reads the
-new grads.
+contiguous with the same shapes, dtypes and devices, no param written outside the optimizer; for DTensor params
+(FSDP2, tensor parallelism), the same local shards and layouts, and DTensor grads laid out as the params), the step
+reuses that planning's launch lists, the state lists held on the C++ side too (mixprec::AdamBucket, so that the launch
+converts only the params from Python, and the scalars, the step and the counters' count are one op call; not for
+DTensor params, whose local grads the launch is given), and only reads the new grads.
 
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
 in one C++ call when the extension has it (mixprec::adam_bucket_unchanged against the bucket's own record, or
@@ -22,10 +23,14 @@ import torch
 
 from .. import _ext
 from .._checks import PLAIN
+from .._dtensor import DTensor
 from ..ops.adam import bucket_unchanged, bucket_usable, new_bucket
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
+_local_tensor = attrgetter("_local_tensor")  # a DTensor's local shard, the very tensor (to_local() may make a view)
+_spec = attrgetter("_spec")  # a DTensor's layout (mesh, placements, shape)
+_placements = attrgetter("_spec.placements")
 _size = torch.Tensor.size
 _contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
@@ -51,11 +56,18 @@ class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
     __slots__ = ("params", "lists", "bucket", "plain", "buf", "states", "lens", "getter", "held", "signature",
-                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs")
+                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs", "dparams", "locals", "specs", "placements")
 
-    def __init__(self, entries, lists, buf, keys, versions):
+    def __init__(self, entries, lists, buf, keys, versions, dparams=None):
         ps = lists[0]
-        self.params = ps
+        self.params = ps  # the launch's params: for DTensor params, their local shards as the plans took them
+        # DTensor params (FSDP2, tensor parallelism; every param of the bucket is one, or none is): the DTensors,
+        # their local tensors and layouts as planned (the plan's staleness check, Adam._bucket_group), and the
+        # placements their grads had (the params', or _collect would have laid the grads out like them)
+        self.dparams = dparams
+        self.locals = None if dparams is None else list(map(_local_tensor, dparams))
+        self.specs = None if dparams is None else list(map(_spec, dparams))
+        self.placements = None if dparams is None else list(map(_placements, dparams))
         masters = lists[5]
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
         self.lists = lists[2:]
@@ -67,14 +79,15 @@ class _Bucket:
         # __torch_function__ would miss; its params take the signature and the lists' op. Checked again at each step
         # (grads_if_unchanged): a param whose class changes to such a subclass (p.__class__ = ...,
         # torch.utils.swap_tensors) keeps its id, data and version.
-        self.plain = set(map(type, ps)) <= PLAIN
+        # (DTensor params: never, their grads are read from the DTensors)
+        self.plain = dparams is None and set(map(type, ps)) <= PLAIN
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
         self.getter = itemgetter(*keys)  # "step", the moments and the master: the tensors the lists hold
         self.held = list(chain.from_iterable(map(self.getter, self.states)))
         # the grads' and params' metadata: one C++ signature, or the Python sweeps' lists
-        self.signature = None if _SIGNATURE is None else _SIGNATURE(ps)[1]
+        self.signature = None if _SIGNATURE is None or dparams is not None else _SIGNATURE(ps)[1]
         python = self.signature is None
         self.sizes = list(map(_size, ps)) if python else None
         self.pkinds = _kinds(ps) if python else None
@@ -91,8 +104,19 @@ class _Bucket:
         optimizer's state maps these params to the recorded state dicts (SteadyStepMixin._steady_step has checked it
         whole)."""
         ps = self.params
+        dps = self.dparams
         if self.plain and not set(map(type, ps)) <= PLAIN:  # (~20 ns a param)
             return None  # a param became a subclass: its next record gives it no bucket
+        if dps is not None:
+            # DTensor params: the same local tensors and layouts as planned (FSDP2 may swap a local tensor), and grads
+            # that are DTensors laid out as recorded (else _collect redistributes them, or names the error); then
+            # their local shards are checked as plain grads are below
+            if not (_same(list(map(_local_tensor, dps)), self.locals) and _same(list(map(_spec, dps)), self.specs)):
+                return None
+            dgs = list(map(_grad, dps))
+            if (not all(map(is_, map(type, dgs), repeat(DTensor)))
+                    or list(map(_placements, dgs)) != self.placements):
+                return None
         if usable and self.bucket is not None:  # (the data pointers included)
             if not bucket_unchanged(ps, self.bucket):
                 return None
@@ -102,7 +126,7 @@ class _Bucket:
             if not gs or not torch.equal(signature, self.signature):
                 return None
         else:
-            gs = list(map(_grad, ps))
+            gs = list(map(_grad, ps)) if dps is None else list(map(_local_tensor, dgs))
             if (not all(map(is_, map(type, gs), repeat(torch.Tensor))) or list(map(_size, gs)) != self.sizes
                     or list(map(_size, ps)) != self.sizes or not all(map(_contiguous, gs))
                     or not all(map(_contiguous, ps)) or _kinds(gs) != self.gkinds or _kinds(ps) != self.pkinds
@@ -112,9 +136,16 @@ class _Bucket:
         if list(map(len, states)) != self.lens or not _same(list(chain.from_iterable(map(self.getter, states))),
                                                             self.held):
             return None
-        if self.versions is not None and list(map(_version, ps)) != self.versions:
+        if self.versions is not None and self.read_versions() != self.versions:
             return None  # written outside the optimizer: the full planning resyncs its master
         return gs
+
+    def read_versions(self):
+        """The params' version counters as the plans keep them (masters._versions): a DTensor's with its local
+        tensor's (the DTensor's own in-place ops move only the DTensor's; our kernels write the local tensor)."""
+        if self.dparams is None:
+            return list(map(_version, self.params))
+        return list(zip(map(_version, self.params), map(_version, self.dparams), strict=True))
 
 
 class SteadyStepMixin:
@@ -131,11 +162,9 @@ class SteadyStepMixin:
         self._steady_backoff = 1
 
     def _remember_steady(self, planned):
-        """After a fully planned eager step: record it when a later step can reuse it. Not for DTensor params, params
-        served by the reference (fallback), grads that needed a copy or a cast, non-contiguous params, or a step
-        inside a CUDA graph capture (no step buffer)."""
-        if self._has_dtensor_params:
-            return
+        """After a fully planned eager step: record it when a later step can reuse it. Not for params served by the
+        reference (fallback), grads that needed a copy, a cast or a redistribution, non-contiguous params, a bucket
+        mixing DTensor params with plain ones, or a step inside a CUDA graph capture (no step buffer)."""
         if self._steady_wait > 0:
             self._steady_wait -= 1
             return
@@ -152,8 +181,21 @@ class SteadyStepMixin:
                     return
                 plans = [e[4] for e in entries]
                 # plain contiguous params whose grads went to the launch as they are, and every master's version known
-                if not (all(map(itemgetter(P), plans)) and all(map(itemgetter(C), plans))
-                        and all(map(is_, [e[1] for e in entries], map(_grad, map(itemgetter(G), plans))))):
+                dparams = None
+                if not all(map(itemgetter(P), plans)):
+                    # DTensor params (FSDP2, tensor parallelism): all of the bucket's, each with a DTensor grad whose
+                    # local shard went to the launch as it is, as the plan's local param did
+                    dparams = list(map(itemgetter(G), plans))
+                    dgrads = list(map(_grad, dparams))
+                    if not (DTensor is not None and all(map(is_, map(type, dparams), repeat(DTensor)))
+                            and all(map(is_, map(type, dgrads), repeat(DTensor)))
+                            and all(map(is_, [e[0] for e in entries], map(itemgetter(self._LP), plans)))
+                            and all(map(is_, map(_local_tensor, dparams), map(itemgetter(self._SHARD), plans)))):
+                        return
+                    grads = list(map(_local_tensor, dgrads))
+                else:
+                    grads = list(map(_grad, map(itemgetter(G), plans)))
+                if not (all(map(itemgetter(C), plans)) and all(map(is_, [e[1] for e in entries], grads))):
                     return
                 master = entries[0][3] is not None
                 versions = list(map(itemgetter(V), plans))
@@ -162,7 +204,7 @@ class SteadyStepMixin:
                 keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
                         *(("master_param",) if master else ()))
                 try:
-                    bs.append(_Bucket(entries, self._lists(entries, amsgrad), buf, keys, versions))
+                    bs.append(_Bucket(entries, self._lists(entries, amsgrad), buf, keys, versions, dparams))
                 except RuntimeError:  # metadata the sweeps cannot read (a tensor without storage): plan in full
                     return
             gparams = group["params"]
@@ -187,7 +229,8 @@ class SteadyStepMixin:
             groups=list(map(id, self.param_groups)), ids=ids,
             sizes=[len(g["params"]) for g in self.param_groups],
             without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
-            cuda=any(d.type == "cuda" for d in devices), device=next(iter(devices)) if len(devices) == 1 else None)
+            cuda=any(d.type == "cuda" for d in devices), device=next(iter(devices)) if len(devices) == 1 else None,
+            dtensor=any(b.dparams is not None for _, _, bs, _ in per_group for b in bs))
 
     def _steady_step(self):
         """[(group, params with grads, units)] for this step from the record, or None (plan in full). units as
@@ -234,9 +277,10 @@ class SteadyStepMixin:
 
     def _steady_grads(self, collected):
         """{device: this step's grads in collected's order} for the norm pass, when the record's params are all on
-        one device (else None: the pass sorts them itself)."""
+        one device and none is a DTensor's (else None: the pass sorts them itself, and sums DTensor shards across
+        their meshes)."""
         dev = self._steady["device"]
-        if dev is None:
+        if dev is None or self._steady["dtensor"]:
             return None
         return {dev: list(chain.from_iterable(map(_grad, ps) for _, ps in collected))}
 
@@ -248,7 +292,7 @@ class SteadyStepMixin:
         for _, _, buckets, _ in self._steady["per_group"]:
             for b in buckets:
                 if b.versions is not None:
-                    b.versions = list(map(_version, b.params))
+                    b.versions = b.read_versions()
 
     def _forget_steady(self):
         """Before a fully planned step: drop the record, its params' versions handed back to their plans. A record
