@@ -21,6 +21,7 @@
 
 #include "adam_bucket.h"
 #include "common.h"
+#include "hold_args.h"
 #include "param_grad_signature.h"
 
 namespace mixprec {
@@ -59,12 +60,23 @@ void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket
   TORCH_CHECK(steps.dim() == 1 && steps.size(0) == static_cast<int64_t>(params.size()),
               "steps must be a 1-D tensor of one counter a param (", params.size(), "), got shape ",
               dims(steps.sizes()));
+  // Refused here, before anything is written, what the count at the end would refuse after the step: counters that
+  // share memory (an expanded or overlapping view: add_ refuses to write one element twice) and a negative-bit view
+  // (torch's fallback would step a resolved copy; this op's Negative key falls through to reach this check,
+  // csrc/schemas.cpp). The optimizer's step buffer is a plain contiguous tensor.
+  TORCH_CHECK(steps.is_contiguous(), "steps must be contiguous (one counter of its own a param), got strides ",
+              dims(steps.strides()));
+  TORCH_CHECK(!steps.is_neg(), "steps must not be a negative-bit view (torch._neg_view); resolve_neg() it first");
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& g = params[i].grad();
-    TORCH_CHECK(g.defined(), "params[", i, "] has no grad");
-    grads.push_back(g);
+  {
+    const GradReadLock gil;  // (the grads are read under the GIL: hold_args.h)
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK(!params[i].is_neg(), "params[", i, "] must not be a negative-bit view (torch._neg_view)");
+      const at::Tensor& g = params[i].grad();
+      TORCH_CHECK(g.defined(), "params[", i, "] has no grad");
+      grads.push_back(g);
+    }
   }
   // The counters' version moves once, when the call returns, as with the add_ that counted from Python (params and
   // states: adam_step_'s kernel moves theirs). Constructed before the guard below: both hold it, this one longest.

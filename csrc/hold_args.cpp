@@ -1,7 +1,8 @@
-// release_held (csrc/hold_args.h): the one place outside the module's init that calls into Python, through the
-// limited API (Py_IsInitialized, PyGILState_Ensure / _Release). It takes the GIL where and when torch's own decref
-// of those Python objects would have (c10's PyInterpreter decref: the same Py_IsInitialized check, then the GIL),
-// once instead of once a tensor; nested calls (the GIL already held) are fine, and the deadlock hazard is torch's.
+// release_held and GradReadLock (csrc/hold_args.h): the one place outside the module's init that calls into Python,
+// through the limited API (Py_IsInitialized, PyGILState_Ensure / _Release). release_held takes the GIL where and when
+// torch's own decref of those Python objects would have (c10's PyInterpreter decref: the same Py_IsInitialized check,
+// then the GIL), once instead of once a tensor; nested calls (the GIL already held) are fine, and the deadlock hazard
+// is torch's. GradReadLock takes it for a sweep that reads grads, as a Python caller of torch's would hold it.
 #include "hold_args.h"
 
 #include <Python.h>
@@ -37,6 +38,17 @@ void release_held(std::vector<c10::IValue>& held) noexcept {
   const PyGILState_STATE state = PyGILState_Ensure();
   held.clear();
   PyGILState_Release(state);
+}
+
+GradReadLock::GradReadLock() noexcept {
+  if (Py_IsInitialized()) {
+    state_ = static_cast<int>(PyGILState_Ensure());
+    held_ = true;
+  }
+}
+
+GradReadLock::~GradReadLock() {
+  if (held_) PyGILState_Release(static_cast<PyGILState_STATE>(state_));
 }
 
 }  // namespace mixprec

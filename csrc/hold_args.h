@@ -44,6 +44,25 @@ void call_holding_args(const c10::OperatorHandle& op, c10::DispatchKeySet ks, to
   kernel.callBoxed(op, ks, stack);
 }
 
+// Holds the GIL for its lifetime when Python runs (a nested hold, the GIL already held, is fine): the kernels that read
+// params' grads (p.grad()) read them under it. torch.ops releases the GIL around our call, and Python's `p.grad = g`
+// (or `= None`) replaces a grad under the GIL: copying the handle while another thread replaces it is a use-after-free
+// (a two-thread fuzz run crashed the process within a second, 2026-12-01). Under the GIL a read is as safe as a
+// Python caller's `p.grad`; not safer: torch's own assignment lets the GIL go while it frees the old grad
+// (THPVariable_clear, torch 2.11 and 2.14), and a pure-Python reader in that window crashes too (bench/NOTES.md).
+// No effect where Python is not initialized.
+class GradReadLock {
+ public:
+  GradReadLock() noexcept;
+  ~GradReadLock();
+  GradReadLock(const GradReadLock&) = delete;
+  GradReadLock& operator=(const GradReadLock&) = delete;
+
+ private:
+  int state_ = 0;  // (a PyGILState_STATE: Python.h stays out of this header)
+  bool held_ = false;
+};
+
 // m.impl(name, holding_args<&kernel>()): the kernel, registered through call_holding_args.
 template <auto Fn>
 torch::CppFunction holding_args() {

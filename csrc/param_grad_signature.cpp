@@ -24,6 +24,7 @@ namespace mixprec {
 bool append_param_grad_signature(at::TensorList params, std::vector<int64_t>& sig, std::vector<at::Tensor>* grads) {
   sig.reserve(sig.size() + params.size() * 12);
   if (grads != nullptr) grads->reserve(grads->size() + params.size());
+  const GradReadLock gil;  // (the grads are read under the GIL: hold_args.h)
   bool all = true;
   for (const at::Tensor& p : params) {
     sig.push_back(p.dim());
@@ -33,7 +34,7 @@ bool append_param_grad_signature(at::TensorList params, std::vector<int64_t>& si
     sig.push_back(p.device().index());
     sig.push_back(p.is_contiguous() ? 1 : 0);
     sig.push_back(static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p.const_data_ptr())));
-    const at::Tensor g = p.grad();  // (a reference of our own: the GIL is released, another thread may reset it)
+    const at::Tensor g = p.grad();  // (a reference of our own, taken under the GIL)
     if (!g.defined()) {
       sig.push_back(-1);
       all = false;
@@ -67,8 +68,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> param_grad_signature(at::TensorL
 at::Tensor grad_kinds(at::TensorList params) {
   at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kChar));
   int8_t* o = out.data_ptr<int8_t>();
+  const GradReadLock gil;  // (the grads are read under the GIL: hold_args.h)
   for (const at::Tensor& p : params) {
-    const at::Tensor g = p.grad();  // (a reference of our own: the GIL is released, another thread may reset it)
+    const at::Tensor g = p.grad();  // (a reference of our own, taken under the GIL)
     int8_t kind = 0;
     if (g.defined()) {
       const bool plain = !g.key_set().has(c10::DispatchKey::Python) && !p.key_set().has(c10::DispatchKey::Python);

@@ -113,3 +113,11 @@ TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
   m.impl("grad_kinds", torch::CppFunction::makeFallthrough());
   m.impl("adam_bucket_unchanged", torch::CppFunction::makeFallthrough());
 }
+
+// adam_step_bucket_ writes `steps` (and the params) after the step: torch's negative-bit fallback would run it on a
+// resolved copy of a torch._neg_view argument, step the params and states, then fail to write the copy back (the op
+// returns nothing; a fuzz run found the step taken and the call raising). Falling through, the kernel sees the view
+// and refuses it before anything is written (csrc/adam_bucket.cpp).
+TORCH_LIBRARY_IMPL(mixprec, Negative, m) {
+  m.impl("adam_step_bucket_", torch::CppFunction::makeFallthrough());
+}

@@ -21,6 +21,7 @@ from conftest import (
     HAS_CUDA,
     OpLog,
     assert_bit_exact,
+    assert_lists_bit_exact,
     backend_params,
     extension_backend,
     run_fresh_process,
@@ -2015,6 +2016,54 @@ def test_grad_kinds_sends_every_other_grad_to_the_python_checks(monkeypatch):
     assert calls and not any(id(cases["subclass param"][0]) in map(id, ps) for ps in calls)
 
 
+def test_grad_reading_ops_from_threads():
+    """The extension's ops that read params' grads (grad_kinds, param_grad_signature, adam_bucket_unchanged,
+    adam_step_bucket_) take the GIL for that sweep (csrc/hold_args.h, GradReadLock: torch.ops releases it around the
+    call, and Python replaces grads under it). Called from two threads at once while the main thread runs Python
+    bytecode, they finish (no deadlock with torch.ops' own release and re-acquire) and give each thread its answer."""
+    import threading
+
+    from mixprec_ops import _ext
+
+    if not all(_ext.has_kernel(op, "CompositeExplicitAutograd") for op in ("grad_kinds", "adam_bucket_unchanged")):
+        pytest.skip("the extension lacks the grad-reading ops")
+    n = 300
+    params = [torch.zeros(2) for _ in range(n)]
+    for i, p in enumerate(params):
+        p.grad = torch.full((2,), float(i))
+    bucket = torch.classes.mixprec.AdamBucket(params, [torch.zeros(2) for _ in params],
+                                              [torch.zeros(2) for _ in params], [], [])
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            steps = torch.zeros(n)
+            for _ in range(30):
+                kinds = torch.ops.mixprec.grad_kinds(params).tolist()
+                grads, _ = torch.ops.mixprec.param_grad_signature(params)
+                same = torch.ops.mixprec.adam_bucket_unchanged(params, bucket)
+            torch.ops.mixprec.adam_step_bucket_(params[:1], torch.classes.mixprec.AdamBucket(
+                params[:1], [torch.zeros(2)], [torch.zeros(2)], [], []), steps[:1], None, 0.0, 0.9, 0.999, 1e-8, 0.0,
+                False, False, None, None, None)
+            results[name] = (kinds, [g is p.grad for g, p in zip(grads, params, strict=True)], same, steps[0].item())
+        except BaseException as e:  # (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    spun = 0
+    while any(t.is_alive() for t in threads) and spun < 10**7:  # Python bytecode on the main thread meanwhile
+        spun += 1
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a grad-reading op did not return (deadlock?)"
+    assert not errors, errors
+    for name in ("a", "b"):
+        kinds, same_grads, same, step = results[name]
+        assert kinds == [1] * n and all(same_grads) and same is True and step == 1.0, name
+
+
 def test_param_grad_signature_sees_every_metadata_change():
     """mixprec::param_grad_signature (the steady step's C++ metadata sweep): the grads come back only when every
     param has one, and the signature changes with each piece of metadata the recorded launch lists rest on, including
@@ -2146,7 +2195,10 @@ def test_adam_bucket_steps_its_own_lists(device):
     or a float64 tensor; clipping, grad scale and a found_inf that skips: then the counters do not move either); the
     bucket's own state tensors are what it steps; the counters' version moves once a call; a refused call (grad mode
     with params that require grad, a param without a grad, a bad found_inf, counters of the wrong shape) leaves the
-    counters as they were. bucket_unchanged: true for new grads of the same kind, false when a grad is gone."""
+    counters as they were, and the params and the bucket's states too, values and versions: counters that share
+    memory (expanded, overlapping) or carry the negative bit, and a negative-bit param, are refused before the step
+    (the count at its end refused them after it, with everything stepped, found by a fuzz run). bucket_unchanged: true
+    for new grads of the same kind, false when a grad is gone."""
     from mixprec_ops.ops import adam as ops_adam
 
     backend = extension_backend(OP, device)
@@ -2206,10 +2258,18 @@ def test_adam_bucket_steps_its_own_lists(device):
     counted, version = steps_a.clone(), steps_a._version
 
     def refused(match, *args, grad_mode=False):
+        held = [t.detach() for lst in a for t in lst]  # the params and the bucket's own states (and masters)
+        snap, versions = [t.clone() for t in held], [t._version for t in held]
+        steps = args[2]
+        steps_snap, steps_version = steps.resolve_neg().clone(), steps._version
         with torch.set_grad_enabled(grad_mode), pytest.raises((RuntimeError, ValueError), match=match):
             torch.ops.mixprec.adam_step_bucket_(*args)
         assert_bit_exact(steps_a, counted, "the counters after a refused call")
         assert steps_a._version == version
+        assert_bit_exact(steps.resolve_neg(), steps_snap, "the given counters after a refused call")
+        assert steps._version == steps_version
+        assert_lists_bit_exact(held, snap, "the params and states after a refused call")
+        assert [t._version for t in held] == versions
 
     refused("requires grad", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None, grad_mode=True)
     refused("found_inf", a[0], bucket, steps_a, None, 1e-2, *hp, None, torch.zeros(2, device=device), None)
@@ -2217,6 +2277,14 @@ def test_adam_bucket_steps_its_own_lists(device):
             None, None)
     refused("lr must be a float32 or float64 tensor", a[0], bucket, steps_a, torch.tensor(1e-2, device=device,
             dtype=torch.bfloat16), 0.0, *hp, None, None, None)  # (adam_scalars' own check)
+    refused("steps must be contiguous", a[0], bucket, steps_a[:1].expand(4), None, 1e-2, *hp, None, None, None)
+    refused("steps must be contiguous", a[0], bucket, steps_a.repeat(2)[::2], None, 1e-2, *hp, None, None, None)
+    refused("steps must not be a negative-bit view", a[0], bucket, torch._neg_view(steps_a.clone()), None, 1e-2, *hp,
+            None, None, None)
+    neg = torch._neg_view(a[0][1].detach())
+    neg.grad = a[0][1].grad.clone()
+    refused(r"params\[1\] must not be a negative-bit view", [a[0][0], neg, *a[0][2:]], bucket, steps_a, None, 1e-2,
+            *hp, None, None, None)
     for p in a[0]:  # new grads of the same kind: the same signature
         p.grad = torch.randn_like(p)
     assert ops_adam.bucket_unchanged(a[0], bucket)
