@@ -417,6 +417,25 @@ def scenario_dtensor_edges(rank, backend, out_dir):
                                    for k, v in opt.state[p].items() if k in ("exp_avg", "exp_avg_sq")},
                            steps=[float(opt.state[p]["step"]) for p in model.parameters()])
     out["steady"] = twins
+    # steady_dtype: `p.data = p.data.float()` on a bf16 FSDP2 param changes the DTensor's dtype and keeps its local
+    # tensor and spec; the full planning replans the param (its master is taken over), and the steady check must see it
+    twins = {}
+    for impl in ("steady", "full"):
+        model = _fsdp_model(mesh, torch.bfloat16)
+        opt = ours(model.parameters(), backend)
+        if impl == "full":
+            opt._steady_step = lambda: None
+        used = _count_steady(opt)
+        for step in range(4):  # (the last: FSDP2's next backward refuses a bf16 grad for the float32 param)
+            x, y = batches[step]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, x, y).backward()
+            if step == 3:
+                model[0].weight.data = model[0].weight.data.float()
+            opt.step()
+        twins[impl] = dict(steady=used, locals={n: p.detach().to_local().clone() for n, p in model.named_parameters()},
+                           keys={n: sorted(opt.state[p]) for n, p in model.named_parameters()})
+    out["steady_dtype"] = twins
     # norm
     norm = {}
     hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
@@ -935,6 +954,13 @@ def test_fsdp2_steady_steps_equal_full_planning(results):
                                                           u.view(torch.int16 if u.dtype == torch.bfloat16
                                                                  else torch.int32)), (rank, what, n)
         assert_moved({n: t.float() for n, t in steady["params"].items()}, f"rank {rank} steady")
+        # a DTensor param's dtype changed by `p.data = ...` (its local tensor and spec kept): planned in full
+        steady, full = r["steady_dtype"]["steady"], r["steady_dtype"]["full"]
+        assert steady["steady"] == [False, True, True, False], (rank, steady["steady"])
+        assert steady["keys"] == full["keys"] and "master_param" not in steady["keys"]["0.weight"], (rank, steady)
+        for n, t in steady["locals"].items():
+            u = full["locals"][n]
+            assert t.dtype == u.dtype and torch.equal(t, u), (rank, "steady_dtype", n)
 
 
 @pytest.mark.parametrize("case", ["fp16", "bf16", "hsdp_fp32"])

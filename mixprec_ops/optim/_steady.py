@@ -30,6 +30,7 @@ _grad = attrgetter("grad")
 _version = attrgetter("_version")
 _local_tensor = attrgetter("_local_tensor")  # a DTensor's local shard, the very tensor (to_local() may make a view)
 _spec = attrgetter("_spec")  # a DTensor's layout (mesh, placements, shape)
+_dtype = attrgetter("dtype")
 _placements = attrgetter("_spec.placements")
 _size = torch.Tensor.size
 _contiguous = torch.Tensor.is_contiguous
@@ -56,17 +57,20 @@ class _Bucket:
     """One launch of the recorded step: its lists (but the grads) and what must hold for them to be reused."""
 
     __slots__ = ("params", "lists", "bucket", "plain", "buf", "states", "lens", "getter", "held", "signature",
-                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs", "dparams", "locals", "specs", "placements")
+                 "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs", "dparams", "locals", "specs", "dtypes",
+                 "placements")
 
     def __init__(self, entries, lists, buf, keys, versions, dparams=None):
         ps = lists[0]
         self.params = ps  # the launch's params: for DTensor params, their local shards as the plans took them
         # DTensor params (FSDP2, tensor parallelism; every param of the bucket is one, or none is): the DTensors,
-        # their local tensors and layouts as planned (the plan's staleness check, Adam._bucket_group), and the
-        # placements their grads had (the params', or _collect would have laid the grads out like them)
+        # their local tensors, layouts and dtypes as planned (what the plan's staleness check reads, Adam._bucket_group:
+        # `p.data = t` can change a DTensor's dtype and keep its local tensor and spec), and the placements their grads
+        # had (the params', or _collect would have laid the grads out like them)
         self.dparams = dparams
         self.locals = None if dparams is None else list(map(_local_tensor, dparams))
         self.specs = None if dparams is None else list(map(_spec, dparams))
+        self.dtypes = None if dparams is None else list(map(_dtype, dparams))
         self.placements = None if dparams is None else list(map(_placements, dparams))
         masters = lists[5]
         # (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters): the launch lists after the params and grads
@@ -111,7 +115,8 @@ class _Bucket:
             # DTensor params: the same local tensors and layouts as planned (FSDP2 may swap a local tensor), and grads
             # that are DTensors laid out as recorded (else _collect redistributes them, or names the error); then
             # their local shards are checked as plain grads are below
-            if not (_same(list(map(_local_tensor, dps)), self.locals) and _same(list(map(_spec, dps)), self.specs)):
+            if not (_same(list(map(_local_tensor, dps)), self.locals) and _same(list(map(_spec, dps)), self.specs)
+                    and _same(list(map(_dtype, dps)), self.dtypes)):
                 return None
             dgs = list(map(_grad, dps))
             if (not all(map(is_, map(type, dgs), repeat(DTensor)))
@@ -270,7 +275,8 @@ class SteadyStepMixin:
                     units.append(((b.params, None if gs is True else gs, *b.lists), b.buf, self.backend,
                                   b.bucket if usable else None))
                 out.append((group, ps, units))
-        except (RuntimeError, TypeError, KeyError):  # something the checks cannot read: the full planning names it
+        except (RuntimeError, TypeError, KeyError, AttributeError):  # something the checks cannot read (a recorded
+            # DTensor param whose class was changed: no _local_tensor): the full planning names it
             return None
         rec["used"] = True
         return out
