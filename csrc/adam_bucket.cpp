@@ -4,7 +4,8 @@
 //   tensor and compared there (no tensor made, no grads handed out, one op call);
 // - adam_step_bucket_: a whole launch of the optimizer over the params and the bucket's state lists, the grads read
 //   from the params (p.grad) at the call: the per-tensor scalars from the bucket's step counters (adam_scalars),
-//   adam_step_, then the counters' count (+1, or +0 when found_inf says the step is skipped). Three ops that the
+//   adam_step_, then the counters' count (+1, or +0 when found_inf says the step is skipped); or the grads given, one
+//   a param (DTensor params' local shards, which have no .grad: mixprec_ops/optim/_steady.py). Three ops that the
 //   optimizer called one by one from Python (~10 us of host time each on the CI CPU), here called typed through the
 //   dispatcher (adam_step_'s kernels as _adam_step_unboxed_, csrc/schemas.cpp) below autograd (this op's own
 //   Autograd kernel, csrc/schemas.cpp, refuses params that require grad under grad mode), so the checks and the
@@ -51,7 +52,8 @@ bool adam_bucket_unchanged(at::TensorList params, const c10::intrusive_ptr<AdamB
 void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket, const at::Tensor& steps,
                       const std::optional<at::Tensor>& lr, double lr_value, double beta1, double beta2, double eps,
                       double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                      at::TensorList given_grads) {
   static const auto step_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mixprec::_adam_step_unboxed_", "")
           .typed<AdamStep>();
@@ -67,12 +69,19 @@ void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket
   TORCH_CHECK(steps.is_contiguous(), "steps must be contiguous (one counter of its own a param), got strides ",
               dims(steps.strides()));
   TORCH_CHECK(!steps.is_neg(), "steps must not be a negative-bit view (torch._neg_view); resolve_neg() it first");
+  TORCH_CHECK(given_grads.empty() || given_grads.size() == params.size(),
+              "grads must be empty (the params' own grads are read) or hold one grad a param (", params.size(),
+              "), got ", given_grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(!params[i].is_neg(), "params[", i, "] must not be a negative-bit view (torch._neg_view)");
+  }
   std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
-  {
+  if (!given_grads.empty()) {
+    grads.assign(given_grads.begin(), given_grads.end());  // (checked by adam_step_'s kernel, as its own arguments)
+  } else {
+    grads.reserve(params.size());
     const GradReadLock gil;  // (the grads are read under the GIL: hold_args.h)
     for (size_t i = 0; i < params.size(); ++i) {
-      TORCH_CHECK(!params[i].is_neg(), "params[", i, "] must not be a negative-bit view (torch._neg_view)");
       const at::Tensor& g = params[i].grad();
       TORCH_CHECK(g.defined(), "params[", i, "] has no grad");
       grads.push_back(g);

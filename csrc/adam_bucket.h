@@ -34,6 +34,7 @@ bool adam_bucket_unchanged(at::TensorList params, const c10::intrusive_ptr<AdamB
 void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket>& bucket, const at::Tensor& steps,
                       const std::optional<at::Tensor>& lr, double lr_value, double beta1, double beta2, double eps,
                       double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef);
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                      at::TensorList grads);
 
 }  // namespace mixprec

@@ -74,7 +74,9 @@ TORCH_LIBRARY(mixprec, m) {
   // metadata signature is kept) and those lists. adam_bucket_unchanged: the params' signature is still the one the
   // bucket was made with. adam_step_bucket_: the scalars from the step counters `steps` (1-D float32, one a param:
   // the optimizer's step buffer; lr as adam_scalars takes it), adam_step_ over the params and the bucket's lists,
-  // the grads read from the params (p.grad) at the call, then steps += (found_inf == 0) (+1 without found_inf).
+  // the grads read from the params (p.grad) at the call when `grads` is empty, else `grads` (one a param: DTensor
+  // params' local shards, which have no .grad; such a bucket is made from no params, so it has no signature), then
+  // steps += (found_inf == 0) (+1 without found_inf).
   m.class_<mixprec::AdamBucket>("AdamBucket")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>>());
@@ -82,7 +84,7 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "adam_step_bucket_(Tensor(a!)[] params, __torch__.torch.classes.mixprec.AdamBucket bucket, Tensor(b!) steps, "
       "Tensor? lr, float lr_value, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
-      "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+      "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, Tensor[] grads) -> ()");
   // (through holding_args: the params are released after the GIL is taken back, once a call; csrc/hold_args.h)
   m.impl("adam_bucket_unchanged",
          torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,

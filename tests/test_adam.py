@@ -2044,7 +2044,7 @@ def test_grad_reading_ops_from_threads():
                 same = torch.ops.mixprec.adam_bucket_unchanged(params, bucket)
             torch.ops.mixprec.adam_step_bucket_(params[:1], torch.classes.mixprec.AdamBucket(
                 params[:1], [torch.zeros(2)], [torch.zeros(2)], [], []), steps[:1], None, 0.0, 0.9, 0.999, 1e-8, 0.0,
-                False, False, None, None, None)
+                False, False, None, None, None, [])
             results[name] = (kinds, [g is p.grad for g, p in zip(grads, params, strict=True)], same, steps[0].item())
         except BaseException as e:  # (reported by the main thread)
             errors.append(e)
@@ -2193,7 +2193,8 @@ def test_adam_bucket_steps_its_own_lists(device):
     """ops.adam.adam_step_bucket_ (the optimizer's steady step): the state lists held on the C++ side give the bits of
     adam_scalars + adam_step_ + the counters' add_ with the lists (grads read from the params; lr a float, a float32
     or a float64 tensor; clipping, grad scale and a found_inf that skips: then the counters do not move either); the
-    bucket's own state tensors are what it steps; the counters' version moves once a call; a refused call (grad mode
+    bucket's own state tensors are what it steps, with the params' grads or the grads given (a bucket made from no
+    params); the counters' version moves once a call; a refused call (grad mode
     with params that require grad, a param without a grad, a bad found_inf, counters of the wrong shape) leaves the
     counters as they were, and the params and the bucket's states too, values and versions: counters that share
     memory (expanded, overlapping) or carry the negative bit, and a negative-bit param, are refused before the step
@@ -2223,10 +2224,10 @@ def test_adam_bucket_steps_its_own_lists(device):
     steps_b, start = steps_a.clone(), steps_a.clone()
     hp = (0.9, 0.999, 1e-8, 0.1, True, False)
 
-    def by_lists(lr, grad_scale=None, found_inf=None, clip=None):
+    def by_lists(lr, grad_scale=None, found_inf=None, clip=None, grads=None):
         scalars = ops_adam.adam_scalars(steps_b, lr, 0.9, 0.999, 0.1, backend=backend)
-        ops_adam.adam_step_(b[0], [p.grad for p in b[0]], b[1], b[2], [], b[3], scalars, *hp, grad_scale, found_inf,
-                            clip, backend=backend)
+        ops_adam.adam_step_(b[0], [p.grad for p in b[0]] if grads is None else grads, b[1], b[2], [], b[3], scalars,
+                            *hp, grad_scale, found_inf, clip, backend=backend)
         steps_b.add_(1.0 if found_inf is None else (found_inf.reshape(()) == 0).float())
 
     def compare(what):
@@ -2246,7 +2247,18 @@ def test_adam_bucket_steps_its_own_lists(device):
                 assert steps_a._version == version + 1
                 by_lists(lr, *extra)
                 compare(f"lr {lr!r}, {len(extra)} extras")
-    assert_bit_exact(steps_a, start + 6, "the counters")  # (6 counted steps, 3 skipped)
+    counted_steps = 6  # (3 skipped)
+    if ops_adam.BUCKET_TAKES_GRADS:
+        # the grads given (a DTensor param's local shard has no .grad to read): a bucket made from no params over the
+        # same state lists, and grads that are not the params' own
+        given = [torch.randn(p.shape, generator=gen).to(device, torch.bfloat16) for p in a[0]]
+        no_params = ops_adam.new_bucket([], a[1], a[2], [], a[3])
+        with torch.no_grad():
+            ops_adam.adam_step_bucket_(a[0], no_params, steps_a, 1e-2, *hp, grads=given)
+            by_lists(1e-2, grads=[g.clone() for g in given])
+        compare("the grads given")
+        counted_steps += 1
+    assert_bit_exact(steps_a, start + counted_steps, "the counters")
     other = tensors()
     before = [[t.detach().clone() for t in lst] for lst in other[1:]]
     with torch.no_grad():
@@ -2258,6 +2270,8 @@ def test_adam_bucket_steps_its_own_lists(device):
     counted, version = steps_a.clone(), steps_a._version
 
     def refused(match, *args, grad_mode=False):
+        if ops_adam.BUCKET_TAKES_GRADS and len(args) == 14:
+            args = (*args, [])  # (grads: none given, the params' own are read)
         held = [t.detach() for lst in a for t in lst]  # the params and the bucket's own states (and masters)
         snap, versions = [t.clone() for t in held], [t._version for t in held]
         steps = args[2]
@@ -2277,6 +2291,11 @@ def test_adam_bucket_steps_its_own_lists(device):
             None, None)
     refused("lr must be a float32 or float64 tensor", a[0], bucket, steps_a, torch.tensor(1e-2, device=device,
             dtype=torch.bfloat16), 0.0, *hp, None, None, None)  # (adam_scalars' own check)
+    if ops_adam.BUCKET_TAKES_GRADS:
+        refused("grads must be empty", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None,
+                [p.grad for p in a[0][:3]])
+        refused("grad", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None,
+                [p.grad.float()[:1] for p in a[0]])  # (adam_step_'s own checks, before anything is written)
     refused("steps must be contiguous", a[0], bucket, steps_a[:1].expand(4), None, 1e-2, *hp, None, None, None)
     refused("steps must be contiguous", a[0], bucket, steps_a.repeat(2)[::2], None, 1e-2, *hp, None, None, None)
     refused("steps must not be a negative-bit view", a[0], bucket, torch._neg_view(steps_a.clone()), None, 1e-2, *hp,

@@ -233,6 +233,9 @@ def _past_packet(packet):
 
 
 _BUCKET_OP = _past_packet(torch.ops.mixprec.adam_step_bucket_) if _HAS_BUCKET else None
+# adam_step_bucket_ takes the grads too (DTensor params' local shards); an extension built before that has not
+BUCKET_TAKES_GRADS = _HAS_BUCKET and any(
+    a.name == "grads" for a in torch.ops.mixprec.adam_step_bucket_.default._schema.arguments)
 _UNCHANGED_OP = _past_packet(torch.ops.mixprec.adam_bucket_unchanged) if _HAS_BUCKET else None
 _NO_SUBCLASS_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass
 
@@ -283,7 +286,8 @@ def bucket_usable() -> bool:
 def new_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
     """A torch.classes.mixprec.AdamBucket holding these state lists and the signature of `params` (each with its
     grad; their metadata only, not the tensors), for bucket_unchanged and adam_step_bucket_; None when the loaded
-    extension lacks it."""
+    extension lacks it. With no params (DTensor params' local shards, which have no grads to sign) the bucket has no
+    signature: its launches are given the grads, and bucket_unchanged does not serve it."""
     if not _HAS_BUCKET:
         return None
     return torch.classes.mixprec.AdamBucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
@@ -301,13 +305,20 @@ def bucket_unchanged(params, bucket) -> bool:
 
 
 def adam_step_bucket_(params, bucket, steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                      grad_scale=None, found_inf=None, clip_coef=None):
+                      grad_scale=None, found_inf=None, clip_coef=None, grads=None):
     """One launch of the C++ / CUDA backend over params and the state lists `bucket` holds, the grads read from the
-    params (p.grad) at the call: the scalars from `steps` (the bucket's step buffer: 1-D float32, one counter a param,
-    on the params' device) and lr (a float, or a 1-element float32 / float64 tensor on that device), adam_step_, then
-    steps += 1, or + (found_inf == 0) with a found_inf: what adam_scalars, adam_step_ and steps.add_ do, in one op
-    call (mixprec::adam_step_bucket_). Params as for bucket_unchanged; only when bucket_usable()."""
+    params (p.grad) at the call, or `grads` (one a param; only where BUCKET_TAKES_GRADS): the scalars from `steps`
+    (the bucket's step buffer: 1-D float32, one counter a param, on the params' device) and lr (a float, or a
+    1-element float32 / float64 tensor on that device), adam_step_, then steps += 1, or + (found_inf == 0) with a
+    found_inf: what adam_scalars, adam_step_ and steps.add_ do, in one op call (mixprec::adam_step_bucket_). Params
+    as for bucket_unchanged; only when bucket_usable()."""
     lr_t, lr_value = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, float(lr))
+    if BUCKET_TAKES_GRADS:
+        extra = ([] if grads is None else grads,)  # (empty: the op reads the params' own)
+    elif grads is None:
+        extra = ()
+    else:
+        raise RuntimeError("this build of the extension's adam_step_bucket_ does not take grads; reinstall mixprec_ops")
     with _NO_SUBCLASS_TORCH_FUNCTION():  # (as in bucket_unchanged)
         _BUCKET_OP(params, bucket, steps, lr_t, lr_value, float(beta1), float(beta2), float(eps), float(weight_decay),
-                   bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef)
+                   bool(decoupled), bool(maximize), grad_scale, found_inf, clip_coef, *extra)

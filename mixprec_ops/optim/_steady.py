@@ -3,8 +3,9 @@ same params with grads, in the same groups and options, holding the same state t
 contiguous with the same shapes, dtypes and devices, no param written outside the optimizer; for DTensor params
 (FSDP2, tensor parallelism), the same local shards and layouts, and DTensor grads laid out as the params), the step
 reuses that planning's launch lists, the state lists held on the C++ side too (mixprec::AdamBucket, so that the launch
-converts only the params from Python, and the scalars, the step and the counters' count are one op call; not for
-DTensor params, whose local grads the launch is given), and only reads the new grads.
+converts only the params from Python, and the scalars, the step and the counters' count are one op call; DTensor
+params' launches are given their local grads, which the op cannot read from local shards), and only reads the new
+grads.
 
 Every check runs over whole lists in C: map over getters and identity comparisons, and the grads' and params' metadata
 in one C++ call when the extension has it (mixprec::adam_bucket_unchanged against the bucket's own record, or
@@ -24,7 +25,7 @@ import torch
 from .. import _ext
 from .._checks import PLAIN
 from .._dtensor import DTensor
-from ..ops.adam import bucket_unchanged, bucket_usable, new_bucket
+from ..ops.adam import BUCKET_TAKES_GRADS, bucket_unchanged, bucket_usable, new_bucket
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
@@ -83,7 +84,7 @@ class _Bucket:
         # __torch_function__ would miss; its params take the signature and the lists' op. Checked again at each step
         # (grads_if_unchanged): a param whose class changes to such a subclass (p.__class__ = ...,
         # torch.utils.swap_tensors) keeps its id, data and version.
-        # (DTensor params: never, their grads are read from the DTensors)
+        # (DTensor params: not plain; their grads are read from the DTensors and given to the launch)
         self.plain = dparams is None and set(map(type, ps)) <= PLAIN
         self.buf = buf
         self.states = [e[4][0] for e in entries]  # the state dicts
@@ -122,7 +123,7 @@ class _Bucket:
             if (not all(map(is_, map(type, dgs), repeat(DTensor)))
                     or list(map(_placements, dgs)) != self.placements):
                 return None
-        if usable and self.bucket is not None:  # (the data pointers included)
+        if usable and self.bucket is not None and dps is None:  # (the data pointers included)
             if not bucket_unchanged(ps, self.bucket):
                 return None
             gs = True
@@ -270,8 +271,13 @@ class SteadyStepMixin:
                     gs = b.grads_if_unchanged(usable)
                     if gs is None:
                         return None
-                    if usable and b.bucket is None and b.plain:
-                        b.bucket = new_bucket(b.params, *b.lists)  # (every param has its grad: checked just now)
+                    if usable and b.bucket is None:
+                        if b.plain:
+                            b.bucket = new_bucket(b.params, *b.lists)  # (every param has its grad: checked just now)
+                        elif b.dparams is not None and BUCKET_TAKES_GRADS:
+                            # DTensor params: the state lists held all the same, and the local grads given at each
+                            # launch (a local shard has no .grad: no signature, the checks above are the Python ones)
+                            b.bucket = new_bucket([], *b.lists)
                     units.append(((b.params, None if gs is True else gs, *b.lists), b.buf, self.backend,
                                   b.bucket if usable else None))
                 out.append((group, ps, units))

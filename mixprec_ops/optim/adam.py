@@ -16,7 +16,7 @@ from .._checks import FLOAT_SOURCES
 from .._dtensor import DTensor, any_dtensor
 from .._dtensor import local as _local
 from ..ops.adam import _select as _select_backend
-from ..ops.adam import adam_scalars, adam_step_, adam_step_bucket_
+from ..ops.adam import BUCKET_TAKES_GRADS, adam_scalars, adam_step_, adam_step_bucket_
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
 from ._steady import SteadyStepMixin
@@ -731,8 +731,11 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 and (not isinstance(lr, torch.Tensor) or lr.dtype in (torch.float32, torch.float64))):
             # the steady step's bucket (given only when ops.adam.bucket_usable() held): scalars, step and count in
             # one op call
+            # (the grads when the steady step's checks read them: a DTensor bucket's local shards, which the op cannot
+            # read from its params; plain params' own, as the op would read them)
+            grads = lists[1] if BUCKET_TAKES_GRADS else None
             adam_step_bucket_(params, bucket, steps, lr, beta1, beta2, group["eps"], group["weight_decay"], decoupled,
-                              group["maximize"], on(grad_scale), on(found_inf), on(clip))
+                              group["maximize"], on(grad_scale), on(found_inf), on(clip), grads)
             return True
         grads = lists[1] if lists[1] is not None else [p.grad for p in params]
         scalars = adam_scalars(steps, lr, beta1, beta2, group["weight_decay"], backend=backend)
