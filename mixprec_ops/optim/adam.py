@@ -15,8 +15,8 @@ from .. import _checks, _ext, backends
 from .._checks import FLOAT_SOURCES
 from .._dtensor import DTensor, any_dtensor
 from .._dtensor import local as _local
-from ..ops.adam import _select as _select_backend
 from ..ops.adam import BUCKET_TAKES_GRADS, adam_scalars, adam_step_, adam_step_bucket_
+from ..ops.adam import _select as _select_backend
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
 from ._steady import SteadyStepMixin
