@@ -77,7 +77,13 @@ void adam_step_bucket(at::TensorList params, const c10::intrusive_ptr<AdamBucket
   }
   std::vector<at::Tensor> grads;
   if (!given_grads.empty()) {
-    grads.assign(given_grads.begin(), given_grads.end());  // (checked by adam_step_'s kernel, as its own arguments)
+    // (their dtypes, devices, element counts and layouts checked by adam_step_'s kernel, as its own arguments; the
+    // shape here: p.grad's is torch's to enforce, a given grad's is not)
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK(given_grads[i].sizes() == params[i].sizes(), "grads[", i, "] must have params[", i, "]'s shape ",
+                  dims(params[i].sizes()), ", got ", dims(given_grads[i].sizes()));
+    }
+    grads.assign(given_grads.begin(), given_grads.end());
   } else {
     grads.reserve(params.size());
     const GradReadLock gil;  // (the grads are read under the GIL: hold_args.h)

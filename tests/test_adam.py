@@ -2294,8 +2294,10 @@ def test_adam_bucket_steps_its_own_lists(device):
     if ops_adam.BUCKET_TAKES_GRADS:
         refused("grads must be empty", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None,
                 [p.grad for p in a[0][:3]])
-        refused("grad", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None,
-                [p.grad.float()[:1] for p in a[0]])  # (adam_step_'s own checks, before anything is written)
+        refused(r"grads\[0\] must have params\[0\]'s shape", a[0], bucket, steps_a, None, 1e-2, *hp, None, None,
+                None, [p.grad.reshape(-1) for p in a[0]])  # (the same elements, another shape)
+        refused("grads must have the params' dtype", a[0], bucket, steps_a, None, 1e-2, *hp, None, None, None,
+                [p.grad.half() for p in a[0]])  # (adam_step_'s own checks, before anything is written)
     refused("steps must be contiguous", a[0], bucket, steps_a[:1].expand(4), None, 1e-2, *hp, None, None, None)
     refused("steps must be contiguous", a[0], bucket, steps_a.repeat(2)[::2], None, 1e-2, *hp, None, None, None)
     refused("steps must not be a negative-bit view", a[0], bucket, torch._neg_view(steps_a.clone()), None, 1e-2, *hp,

@@ -396,12 +396,18 @@ def scenario_dtensor_edges(rank, backend, out_dir):
     # counter only), a grad dropped at step 5 and back at step 6, clipping on (the norm across the shards)
     twins = {}
     batches = local_batches(rank, torch.bfloat16)
+    import mixprec_ops.optim.adam as optim_adam
+    from mixprec_ops.ops.adam import BUCKET_TAKES_GRADS
+
+    bucket_op = optim_adam.adam_step_bucket_
     for impl in ("steady", "full"):
         model = _fsdp_model(mesh, torch.bfloat16)
         opt = ours(model.parameters(), backend, max_grad_norm=MAX_NORM)
         if impl == "full":
             opt._steady_step = lambda: None
         used = _count_steady(opt)
+        calls = []  # the bucket op's launches (a DTensor bucket's: given the local grads)
+        optim_adam.adam_step_bucket_ = lambda *a, calls=calls, **k: (calls.append(len(a[0])), bucket_op(*a, **k))[1]
         for step in range(8):
             x, y = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
@@ -412,7 +418,9 @@ def scenario_dtensor_edges(rank, backend, out_dir):
             if step == 5:
                 model[2].bias.grad = None
             opt.step()
-        twins[impl] = dict(steady=used, params=full_params(model), masters=_full_masters(opt, model),
+        optim_adam.adam_step_bucket_ = bucket_op
+        twins[impl] = dict(steady=used, bucket_calls=calls, bucket_expected=backend == "cpu" and BUCKET_TAKES_GRADS,
+                           params=full_params(model), masters=_full_masters(opt, model),
                            states={f"{n} {k}": v.full_tensor().clone() for n, p in model.named_parameters()
                                    for k, v in opt.state[p].items() if k in ("exp_avg", "exp_avg_sq")},
                            steps=[float(opt.state[p]["step"]) for p in model.parameters()])
@@ -938,13 +946,19 @@ def test_fsdp2_write_between_steps_reaches_the_masters(results):
 def test_fsdp2_steady_steps_equal_full_planning(results):
     """FSDP2 (DTensor) params take the steady-state step: the steps whose planning could be reused were (not the
     first; not the one after a write under no_grad, which the DTensor's own version counter shows; not a step whose
-    params with grads changed, nor the next, whose record waits: the back-off), and every rank's params, masters,
+    params with grads changed, nor the next, whose record waits: the back-off), through the bucket op on the CPU
+    backend (given the local grads), and every rank's params, masters,
     moments and step counts are bit-identical to a twin that planned every step in full (bf16 params with masters,
     clipping across the shards)."""
     for rank, r in enumerate(results("dtensor_edges")):
         steady, full = r["steady"]["steady"], r["steady"]["full"]
         assert steady["steady"] == [False, True, False, True, True, False, False, False], (rank, steady["steady"])
         assert not any(full["steady"])
+        # the steady steps launched through the bucket op (CPU backend): one call a steady step (one bucket: every
+        # param bf16 with a master), never in the twin
+        if steady["bucket_expected"]:
+            assert len(steady["bucket_calls"]) == sum(steady["steady"]), (rank, steady["bucket_calls"])
+        assert not full["bucket_calls"]
         assert steady["steps"] == full["steps"] and sorted(set(steady["steps"])) == [7.0, 8.0], (rank, steady["steps"])
         for what in ("params", "masters", "states"):
             for n, t in steady[what].items():
