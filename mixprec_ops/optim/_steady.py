@@ -26,6 +26,7 @@ from .. import _ext
 from .._checks import PLAIN
 from .._dtensor import DTensor
 from ..ops.adam import BUCKET_TAKES_GRADS, bucket_unchanged, bucket_usable, new_bucket
+from ._masters import _versions
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
@@ -147,11 +148,12 @@ class _Bucket:
         return gs
 
     def read_versions(self):
-        """The params' version counters as the plans keep them (masters._versions): a DTensor's with its local
-        tensor's (the DTensor's own in-place ops move only the DTensor's; our kernels write the local tensor)."""
+        """The params' version counters as the plans keep them: each param's own counter, or for DTensor params
+        masters._versions of each plan (the local tensor's with the DTensor's: its own in-place ops move only the
+        DTensor's; our kernels write the local tensor)."""
         if self.dparams is None:
             return list(map(_version, self.params))
-        return list(zip(map(_version, self.params), map(_version, self.dparams), strict=True))
+        return list(map(_versions, self.plans))
 
 
 class SteadyStepMixin:
@@ -194,9 +196,7 @@ class SteadyStepMixin:
                     dparams = list(map(itemgetter(G), plans))
                     dgrads = list(map(_grad, dparams))
                     if not (DTensor is not None and all(map(is_, map(type, dparams), repeat(DTensor)))
-                            and all(map(is_, map(type, dgrads), repeat(DTensor)))
-                            and all(map(is_, [e[0] for e in entries], map(itemgetter(self._LP), plans)))
-                            and all(map(is_, map(_local_tensor, dparams), map(itemgetter(self._SHARD), plans)))):
+                            and all(map(is_, map(type, dgrads), repeat(DTensor)))):
                         return
                     grads = list(map(_local_tensor, dgrads))
                 else:
