@@ -29,7 +29,8 @@ class GradNormMixin:
         for _, ps in collected if by_device is None else ():
             for p in ps:
                 (dtensor_grads if _local(p.grad) is not p.grad else per_device[p.grad.device]).append(p.grad)
-        if len(per_device) == 1 and not self._has_dtensor_params and self.norm_across_ranks is False:
+        wide = by_device is None and any(g.dtype is torch.float64 for gs in per_device.values() for g in gs)
+        if len(per_device) == 1 and not self._has_dtensor_params and self.norm_across_ranks is False and not wide:
             # The common case, one device: the pass's norm and flag are the answer, without the general path's ~10
             # small ops (the same bits wherever sqrt is correctly rounded and n * n neither overflows, see below,
             # nor underflows: sqrt(fl(n * n)) == n in binary floating point; torch's fp32 CPU sqrt misses that for
@@ -50,9 +51,8 @@ class GradNormMixin:
             sumsq = torch.zeros((), dtype=torch.float64, device=dev)
             count = sumsq.new_full((), float(sum(len(g) for g in per_device.values())))  # grads held, over ranks
             for d, grads in per_device.items():
-                f = torch.zeros(1, dtype=torch.float32, device=d)
-                n = unscale_(grads, self._one(d), f, return_norm=True, backend=self.backend)
-                sumsq = sumsq + n.to(dev, torch.float64).square()
+                s, f = self._sumsq_found(grads, d)
+                sumsq = sumsq + s.to(dev)
                 found = found + f.to(dev)
             if self.norm_across_ranks is not False:  # this rank holds a share of the params: sum over the ranks
                 both = torch.stack([sumsq, found.reshape(()).double(), count]).to(self._collective_device())
@@ -104,11 +104,8 @@ class GradNormMixin:
         count = torch.zeros((), dtype=torch.float64, device=dev)
         for (mesh, placements), local in by_layout.items():
             if local:
-                d = local[0].device
-                f = torch.zeros(1, dtype=torch.float32, device=d)
-                n = unscale_(local, self._one(d), f, return_norm=True, backend=self.backend)
-                both = torch.stack([n.double().square(), f.reshape(()).double(),
-                                    n.new_full((), float(len(local)), dtype=torch.float64)])
+                s, f = self._sumsq_found(local, local[0].device)
+                both = torch.stack([s, f.reshape(()).double(), s.new_full((), float(len(local)))])
             else:  # this rank holds no grad of this layout: its share is 0, but the collective is everyone's
                 d = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
                      else torch.device(mesh.device_type))
@@ -120,6 +117,21 @@ class GradNormMixin:
             found = found + both[1].to(dev, torch.float32).reshape(1)
             count = count + both[2].to(dev)
         return sumsq, found, count
+
+    def _sumsq_found(self, grads, device):
+        """(sum of squares as an fp64 0-dim tensor, inf/NaN flag as a 1-element fp32 one) of grads on one device: the
+        norm pass for fp32 / fp16 / bf16 grads (fp32 squares: its norm squared in fp64 is exact), torch's float64
+        norms for float64 ones (float64 params; an inf or NaN among them makes the sum non-finite, which flags the
+        step as any non-finite norm does)."""
+        wide = [g for g in grads if g.dtype is torch.float64]
+        narrow = [g for g in grads if g.dtype is not torch.float64] if wide else grads
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        sumsq = torch.zeros((), dtype=torch.float64, device=device)
+        if narrow:
+            sumsq = unscale_(narrow, self._one(device), found, return_norm=True, backend=self.backend).double().square()
+        if wide:
+            sumsq = sumsq + torch.stack(torch._foreach_norm(wide)).square().sum()
+        return sumsq, found
 
     def _one(self, device):
         """A 1-element fp32 1.0 on `device` (the norm pass's inv_scale, which it only reads), made once per device;

@@ -28,9 +28,9 @@ class MasterSyncMixin:
     """Adam's master-weight upkeep between steps (this module's docstring)."""
 
     def _adopt_master(self, p, state):
-        """A master of an fp32 param: a 16-bit run resumed in fp32 (its checkpoint loaded into an fp32 model, or
-        model.float() after 16-bit steps). The param becomes its own master: elements that still hold the master's
-        bf16 or fp16 rounding take its fp32 value, so training continues from the masters, not from their
+        """A master of an fp32 (or float64) param: a 16-bit run resumed in fp32 (its checkpoint loaded into an fp32
+        model, or model.float() after 16-bit steps). The param becomes its own master: elements that still hold the
+        master's bf16 or fp16 rounding take its fp32 value, so training continues from the masters, not from their
         roundings; elements written since (a re-initialised head) keep what was written, unless the written value
         happens to equal the master's bf16 or fp16 rounding (e.g. a LayerNorm weight reset to 1.0 whose master is
         within a 16-bit ulp of 1). Then the master goes."""
@@ -38,8 +38,9 @@ class MasterSyncMixin:
         check_state_shape("master_param", lp, master)
         if self._capturing(lp.device):  # the graph would record the copy and redo it every replay
             raise RuntimeError(
-                f"mixprec_ops.optim: the fp32 master of a {tuple(lp.shape)} float32 param (a 16-bit run resumed in "
-                "fp32) would be taken over inside a CUDA graph capture; run one step outside the capture first")
+                f"mixprec_ops.optim: the fp32 master of a {tuple(lp.shape)} {str(lp.dtype)[6:]} param (a 16-bit run "
+                "resumed in fp32) would be taken over inside a CUDA graph capture; run one step outside the capture "
+                "first")
         with torch.no_grad():
             held = (master.to(torch.bfloat16).float() == lp) | (master.to(torch.float16).float() == lp)
             lp.copy_(torch.where(held, master.to(lp.device), lp))
@@ -68,7 +69,7 @@ class MasterSyncMixin:
                     continue
                 lp, master = _local(p), _local(st["master_param"])
                 check_state_shape("master_param", lp, master)  # every one before anything changes
-                if p.dtype == torch.float32:
+                if p.dtype in (torch.float32, torch.float64):  # (no master of its own: it takes this one over)
                     adopt.append((p, st))
                     continue
                 plan = self._plans.get(id(p))

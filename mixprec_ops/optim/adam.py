@@ -27,6 +27,10 @@ _GRAD_KINDS = (torch.ops.mixprec.grad_kinds.default
                if _ext.has_kernel("grad_kinds", "CompositeExplicitAutograd") else None)
 # Param groups hold state_dtype by name: torch.distributed.checkpoint's state-dict helpers reject torch.dtype values.
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Params the optimizer steps: the kernels' dtypes, and float64, which torch's own fused Adam steps (_step_wide)
+_PARAM_DTYPES = (*FLOAT_SOURCES, torch.float64)
+_MASTERED = (torch.float16, torch.bfloat16)  # the dtypes master_weights gives an fp32 master (not float32, float64)
+_WIDE = "float64"  # the backend label of a unit of float64 params (_units, _run_group)
 
 
 def _check_group_options(master_weights, state_dtype) -> None:
@@ -63,24 +67,26 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     Same constructor arguments and defaults as torch.optim.Adam, plus:
 
     Args:
-        master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 params;
-            True / False force it on / off for low-precision params. The update is computed in fp32 on the master
-            and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
-            ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a
+        master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 (or
+            float64) params; True / False force it on / off for low-precision params. The update is computed in
+            fp32 on the master and written back to the param with round-to-nearest-even in the same kernel. Saved
+            in state_dict as ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a
             model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so
             it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
             step checks each loaded master against its param: elements the param still holds the rounding of keep
             their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
             masters stay (the param holds their rounding through bf16), and after model.float() (at the next step)
             or when a 16-bit run's checkpoint is loaded into an fp32 model (in load_state_dict, the model loaded
-            first) each fp32 param takes over its master's value, so training continues from the masters.
+            first) each fp32 param takes over its master's value, so training continues from the masters (float64
+            params alike, after model.double()).
             In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version counter): write under
             torch.no_grad() instead. A compiled step
             (torch.compile(opt.step), or a whole compiled training step) cannot watch version counters: after
             writing params between compiled steps, or loading a state_dict, call ``resync_masters()`` eagerly.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
-            ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize.
+            ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize. float64 params keep float64
+            moments whatever it says (see below).
         max_grad_norm: None (default) or a positive float: clip the global L2 norm of all grads (after AMP
             unscaling) to this value inside the step, like torch.nn.utils.clip_grad_norm_ (coef = max_norm /
             (norm + 1e-6), at most 1). The norm comes from one read-only pass that also detects inf/NaN; a
@@ -114,8 +120,15 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     after a warm-up step; ``differentiable=True`` is not supported (raises). Unlike torch.optim.Adam: a param
     listed twice in one group raises (torch warns; one fused launch would update it twice), lr may be a float or a
     1-element tensor but eps and weight_decay must be real numbers, not tensors (checked at construction and at
-    each step), and params other than float32/float16/bfloat16 are accepted only while they do not require grad
-    (a frozen float64 or integer tensor is skipped, as torch skips it; one that gets a grad raises at the step).
+    each step), and params other than float32/float16/bfloat16/float64 are accepted only while they do not require
+    grad (a frozen integer or complex tensor is skipped, as torch skips it; one that gets a grad raises at the step).
+
+    float64 params (a float64 layer or scalar beside the 16-bit model) are stepped in float64 by torch's own fused
+    Adam / AdamW (torch._fused_adam_ / _fused_adamw_, one call per device), bit-identical to
+    torch.optim.Adam(W)(fused=True): float64 moments, no master, with this step's grad scale, skip flag and
+    clipping coefficient (their grads join the clipping norm). An optimizer holding one plans its step in full every
+    time (no steady-state reuse, the README's "steady-state step": about twice the host time at thousands of
+    params).
 
     With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
     by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
@@ -123,8 +136,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     the scaled values (torch's fused Adam writes the unscaled grads back, its for-each Adam steps after the scaler
     unscaled them in place); to log or reuse unscaled grads, call scaler.unscale_(opt) before the step (fp32 and
     bf16 grads; torch's rule refuses fp16 ones there) or read ``grad_norm``. Params may be float32, float16 and
-    bfloat16, mixed in one group; grads may be any of those dtypes (a grad whose dtype is neither its param's nor
-    float32 is widened to float32 for the step: a temporary of 4 bytes per element, held until its bucket's launch).
+    bfloat16 (and float64, above), mixed in one group; grads may be any of those three dtypes (a grad whose dtype is
+    neither its param's nor float32 is widened to float32 for the step: a temporary of 4 bytes per element, held
+    until its bucket's launch; a float64 param's grad is float64, or widened to it).
     """
 
     _step_supports_amp_scaling = True
@@ -242,9 +256,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         try:
             seen = set()
             for i, p in enumerate(group["params"]):
-                if p.dtype not in FLOAT_SOURCES and p.requires_grad:  # a frozen one is skipped, as by torch's
+                if p.dtype not in _PARAM_DTYPES and p.requires_grad:  # a frozen one is skipped, as by torch's
                     raise TypeError(f"param {i} of {where} is {p.dtype}: mixprec_ops.optim supports float32, "
-                                    "float16 and bfloat16 params")
+                                    "float16, bfloat16 and float64 params")
                 if id(p) in seen:  # torch only warns; one fused launch would update it twice, racing
                     raise ValueError(f"param {i} of {where} appears twice in it (a tied weight collected once per "
                                      "module?); list each param once, as model.parameters() does")
@@ -310,7 +324,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 else v
         # a 16-bit run's masters loaded for fp32 params: taken over now (the model's weights loaded first, as
         # torch.distributed.checkpoint and Hugging Face load them), every shape checked before any is
-        adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor) and p.dtype == torch.float32
+        adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor) and p.dtype not in _MASTERED
                  and isinstance(st, dict) and "master_param" in st]
         for p, st in adopt:
             check_state_shape("master_param", _local(p), _local(st["master_param"]))
@@ -337,8 +351,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 new[k] = v.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
             elif k == "master_param":  # (an fp32 param's is taken over by it in load_state_dict: _adopt_master)
                 new[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
-            elif k in _STATE_KEYS:
-                new[k] = v.to(device=p.device, dtype=_STATE_DTYPES[group["state_dtype"]], copy=True)
+            elif k in _STATE_KEYS:  # (a float64 param's moments are float64, as torch's: _init_state)
+                new[k] = v.to(device=p.device, copy=True, dtype=torch.float64 if p.dtype == torch.float64
+                              else _STATE_DTYPES[group["state_dtype"]])
             else:
                 new[k] = v.to(device=p.device, copy=True)
         return new
@@ -346,26 +361,33 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     # ----------------------------------------------------------------------------------------------- state
     def _wants_master(self, group, p) -> bool:
         mw = group["master_weights"]
-        return p.dtype != torch.float32 and (mw is True or mw == "auto")
+        return p.dtype in _MASTERED and (mw is True or mw == "auto")
 
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
-        if p.dtype == torch.float32 and "master_param" in state:  # model.float() after 16-bit steps: p is the master
+        if p.dtype not in _MASTERED and "master_param" in state:  # model.float() after 16-bit steps: p is the master
             if torch.compiler.is_compiling():  # Inductor drops the 16-bit round trips _adopt_master compares with
                 raise RuntimeError(
-                    "mixprec_ops.optim: a float32 param still has the fp32 master of its 16-bit past (model.float() "
-                    "after 16-bit steps); call opt.resync_masters() eagerly before compiling the step")
+                    f"mixprec_ops.optim: a {str(p.dtype)[6:]} param still has the fp32 master of its 16-bit past "
+                    "(model.float() after 16-bit steps); call opt.resync_masters() eagerly before compiling the step")
             self._adopt_master(p, state)
         wanted = ("step", *_STATE_KEYS[:3 if group["amsgrad"] else 2],
                   *(("master_param",) if self._wants_master(group, p) else ()))
         missing = [k for k in wanted if k not in state]
-        if missing and self._capturing(p.device):  # the graph would record the creation and redo it every replay
+        # a float64 param's moments are float64 (_step_wide), the others' never are: a param whose dtype crossed that
+        # line (model.double() after steps, or back) has its moments converted (values kept)
+        wide = p.dtype == torch.float64
+        sd = torch.float64 if wide else _STATE_DTYPES[_state_dtype_name(group["state_dtype"])]
+        retyped = [k for k in _STATE_KEYS if isinstance(state.get(k), torch.Tensor)
+                   and (state[k].dtype == torch.float64) != wide]
+        if (missing or retyped) and self._capturing(p.device):  # the graph would record it and redo it every replay
             raise RuntimeError(
-                f"mixprec_ops.optim: state {missing} of a {tuple(p.shape)} param would be created inside a CUDA "
-                "graph capture, where every replay would reset it; run one step outside the capture first (after "
+                f"mixprec_ops.optim: state {missing or retyped} of a {tuple(p.shape)} param would be created inside a "
+                "CUDA graph capture, where every replay would reset it; run one step outside the capture first (after "
                 "a param's first grad, load_state_dict of a torch state_dict or turning amsgrad on)")
-        sd = _STATE_DTYPES[_state_dtype_name(group["state_dtype"])]
+        for k in retyped:
+            state[k] = state[k].to(sd)
         for k in missing:
             if k == "step":
                 state[k] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -396,7 +418,8 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse or g.dtype not in FLOAT_SOURCES or g.device != p.device or g.shape != p.shape:
+                if g.is_sparse or not (g.dtype in FLOAT_SOURCES or g.dtype == p.dtype == torch.float64) \
+                        or g.device != p.device or g.shape != p.shape:
                     self._bad_grad(f"param {i} of param group {gi}", p, g)
                 if (self._has_dtensor_params or type(g) is not torch.Tensor) and DTensor is not None \
                         and (isinstance(g, DTensor) or isinstance(p, DTensor)):
@@ -460,13 +483,14 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
 
     @staticmethod
     def _bad_grad(where, p, g):
-        if p.dtype not in FLOAT_SOURCES:  # accepted while frozen (add_param_group); now it has a grad
-            raise TypeError(f"{where} is {p.dtype}: mixprec_ops.optim supports float32, float16 and bfloat16 "
-                            "params")
+        if p.dtype not in _PARAM_DTYPES:  # accepted while frozen (add_param_group); now it has a grad
+            raise TypeError(f"{where} is {p.dtype}: mixprec_ops.optim supports float32, float16, bfloat16 and "
+                            "float64 params")
         if g.is_sparse:
             raise RuntimeError(f"{where}: Adam does not support sparse gradients")
-        if g.dtype not in FLOAT_SOURCES:
-            raise TypeError(f"{where}: grad dtype must be float32, float16 or bfloat16, got {g.dtype}")
+        if g.dtype not in FLOAT_SOURCES and not g.dtype == p.dtype == torch.float64:
+            raise TypeError(f"{where}: grad dtype must be float32, float16 or bfloat16 (or float64, for a float64 "
+                            f"param), got {g.dtype}")
         if g.device != p.device:
             raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
         raise ValueError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
@@ -594,7 +618,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 # copy of the optimizer) has no version to compare with: the param may have been written since it
                 # was saved (model weights loaded from elsewhere, a head re-initialised), so the first step checks
                 # it against the param (_VER = -1, a version no tensor has; an unchanged param costs one pass).
-                unknown = old is None and "master_param" in st and p.dtype != torch.float32
+                unknown = old is None and "master_param" in st and p.dtype in _MASTERED
                 cross = unknown or (old is not None and old[10] is not p.dtype)  # loaded, or the dtype changed
                 self._init_state(group, p)
                 st = state[p]
@@ -627,9 +651,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 plan[18] = ptr
             g = p.grad if plain else _local(p.grad)
             gdtype = g.dtype
-            if gdtype is not pdtype and gdtype is not torch.float32:
-                g = g.float()
-                gdtype = torch.float32
+            if gdtype is not pdtype and (gdtype is not torch.float32 or pdtype is torch.float64):
+                g = g.to(torch.float64 if pdtype is torch.float64 else torch.float32)
+                gdtype = g.dtype
             if not (contig and g.is_contiguous()) and not _dense_like(g, lp):
                 if contig:
                     g = g.contiguous()
@@ -640,7 +664,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                     g = torch.empty_like(lp, dtype=g.dtype).copy_(g)
                 walk = walk and _dense_like(g, lp)
             entry = (lp, g, states, master, plan)
-            if not walk:
+            if not walk or pdtype is torch.float64:  # (float64: torch's fused Adam, _step_wide)
                 fallback.append(entry)
                 continue
             buckets[(pkey, gdtype)].append(entry)
@@ -681,7 +705,13 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         held on the C++ side (a steady step's, see _steady.py: then the grads may be None), else None."""
         units = [(self._lists(entries, amsgrad), buf if buf is not None else [e[4][self._STEP] for e in entries],
                   self.backend, None) for entries, buf in buckets.values()]
-        units += [(self._lists([e], amsgrad), [e[4][self._STEP]], "torch", None) for e in fallback]
+        wide = defaultdict(list)  # float64 params: one torch fused launch per device (_step_wide)
+        for e in fallback:
+            if e[0].dtype is torch.float64:
+                wide[e[0].device].append(e)
+            else:
+                units.append((self._lists([e], amsgrad), [e[4][self._STEP]], "torch", None))
+        units += [(self._lists(es, amsgrad), [e[4][self._STEP] for e in es], _WIDE, None) for es in wide.values()]
         return units
 
     @staticmethod
@@ -701,6 +731,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
             return counted[dev]
 
         for lists, steps, backend, bucket in units:
+            if backend == _WIDE:
+                self._step_wide(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, count)
+                continue
             if self._launch(group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, backend,
                             bucket):
                 continue  # (the bucket op counted the step)
@@ -742,6 +775,27 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         adam_step_(params, grads, *lists[2:], scalars, beta1, beta2, group["eps"], group["weight_decay"], decoupled,
                    group["maximize"], on(grad_scale), on(found_inf), on(clip), backend=backend)
         return False
+
+
+    def _step_wide(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, count):
+        """float64 params (one device's): torch's own fused Adam / AdamW, in float64 as torch.optim.Adam(W)(fused=True)
+        steps them (moments float64, no master; bit-identical to it), with this step's grad scale, skip flag and
+        clipping coefficient. As torch's, the counters are advanced before the kernel, which reads them (by 0 on a
+        skipped step, which the kernel then leaves alone)."""
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
+        dev = params[0].device
+        torch._foreach_add_(steps, count(dev))
+        if clip is not None:  # the grads are only read: the clipped ones are temporaries (float64, like the grads)
+            grads = torch._foreach_mul(grads, clip.to(dev, torch.float64).reshape(()))
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # as _launch: a CPU lr is read on the host for a CUDA step (torch's rule)
+            lr = (lr.item() if lr.device.type == "cpu" and dev.type != "cpu"
+                  and not (torch.compiler.is_compiling() or self._capturing(dev)) else lr.to(dev))
+        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        (torch._fused_adamw_ if decoupled else torch._fused_adam_)(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if group["amsgrad"] else [], steps, lr=lr,
+            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], grad_scale=on(grad_scale), found_inf=on(found_inf))
 
 
 class AdamW(Adam):
