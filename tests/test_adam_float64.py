@@ -87,7 +87,42 @@ def test_float64_params_step_as_torch_fused(device, cls, torch_cls, opts, transp
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)  # torch's plain float64 ops: rounding apart
     for i, (a, b) in enumerate(zip(rest, alone_r, strict=True)):
         _assert_same(a, b, ours, alone, f"param {i} beside them")
+    # the later steps reused the planning (_steady.py), which records no non-contiguous param
+    assert (ours._steady is not None and ours._steady["used"]) is not transposed
     assert ours.state[rest[0]]["exp_avg"].dtype == torch.bfloat16 and "master_param" in ours.state[rest[0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_params_in_the_steady_step(device):
+    """The steady-state step (a recorded planning reused while nothing it rests on changes) records float64 params
+    as a launch of their own: a float64 grad missing for some steps (the param skipped, its counter unmoved), a
+    moment replaced by hand and the param written between steps each drop the record or are seen by it; after each,
+    the float64 param is still bit-identical to torch's fused AdamW given the same grads, and the record serves
+    again."""
+    wide = _f64((9, 4), device, False, 11)
+    narrow = torch.randn(12, device=device).bfloat16().requires_grad_()
+    ours = AdamW([narrow, wide], lr=1e-2)
+    (twin,) = _twins([wide])
+    ref = torch.optim.AdamW([twin], lr=1e-2, fused=True)
+    used = []
+    for step in range(14):
+        skip = step in (5, 6)
+        g = None if skip else _grads([wide], 120 + step)[0]
+        wide.grad, twin.grad = g, (None if g is None else g.clone())
+        narrow.grad = _grads([narrow], 140 + step)[0]
+        if step == 9:  # a moment replaced by hand: the record must step the new tensor
+            for o, p in ((ours, wide), (ref, twin)):
+                o.state[p]["exp_avg"] = o.state[p]["exp_avg"] * 0.5
+        if step == 11:  # the param written between steps
+            with torch.no_grad():
+                wide.add_(1.0)
+                twin.add_(1.0)
+        ours.step()
+        ref.step()
+        used.append(ours._steady is not None and ours._steady["used"])
+        _assert_same(wide, twin, ours, ref, f"step {step}")
+    assert ours.state[wide]["step"].item() == 12 and ours.state[narrow]["step"].item() == 14
+    assert used[3] and used[-1], used  # served before the changes and again after them
 
 
 @pytest.mark.parametrize("device", DEVICES)

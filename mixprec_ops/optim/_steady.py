@@ -45,6 +45,10 @@ _SIGNATURE = (torch.ops.mixprec.param_grad_signature.default
               if _ext.has_kernel("param_grad_signature", "CompositeExplicitAutograd") else None)
 
 
+# The backend label of a launch of float64 params (Adam._units, Adam._run_group): torch's fused Adam (Adam._step_wide)
+WIDE = "float64"
+
+
 def _same(a, b) -> bool:
     """The very same objects, position by position (never ==: tensors compare element-wise)."""
     return len(a) == len(b) and all(map(is_, a, b))
@@ -60,7 +64,7 @@ class _Bucket:
 
     __slots__ = ("params", "lists", "bucket", "plain", "buf", "states", "lens", "getter", "held", "signature",
                  "sizes", "pkinds", "gkinds", "plans", "versions", "ptrs", "dparams", "locals", "specs", "dtypes",
-                 "placements")
+                 "placements", "steps")
 
     def __init__(self, entries, lists, buf, keys, versions, dparams=None):
         ps = lists[0]
@@ -88,6 +92,8 @@ class _Bucket:
         # (DTensor params: not plain; their grads are read from the DTensors and given to the launch)
         self.plain = dparams is None and set(map(type, ps)) <= PLAIN
         self.buf = buf
+        # float64 params (buf None: torch's fused Adam counts per-param counters, Adam._step_wide): those counters
+        self.steps = [e[4][7] for e in entries] if buf is None else None  # (plan[7]: Adam._STEP)
         self.states = [e[4][0] for e in entries]  # the state dicts
         self.lens = list(map(len, self.states))
         self.getter = itemgetter(*keys)  # "step", the moments and the master: the tensors the lists hold
@@ -171,8 +177,9 @@ class SteadyStepMixin:
 
     def _remember_steady(self, planned):
         """After a fully planned eager step: record it when a later step can reuse it. Not for params served by the
-        reference (fallback), grads that needed a copy, a cast or a redistribution, non-contiguous params, a bucket
-        mixing DTensor params with plain ones, or a step inside a CUDA graph capture (no step buffer)."""
+        reference (fallback, but for float64 params: torch's fused Adam, recorded as a launch of their own), grads
+        that needed a copy, a cast or a redistribution, non-contiguous params, a bucket mixing DTensor params with
+        plain ones, or a step inside a CUDA graph capture (no step buffer)."""
         if self._steady_wait > 0:
             self._steady_wait -= 1
             return
@@ -180,9 +187,15 @@ class SteadyStepMixin:
         per_group, with_grad = [], set()
         index = {id(g): i for i, g in enumerate(self.param_groups)}
         for group, buckets, fallback in planned:
-            if fallback:
-                return
             amsgrad = group["amsgrad"]
+            wide = {}
+            for e in fallback:
+                # float64 params only (Adam._step_wide, a launch per device), plain and contiguous, their grads as
+                # they are; the reference's per-param steps (layouts the kernels cannot walk) are not recorded
+                plan = e[4]
+                if not (e[0].dtype is torch.float64 and plan[P] and plan[C] and e[1] is plan[G].grad):
+                    return
+                wide.setdefault(e[0].device, []).append(e)
             bs = []
             for entries, buf in buckets.values():
                 if buf is None:
@@ -213,6 +226,12 @@ class SteadyStepMixin:
                     bs.append(_Bucket(entries, self._lists(entries, amsgrad), buf, keys, versions, dparams))
                 except RuntimeError:  # metadata the sweeps cannot read (a tensor without storage): plan in full
                     return
+            for entries in wide.values():  # (after the buckets, as Adam._units orders the launches)
+                keys = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()))
+                try:
+                    bs.append(_Bucket(entries, self._lists(entries, amsgrad), None, keys, None))
+                except RuntimeError:
+                    return
             gparams = group["params"]
             # the group's params with grads, in its order (the norm pass sums in it)
             ps = list(compress(gparams, map(is_not, map(_grad, gparams), repeat(None))))
@@ -236,7 +255,8 @@ class SteadyStepMixin:
             sizes=[len(g["params"]) for g in self.param_groups],
             without_grad=[i for i, k in enumerate(ids) if k not in with_grad], per_group=per_group, used=False,
             cuda=any(d.type == "cuda" for d in devices), device=next(iter(devices)) if len(devices) == 1 else None,
-            dtensor=any(b.dparams is not None for _, _, bs, _ in per_group for b in bs))
+            dtensor=any(b.dparams is not None for _, _, bs, _ in per_group for b in bs),
+            wide=any(b.steps is not None for _, _, bs, _ in per_group for b in bs))
 
     def _steady_step(self):
         """[(group, params with grads, units)] for this step from the record, or None (plan in full). units as
@@ -271,6 +291,9 @@ class SteadyStepMixin:
                     gs = b.grads_if_unchanged(usable)
                     if gs is None:
                         return None
+                    if b.steps is not None:  # float64 params: torch's fused Adam, given the grads (no C++ bucket)
+                        units.append(((b.params, gs, *b.lists), b.steps, WIDE, None))
+                        continue
                     if usable and b.bucket is None:
                         if b.plain:
                             b.bucket = new_bucket(b.params, *b.lists)  # (every param has its grad: checked just now)
@@ -292,7 +315,7 @@ class SteadyStepMixin:
         one device and none is a DTensor's (else None: the pass sorts them itself, and sums DTensor shards across
         their meshes)."""
         dev = self._steady["device"]
-        if dev is None or self._steady["dtensor"]:
+        if dev is None or self._steady["dtensor"] or self._steady["wide"]:  # (float64 grads: their own norms)
             return None
         return {dev: list(chain.from_iterable(map(_grad, ps) for _, ps in collected))}
 

@@ -19,6 +19,7 @@ from ..ops.adam import BUCKET_TAKES_GRADS, adam_scalars, adam_step_, adam_step_b
 from ..ops.adam import _select as _select_backend
 from ._grad_norm import GradNormMixin
 from ._masters import MasterSyncMixin, _versions, check_state_shape
+from ._steady import WIDE as _WIDE
 from ._steady import SteadyStepMixin
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -30,7 +31,6 @@ _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Params the optimizer steps: the kernels' dtypes, and float64, which torch's own fused Adam steps (_step_wide)
 _PARAM_DTYPES = (*FLOAT_SOURCES, torch.float64)
 _MASTERED = (torch.float16, torch.bfloat16)  # the dtypes master_weights gives an fp32 master (not float32, float64)
-_WIDE = "float64"  # the backend label of a unit of float64 params (_units, _run_group)
 
 
 def _check_group_options(master_weights, state_dtype) -> None:
