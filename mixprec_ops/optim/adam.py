@@ -70,9 +70,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 (or
             float64) params; True / False force it on / off for low-precision params. The update is computed in
             fp32 on the master and written back to the param with round-to-nearest-even in the same kernel. Saved
-            in state_dict as ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a
-            model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so
-            it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
+            in state_dict as ``master_param``. A write to the param between steps (in place under torch.no_grad(),
+            nn.init, a model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by
+            element, so it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
             step checks each loaded master against its param: elements the param still holds the rounding of keep
             their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
             masters stay (the param holds their rounding through bf16), and after model.float() (at the next step)
@@ -126,9 +126,7 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     float64 params (a float64 layer or scalar beside the 16-bit model) are stepped in float64 by torch's own fused
     Adam / AdamW (torch._fused_adam_ / _fused_adamw_, one call per device), bit-identical to
     torch.optim.Adam(W)(fused=True): float64 moments, no master, with this step's grad scale, skip flag and
-    clipping coefficient (their grads join the clipping norm). An optimizer holding one plans its step in full every
-    time (no steady-state reuse, the README's "steady-state step": about twice the host time at thousands of
-    params).
+    clipping coefficient (their grads join the clipping norm).
 
     With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
     by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
