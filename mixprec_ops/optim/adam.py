@@ -72,9 +72,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
             fp32 on the master and written back to the param with round-to-nearest-even in the same kernel. Saved
             in state_dict as ``master_param``. A write to the param between steps (in place under torch.no_grad(),
             nn.init, a model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by
-            element, so it is not undone; so does one made after this optimizer loaded a state_dict with masters (its first
-            step checks each loaded master against its param: elements the param still holds the rounding of keep
-            their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
+            element, so it is not undone; so does one made after this optimizer loaded a state_dict with masters
+            (its first step checks each loaded master against its param: elements the param still holds the
+            rounding of keep their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
             masters stay (the param holds their rounding through bf16), and after model.float() (at the next step)
             or when a 16-bit run's checkpoint is loaded into an fp32 model (in load_state_dict, the model loaded
             first) each fp32 param takes over its master's value, so training continues from the masters (float64
