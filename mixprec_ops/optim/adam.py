@@ -67,22 +67,21 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     Same constructor arguments and defaults as torch.optim.Adam, plus:
 
     Args:
-        master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 (or
-            float64) params; True / False force it on / off for low-precision params. The update is computed in
-            fp32 on the master and written back to the param with round-to-nearest-even in the same kernel. Saved
-            in state_dict as ``master_param``. A write to the param between steps (in place under torch.no_grad(),
-            nn.init, a model's load_state_dict, ``p.data = t``) reaches its master at the next step, element by
-            element, so it is not undone; so does one made after this optimizer loaded a state_dict with masters
-            (its first step checks each loaded master against its param: elements the param still holds the
-            rounding of keep their fp32 bits). A change of the model's dtype is not a write: after model.half() of a bf16 model the
-            masters stay (the param holds their rounding through bf16), and after model.float() (at the next step)
-            or when a 16-bit run's checkpoint is loaded into an fp32 model (in load_state_dict, the model loaded
-            first) each fp32 param takes over its master's value, so training continues from the masters (float64
-            params alike, after model.double()).
-            In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version counter): write under
-            torch.no_grad() instead. A compiled step
-            (torch.compile(opt.step), or a whole compiled training step) cannot watch version counters: after
-            writing params between compiled steps, or loading a state_dict, call ``resync_masters()`` eagerly.
+        master_weights: "auto" (default): an fp32 master copy for every fp16/bf16 param, none for fp32 (or float64)
+            params; True / False force it on / off for low-precision params. The update is computed in fp32 on the
+            master and written back to the param with round-to-nearest-even in the same kernel. Saved in state_dict as
+            ``master_param``. A write to the param between steps (in place under torch.no_grad(), nn.init, a model's
+            load_state_dict, ``p.data = t``) reaches its master at the next step, element by element, so it is not
+            undone; so does one made after this optimizer loaded a state_dict with masters (its first step checks each
+            loaded master against its param: elements the param still holds the rounding of keep their fp32 bits). A
+            change of the model's dtype is not a write: after model.half() of a bf16 model the masters stay (the param
+            holds their rounding through bf16), and after model.float() (at the next step) or when a 16-bit run's
+            checkpoint is loaded into an fp32 model (in load_state_dict, the model loaded first) each fp32 param takes
+            over its master's value, so training continues from the masters (float64 params alike, after
+            model.double()). In-place ops on ``p.data`` itself are not seen (``p.data`` has its own version counter):
+            write under torch.no_grad() instead. A compiled step (torch.compile(opt.step), or a whole compiled training
+            step) cannot watch version counters: after writing params between compiled steps, or loading a state_dict,
+            call ``resync_masters()`` eagerly.
         state_dtype: dtype of exp_avg / exp_avg_sq / max_exp_avg_sq: torch.float32 (default) or torch.bfloat16
             (halves the moments' memory; stored with round-to-nearest-even). Kept in param groups by name
             ("float32" / "bfloat16"), which torch.distributed.checkpoint can serialize. float64 params keep float64
