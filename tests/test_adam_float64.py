@@ -258,3 +258,97 @@ def test_float64_param_dtype_errors():
     with pytest.raises(TypeError, match=r"param 0 of param group 0: grad dtype must be float32, float16 or bfloat16 "
                                         r"\(or float64, for a float64 param\), got torch.float64"):
         opt.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_params_of_any_layout(device):
+    """torch's fused kernels walk memory in order, whatever the strides: a float64 param that is a strided slice of
+    a larger tensor, and one whose layout changes after its moments were made (channels_last after two steps), step
+    through contiguous copies. Against torch's single-tensor AdamW (plain float64 ops, any layout) within float64
+    rounding, and nothing outside the slice is written."""
+    g = torch.Generator().manual_seed(13)
+    storage = torch.randn(6, 10, generator=g, dtype=torch.float64).to(device)
+    outside_before = storage[:, 1::2].clone()
+    sliced = storage[:, ::2].requires_grad_()  # a view with gaps: not dense
+    conv = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    ref_sliced, ref_conv = _twins([sliced, conv])
+    ours = AdamW([sliced, conv], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([ref_sliced, ref_conv], lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(5):
+        if step == 2:
+            with torch.no_grad():  # the layout changes; the moments keep theirs
+                conv.data = conv.data.to(memory_format=torch.channels_last)
+        for p, r in ((sliced, ref_sliced), (conv, ref_conv)):
+            p.grad = torch.empty_like(p).copy_(_grads([r], 150 + step)[0])
+            r.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(sliced, ref_sliced, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(conv, ref_conv, rtol=1e-12, atol=1e-14)
+    assert torch.equal(storage[:, 1::2], outside_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_skip_on_a_flag_above_one(device):
+    """torch.amp.GradScaler hands a fused optimizer the sum of its devices' flags (2 when two devices found inf);
+    torch's fused kernel skips only on exactly 1. The float64 params must skip on any non-zero flag, as the others
+    do, and their counters must not move."""
+    wide = _f64((5,), device, False, 17)
+    narrow = torch.randn(7, device=device).bfloat16().requires_grad_()
+    opt = AdamW([wide, narrow], lr=1e-2)
+    wide.grad, narrow.grad = _grads([wide], 160)[0], _grads([narrow], 161)[0]
+    opt.step()
+    before = [t.clone() for p in (wide, narrow) for t in (p, *opt.state[p].values())]
+    opt.grad_scale = torch.ones((), device=device)  # as GradScaler.step sets them
+    opt.found_inf = torch.full((), 2.0, device=device)
+    opt.step()
+    after = [t for p in (wide, narrow) for t in (p, *opt.state[p].values())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_float64_param_in_a_compiled_step():
+    """torch.compile(opt.step): the float64 launch runs eagerly (a graph break: Dynamo cannot functionalize torch's
+    fused kernels on the params it holds); three compiled steps bit-identical to eager ones."""
+    torch._dynamo.reset()
+    wide = [_f64((3, 4), "cpu", False, 19), torch.randn(6).bfloat16().requires_grad_()]
+    twin = _twins(wide)
+    compiled, eager = AdamW(wide, lr=1e-2, max_grad_norm=0.5), AdamW(twin, lr=1e-2, max_grad_norm=0.5)
+    step = torch.compile(compiled.step, backend="aot_eager")
+    for k in range(3):
+        for ps in (wide, twin):
+            for p, g in zip(ps, _grads(ps, 170 + k, 3.0), strict=True):
+                p.grad = g
+        step()
+        eager.step()
+    for a, b in zip(wide, twin, strict=True):
+        _assert_same(a, b, compiled, eager, "compiled")
+
+
+def test_moments_follow_a_param_across_float64():
+    """A bf16 param made float64 by `p.data = ...` (no resync call): at the next step it takes over its master, its
+    fp32 moments become float64 (values kept) and it steps as torch's fused AdamW from that state; made bf16 again,
+    its moments go back to the group's state_dtype and it gets a master again."""
+    p = torch.randn(30).bfloat16().requires_grad_()
+    opt = AdamW([p], lr=1e-2)
+    for step in range(3):
+        p.grad = _grads([p], 180 + step)[0]
+        opt.step()
+    st = opt.state[p]
+    master, saved = st["master_param"].clone(), {k: v.clone() for k, v in st.items() if k != "master_param"}
+    p.data = p.data.double()
+    g = _grads([p], 190)[0]
+    p.grad = g.clone()
+    opt.step()
+    assert "master_param" not in st and st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float64
+    q = master.double().requires_grad_()
+    ref = torch.optim.AdamW([q], lr=1e-2, fused=True)
+    ref.load_state_dict({"state": {0: {k: v.double() if k != "step" else v for k, v in saved.items()}},
+                         "param_groups": [{**ref.state_dict()["param_groups"][0]}]})
+    q.grad = g.clone()
+    ref.step()
+    _assert_same(p, q, opt, ref, "after the switch")
+    p.data = p.data.bfloat16()
+    p.grad = _grads([p], 191)[0]
+    opt.step()
+    assert st["exp_avg"].dtype == torch.float32 and st["master_param"].dtype == torch.float32
+    assert st["step"].item() == 5 and torch.isfinite(p).all()

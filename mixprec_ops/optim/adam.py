@@ -321,7 +321,8 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                 else v
         # a 16-bit run's masters loaded for fp32 params: taken over now (the model's weights loaded first, as
         # torch.distributed.checkpoint and Hugging Face load them), every shape checked before any is
-        adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor) and p.dtype not in _MASTERED
+        adopt = [(p, st) for p, st in state.items() if isinstance(p, torch.Tensor)
+                 and p.dtype in (torch.float32, torch.float64)
                  and isinstance(st, dict) and "master_param" in st]
         for p, st in adopt:
             check_state_shape("master_param", _local(p), _local(st["master_param"]))
@@ -363,7 +364,8 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     def _init_state(self, group, p):
         """Create whatever state p lacks (all of it on the first step; a master after loading torch's state)."""
         state = self.state[p]
-        if p.dtype not in _MASTERED and "master_param" in state:  # model.float() after 16-bit steps: p is the master
+        if p.dtype in (torch.float32, torch.float64) and "master_param" in state:  # p is the master now
+            # (model.float() or model.double() after 16-bit steps)
             if torch.compiler.is_compiling():  # Inductor drops the 16-bit round trips _adopt_master compares with
                 raise RuntimeError(
                     f"mixprec_ops.optim: a {str(p.dtype)[6:]} param still has the fp32 master of its 16-bit past "
@@ -774,25 +776,46 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         return False
 
 
+    @torch._disable_dynamo  # Dynamo cannot functionalize torch's fused kernels on params it holds: a graph break
     def _step_wide(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, count):
         """float64 params (one device's): torch's own fused Adam / AdamW, in float64 as torch.optim.Adam(W)(fused=True)
         steps them (moments float64, no master; bit-identical to it), with this step's grad scale, skip flag and
         clipping coefficient. As torch's, the counters are advanced before the kernel, which reads them (by 0 on a
         skipped step, which the kernel then leaves alone)."""
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
+        amsgrad = group["amsgrad"]
+        kept = [lists[0], lists[2], lists[3], *([lists[4]] if amsgrad else [])]  # what the kernel writes
+        cols = [lists[0], lists[1], *kept[1:]]
+        # torch's fused kernels walk a tensor's elements in memory order, whatever its strides: a param whose tensors
+        # are not all laid out alike and densely (a strided slice, a layout changed after its moments were made, a
+        # checkpoint's) steps through contiguous copies, written back after (torch's own fused Adam would not)
+        odd = [i for i, p in enumerate(lists[0]) if not all(_dense_like(c[i], p) for c in cols)]
+        if odd:
+            cols = [list(c) for c in cols]
+            for i in odd:
+                for c in cols:
+                    c[i] = c[i].contiguous()
+        params, grads, exp_avgs, exp_avg_sqs, *maxes = cols
         dev = params[0].device
         torch._foreach_add_(steps, count(dev))
         if clip is not None:  # the grads are only read: the clipped ones are temporaries (float64, like the grads)
             grads = torch._foreach_mul(grads, clip.to(dev, torch.float64).reshape(()))
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):  # as _launch: a CPU lr is read on the host for a CUDA step (torch's rule)
-            lr = (lr.item() if lr.device.type == "cpu" and dev.type != "cpu"
-                  and not (torch.compiler.is_compiling() or self._capturing(dev)) else lr.to(dev))
-        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+            if lr.device.type == "cpu" and dev.type != "cpu" and not self._capturing(dev):
+                lr = lr.item()
+            else:  # (torch's CUDA kernel reads a tensor lr as fp32; its CPU kernel as a double)
+                lr = lr.to(dev, torch.float32 if dev.type != "cpu" else lr.dtype)
+        # torch's kernel skips a step on found_inf == 1 exactly; a scaler's flag is a sum over its devices (2 when
+        # two found inf), which the counters (count) read as a skip
+        skip = None if found_inf is None else (found_inf.to(dev).reshape(1) != 0).float()
         (torch._fused_adamw_ if decoupled else torch._fused_adam_)(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if group["amsgrad"] else [], steps, lr=lr,
-            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=group["amsgrad"],
-            maximize=group["maximize"], grad_scale=on(grad_scale), found_inf=on(found_inf))
+            params, grads, exp_avgs, exp_avg_sqs, maxes[0] if amsgrad else [], steps, lr=lr, beta1=beta1,
+            beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
+            maximize=group["maximize"], grad_scale=None if grad_scale is None else grad_scale.to(dev), found_inf=skip)
+        for i in odd:
+            for orig, c in zip(kept, [params, *cols[2:]], strict=True):
+                if orig[i] is not c[i]:
+                    orig[i].copy_(c[i])
 
 
 class AdamW(Adam):
