@@ -125,7 +125,9 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
     float64 params (a float64 layer or scalar beside the 16-bit model) are stepped in float64 by torch's own fused
     Adam / AdamW (torch._fused_adam_ / _fused_adamw_, one call per device), bit-identical to
     torch.optim.Adam(W)(fused=True): float64 moments, no master, with this step's grad scale, skip flag and
-    clipping coefficient (their grads join the clipping norm).
+    clipping coefficient (their grads join the clipping norm), also when their tensors are laid out apart (then
+    through contiguous copies: torch's fused kernels walk memory in order). Under torch.compile their launch runs
+    eagerly: a graph break, which fullgraph=True refuses.
 
     With torch.amp.GradScaler or mixprec_ops.amp.GradScaler (``_step_supports_amp_scaling``) grads are divided
     by the scale inside the kernel and a step with inf/NaN grads is skipped on the device: params, masters,
