@@ -157,6 +157,9 @@ def test_float64_params_under_grad_scaler(device, scaler_cls, bad, max_grad_norm
         before = [t.clone() for p in (*wide, *narrow) for t in (p, *ours.state[p].values())]
         s_ours.step(ours)
         s_ref.step(ref)
+        # the grads are only read (the class docstring), the float64 ones too: torch's kernel, which writes the
+        # unscaled grads back, is given copies
+        assert torch.equal(wide[0].grad, gw[0]) and torch.equal(narrow[0].grad, gn[0])
         s_ours.update()
         s_ref.update()
         after = [t for p in (*wide, *narrow) for t in (p, *ours.state[p].values())]
@@ -190,6 +193,15 @@ def test_float64_grads_join_the_clipping_norm(device):
         twin[0].grad = gw[0] * coef.double()
         ref.step()
         _assert_same(wide[0], twin[0], ours, ref, f"step {step}")
+    # float64 grads past fp32's overflow rule (a norm of 2^64 or more counts as inf: the pass's fp32 squares
+    # overflow) are not under it: summed in float64, they clip
+    wide[0].grad, narrow[0].grad = _grads(wide, 65, 1e20)[0], _grads(narrow, 66)[0]
+    twin[0].grad = wide[0].grad.clone()
+    ours.step()
+    assert 1e20 < ours.grad_norm.item() < 1e22
+    twin[0].grad = twin[0].grad * torch.clamp(0.5 / (ours.grad_norm + 1e-6), max=1.0).double()
+    ref.step()
+    _assert_same(wide[0], twin[0], ours, ref, "huge float64 grads")
     before = [t.clone() for p in (*wide, *narrow) for t in (p, *ours.state[p].values())]
     wide[0].grad = _grads(wide, 70)[0]
     wide[0].grad[2, 3] = float("nan")

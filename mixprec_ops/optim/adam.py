@@ -560,8 +560,11 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
             runs = [(group, units) for group, _, units in steady]
         clip = None
         if self.max_grad_norm is not None:
+            # (float64 grads, whose squares the norm pass does not take, come with float64 params' launches)
+            wide = any(u[2] == _WIDE for _, units in runs for u in units)
             clip, found_inf = self._grad_stats(collected, grad_scale, found_inf,
-                                               by_device=None if steady is None else self._steady_grads(collected))
+                                               by_device=None if steady is None else self._steady_grads(collected),
+                                               wide=wide)
             if found_out is not None:
                 found_out[0][found_out[1]] = found_inf.reshape(()).to(found_out[1])
         for group, units in runs:
@@ -799,8 +802,12 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
         params, grads, exp_avgs, exp_avg_sqs, *maxes = cols
         dev = params[0].device
         torch._foreach_add_(steps, count(dev))
-        if clip is not None:  # the grads are only read: the clipped ones are temporaries (float64, like the grads)
+        # The grads are only read (the class docstring): the clipped ones are temporaries (float64, like the grads),
+        # and with a grad scale, which torch's kernel divides out and writes back into the grads, so are the others
+        if clip is not None:
             grads = torch._foreach_mul(grads, clip.to(dev, torch.float64).reshape(()))
+        elif grad_scale is not None:
+            grads = [g.clone() for g in grads]
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):  # as _launch: a CPU lr is read on the host for a CUDA step (torch's rule)
             if lr.device.type == "cpu" and dev.type != "cpu" and not self._capturing(dev):
