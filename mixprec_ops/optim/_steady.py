@@ -315,7 +315,7 @@ class SteadyStepMixin:
         one device and none is a DTensor's (else None: the pass sorts them itself, and sums DTensor shards across
         their meshes)."""
         dev = self._steady["device"]
-        if dev is None or self._steady["dtensor"] or self._steady["wide"]:  # (float64 grads: their own norms)
+        if dev is None or self._steady["dtensor"]:  # (float64 grads among them: _grad_stats sums them apart)
             return None
         return {dev: list(chain.from_iterable(map(_grad, ps) for _, ps in collected))}
 
