@@ -187,14 +187,18 @@ def scenario_fsdp2(rank, backend, out_dir):
     # optimizer sees fp32 DTensor params and grads, so it runs in fp32 mode, without masters
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     out = {}
-    for name, clip, policy in (("plain", False, None), ("clip", True, None), ("mixed_precision", False, mixed)):
+    # float64_clip: a float64 model (its local shards stepped by torch's fused AdamW inside ours, their squares summed
+    # apart from the fp32 pass's, over the mesh)
+    for name, clip, policy, dtype in (("plain", False, None, torch.float32), ("clip", True, None, torch.float32),
+                                      ("mixed_precision", False, mixed, torch.float32),
+                                      ("float64_clip", True, None, torch.float64)):
         res = {}
         for impl in ("ours", "torch"):
-            model = _fsdp_model(mesh, mp_policy=policy)
+            model = _fsdp_model(mesh, dtype, mp_policy=policy)
             kw = dict(max_grad_norm=MAX_NORM) if clip and impl == "ours" else {}
             opt = ours(model.parameters(), backend, **kw) if impl == "ours" else theirs(model.parameters())
             norms = [] if clip else None
-            losses = train(model, opt, local_batches(rank), clip_params=list(model.parameters())
+            losses = train(model, opt, local_batches(rank, dtype), clip_params=list(model.parameters())
                            if clip and impl == "torch" else None, grad_norms=norms)
             res[impl] = dict(params=full_params(model), losses=losses, grad_norms=norms,
                              state=_state_facts(opt, model))
@@ -723,7 +727,7 @@ def test_ddp_fp32_matches_torch(results, config):
 
 
 # --------------------------------------------------------------------------------------------------------- FSDP2
-@pytest.mark.parametrize("config", ["plain", "clip", "mixed_precision"])
+@pytest.mark.parametrize("config", ["plain", "clip", "mixed_precision", "float64_clip"])
 def test_fsdp2_fp32_matches_torch(results, config):
     per_rank = [r[config] for r in results("fsdp2")]
     for rank, res in enumerate(per_rank):
@@ -732,7 +736,11 @@ def test_fsdp2_fp32_matches_torch(results, config):
     # full_tensor() gathered the same full params on both ranks
     assert_identical_across_ranks([r["ours"]["params"] for r in per_rank], f"FSDP2 {config}")
     assert_moved(per_rank[0]["ours"]["params"], f"FSDP2 {config}")
-    if config == "clip":
+    if config == "float64_clip":  # stepped as float64 (torch's fused kernel on the local shards): float64 moments
+        assert all(p.dtype == torch.float64 for p in per_rank[0]["ours"]["params"].values())
+        for f in per_rank[0]["ours"]["state"].values():
+            assert f["exp_avg"]["kind"] == "DTensor" and f["exp_avg"]["dtype"] == torch.float64
+    if config in ("clip", "float64_clip"):
         ours_n, torch_n = per_rank[0]["ours"]["grad_norms"], per_rank[0]["torch"]["grad_norms"]
         assert ours_n == pytest.approx(torch_n, rel=1e-5)  # the global norm across shards, not the local one
         assert max(ours_n) > MAX_NORM, "clipping never engaged: lower MAX_NORM"
