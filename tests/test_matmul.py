@@ -54,6 +54,11 @@ def check(y, a, b, bias=None, act=None, out_dtype=None, what=""):
         exact = exact + bias.double().cpu()
     exact = apply_activation(exact, act)
     base = torch.matmul(a, b)
+    if not base.isfinite().all() and exact.isfinite().all():
+        # torch's own error from contiguous copies: torch 2.14's CPU bf16 GEMM (seen on a Xeon with AVX-512 BF16; not
+        # 2.11's) reads a row-major a past its K columns, multiplying what it finds there by 0, so a view into a
+        # NaN-filled buffer (test_operands_inside_nan_padding) comes out NaN; finite values there do no harm
+        base = torch.matmul(a.contiguous(), b.contiguous())
     if bias is not None:
         base = base + bias.to(a.dtype)
     base = apply_activation(base, act)
