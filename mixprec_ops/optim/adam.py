@@ -780,7 +780,6 @@ class Adam(MasterSyncMixin, GradNormMixin, SteadyStepMixin, torch.optim.Optimize
                    group["maximize"], on(grad_scale), on(found_inf), on(clip), backend=backend)
         return False
 
-
     @torch._disable_dynamo  # Dynamo cannot functionalize torch's fused kernels on params it holds: a graph break
     def _step_wide(self, group, lists, steps, beta1, beta2, decoupled, grad_scale, found_inf, clip, count):
         """float64 params (one device's): torch's own fused Adam / AdamW, in float64 as torch.optim.Adam(W)(fused=True)
